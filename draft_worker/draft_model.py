@@ -1,0 +1,66 @@
+"""A draft LM as speculative source, with its own tree KV cache.
+
+The draft runs the same row-invariant forward as the target (a StageRunner
+holding all of the draft's layers). Its cache mirrors the tree: speculative
+nodes it expanded stay in flight, commit events re-root it (accepted nodes
+become prefix) and prune events compact it, so no path is recomputed. Tokens
+the draft never computed (a bonus token, an accepted leaf it was never asked
+to expand, the prompt) are fed as committed rows just before they are needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from draft_worker.base import Proposals
+from scheduler.scheduler import ExpansionJob, NodeRef
+from shared.batch import MicroBatch, PipelineEvent, Row
+from shared.config import SamplingParams
+from stage_worker.runner import RequestInfo, StageRunner
+
+
+class DraftModelSource:
+    name = "draft-model"
+
+    def __init__(self, runner: StageRunner):
+        if not (runner.is_first and runner.is_last):
+            raise ValueError("the draft runner must hold the whole draft model")
+        self.runner = runner
+        self.forwards = 0  # draft forward passes so far (for cost models)
+        self.rows_computed = 0
+
+    def add_request(self, request_id: str, prompt: list[int], capacity: int) -> None:
+        self.runner.add_request(request_id, RequestInfo(len(prompt), SamplingParams()), capacity)
+
+    def expand(self, jobs: list[ExpansionJob]) -> list[tuple[str, int, Proposals]]:
+        rows, asked, top_k = [], [], {}
+        for job in jobs:
+            top_k[job.request_id] = job.top_k
+            for ref in job.nodes:
+                rows.extend(self._rows_for(job, ref))
+                asked.append((job.request_id, ref.node_id, len(rows) - 1))
+        if not rows:
+            return []
+        hidden = self.runner.hidden(MicroBatch(-1, rows))  # [n, H]
+        self.forwards += 1
+        self.rows_computed += len(rows)
+        picked = torch.tensor([i for _, _, i in asked])
+        logprobs = torch.log_softmax(self.runner.logits(hidden[picked]), dim=-1)  # [m, V]
+        out = []
+        for j, (rid, node_id, _) in enumerate(asked):
+            values, tokens = torch.topk(logprobs[j], top_k[rid])
+            out.append((rid, node_id, list(zip(tokens.tolist(), values.tolist()))))
+        return out
+
+    def _rows_for(self, job: ExpansionJob, ref: NodeRef) -> list[Row]:
+        rid = job.request_id
+        if not ref.accepted:
+            return [Row(rid, ref.node_id, ref.parent_id, ref.position, ref.token, False, False)]
+        cache = self.runner.kv[rid]
+        cache.accepted.clear()  # anything accepted but never computed here is now fed below
+        start = cache.prefix_len
+        catch_up = [Row(rid, -(p + 2), -(p + 1), p, job.text[p], True, False) for p in range(start, ref.position)]
+        return catch_up + [Row(rid, ref.node_id, ref.parent_id, ref.position, ref.token, True, False)]
+
+    def apply(self, events: list[PipelineEvent]) -> None:
+        self.runner.apply(events)

@@ -1,0 +1,116 @@
+"""In-process pipeline: N logical stages in lockstep, the reference executor.
+
+One step = one pipeline beat:
+  1. the draft source answers every expansion job (in process: synchronously,
+     so the step sees a fully drafted tree; the distributed runtime does not wait),
+  2. the scheduler forms stage 0's micro-batch,
+  3. every stage computes the micro-batch it received one step earlier,
+  4. what leaves the last stage is verified, and the resulting prune/commit
+     events reach every stage, every in-flight micro-batch and the draft
+     before the next step's compute.
+The trace records, per step, which nodes each stage computed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from draft_worker.base import SpeculativeSource
+from scheduler.scheduler import Phase, Request, RequestState, Scheduler, StepResult
+from shared.batch import MicroBatch, PipelineEvent
+from shared.errors import SpecPipeError
+from stage_worker.runner import RequestInfo, StageRunner
+
+
+@dataclass
+class StepTrace:
+    step: int
+    stages: list[list[tuple[str, int, int]]]  # per stage: (request, node, token) computed
+    new_tokens: dict[str, list[int]]
+    pruned: int
+    draft_rows: list[int] = field(default_factory=list)  # rows of each draft forward before this step
+
+
+class InProcessPipeline:
+    def __init__(
+        self,
+        stages: list[StageRunner],
+        scheduler: Scheduler,
+        draft: SpeculativeSource | None = None,
+        trace_limit: int = 0,
+    ):
+        if scheduler.policy.name != "pp" and draft is None:
+            raise SpecPipeError(f"policy '{scheduler.policy.name}' needs a draft source")
+        self.stages = stages
+        self.scheduler = scheduler
+        self.draft = draft
+        self.in_flight: list[MicroBatch | None] = [None] * (len(stages) - 1)  # input of stage s + 1
+        self.trace: deque[StepTrace] = deque(maxlen=trace_limit or None)
+        self.trace_enabled = trace_limit > 0
+
+    def submit(self, request: Request) -> RequestState:
+        state = self.scheduler.add_request(request)
+        capacity = self.scheduler.kv_capacity(request)
+        info = RequestInfo(len(request.prompt), request.sampling)
+        for stage in self.stages:
+            stage.add_request(request.request_id, info, capacity)
+        if self.draft is not None:
+            self.draft.add_request(request.request_id, list(request.prompt), capacity)
+        return state
+
+    def step(self) -> StepResult:
+        draft_rows = self._draft()
+        incoming = [self.scheduler.schedule(), *self.in_flight]
+        outputs = [stage.forward(batch) if batch is not None else None for stage, batch in zip(self.stages, incoming)]
+        self.in_flight = outputs[:-1]
+        last = outputs[-1]
+        result = self.scheduler.update_from_output(last) if last is not None else StepResult()
+        self._apply(result.events)
+        if self.trace_enabled:
+            self._record(incoming, result, draft_rows)
+        return result
+
+    def _draft(self) -> list[int]:
+        """Answer expansion jobs until the scheduler wants nothing more this step."""
+        rows = []
+        while self.draft is not None and (jobs := self.scheduler.expansion_jobs()):
+            for request_id, node_id, proposals in self.draft.expand(jobs):
+                self.scheduler.add_proposals(request_id, node_id, proposals)
+            rows.append(sum(len(j.nodes) for j in jobs))
+        return rows
+
+    def _apply(self, events: list[PipelineEvent]) -> None:
+        if not events:
+            return
+        pruned: dict[str, set[int]] = {}
+        finished = set()
+        for event in events:
+            if event.kind == "prune":
+                pruned.setdefault(event.request_id, set()).update(event.node_ids)
+            elif event.kind == "finish":
+                finished.add(event.request_id)
+        self.in_flight = [b.without(pruned, finished) if b is not None else None for b in self.in_flight]
+        for stage in self.stages:
+            stage.apply(events)
+        if self.draft is not None:
+            self.draft.apply(events)
+
+    def _record(self, incoming: list[MicroBatch | None], result: StepResult, draft_rows: list[int]) -> None:
+        stages = [[(r.request_id, r.node_id, r.token) for r in b.rows] if b is not None else [] for b in incoming]
+        pruned = sum(len(e.node_ids) for e in result.events if e.kind == "prune")
+        self.trace.append(StepTrace(self.scheduler.step, stages, result.new_tokens, pruned, draft_rows))
+
+    def run(self, max_steps: int = 1_000_000) -> None:
+        """Step until every submitted request is done."""
+        for _ in range(max_steps):
+            if all(s.phase is Phase.DONE for s in self.scheduler.requests.values()):
+                return
+            self.step()
+        raise SpecPipeError(f"pipeline did not finish within {max_steps} steps")
+
+    def generate(self, request: Request) -> RequestState:
+        """Serve one request alone (latency mode) and return its final state."""
+        state = self.submit(request)
+        self.run()
+        return state

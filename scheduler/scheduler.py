@@ -1,0 +1,349 @@
+"""The scheduler: a pure state machine over requests and their token trees.
+
+    add_request(req)            a new request (prompt ids, sampling, limits)
+    expansion_jobs()            tree nodes whose draft children are wanted now
+    add_proposals(...)          draft children for a node (possibly none)
+    schedule()                  one pipeline step: the micro-batch for stage 0
+    update_from_output(out)     verify what left the last stage -> events, tokens
+
+No transport here: the in-process executor and the distributed services both
+drive this class. The three policies are one mechanism with three settings
+(see PolicyConfig): pp sends only the accepted root; tree sends the root with
+a drafted tree and waits for it; specpipe streams one level per step, up to
+`stages` micro-batches of a request in the pipe, and refills after a miss.
+
+Verification (per request, in the order rows left the pipe): the frontier is
+the last accepted node, whose target token is awaited. Its target t is always
+a correct new token. If a sent child of the frontier has token t, it is
+accepted (its siblings' subtrees are pruned) and becomes the frontier; else t
+is a bonus token: everything speculative is pruned and the pipe is refilled
+from t.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from shared.batch import ROOT_PARENT, MicroBatch, PipelineEvent, Row, StageOutput
+from shared.config import EngineConfig, PolicyConfig, SamplingParams
+from shared.errors import RequestError
+from scheduler.tree import Status, TokenTree
+
+
+@dataclass(frozen=True)
+class Request:
+    request_id: str
+    prompt: tuple[int, ...]
+    sampling: SamplingParams = SamplingParams()
+    max_new_tokens: int = 128
+    stop_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    """A node handed to a draft source for expansion."""
+
+    node_id: int
+    parent_id: int
+    token: int
+    position: int
+    accepted: bool
+
+
+@dataclass
+class ExpansionJob:
+    """Propose children for `nodes`; `text` is the accepted sequence (prompt + output)."""
+
+    request_id: str
+    text: list[int]
+    nodes: list[NodeRef]
+    top_k: int
+
+
+class Phase(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    DONE = "done"
+
+
+@dataclass
+class RequestStats:
+    first_decode_step: int | None = None
+    last_token_step: int | None = None
+    accepted: int = 0  # drafted tokens that matched the target
+    bonus: int = 0  # target tokens with no matching child (includes the first token)
+    sent_speculative: int = 0  # drafted nodes sent into the pipe
+    pruned: int = 0  # nodes dropped after being sent or drafted
+
+    @property
+    def steps(self) -> int:
+        if self.first_decode_step is None or self.last_token_step is None:
+            return 0
+        return self.last_token_step - self.first_decode_step + 1
+
+
+@dataclass
+class RequestState:
+    request: Request
+    tree: TokenTree = field(default_factory=TokenTree)
+    phase: Phase = Phase.PREFILL
+    prefill_sent: int = 0
+    frontier: int | None = None  # accepted node whose target token is awaited
+    needs_refill: bool = False  # the frontier's row has not been sent yet
+    levels: list[list[int]] = field(default_factory=list)  # sent levels still in the tree, oldest first
+    inflight: int = 0  # micro-batches of this request in the pipe
+    expanding: set[int] = field(default_factory=set)  # nodes with an expansion job out
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stats: RequestStats = field(default_factory=RequestStats)
+
+    @property
+    def text(self) -> list[int]:
+        return list(self.request.prompt) + self.output
+
+
+@dataclass
+class StepResult:
+    events: list[PipelineEvent] = field(default_factory=list)
+    new_tokens: dict[str, list[int]] = field(default_factory=dict)
+    finished: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, policy: PolicyConfig, engine: EngineConfig, context_limit: int):
+        self.policy = policy
+        self.engine = engine
+        self.context_limit = context_limit
+        self.requests: dict[str, RequestState] = {}
+        self.step = 0
+        self._next_batch = 0
+        self._batch_members: dict[int, set[str]] = {}
+
+    # ---- requests ----------------------------------------------------------------------------
+    def add_request(self, request: Request) -> RequestState:
+        if request.request_id in self.requests:
+            raise RequestError(f"duplicate request id '{request.request_id}'")
+        self.check(request)
+        state = RequestState(request)
+        self.requests[request.request_id] = state
+        return state
+
+    def check(self, request: Request) -> None:
+        """Raise RequestError if the request cannot be served."""
+        if not request.prompt:
+            raise RequestError("empty prompt")
+        if request.max_new_tokens < 1:
+            raise RequestError("max_new_tokens must be >= 1")
+        needed = len(request.prompt) + request.max_new_tokens
+        if needed > self.context_limit:
+            raise RequestError(
+                f"prompt of {len(request.prompt)} tokens plus {request.max_new_tokens} new tokens "
+                f"exceeds the model's context of {self.context_limit}"
+            )
+
+    def kv_capacity(self, request: Request) -> int:
+        """KV slots a stage reserves: prompt, output, and the most speculative nodes in flight."""
+        p = self.policy
+        levels = p.refill_levels + (p.stages if p.streams_levels else 0)
+        return len(request.prompt) + request.max_new_tokens + 1 + levels * max(p.width, 1)
+
+    def active(self) -> list[RequestState]:
+        return [s for s in self.requests.values() if s.phase is not Phase.DONE]
+
+    # ---- drafting ------------------------------------------------------------------------------
+    def expansion_jobs(self) -> list[ExpansionJob]:
+        jobs = []
+        for state in self.active():
+            nodes = [n for n in self._wanted_expansions(state) if n not in state.expanding]
+            if nodes:
+                state.expanding.update(nodes)
+                refs = [self._ref(state, n) for n in nodes]
+                jobs.append(ExpansionJob(state.request.request_id, state.text, refs, self.policy.branch))
+        return jobs
+
+    def add_proposals(self, request_id: str, node_id: int, proposals: list[tuple[int, float]]) -> None:
+        state = self.requests.get(request_id)
+        if state is None or state.phase is Phase.DONE:
+            return
+        state.expanding.discard(node_id)
+        if node_id in state.tree:  # it may have been pruned meanwhile
+            state.tree.add_proposals(node_id, proposals)
+
+    def _wanted_expansions(self, state: RequestState) -> list[int]:
+        if state.phase is not Phase.DECODE or self.policy.name == "pp":
+            return []
+        tree = state.tree
+        if state.needs_refill:
+            return self._drafted_levels(state, [state.frontier])[1]
+        return [n for n in self._deepest_level(state) if not tree[n].expanded]
+
+    def _drafted_levels(self, state: RequestState, roots: list[int]) -> tuple[list[list[int]], list[int]]:
+        """Levels below `roots` that are drafted already, and the nodes whose expansion would add one."""
+        tree, levels, level = state.tree, [], roots
+        for _ in range(self.policy.refill_levels):
+            unexpanded = [n for n in level if not tree[n].expanded]
+            if unexpanded:
+                return levels, unexpanded
+            level = tree.best_children(level, self.policy.width)
+            if not level:
+                break
+            levels.append(level)
+        return levels, []
+
+    def _ref(self, state: RequestState, node_id: int) -> NodeRef:
+        node = state.tree[node_id]
+        return NodeRef(node_id, node.parent, node.token, node.position, node.status is Status.ACCEPTED)
+
+    # ---- one pipeline step ---------------------------------------------------------------------
+    def schedule(self) -> MicroBatch:
+        self.step += 1
+        rows: list[Row] = []
+        members = set()
+        for state in self.active():
+            new_rows = self._rows_for(state)
+            if new_rows:
+                rows.extend(new_rows)
+                state.inflight += 1
+                members.add(state.request.request_id)
+        batch = MicroBatch(self._next_batch, rows)
+        self._batch_members[batch.batch_id] = members
+        self._next_batch += 1
+        return batch
+
+    def _rows_for(self, state: RequestState) -> list[Row]:
+        if state.phase is Phase.PREFILL:
+            return self._prefill_rows(state)
+        if state.phase is not Phase.DECODE or state.inflight >= self.policy.max_inflight:
+            return []
+        if state.needs_refill:
+            return self._refill_rows(state)
+        if self.policy.streams_levels:
+            level = state.tree.best_children(self._deepest_level(state), self.policy.width)
+            if level:
+                state.levels.append(level)
+                return self._send(state, level)
+        return []
+
+    def _deepest_level(self, state: RequestState) -> list[int]:
+        """The deepest sent level with surviving nodes; the next level grows below it."""
+        state.levels = [alive for level in state.levels if (alive := [n for n in level if n in state.tree])]
+        if state.levels:
+            return state.levels[-1]
+        return [state.frontier] if state.frontier is not None and not state.needs_refill else []
+
+    def _prefill_rows(self, state: RequestState) -> list[Row]:
+        prompt, rid = state.request.prompt, state.request.request_id
+        start = state.prefill_sent
+        end = min(len(prompt), start + self.engine.prefill_chunk)
+        if start >= end:
+            return []
+        state.prefill_sent = end
+        return [
+            Row(rid, -(p + 2), -(p + 1), p, prompt[p], committed=True, needs_target=p == len(prompt) - 1)
+            for p in range(start, end)
+        ]
+
+    def _refill_rows(self, state: RequestState) -> list[Row]:
+        root = state.tree[state.frontier]
+        rid = state.request.request_id
+        rows = [Row(rid, root.node_id, ROOT_PARENT, root.position, root.token, committed=True, needs_target=True)]
+        levels, _ = self._drafted_levels(state, [root.node_id])
+        for level in levels:
+            rows.extend(self._send(state, level))
+        state.needs_refill = False
+        state.levels = [[root.node_id], *levels]
+        if state.stats.first_decode_step is None:
+            state.stats.first_decode_step = self.step
+        return rows
+
+    def _send(self, state: RequestState, node_ids: list[int]) -> list[Row]:
+        rid, rows = state.request.request_id, []
+        for n in node_ids:
+            node = state.tree[n]
+            node.status = Status.SENT
+            rows.append(Row(rid, n, node.parent, node.position, node.token, committed=False, needs_target=True))
+        state.stats.sent_speculative += len(node_ids)
+        return rows
+
+    # ---- verification ----------------------------------------------------------------------------
+    def update_from_output(self, output: StageOutput) -> StepResult:
+        for request_id in self._batch_members.pop(output.batch_id, set()):
+            if request_id in self.requests:
+                self.requests[request_id].inflight -= 1
+        targets: dict[str, dict[int, int]] = {}
+        for row, target in zip(output.rows, output.targets):
+            if target >= 0:
+                targets.setdefault(row.request_id, {})[row.node_id] = target
+        result = StepResult()
+        for request_id, by_node in targets.items():
+            state = self.requests.get(request_id)
+            if state is not None and state.phase is not Phase.DONE:
+                self._verify(state, by_node, result)
+        return result
+
+    def _verify(self, state: RequestState, targets: dict[int, int], result: StepResult) -> None:
+        if state.phase is Phase.PREFILL:
+            last_prompt_node = -(len(state.request.prompt) + 1)
+            if last_prompt_node not in targets:
+                return
+            root = state.tree.add_accepted(targets[last_prompt_node], ROOT_PARENT, len(state.request.prompt))
+            state.phase, state.frontier, state.needs_refill = Phase.DECODE, root.node_id, True
+            state.stats.bonus += 1
+            self._emit(state, root.token, result)
+            return
+        while state.phase is Phase.DECODE and state.frontier in targets:
+            frontier = state.frontier
+            token = targets[frontier]
+            child = state.tree.sent_child_with_token(frontier, token)
+            if child is None:
+                self._miss(state, frontier, token, result)
+            else:
+                self._accept(state, frontier, child, result)
+            self._emit(state, token, result)
+
+    def _accept(self, state: RequestState, frontier: int, child: int, result: StepResult) -> None:
+        tree, rid = state.tree, state.request.request_id
+        pruned = [n for c in tree[frontier].children if c != child for n in tree.subtree(c)]
+        self._prune(state, pruned, result)
+        tree[child].status = Status.ACCEPTED
+        result.events.append(PipelineEvent(rid, "commit", (child,)))
+        tree.forget_accepted_before(child)
+        state.frontier = child
+        state.stats.accepted += 1
+
+    def _miss(self, state: RequestState, frontier: int, token: int, result: StepResult) -> None:
+        self._prune(state, state.tree.speculative(), result)
+        bonus = state.tree.add_accepted(token, frontier, state.tree[frontier].position + 1)
+        state.tree.forget_accepted_before(bonus.node_id)
+        state.frontier, state.needs_refill, state.levels = bonus.node_id, True, []
+        state.stats.bonus += 1
+
+    def _prune(self, state: RequestState, node_ids: list[int], result: StepResult) -> None:
+        if not node_ids:
+            return
+        state.tree.remove(node_ids)
+        state.expanding.difference_update(node_ids)
+        state.stats.pruned += len(node_ids)
+        result.events.append(PipelineEvent(state.request.request_id, "prune", tuple(node_ids)))
+
+    def _emit(self, state: RequestState, token: int, result: StepResult) -> None:
+        """Append one target token; finish the request at a stop token or the length limit."""
+        rid = state.request.request_id
+        state.output.append(token)
+        state.stats.last_token_step = self.step
+        result.new_tokens.setdefault(rid, []).append(token)
+        if token in state.request.stop_ids:
+            self.finish(state, "stop", result)
+        elif len(state.output) >= state.request.max_new_tokens:
+            self.finish(state, "length", result)
+
+    def finish(self, state: RequestState, reason: str, result: StepResult) -> None:
+        """End a request (done, cancelled or failed): every stage and draft frees it."""
+        if state.phase is Phase.DONE:
+            return
+        state.phase, state.finish_reason = Phase.DONE, reason
+        state.tree = TokenTree()
+        state.levels, state.expanding = [], set()
+        result.events.append(PipelineEvent(state.request.request_id, "finish"))
+        result.finished.append(state.request.request_id)

@@ -1,0 +1,79 @@
+"""What flows through the pipeline: micro-batches of tree nodes.
+
+Glossary (used throughout the code):
+- node:       one token of a request's speculative tree, identified by
+              (request_id, node_id). Its position is its index in the sequence.
+- committed:  part of the request's accepted text. A committed node's KV sits
+              in the prefix region of every stage's cache.
+- in flight:  a node sent into the pipe and not yet accepted or pruned.
+- accepted:   a speculative node whose token equals the target's token at its
+              parent; it becomes committed.
+- bonus:      the target's token after the last accepted node when no child
+              matches (a miss). It is correct by construction and committed.
+- pruned:     a node whose parent's target token chose another child, or whose
+              ancestor was pruned. Every stage drops its row and its KV.
+- level:      the W nodes that SpecPipe sends into stage 0 in one step; the
+              children (by cumulative draft score) of the previous level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+ROOT_PARENT = -1  # parent id of a node whose parent is the request's last committed token
+
+
+@dataclass(frozen=True)
+class Row:
+    """Metadata of one node in a micro-batch (rows are in topological order)."""
+
+    request_id: str
+    node_id: int
+    parent_id: int  # ROOT_PARENT, or a node in flight (possibly earlier in this batch)
+    position: int  # index in the sequence: RoPE position and KV slot order
+    token: int  # stage 0 embeds it; later stages carry it for tracing
+    committed: bool  # already accepted (prompt, first token, bonus): KV goes straight to the prefix
+    needs_target: bool  # the last stage returns the target token following this node
+
+
+@dataclass
+class MicroBatch:
+    """One pipeline step's input to a stage. hidden is None on stage 0."""
+
+    batch_id: int
+    rows: list[Row]
+    hidden: torch.Tensor | None = None  # [num_rows, hidden]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def without(self, pruned: dict[str, set[int]], finished: set[str] = frozenset()) -> "MicroBatch":
+        """This batch minus pruned nodes and finished requests (pruning reaches in-flight batches)."""
+        keep = [
+            i for i, r in enumerate(self.rows)
+            if r.request_id not in finished and r.node_id not in pruned.get(r.request_id, ())
+        ]
+        if len(keep) == len(self.rows):
+            return self
+        hidden = self.hidden[keep] if self.hidden is not None else None
+        return MicroBatch(self.batch_id, [self.rows[i] for i in keep], hidden)
+
+
+@dataclass
+class StageOutput:
+    """What leaves the last stage: the target token after each row that asked for one."""
+
+    batch_id: int
+    rows: list[Row]
+    targets: list[int] = field(default_factory=list)  # -1 where the row did not ask
+
+
+@dataclass(frozen=True)
+class PipelineEvent:
+    """A verification outcome that every stage and draft source must apply."""
+
+    request_id: str
+    kind: str  # "commit" (accepted nodes), "prune" (dropped nodes), "finish" (free everything)
+    node_ids: tuple[int, ...] = ()

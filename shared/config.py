@@ -1,0 +1,188 @@
+"""Typed, frozen configuration for every component.
+
+One dataclass per component, composed at the top (the CLI or a service's
+``__main__``) and passed down. Nothing here reads the environment at import
+time; ``from_hf_config`` and the validators only look at what they are given.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from shared.errors import ConfigError
+
+Policy = Literal["pp", "tree", "specpipe"]
+POLICIES: tuple[str, ...] = ("pp", "tree", "specpipe")
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """Shape of a Llama-family decoder (Llama, Qwen2, SmolLM2)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_eps: float
+    tie_embeddings: bool
+    qkv_bias: bool  # Qwen2 has a bias on q/k/v projections, Llama does not
+    max_positions: int
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def rep(self) -> int:
+        """Query heads per KV head (GQA group size)."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArch":
+        try:
+            return cls._from_hf_config(cfg)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"model config is missing or has a bad field: {exc}") from exc
+
+    @classmethod
+    def _from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArch":
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in ("llama", "qwen2", "mistral"):
+            raise ConfigError(f"unsupported model_type '{model_type}': this engine runs Llama-family decoders")
+        rope = cfg.get("rope_parameters") or {}
+        scaling = cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        if rope_type != "default":
+            raise ConfigError(f"unsupported rope type '{rope_type}' (only default RoPE is implemented)")
+        heads = int(cfg["num_attention_heads"])
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            rope_theta=float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            max_positions=int(cfg.get("max_position_embeddings", 2048)),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+        )
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path) -> "ModelArch":
+        path = Path(model_dir) / "config.json"
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read model config {path}: {exc}") from exc
+        return cls.from_hf_config(cfg)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the target picks each output token.
+
+    temperature == 0 is greedy (argmax). Otherwise the token at output
+    position i is drawn from the filtered distribution with a generator
+    seeded by (seed, i), so every policy draws the same token at i.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError("temperature must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ConfigError("top_k must be >= 0 (0 disables it)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Which speculation policy the scheduler runs, and its knobs.
+
+    pp:       one token per request in flight, no speculation.
+    tree:     each round a draft tree of up to width*depth nodes crosses the
+              pipe as one micro-batch; the next round starts after it exits.
+    specpipe: one tree level per step (width W), up to `stages` micro-batches
+              of a request in flight; after a miss the refill carries
+              `refill_depth` drafted levels below the new token.
+    """
+
+    name: Policy = "specpipe"
+    stages: int = 2
+    width: int = 4
+    depth: int = 4  # tree policy: levels per round
+    refill_depth: int = 4  # specpipe: drafted levels carried by a refill micro-batch
+    branch: int = 4  # draft proposals kept per expanded node
+
+    def __post_init__(self) -> None:
+        if self.name not in POLICIES:
+            raise ConfigError(f"unknown policy '{self.name}': choose one of {', '.join(POLICIES)}")
+        if self.stages < 1:
+            raise ConfigError("stages must be >= 1")
+        if self.width < 1:
+            raise ConfigError("width must be >= 1 (use --policy pp for no speculation)")
+        if self.depth < 1 or self.refill_depth < 0 or self.branch < 1:
+            raise ConfigError("depth and branch must be >= 1, refill_depth >= 0")
+
+    @property
+    def max_inflight(self) -> int:
+        """Micro-batches of one request allowed in the pipe at once."""
+        return self.stages if self.name == "specpipe" else 1
+
+    @property
+    def streams_levels(self) -> bool:
+        return self.name == "specpipe"
+
+    @property
+    def refill_levels(self) -> int:
+        """Drafted levels sent below the accepted root in one micro-batch."""
+        return {"pp": 0, "tree": self.depth, "specpipe": self.refill_depth}[self.name]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits shared by the scheduler and the stage runners."""
+
+    prefill_chunk: int = 64  # prompt tokens per prefill micro-batch
+    max_new_tokens: int = 128
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.prefill_chunk < 1:
+            raise ConfigError("prefill_chunk must be >= 1")
+        if self.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens must be >= 1")
+
+
+def split_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
+    """Cut layers into `stages` consecutive slices [a, b), sizes differing by at most 1."""
+    if stages > num_layers:
+        raise ConfigError(f"cannot split {num_layers} layers into {stages} stages: at most one stage per layer")
+    if stages < 1:
+        raise ConfigError("stages must be >= 1")
+    base, extra = divmod(num_layers, stages)
+    bounds, start = [], 0
+    for s in range(stages):
+        end = start + base + (1 if s < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds

@@ -1,0 +1,45 @@
+"""The target's choice of each output token: argmax, or a seeded draw.
+
+Lossless sampling: the token at output position i is drawn from the target's
+distribution at the accepted prefix with a generator seeded by (seed, i). A
+speculative child is accepted only if it equals that draw, so every policy,
+stage count and batch composition yields the same tokens as plain decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shared.config import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, index: int) -> int:
+    """SplitMix64 of (seed, index): independent streams per output position."""
+    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k and top-p applied to one row of logits [V] -> probs [V]."""
+    scaled = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the token crossing top_p
+        scaled = scaled.scatter(0, order[drop], float("-inf"))
+    return torch.softmax(scaled, dim=-1)
+
+
+def target_token(logits: torch.Tensor, params: SamplingParams, output_index: int) -> int:
+    """The token at output position `output_index` given the logits before it ([V])."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    generator = torch.Generator().manual_seed(position_seed(params.seed, output_index))
+    return int(torch.multinomial(filtered_probs(logits, params), 1, generator=generator))

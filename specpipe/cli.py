@@ -1,0 +1,93 @@
+"""The `specpipe` command: simulate, models.
+
+Every SpecPipeError ends as one line on stderr and exit status 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from shared.config import POLICIES, EngineConfig, PolicyConfig, SamplingParams
+from shared.errors import SpecPipeError
+
+
+def _simulate_parser(sub) -> None:
+    p = sub.add_parser("simulate", help="run prompts through the in-process pipeline and count steps")
+    p.add_argument("--model", default="smollm2-135m", help="model name or local Hugging Face folder")
+    p.add_argument("--draft", default="ngram", help="draft model name/path, or 'ngram'")
+    p.add_argument("--policy", choices=POLICIES, default="specpipe")
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--width", type=int, default=4, help="tree width W (nodes per level)")
+    p.add_argument("--depth", type=int, default=4, help="tree policy: levels per round")
+    p.add_argument("--refill-depth", type=int, default=4, help="specpipe: drafted levels in a refill")
+    p.add_argument("--branch", type=int, default=4, help="draft proposals per expanded node")
+    p.add_argument("--prompts", type=Path, help="JSONL file with a 'turns' list per line")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prefill-chunk", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["models"]:
+        from shared.model_store import models_main
+
+        return models_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="specpipe", description="SpecPipe serving toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _simulate_parser(sub)
+    sub.add_parser("models", help="fetch or list models (specpipe models fetch NAME | list)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "simulate":
+            return _simulate(args)
+    except SpecPipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from specpipe.simulate import run_simulation
+    from specpipe.engine import SimulationConfig
+
+    cfg = SimulationConfig(
+        model=args.model,
+        draft=args.draft,
+        policy=PolicyConfig(args.policy, args.stages, args.width, args.depth, args.refill_depth, args.branch),
+        engine=EngineConfig(prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens),
+        cache_dir=args.cache_dir,
+    )
+    sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
+    report = run_simulation(cfg, sampling, args.prompts, args.limit, progress=not args.json)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_table(report)
+    return 0
+
+
+def _print_table(report: dict) -> None:
+    print(f"policy={report['policy']} stages={report['stages']} model={report['model']} draft={report['draft']}")
+    print(f"{'id':>10} {'new':>5} {'steps':>6} {'tok/step':>9}")
+    for r in report["results"]:
+        rate = r["new_tokens"] / r["steps"] if r["steps"] else 0.0
+        print(f"{r['id']:>10} {r['new_tokens']:>5} {r['steps']:>6} {rate:>9.3f}")
+    print(f"tokens_per_step = {report['tokens_per_step']:.3f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

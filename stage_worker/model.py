@@ -1,0 +1,128 @@
+"""A compact Llama-family decoder (Llama, Qwen2, SmolLM2), written for trees.
+
+In the spirit of gpt-fast's model.py, but every operation is *row invariant*:
+a node's hidden state does not depend on which other nodes share its
+micro-batch. That is what lets a speculative tree reproduce plain decoding
+bit for bit in fp32:
+- GEMMs: MKL picks other kernels for 1-3 rows and for remainder tiles; every
+  linear pads its rows to a multiple of GEMM_ROW_TILE, where each row is
+  computed identically (tests/stage_worker/test_invariance.py checks this on
+  the machine at hand).
+- Attention: each row attends to its context gathered in position order
+  (prefix, ancestors, itself) with its own fixed-shape matmuls (batched
+  matmuls are not row invariant), so the reduction is the one plain decoding
+  does at that position.
+- RoPE: one precomputed table indexed by position.
+
+Notation: n = rows in the micro-batch, H = hidden size, h = query heads,
+g = kv heads, r = h // g, d = head dim, L = context length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from shared.config import ModelArch
+
+GEMM_ROW_TILE = 8
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T + b, each row computed the same way whatever the row count. x: [n, in] -> [n, out]."""
+    n = x.shape[0]
+    padded = -(-n // GEMM_ROW_TILE) * GEMM_ROW_TILE
+    if padded != n:
+        x = F.pad(x, (0, 0, 0, padded - n))
+    return F.linear(x, w, b)[:n]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.pow(2).mean(-1, keepdim=True)  # [n, 1]
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def rope_table(arch: ModelArch, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_positions, d], the Hugging Face (rotate-half) convention."""
+    d = arch.head_dim
+    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))  # [d/2]
+    freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq  # [P, d/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [P, d]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [n, heads, d]; cos/sin: [n, d]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer; q/k/v and gate/up are fused into single GEMMs."""
+
+    qkv: torch.Tensor  # [(h + 2g) * d, H]
+    qkv_bias: torch.Tensor | None  # [(h + 2g) * d]
+    o: torch.Tensor  # [H, h * d]
+    gate_up: torch.Tensor  # [2 * I, H]
+    down: torch.Tensor  # [H, I]
+    attn_norm: torch.Tensor  # [H]
+    mlp_norm: torch.Tensor  # [H]
+
+
+@dataclass
+class RowAttention:
+    """One row's attention context in its request's cache."""
+
+    row: int  # index in the micro-batch
+    context: torch.Tensor | None  # [L] cache slots in position order, or None for the slice [0, L)
+    length: int
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: list[RowAttention],
+    arch: ModelArch,
+    out: torch.Tensor,
+) -> None:
+    """Tree attention of one request's rows. q: [n, h, d]; k/v_cache: [capacity, g, d]; out: [n, g, r, d]."""
+    g, r, d = arch.num_kv_heads, arch.rep, arch.head_dim
+    scale = d**-0.5
+    for row in rows:
+        if row.context is None:
+            keys, values = k_cache[: row.length], v_cache[: row.length]  # [L, g, d]
+        else:
+            keys, values = k_cache[row.context], v_cache[row.context]  # gathered: [L, g, d]
+        scores = torch.matmul(q[row.row].view(g, r, d), keys.permute(1, 2, 0)) * scale  # [g, r, L]
+        probs = torch.softmax(scores, dim=-1)
+        out[row.row] = torch.matmul(probs, values.permute(1, 0, 2))  # [g, r, d]
+
+
+def decoder_layer(
+    x: torch.Tensor,
+    w: LayerWeights,
+    arch: ModelArch,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    write_kv,
+    attend,
+) -> torch.Tensor:
+    """One pre-norm decoder layer. x: [n, H]; cos/sin: [n, d].
+
+    write_kv(k, v) stores the rows' keys/values ([n, g, d]) in the cache;
+    attend(q) runs tree attention for q: [n, h, d] and returns [n, h * d].
+    """
+    n, h, g, d = x.shape[0], arch.num_heads, arch.num_kv_heads, arch.head_dim
+    qkv = linear(rms_norm(x, w.attn_norm, arch.rms_eps), w.qkv, w.qkv_bias)  # [n, (h + 2g) * d]
+    q, k, v = qkv.split([h * d, g * d, g * d], dim=-1)
+    q = apply_rope(q.reshape(n, h, d), cos, sin)
+    k = apply_rope(k.reshape(n, g, d), cos, sin)
+    write_kv(k, v.reshape(n, g, d))
+    x = x + linear(attend(q), w.o)
+    gate, up = linear(rms_norm(x, w.mlp_norm, arch.rms_eps), w.gate_up).chunk(2, dim=-1)  # [n, I] each
+    return x + linear(F.silu(gate) * up, w.down)

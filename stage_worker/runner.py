@@ -1,0 +1,173 @@
+"""A pipeline stage: layers [a, b) of the target, their KV caches, nothing else.
+
+The runner is transport-free: it takes a MicroBatch and returns the next
+stage's MicroBatch (or, on the last stage, a StageOutput with target tokens).
+In-process executors and the distributed stage worker both drive it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from shared.batch import MicroBatch, PipelineEvent, Row, StageOutput
+from shared.config import ModelArch, SamplingParams
+from shared.errors import ProtocolError
+from shared.sampling import target_token
+from stage_worker.kv_cache import RequestKV, RowContext, allocate
+from stage_worker.model import RowAttention, decoder_layer, linear, rms_norm, rope_table, tree_attention
+from stage_worker.weights import StageWeights
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What a stage must know about a request besides its nodes."""
+
+    prompt_len: int  # output index of the token after position p is p + 1 - prompt_len
+    sampling: SamplingParams  # used by the last stage to pick target tokens
+
+
+@dataclass
+class _RequestPlan:
+    """One request's rows in the micro-batch and how they attend."""
+
+    rows: torch.Tensor  # [m] row indices
+    slots: torch.Tensor  # [m] KV slots the rows write
+    attention: list[RowAttention]
+
+
+class StageRunner:
+    def __init__(self, arch: ModelArch, weights: StageWeights):
+        self.arch = arch
+        self.weights = weights
+        self.dtype = weights.layers[0].qkv.dtype
+        self.is_first = weights.embed is not None
+        self.is_last = weights.lm_head is not None
+        self.cos, self.sin = rope_table(arch, arch.max_positions)
+        self.kv: dict[str, RequestKV] = {}
+        self.info: dict[str, RequestInfo] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.weights.layers)
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.arch.num_kv_heads * self.arch.head_dim * self.dtype.itemsize
+
+    # ---- request lifecycle -------------------------------------------------------------
+    def add_request(self, request_id: str, info: RequestInfo, capacity: int) -> None:
+        a = self.arch
+        self.kv[request_id] = allocate(self.num_layers, capacity, a.num_kv_heads, a.head_dim, self.dtype)
+        self.info[request_id] = info
+
+    def release(self, request_id: str) -> None:
+        self.kv.pop(request_id, None)
+        self.info.pop(request_id, None)
+
+    def apply(self, events: list[PipelineEvent]) -> None:
+        """Prune / commit / finish events from verification, before the next compute."""
+        for event in events:
+            cache = self.kv.get(event.request_id)
+            if event.kind == "finish":
+                self.release(event.request_id)
+            elif cache is not None and event.kind == "prune":
+                cache.prune(set(event.node_ids))
+            elif cache is not None and event.kind == "commit":
+                cache.commit(set(event.node_ids))
+
+    # ---- compute ---------------------------------------------------------------------------
+    def forward(self, batch: MicroBatch) -> MicroBatch | StageOutput:
+        """Run this stage's layers; the last stage turns hidden states into target tokens."""
+        if not batch.rows:
+            return self._empty(batch)
+        x = self.hidden(batch)  # [n, H]
+        if not self.is_last:
+            return MicroBatch(batch.batch_id, batch.rows, x)
+        return StageOutput(batch.batch_id, batch.rows, self._targets(batch.rows, x))
+
+    def hidden(self, batch: MicroBatch) -> torch.Tensor:
+        """Append the rows' KV to their caches and return this stage's output states [n, H]."""
+        rows = batch.rows
+        unknown = {r.request_id for r in rows} - self.kv.keys()
+        if unknown:
+            raise ProtocolError(f"batch {batch.batch_id} has rows of requests unknown to this stage: {sorted(unknown)}")
+        x = self._input(batch)  # [n, H]
+        plans = self._plan(rows)
+        positions = torch.tensor([r.position for r in rows])
+        cos, sin = self.cos[positions], self.sin[positions]  # [n, d]
+        for li, layer in enumerate(self.weights.layers):
+            x = decoder_layer(x, layer, self.arch, cos, sin, self._writer(plans, li), self._attender(plans, li))
+        return x
+
+    def _empty(self, batch: MicroBatch) -> MicroBatch | StageOutput:
+        if self.is_last:
+            return StageOutput(batch.batch_id, [], [])
+        return MicroBatch(batch.batch_id, [], torch.empty(0, self.arch.hidden_size, dtype=self.dtype))
+
+    def _input(self, batch: MicroBatch) -> torch.Tensor:
+        if self.is_first:
+            tokens = torch.tensor([r.token for r in batch.rows], dtype=torch.long)
+            return self.weights.embed[tokens]
+        if batch.hidden is None or batch.hidden.shape != (len(batch.rows), self.arch.hidden_size):
+            raise ProtocolError(f"batch {batch.batch_id}: hidden states missing or of the wrong shape")
+        return batch.hidden.to(self.dtype)
+
+    def _plan(self, rows: list[Row]) -> dict[str, _RequestPlan]:
+        """Place every row in its request's cache and note what it attends to."""
+        by_request: dict[str, list[tuple[int, RowContext]]] = defaultdict(list)
+        for i, row in enumerate(rows):
+            by_request[row.request_id].append((i, self.kv[row.request_id].place(row)))
+        return {
+            request_id: _RequestPlan(
+                rows=torch.tensor([i for i, _ in placed]),
+                slots=torch.tensor([ctx.slot for _, ctx in placed]),
+                attention=[_row_attention(i, ctx) for i, ctx in placed],
+            )
+            for request_id, placed in by_request.items()
+        }
+
+    def _writer(self, plans: dict[str, _RequestPlan], layer: int):
+        def write_kv(k: torch.Tensor, v: torch.Tensor) -> None:  # [n, g, d] each
+            for request_id, plan in plans.items():
+                cache = self.kv[request_id]
+                cache.k[layer, plan.slots] = k[plan.rows]
+                cache.v[layer, plan.slots] = v[plan.rows]
+
+        return write_kv
+
+    def _attender(self, plans: dict[str, _RequestPlan], layer: int):
+        a = self.arch
+
+        def attend(q: torch.Tensor) -> torch.Tensor:  # [n, h, d] -> [n, h * d]
+            out = torch.empty(q.shape[0], a.num_kv_heads, a.rep, a.head_dim, dtype=q.dtype)
+            for request_id, plan in plans.items():
+                cache = self.kv[request_id]
+                tree_attention(q, cache.k[layer], cache.v[layer], plan.attention, a, out)
+            return out.view(q.shape[0], -1)
+
+        return attend
+
+    def _targets(self, rows: list[Row], x: torch.Tensor) -> list[int]:
+        """Target token after each row that asked for one (-1 elsewhere)."""
+        wanted = [i for i, r in enumerate(rows) if r.needs_target]
+        targets = [-1] * len(rows)
+        if not wanted:
+            return targets
+        logits = self.logits(x[wanted])  # [m, V]
+        for j, i in enumerate(wanted):
+            info = self.info[rows[i].request_id]
+            targets[i] = target_token(logits[j], info.sampling, rows[i].position + 1 - info.prompt_len)
+        return targets
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head for hidden states [n, H] -> [n, V] (last stage only)."""
+        return linear(rms_norm(x, self.weights.final_norm, self.arch.rms_eps), self.weights.lm_head)
+
+
+def _row_attention(row: int, ctx: RowContext) -> RowAttention:
+    length = len(ctx.context)
+    if ctx.context[-1] == length - 1:  # slots 0..L-1 in order: the prefix slice itself, no gather
+        return RowAttention(row, None, length)
+    return RowAttention(row, torch.tensor(ctx.context), length)

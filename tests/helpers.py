@@ -1,0 +1,24 @@
+"""Small builders shared by tests (not fixtures: plain functions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from scheduler.executor import InProcessPipeline
+from scheduler.scheduler import Request, RequestState
+from shared.config import EngineConfig, PolicyConfig, SamplingParams
+from specpipe.engine import SimulationConfig, build_pipeline
+
+
+def pipeline(model: Path, policy: str, stages: int, draft: str = "ngram", width: int = 3, chunk: int = 16, **kw) -> InProcessPipeline:
+    cfg = SimulationConfig(
+        model=str(model),
+        draft=draft,
+        policy=PolicyConfig(policy, stages, width, **kw),
+        engine=EngineConfig(prefill_chunk=chunk),
+    )
+    return build_pipeline(cfg)[0]
+
+
+def generate(pipe: InProcessPipeline, prompt: list[int], n: int, sampling: SamplingParams = SamplingParams(), rid: str = "r") -> RequestState:
+    return pipe.generate(Request(rid, tuple(prompt), sampling, n))

@@ -1,0 +1,107 @@
+"""Lossless: every policy and stage count gives exactly plain decoding's tokens.
+
+Plain decoding = one token at a time through the whole model (pp, one stage),
+which itself is checked against transformers' own greedy `generate`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from shared.config import ModelArch, SamplingParams
+from shared.model_store import load_tokenizer
+from specpipe.prompts import encode_chat
+from tests.conftest import PROMPTS_DIR
+from tests.helpers import generate, pipeline
+
+TINY_PROMPT = [5, 17, 99, 3, 5, 17, 42, 7, 5, 17, 99, 3]
+SAMPLINGS = {
+    "greedy": SamplingParams(),
+    "sampled": SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7),
+    "hot": SamplingParams(temperature=1.5, seed=123),
+}
+SPECULATIVE = [("tree", "ngram"), ("tree", "self"), ("specpipe", "ngram"), ("specpipe", "self")]
+
+
+def _draft(name: str, model_dir) -> str:
+    return str(model_dir) if name == "self" else name
+
+
+def _hf_greedy(model_dir, prompt: list[int], n: int) -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+    eos = ModelArch.from_model_dir(model_dir).eos_token_ids
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=list(eos) or None)
+    return out[0, len(prompt):].tolist()
+
+
+def _plain(model_dir, prompt, n, sampling, stop=()) -> list[int]:
+    pipe = pipeline(model_dir, "pp", 1)
+    return pipe.generate(_request(prompt, n, sampling, stop)).output
+
+
+def _request(prompt, n, sampling, stop=()):
+    from scheduler.scheduler import Request
+
+    return Request("r", tuple(prompt), sampling, n, frozenset(stop))
+
+
+@pytest.mark.unit
+def test_plain_decoding_matches_transformers_generate_tiny(tiny_dir) -> None:
+    eos = ModelArch.from_model_dir(tiny_dir).eos_token_ids
+    assert _plain(tiny_dir, TINY_PROMPT, 24, SamplingParams(), eos) == _hf_greedy(tiny_dir, TINY_PROMPT, 24)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("sampling", list(SAMPLINGS), ids=list(SAMPLINGS))
+@pytest.mark.parametrize("stages", [1, 2, 4, 8], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("policy,draft", [("pp", "ngram"), *SPECULATIVE], ids=lambda x: str(x))
+def test_every_policy_equals_plain_decoding_tiny(tiny_dir, policy, draft, stages, sampling) -> None:
+    params = SAMPLINGS[sampling]
+    expected = _plain(tiny_dir, TINY_PROMPT, 20, params)
+    state = generate(pipeline(tiny_dir, policy, stages, _draft(draft, tiny_dir), refill_depth=3), TINY_PROMPT, 20, params)
+    assert state.output == expected
+    if policy == "pp":
+        assert state.stats.steps == (len(expected) - 1) * stages  # one token per N steps
+    if draft == "self" and params.greedy and stages > 1:
+        assert state.stats.accepted > 0  # a perfect draft must be accepted
+
+
+@pytest.mark.unit
+def test_sampling_seed_changes_output(tiny_dir) -> None:
+    a = _plain(tiny_dir, TINY_PROMPT, 12, SamplingParams(temperature=1.0, seed=1))
+    b = _plain(tiny_dir, TINY_PROMPT, 12, SamplingParams(temperature=1.0, seed=2))
+    assert a != b
+
+
+def _mt_bench_prompts(model_dir, k: int) -> list[list[int]]:
+    import json
+
+    tokenizer = load_tokenizer(model_dir)
+    lines = (PROMPTS_DIR / "mt_bench.jsonl").read_text().splitlines()[:k]
+    return [encode_chat(tokenizer, json.loads(line)["turns"][0]) for line in lines]
+
+
+@pytest.mark.slow
+def test_plain_decoding_matches_transformers_generate_smollm2(smollm2_dir) -> None:
+    eos = ModelArch.from_model_dir(smollm2_dir).eos_token_ids
+    for prompt in _mt_bench_prompts(smollm2_dir, 2):
+        assert _plain(smollm2_dir, prompt, 32, SamplingParams(), eos) == _hf_greedy(smollm2_dir, prompt, 32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling", ["greedy", "sampled"], ids=["greedy", "sampled"])
+@pytest.mark.parametrize(
+    "policy,stages,draft",
+    [("pp", 4, "ngram"), ("tree", 2, "ngram"), ("tree", 8, "self"), ("specpipe", 2, "ngram"),
+     ("specpipe", 4, "self"), ("specpipe", 8, "ngram")],
+    ids=lambda x: str(x),
+)
+def test_policies_equal_plain_decoding_smollm2(smollm2_dir, policy, stages, draft, sampling) -> None:
+    params = SAMPLINGS[sampling]
+    prompt = _mt_bench_prompts(smollm2_dir, 1)[0]
+    expected = _plain(smollm2_dir, prompt, 24, params)
+    state = generate(pipeline(smollm2_dir, policy, stages, _draft(draft, smollm2_dir), width=4), prompt, 24, params)
+    assert state.output == expected
