@@ -145,7 +145,7 @@ class Scheduler:
     def kv_capacity(self, request: Request) -> int:
         """KV slots a stage reserves: prompt, output, and the most speculative nodes in flight."""
         p = self.policy
-        levels = p.refill_levels + (p.stages if p.streams_levels else 0)
+        levels = p.refill_levels + (p.stages + 1 if p.streams_levels else 0)  # +1: the level drafted ahead
         return len(request.prompt) + request.max_new_tokens + 1 + levels * max(p.width, 1)
 
     def active(self) -> list[RequestState]:
@@ -174,18 +174,36 @@ class Scheduler:
         if state.phase is not Phase.DECODE or self.policy.name == "pp":
             return []
         tree = state.tree
+        width = self.effective_width()
+        if width == 0:
+            return []
         if state.needs_refill:
-            return self._drafted_levels(state, [state.frontier])[1]
+            return self._drafted_levels(state, [state.frontier], width)[1]
+        if not self.policy.streams_levels:  # tree/pp send nothing until the round is verified
+            return []
         return [n for n in self._deepest_level(state) if not tree[n].expanded]
 
-    def _drafted_levels(self, state: RequestState, roots: list[int]) -> tuple[list[list[int]], list[int]]:
+    def effective_width(self) -> int:
+        """Tree width under load: the step's token budget shared by the decoding requests.
+
+        With one request the tree is as wide as configured; as the batch fills,
+        width shrinks so a step stays near the budget, down to no speculation.
+        """
+        decoding = sum(1 for s in self.requests.values() if s.phase is Phase.DECODE)
+        share = self.engine.token_budget // max(decoding, 1) - 1  # one row kept for the request's root
+        return max(0, min(self.policy.width, share))
+
+    def _drafted_levels(
+        self, state: RequestState, roots: list[int], width: int, budget: int = 1 << 30
+    ) -> tuple[list[list[int]], list[int]]:
         """Levels below `roots` that are drafted already, and the nodes whose expansion would add one."""
         tree, levels, level = state.tree, [], roots
-        for _ in range(self.policy.refill_levels):
+        for _ in range(self.policy.refill_levels if width else 0):
             unexpanded = [n for n in level if not tree[n].expanded]
             if unexpanded:
                 return levels, unexpanded
-            level = tree.best_children(level, self.policy.width)
+            level = self._useful(state, tree.best_children(level, min(width, budget)))
+            budget -= len(level)
             if not level:
                 break
             levels.append(level)
@@ -197,11 +215,17 @@ class Scheduler:
 
     # ---- one pipeline step ---------------------------------------------------------------------
     def schedule(self) -> MicroBatch:
+        """One micro-batch: decoding requests first (latency), then prefill chunks, within the budget."""
         self.step += 1
         rows: list[Row] = []
         members = set()
-        for state in self.active():
-            new_rows = self._rows_for(state)
+        width = self.effective_width()
+        states = self.active()
+        for state in sorted(states, key=lambda s: s.phase is Phase.PREFILL):
+            budget = self.engine.token_budget - len(rows)
+            if budget <= 0:
+                break
+            new_rows = self._rows_for(state, width, budget)
             if new_rows:
                 rows.extend(new_rows)
                 state.inflight += 1
@@ -211,15 +235,15 @@ class Scheduler:
         self._next_batch += 1
         return batch
 
-    def _rows_for(self, state: RequestState) -> list[Row]:
+    def _rows_for(self, state: RequestState, width: int, budget: int) -> list[Row]:
         if state.phase is Phase.PREFILL:
-            return self._prefill_rows(state)
+            return self._prefill_rows(state, budget)
         if state.phase is not Phase.DECODE or state.inflight >= self.policy.max_inflight:
             return []
         if state.needs_refill:
-            return self._refill_rows(state)
-        if self.policy.streams_levels:
-            level = state.tree.best_children(self._deepest_level(state), self.policy.width)
+            return self._refill_rows(state, width, budget - 1)
+        if self.policy.streams_levels and width:
+            level = self._useful(state, state.tree.best_children(self._deepest_level(state), min(width, budget)))
             if level:
                 state.levels.append(level)
                 return self._send(state, level)
@@ -232,10 +256,15 @@ class Scheduler:
             return state.levels[-1]
         return [state.frontier] if state.frontier is not None and not state.needs_refill else []
 
-    def _prefill_rows(self, state: RequestState) -> list[Row]:
+    def _useful(self, state: RequestState, node_ids: list[int]) -> list[int]:
+        """Nodes whose token could still be output (not beyond max_new_tokens)."""
+        last = len(state.request.prompt) + state.request.max_new_tokens - 1
+        return [n for n in node_ids if state.tree[n].position <= last]
+
+    def _prefill_rows(self, state: RequestState, budget: int) -> list[Row]:
         prompt, rid = state.request.prompt, state.request.request_id
         start = state.prefill_sent
-        end = min(len(prompt), start + self.engine.prefill_chunk)
+        end = min(len(prompt), start + self.engine.prefill_chunk, start + budget)
         if start >= end:
             return []
         state.prefill_sent = end
@@ -244,11 +273,11 @@ class Scheduler:
             for p in range(start, end)
         ]
 
-    def _refill_rows(self, state: RequestState) -> list[Row]:
+    def _refill_rows(self, state: RequestState, width: int, budget: int) -> list[Row]:
         root = state.tree[state.frontier]
         rid = state.request.request_id
         rows = [Row(rid, root.node_id, ROOT_PARENT, root.position, root.token, committed=True, needs_target=True)]
-        levels, _ = self._drafted_levels(state, [root.node_id])
+        levels, _ = self._drafted_levels(state, [root.node_id], width, budget)
         for level in levels:
             rows.extend(self._send(state, level))
         state.needs_refill = False

@@ -165,10 +165,13 @@ class EngineConfig:
     prefill_chunk: int = 64  # prompt tokens per prefill micro-batch
     max_new_tokens: int = 128
     dtype: str = "float32"
+    token_budget: int = 256  # rows per micro-batch across all requests (SpecPipe-DB)
 
     def __post_init__(self) -> None:
         if self.prefill_chunk < 1:
             raise ConfigError("prefill_chunk must be >= 1")
+        if self.token_budget < 1:
+            raise ConfigError("token_budget must be >= 1")
         if self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be >= 1")
 

@@ -10,12 +10,14 @@ from shared.config import EngineConfig, PolicyConfig, SamplingParams
 from specpipe.engine import SimulationConfig, build_pipeline
 
 
-def pipeline(model: Path, policy: str, stages: int, draft: str = "ngram", width: int = 3, chunk: int = 16, **kw) -> InProcessPipeline:
+def pipeline(
+    model: Path, policy: str, stages: int, draft: str = "ngram", width: int = 3, chunk: int = 16, budget: int = 256, **kw
+) -> InProcessPipeline:
     cfg = SimulationConfig(
         model=str(model),
         draft=draft,
         policy=PolicyConfig(policy, stages, width, **kw),
-        engine=EngineConfig(prefill_chunk=chunk),
+        engine=EngineConfig(prefill_chunk=chunk, token_budget=budget),
     )
     return build_pipeline(cfg)[0]
 

@@ -105,3 +105,30 @@ def test_policies_equal_plain_decoding_smollm2(smollm2_dir, policy, stages, draf
     expected = _plain(smollm2_dir, prompt, 24, params)
     state = generate(pipeline(smollm2_dir, policy, stages, _draft(draft, smollm2_dir), width=4), prompt, 24, params)
     assert state.output == expected
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("policy", ["pp", "tree", "specpipe"])
+def test_concurrent_requests_equal_solo_runs(tiny_dir, policy) -> None:
+    """SpecPipe-DB: requests join while others decode, mixed sampling, a tight token budget."""
+    from scheduler.scheduler import Request
+
+    jobs = [
+        (TINY_PROMPT, 14, SAMPLINGS["greedy"], 0),
+        ([7, 7, 8, 9, 7, 7, 8], 9, SAMPLINGS["sampled"], 0),
+        (list(range(40, 80)), 11, SAMPLINGS["hot"], 3),  # a long prompt, chunked prefill shares steps
+        ([300, 301, 300, 301, 300], 6, SAMPLINGS["greedy"], 7),
+    ]
+    solo = [_plain(tiny_dir, p, n, s) for p, n, s, _ in jobs]
+    pipe = pipeline(tiny_dir, policy, 4, str(tiny_dir), width=4, chunk=8, budget=12, refill_depth=2)
+    states, widths = {}, set()
+    for step in range(2000):
+        for i, (prompt, n, sampling, arrive) in enumerate(jobs):
+            if arrive == step:
+                states[i] = pipe.submit(Request(f"q{i}", tuple(prompt), sampling, n))
+        if len(states) == len(jobs) and all(s.finish_reason for s in states.values()):
+            break
+        widths.add(pipe.scheduler.effective_width())
+        pipe.step()
+    assert [states[i].output for i in range(len(jobs))] == solo
+    assert min(widths) < 4  # the width shrank under load

@@ -1,0 +1,154 @@
+"""Wire messages between processes: msgpack maps with an explicit schema.
+
+Every message is a map {"v": SCHEMA_VERSION, "type": NAME, ...fields}. Decoding
+checks the version, the type and every field's type, and raises ProtocolError
+on anything else, so a malformed message is logged and dropped by the
+receiver instead of crashing it. Tensors travel as {"dtype", "shape", "data"};
+nothing is ever pickled.
+
+Streams and who writes them (the documented router/shard contract):
+    requests        gateway -> scheduler     RequestMsg
+    steps           scheduler -> stages      StepMsg (one per pipeline step)
+    verify          last stage -> scheduler  VerifyMsg
+    draft_jobs      scheduler -> drafts      ExpansionJobMsg
+    proposals       drafts -> scheduler      ProposalsMsg
+    out:{request}   scheduler -> gateway     TokensMsg
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+import torch
+
+from shared.errors import ProtocolError
+
+SCHEMA_VERSION = 1
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64}
+
+
+def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ProtocolError(f"cannot send tensors of dtype {name}")
+    t = t.detach().contiguous().cpu()
+    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # numpy has no bfloat16
+    return {"dtype": name, "shape": list(t.shape), "data": raw.numpy().tobytes()}
+
+
+def decode_tensor(obj: Any) -> torch.Tensor:
+    try:
+        dtype, shape, data = _DTYPES[obj["dtype"]], [int(s) for s in obj["shape"]], obj["data"]
+        carrier = torch.int16 if dtype == torch.bfloat16 else dtype
+        flat = torch.frombuffer(bytearray(data), dtype=carrier)
+        return flat.view(dtype).reshape(shape) if carrier != dtype else flat.reshape(shape)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ProtocolError(f"malformed tensor: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base: subclasses are frozen dataclasses with a TYPE name and typed fields."""
+
+    TYPE: ClassVar[str] = ""
+
+    def encode(self) -> bytes:
+        body = {"v": SCHEMA_VERSION, "type": self.TYPE}
+        body.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        return msgpack.packb(body, use_bin_type=True)
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+
+def message(cls: type[Message]) -> type[Message]:
+    """Register a message class by its TYPE."""
+    _REGISTRY[cls.TYPE] = cls
+    return cls
+
+
+def decode(data: bytes, expect: type[Message] | None = None) -> Message:
+    """Bytes -> a validated message; ProtocolError on anything unexpected."""
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated exception types
+        raise ProtocolError(f"not a msgpack message: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ProtocolError("message is not a map")
+    if body.get("v") != SCHEMA_VERSION:
+        raise ProtocolError(f"unsupported schema version {body.get('v')!r} (expected {SCHEMA_VERSION})")
+    cls = _REGISTRY.get(body.get("type"))
+    if cls is None or (expect is not None and cls is not expect):
+        raise ProtocolError(f"unexpected message type {body.get('type')!r}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in body:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"{cls.TYPE}: missing field '{f.name}'")
+            continue
+        values[f.name] = _check(body[f.name], hints[f.name], f"{cls.TYPE}.{f.name}")
+    return cls(**values)
+
+
+def _check(value: Any, hint: Any, where: str) -> Any:
+    """Validate value against a type hint (int, float, str, bool, bytes, dict, list[...], X | None)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _check(value, next(a for a in args if a is not type(None)), where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where}: expected a list")
+        return [_check(v, args[0], where) for v in value]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected a map")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ProtocolError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+# ---- the messages ---------------------------------------------------------------------------
+
+
+@message
+@dataclass(frozen=True)
+class RequestMsg(Message):
+    """A new request (gateway -> scheduler). The prompt is already tokenized."""
+
+    TYPE: ClassVar[str] = "request"
+    request_id: str  # unique; names the output stream out:{request_id}
+    prompt_ids: list[int]  # chat template already applied
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int = 0  # the token at output position i is drawn with a generator seeded by (seed, i)
+    stop_ids: list[int] = field(default_factory=list)  # end the request after emitting one of these
+    policy: str | None = None  # per-request override of the server's speculation policy
+    width: int | None = None  # per-request override of the tree width
+    arrival: float = 0.0  # gateway wall-clock time, for queue-time metrics
+
+
+@message
+@dataclass(frozen=True)
+class TokensMsg(Message):
+    """New accepted tokens of one request (scheduler -> gateway), in order."""
+
+    TYPE: ClassVar[str] = "tokens"
+    request_id: str
+    tokens: list[int]  # appended to the output, never revised (tokens are final when verified)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None  # a clear message when finish_reason == "error"
+    step: int = 0  # pipeline step that produced them (speculation metrics)
