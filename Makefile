@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-fast models clean
+.PHONY: install up test test-fast models clean redis
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,7 +24,12 @@ models: install
 up: install
 	$(BIN)/specpipe simulate --model smollm2-135m --draft ngram --policy specpipe --stages 2
 
-test: install
+REDIS_URL ?= redis://127.0.0.1:6379/0
+
+redis: install
+	$(BIN)/python -m shared.redis_io $(REDIS_URL)
+
+test: install redis
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: install

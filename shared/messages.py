@@ -152,3 +152,67 @@ class TokensMsg(Message):
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None  # a clear message when finish_reason == "error"
     step: int = 0  # pipeline step that produced them (speculation metrics)
+
+
+@message
+@dataclass(frozen=True)
+class StepMsg(Message):
+    """One pipeline step (scheduler -> every stage and draft worker).
+
+    Stages apply `events` and register `admitted` before computing this step, so
+    no stage ever computes a node that verification already pruned. Stage 0
+    takes its micro-batch from the row columns; stage k > 0 receives stage
+    k-1's output of the previous step over torch.distributed.
+    """
+
+    TYPE: ClassVar[str] = "step"
+    step: int  # global step number, consecutive from 1
+    batch_id: int  # identifies stage 0's micro-batch; comes back in VerifyMsg
+    events: list[list]  # [request_id, "commit"|"prune"|"finish", [node ids]] from the last verification
+    admitted: list[dict] = field(default_factory=list)  # new requests: see AdmittedRequest.to_wire
+    request_ids: list[str] = field(default_factory=list)  # stage 0 rows, one entry per row ...
+    node_ids: list[int] = field(default_factory=list)
+    parent_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    flags: list[int] = field(default_factory=list)  # bit 0 committed, bit 1 needs_target
+
+
+@message
+@dataclass(frozen=True)
+class VerifyMsg(Message):
+    """What left the last stage at `step` (last stage -> scheduler)."""
+
+    TYPE: ClassVar[str] = "verify"
+    step: int
+    batch_id: int  # the stage-0 batch these rows entered with
+    request_ids: list[str]
+    node_ids: list[int]
+    targets: list[int]  # the target's token after each row (argmax or seeded draw); -1 if not asked
+    compute_s: float = 0.0  # the last stage's compute time for this step (overhead accounting)
+
+
+@message
+@dataclass(frozen=True)
+class ExpansionJobMsg(Message):
+    """Propose children for tree nodes (scheduler -> draft workers)."""
+
+    TYPE: ClassVar[str] = "expand"
+    request_id: str
+    as_of_step: int  # apply step records up to here first: events and the job stay causally ordered
+    text: list[int]  # accepted tokens (prompt + output)
+    nodes: list[list[int]]  # [node_id, parent_id, token, position, accepted(0/1)]
+    top_k: int
+    capacity: int  # KV slots the draft reserves for this request
+
+
+@message
+@dataclass(frozen=True)
+class ProposalsMsg(Message):
+    """Draft children for one node (draft worker -> scheduler); empty = none."""
+
+    TYPE: ClassVar[str] = "proposals"
+    request_id: str
+    node_id: int
+    tokens: list[int]
+    logprobs: list[float]

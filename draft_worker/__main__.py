@@ -1,0 +1,38 @@
+"""python -m draft_worker: a speculative source process (draft model or n-grams)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from draft_worker.service import DraftService, DraftServiceConfig
+from shared.config import ModelArch
+from shared.errors import SpecPipeError
+from shared.model_store import resolve_model
+from shared.service_args import add_redis_args, redis_config
+from specpipe.engine import load_draft
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m draft_worker")
+    add_redis_args(p)
+    p.add_argument("--model", default="smollm2-135m", help="the target (the draft must share its tokenizer)")
+    p.add_argument("--draft", default="ngram", help="draft model name/path, or 'ngram'")
+    p.add_argument("--name", default="")
+    args = p.parse_args(argv)
+    try:
+        cfg = DraftServiceConfig(redis_config(args), args.name)
+        target = ModelArch.from_model_dir(resolve_model(args.model))
+        DraftService(cfg, load_draft(args.draft, target, None, torch.float32)).run()
+    except SpecPipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

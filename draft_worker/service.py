@@ -1,0 +1,104 @@
+"""`python -m draft_worker`: a speculative source as a process.
+
+Takes expansion jobs from a Redis stream through a consumer group (more
+workers scale out), follows the step records' prune/commit/finish events
+(applied up to each job's `as_of_step` first, so a job never refers to a tree
+the worker has not caught up with), and pushes proposals back.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+
+import redis
+
+from draft_worker.base import SpeculativeSource
+from scheduler.scheduler import ExpansionJob, NodeRef
+from shared.errors import SpecPipeError
+from shared.messages import ExpansionJobMsg, ProposalsMsg, StepMsg
+from shared.redis_io import RedisConfig, beat, connect, decode_or_log, publish, read
+from stage_worker.service import events_of
+
+log = logging.getLogger("draft_worker")
+
+
+@dataclass(frozen=True)
+class DraftServiceConfig:
+    redis: RedisConfig
+    name: str = ""  # consumer name; defaults to host-pid
+    group: str = "drafts"
+    catch_up_ms: int = 2000  # how long a job may wait for its step record
+
+
+class DraftService:
+    def __init__(self, cfg: DraftServiceConfig, source: SpeculativeSource):
+        import os
+
+        self.cfg, self.source = cfg, source
+        self.name = cfg.name or f"draft-{socket.gethostname()}-{os.getpid()}"
+        self.r = connect(cfg.redis)
+        self.known: set[str] = set()
+        self.steps_last, self.step = "0", 0
+
+    def start(self) -> None:
+        try:
+            self.r.xgroup_create(self.cfg.redis.draft_jobs, self.cfg.group, id="$", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def run(self) -> None:
+        self.start()
+        while True:
+            beat(self.r, self.cfg.redis, self.name)
+            self._follow_steps(block_ms=None)
+            reply = self.r.xreadgroup(self.cfg.group, self.name, {self.cfg.redis.draft_jobs: ">"}, count=16, block=200)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    self._handle(fields.get(b"m", b""))
+                    self.r.xack(self.cfg.redis.draft_jobs, self.cfg.group, entry_id)
+
+    def _follow_steps(self, block_ms: int | None, until: int = 0) -> None:
+        while True:
+            entries = read(self.r, self.cfg.redis.steps, self.steps_last, block_ms if self.step < until else None)
+            for entry_id, raw in entries:
+                self.steps_last = entry_id
+                msg = decode_or_log(raw, StepMsg, self.name)
+                if msg is not None:
+                    self.step = max(self.step, msg.step)
+                    self._apply(msg)
+            if not entries or self.step >= until:
+                return
+
+    def _apply(self, msg: StepMsg) -> None:
+        events = [e for e in events_of(msg) if e.request_id in self.known]
+        if events:
+            self.source.apply(events)
+        self.known -= {e.request_id for e in events if e.kind == "finish"}
+
+    def _handle(self, raw: bytes) -> None:
+        job = decode_or_log(raw, ExpansionJobMsg, self.name)
+        if job is None:
+            return
+        self._follow_steps(self.cfg.catch_up_ms, until=job.as_of_step)
+        refs = [NodeRef(n[0], n[1], n[2], n[3], bool(n[4])) for n in job.nodes if len(n) == 5]
+        try:
+            if job.request_id not in self.known:
+                self.source.add_request(job.request_id, job.text[: len(job.text)], job.capacity)
+                self.known.add(job.request_id)
+            proposals = self.source.expand([ExpansionJob(job.request_id, job.text, refs, job.top_k)])
+        except (SpecPipeError, IndexError, KeyError) as exc:
+            log.warning("%s: job for %s failed (%s); resetting its draft state", self.name, job.request_id, exc)
+            self._reset(job.request_id)
+            proposals = [(job.request_id, ref.node_id, []) for ref in refs]
+        for rid, node_id, props in proposals:
+            msg = ProposalsMsg(rid, node_id, [t for t, _ in props], [float(lp) for _, lp in props])
+            publish(self.r, self.cfg.redis.proposals, msg)
+
+    def _reset(self, request_id: str) -> None:
+        from shared.batch import PipelineEvent
+
+        self.source.apply([PipelineEvent(request_id, "finish")])
+        self.known.discard(request_id)

@@ -1,0 +1,214 @@
+"""`python -m scheduler`: the Scheduler state machine behind Redis streams.
+
+Loop, one pipeline step per iteration:
+  1. read new requests (consumer group: a request is acknowledged only when it
+     finished or failed), admit those whose KV fits, refuse past the queue limit,
+  2. publish draft expansion jobs and take whatever proposals have arrived
+     (the pipeline never waits for a draft),
+  3. schedule() and publish the StepMsg (events of the last verification,
+     admitted requests, stage 0's rows),
+  4. wait for the last stage's VerifyMsg of this step, verify, publish tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import redis
+
+from scheduler.scheduler import Request, Scheduler
+from shared.batch import StageOutput
+from shared.config import SamplingParams
+from shared.errors import SpecPipeError
+from shared.messages import ExpansionJobMsg, ProposalsMsg, RequestMsg, StepMsg, TokensMsg, VerifyMsg
+from shared.redis_io import RedisConfig, alive, beat, connect, decode_or_log, publish, read
+from stage_worker.link import pack_flags
+
+log = logging.getLogger("scheduler")
+
+
+@dataclass(frozen=True)
+class SchedulerServiceConfig:
+    redis: RedisConfig
+    stages: int
+    max_queue: int = 256  # waiting requests beyond this are refused ("queue full" -> HTTP 429)
+    kv_slots: int = 1 << 16  # KV slots per stage shared by admitted requests (admission control)
+    verify_timeout_s: float = 120.0
+    group: str = "schedulers"
+    consumer: str = "scheduler-0"
+
+
+class SchedulerService:
+    def __init__(self, cfg: SchedulerServiceConfig, scheduler: Scheduler, stop_ids: frozenset[int]):
+        self.cfg, self.scheduler, self.stop_ids = cfg, scheduler, stop_ids
+        self.r = connect(cfg.redis)
+        self.waiting: deque[tuple[str, Request]] = deque()
+        self.entry_of: dict[str, str] = {}  # request id -> requests-stream entry to acknowledge
+        self.slots_used: dict[str, int] = {}
+        self.next_slot = 0
+        self.pending_events: list[list] = []
+        self.verify_last, self.proposals_last = "$", "$"
+        self.last_verify: VerifyMsg | None = None
+        self.admitted: list[dict] = []  # admitted since the last StepMsg; stages register them first
+
+    # ---- setup --------------------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self.r.xgroup_create(self.cfg.redis.requests, self.cfg.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self.verify_last = self._tail(self.cfg.redis.verify)
+        self.proposals_last = self._tail(self.cfg.redis.proposals)
+
+    def _tail(self, stream: str) -> str:
+        last = self.r.xrevrange(stream, count=1)
+        return last[0][0].decode() if last else "0"
+
+    def run(self, stop_after_idle_s: float | None = None) -> None:
+        self.start()
+        idle_since = time.monotonic()
+        while True:
+            beat(self.r, self.cfg.redis, "scheduler")
+            busy = bool(self.scheduler.active())
+            self._ingest(block_ms=None if busy else 500)
+            self._admit()
+            if not self.scheduler.active():
+                if stop_after_idle_s and time.monotonic() - idle_since > stop_after_idle_s:
+                    return
+                continue
+            idle_since = time.monotonic()
+            self.step()
+
+    # ---- requests -------------------------------------------------------------------------------
+    def _ingest(self, block_ms: int | None) -> None:
+        reply = self.r.xreadgroup(self.cfg.group, self.cfg.consumer, {self.cfg.redis.requests: ">"}, count=64, block=block_ms)
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self._receive(entry_id.decode(), fields.get(b"m", b""))
+
+    def _receive(self, entry_id: str, raw: bytes) -> None:
+        msg = decode_or_log(raw, RequestMsg, "scheduler")
+        if msg is None:
+            self.r.xack(self.cfg.redis.requests, self.cfg.group, entry_id)
+            return
+        try:
+            sampling = SamplingParams(msg.temperature, msg.top_p, msg.top_k, msg.seed)
+            stop = frozenset(msg.stop_ids) | self.stop_ids
+            request = Request(msg.request_id, tuple(msg.prompt_ids), sampling, msg.max_new_tokens, stop)
+            self.scheduler.check(request)
+            if msg.request_id in self.scheduler.requests or msg.request_id in self.entry_of:
+                raise SpecPipeError(f"duplicate request id '{msg.request_id}'")
+        except SpecPipeError as exc:
+            self._fail(msg.request_id, str(exc), entry_id)
+            return
+        if len(self.waiting) >= self.cfg.max_queue:
+            self._fail(msg.request_id, "queue full", entry_id, reason="queue_full")
+            return
+        self.entry_of[msg.request_id] = entry_id
+        self.waiting.append((msg.request_id, request))
+
+    def _admit(self) -> None:
+        while self.waiting:
+            rid, request = self.waiting[0]
+            need = self.scheduler.kv_capacity(request)
+            if sum(self.slots_used.values()) + need > self.cfg.kv_slots:
+                break  # waits in the queue until running requests free their KV
+            self.waiting.popleft()
+            self.scheduler.add_request(request)
+            self.slots_used[rid] = need
+            s = request.sampling
+            self.admitted.append({
+                "request_id": rid, "slot": self.next_slot, "prompt_len": len(request.prompt), "capacity": need,
+                "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed,
+            })
+            self.next_slot += 1
+
+    def _fail(self, rid: str, error: str, entry_id: str | None = None, reason: str = "error") -> None:
+        publish(self.r, self.cfg.redis.out(rid), TokensMsg(rid, [], True, reason, error), maxlen=10_000)
+        if entry_id:
+            self.r.xack(self.cfg.redis.requests, self.cfg.group, entry_id)
+
+    # ---- one step -------------------------------------------------------------------------------
+    def step(self) -> None:
+        self._draft_io()
+        batch = self.scheduler.schedule()
+        rows = batch.rows
+        msg = StepMsg(
+            step=self.scheduler.step, batch_id=batch.batch_id, events=self.pending_events,
+            admitted=self.admitted,
+            request_ids=[r.request_id for r in rows], node_ids=[r.node_id for r in rows],
+            parent_ids=[r.parent_id for r in rows], positions=[r.position for r in rows],
+            tokens=[r.token for r in rows], flags=[pack_flags(r) for r in rows],
+        )
+        self.admitted, self.pending_events = [], []
+        publish(self.r, self.cfg.redis.steps, msg)
+        verify = self._await_verify(msg.step)
+        if verify is None:
+            return
+        output = self._stage_output(verify)
+        result = self.scheduler.update_from_output(output)
+        self.pending_events = [[e.request_id, e.kind, list(e.node_ids)] for e in result.events]
+        self._publish_tokens(result.new_tokens, result.finished)
+
+    def _stage_output(self, v: VerifyMsg) -> StageOutput:
+        from shared.batch import Row
+
+        rows = [Row(rid, node, 0, 0, 0, False, True) for rid, node in zip(v.request_ids, v.node_ids)]
+        return StageOutput(v.batch_id, rows, list(v.targets))
+
+    def _await_verify(self, step: int) -> VerifyMsg | None:
+        deadline = time.monotonic() + self.cfg.verify_timeout_s
+        while time.monotonic() < deadline:
+            for entry_id, raw in read(self.r, self.cfg.redis.verify, self.verify_last, block_ms=1000):
+                self.verify_last = entry_id
+                msg = decode_or_log(raw, VerifyMsg, "scheduler")
+                if msg is not None and msg.step == step:
+                    self.last_verify = msg
+                    return msg
+            lost = [k for k in range(self.cfg.stages) if not alive(self.r, self.cfg.redis, f"stage-{k}")]
+            if lost:
+                self._fail_all(f"pipeline stage {lost[0]} is not running; request failed")
+                return None
+        self._fail_all(f"no output from the last stage within {self.cfg.verify_timeout_s:.0f} s")
+        return None
+
+    def _fail_all(self, error: str) -> None:
+        from scheduler.scheduler import StepResult
+
+        result = StepResult()
+        for state in self.scheduler.active():
+            self.scheduler.finish(state, "error", result)
+            self._fail(state.request.request_id, error, self.entry_of.pop(state.request.request_id, None))
+            self.slots_used.pop(state.request.request_id, None)
+        self.pending_events = [[e.request_id, e.kind, list(e.node_ids)] for e in result.events]
+
+    def _publish_tokens(self, new_tokens: dict[str, list[int]], finished: list[str]) -> None:
+        done = set(finished)
+        for rid, tokens in new_tokens.items():
+            state = self.scheduler.requests[rid]
+            msg = TokensMsg(rid, tokens, rid in done, state.finish_reason if rid in done else None, step=self.scheduler.step)
+            publish(self.r, self.cfg.redis.out(rid), msg, maxlen=10_000)
+        for rid in done:
+            self.slots_used.pop(rid, None)
+            entry = self.entry_of.pop(rid, None)
+            if entry:
+                self.r.xack(self.cfg.redis.requests, self.cfg.group, entry)
+            del self.scheduler.requests[rid]
+
+    # ---- drafting ------------------------------------------------------------------------------
+    def _draft_io(self) -> None:
+        for job in self.scheduler.expansion_jobs():
+            state = self.scheduler.requests[job.request_id]
+            nodes = [[n.node_id, n.parent_id, n.token, n.position, int(n.accepted)] for n in job.nodes]
+            msg = ExpansionJobMsg(job.request_id, self.scheduler.step + 1, job.text, nodes, job.top_k,
+                                  self.scheduler.kv_capacity(state.request))
+            publish(self.r, self.cfg.redis.draft_jobs, msg)
+        for entry_id, raw in read(self.r, self.cfg.redis.proposals, self.proposals_last, block_ms=None):
+            self.proposals_last = entry_id
+            p = decode_or_log(raw, ProposalsMsg, "scheduler")
+            if p is not None and len(p.tokens) == len(p.logprobs):
+                self.scheduler.add_proposals(p.request_id, p.node_id, list(zip(p.tokens, p.logprobs)))

@@ -1,0 +1,130 @@
+"""Redis transport: stream names, publish/read of schema'd messages, heartbeats.
+
+Only this module and the services' loops touch Redis; the scheduler, the stage
+runner and the draft sources stay transport-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import redis
+
+from shared.errors import ConfigError, ProtocolError
+from shared.messages import Message, decode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "specpipe"  # every key and stream starts with it: tests use their own
+    heartbeat_ttl_s: float = 5.0  # a component is lost when its heartbeat is older than this
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    @property
+    def requests(self) -> str:
+        return self.key("requests")
+
+    @property
+    def steps(self) -> str:
+        return self.key("steps")
+
+    @property
+    def verify(self) -> str:
+        return self.key("verify")
+
+    @property
+    def draft_jobs(self) -> str:
+        return self.key("draft_jobs")
+
+    @property
+    def proposals(self) -> str:
+        return self.key("proposals")
+
+    def out(self, request_id: str) -> str:
+        return self.key("out", request_id)
+
+    def heartbeat(self, component: str) -> str:
+        return self.key("hb", component)
+
+
+def connect(cfg: RedisConfig) -> redis.Redis:
+    return redis.Redis.from_url(cfg.url, socket_timeout=None, health_check_interval=30)
+
+
+def publish(r: redis.Redis, stream: str, msg: Message, maxlen: int | None = 100_000) -> str:
+    entry = r.xadd(stream, {"m": msg.encode()}, maxlen=maxlen, approximate=True)
+    return entry.decode() if isinstance(entry, bytes) else entry
+
+
+def read(r: redis.Redis, stream: str, last_id: str, block_ms: int | None, count: int = 256):
+    """[(entry_id, raw bytes)] after last_id; block_ms=None returns at once."""
+    reply = r.xread({stream: last_id}, count=count, block=block_ms)
+    return [(eid.decode(), fields.get(b"m", b"")) for _, entries in reply or [] for eid, fields in entries]
+
+
+def decode_or_log(raw: bytes, expect: type[Message], where: str) -> Message | None:
+    """Decode a message; a malformed one is logged and dropped (never raised)."""
+    try:
+        return decode(raw, expect)
+    except ProtocolError as exc:
+        log.warning("%s: dropped malformed message: %s", where, exc)
+        return None
+
+
+def beat(r: redis.Redis, cfg: RedisConfig, component: str) -> None:
+    r.set(cfg.heartbeat(component), time.time(), px=int(cfg.heartbeat_ttl_s * 1000))
+
+
+def alive(r: redis.Redis, cfg: RedisConfig, component: str) -> bool:
+    return r.exists(cfg.heartbeat(component)) == 1
+
+
+def ensure_redis(url: str, start: bool = True, daemonize: bool = False) -> subprocess.Popen | None:
+    """Ping Redis at url; if nothing answers on a loopback address, start a local redis-server.
+
+    Returns the child process (None if Redis was already there or daemonized).
+    """
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        client.ping()
+        return None
+    except redis.ConnectionError:
+        pass
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
+    if not start or host not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(f"no Redis answers at {url}")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ConfigError(f"no Redis answers at {url} and redis-server is not installed")
+    args = [binary, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(
+        args + (["--daemonize", "yes"] if daemonize else []),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return None if daemonize else proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise ConfigError(f"started redis-server on {host}:{port} but it does not answer")
+
+
+if __name__ == "__main__":  # `python -m shared.redis_io [URL]`: make sure a Redis answers (used by make)
+    import sys
+
+    ensure_redis(sys.argv[1] if len(sys.argv) > 1 else "redis://127.0.0.1:6379/0", daemonize=True)

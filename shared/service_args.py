@@ -1,0 +1,50 @@
+"""Command-line arguments shared by the service entry points.
+
+Environment variables (read here, at start-up, never at import time):
+REDIS_URL, SPECPIPE_PREFIX, MASTER_ADDR, MASTER_PORT, SPECPIPE_CACHE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from shared.config import POLICIES, EngineConfig, PolicyConfig
+from shared.redis_io import RedisConfig
+
+
+def add_redis_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    p.add_argument("--prefix", default=os.environ.get("SPECPIPE_PREFIX", "specpipe"), help="key prefix of this cluster")
+    p.add_argument("--log-level", default="INFO")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="model name or local Hugging Face folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", choices=POLICIES, default="specpipe")
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--width", type=int, default=4)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--refill-depth", type=int, default=None, help="default: stages - 1")
+    p.add_argument("--branch", type=int, default=4)
+    p.add_argument("--prefill-chunk", type=int, default=64)
+    p.add_argument("--token-budget", type=int, default=256)
+
+
+def redis_config(args: argparse.Namespace) -> RedisConfig:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return RedisConfig(url=args.redis_url, prefix=args.prefix)
+
+
+def policy_config(args: argparse.Namespace) -> PolicyConfig:
+    refill = args.refill_depth if args.refill_depth is not None else max(args.stages - 1, 1)
+    return PolicyConfig(args.policy, args.stages, args.width, args.depth, refill, args.branch)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(prefill_chunk=args.prefill_chunk, token_budget=args.token_budget, dtype=args.dtype)

@@ -1,0 +1,50 @@
+"""python -m stage_worker --rank k --world N: one pipeline stage process."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from shared.config import ModelArch
+from shared.errors import SpecPipeError
+from shared.model_store import resolve_model
+from shared.service_args import add_model_args, add_redis_args, redis_config
+from stage_worker.link import ActivationLink, LinkConfig
+from stage_worker.service import StageService, StageServiceConfig, build_runner
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stage_worker")
+    add_redis_args(p)
+    add_model_args(p)
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--world", type=int, required=True, help="number of stages")
+    p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", "29531")))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds (tests)")
+    args = p.parse_args(argv)
+    try:
+        redis_cfg = redis_config(args)
+        model_dir = resolve_model(args.model)
+        arch = ModelArch.from_model_dir(model_dir)
+        dtype = getattr(torch, args.dtype)
+        runner = build_runner(model_dir, arch, args.rank, args.world, dtype)
+        link = None
+        if args.world > 1:
+            link = ActivationLink(LinkConfig(args.rank, args.world, args.master_addr, args.master_port),
+                                  torch.device(args.device), dtype, arch.hidden_size)
+        StageService(StageServiceConfig(args.rank, args.world, redis_cfg), runner, link).run(args.idle_exit)
+    except SpecPipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

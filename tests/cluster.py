@@ -1,0 +1,90 @@
+"""A real local cluster for multi-process tests: Redis, scheduler, stages, draft workers.
+
+Every cluster uses its own key prefix and master port, and deletes its keys at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from shared.redis_io import RedisConfig, alive, connect, ensure_redis
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, tmp: Path, model: str, stages: int = 2, policy: str = "specpipe", draft: str = "ngram",
+                 drafts: int = 1, extra: tuple[str, ...] = ()):
+        self.redis_proc = ensure_redis(REDIS_URL)
+        self.cfg = RedisConfig(url=REDIS_URL, prefix=f"test-{uuid.uuid4().hex[:8]}")
+        self.r = connect(self.cfg)
+        self.tmp, self.model, self.stages, self.draft = tmp, model, stages, draft
+        self.procs: dict[str, subprocess.Popen] = {}
+        port = str(free_port())
+        common = ["--redis-url", REDIS_URL, "--prefix", self.cfg.prefix, "--model", model]
+        self._spawn("scheduler", "scheduler", *common, "--stages", str(stages), "--policy", policy, *extra)
+        for k in range(stages):
+            self._spawn(f"stage-{k}", "stage_worker", *common, "--rank", str(k), "--world", str(stages),
+                        "--master-port", port)
+        for i in range(drafts if policy != "pp" else 0):
+            self.add_draft_worker(f"draft-{i}")
+        self.wait_ready()
+
+    def _spawn(self, name: str, module: str, *args: str) -> None:
+        log = open(self.tmp / f"{name}.log", "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=log,
+                                            stderr=subprocess.STDOUT, env=env)
+
+    def add_draft_worker(self, name: str) -> None:
+        self._spawn(name, "draft_worker", "--redis-url", REDIS_URL, "--prefix", self.cfg.prefix,
+                    "--model", self.model, "--draft", self.draft, "--name", name)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        names = ["scheduler"] + [f"stage-{k}" for k in range(self.stages)]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                assert proc.poll() is None, f"{name} exited: {self.log(name)}"
+            if all(alive(self.r, self.cfg, n) for n in names):
+                return
+            time.sleep(0.2)
+        raise TimeoutError("cluster did not become ready: " + " | ".join(self.log(n)[-300:] for n in names))
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text()
+
+    def kill(self, name: str) -> None:
+        self.procs[name].kill()
+        self.procs[name].wait()
+
+    def running(self) -> dict[str, bool]:
+        return {name: proc.poll() is None for name, proc in self.procs.items()}
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        keys = list(self.r.scan_iter(f"{self.cfg.prefix}:*"))
+        if keys:
+            self.r.delete(*keys)
+        if self.redis_proc is not None:
+            self.redis_proc.terminate()

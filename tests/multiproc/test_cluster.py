@@ -1,0 +1,126 @@
+"""The distributed runtime: real Redis, real processes, gloo between 2 stage processes.
+
+Every output must equal the in-process reference (plain decoding, same seed).
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import pytest
+
+from shared.config import SamplingParams
+from shared.messages import RequestMsg, StepMsg
+from shared.queue_client import collect, submit
+from shared.redis_io import publish
+from tests.cluster import Cluster
+from tests.helpers import pipeline
+
+pytestmark = pytest.mark.multiproc
+
+JOBS = [  # prompt, new tokens, temperature, top_p, top_k, seed
+    ([5, 17, 99, 3, 5, 17, 42, 7], 14, 0.0, 1.0, 0, 0),
+    ([7, 7, 8, 9, 7, 7, 8], 9, 0.8, 0.9, 50, 7),
+    (list(range(40, 90)), 11, 1.5, 1.0, 0, 123),
+    ([300, 301, 300, 301, 300], 6, 0.0, 1.0, 0, 0),
+    ([11, 12, 13, 11, 12, 13, 11], 16, 1.0, 0.95, 20, 99),
+    ([2000, 2001], 5, 0.0, 1.0, 0, 0),
+]
+
+
+def _reference(tiny_dir, prompt, n, t, p, k, seed) -> list[int]:
+    from scheduler.scheduler import Request
+
+    return pipeline(tiny_dir, "pp", 1).generate(Request("ref", tuple(prompt), SamplingParams(t, p, k, seed), n)).output
+
+
+@pytest.fixture
+def cluster_factory(tmp_path, tiny_dir):
+    made = []
+
+    def make(**kw) -> Cluster:
+        cluster = Cluster(tmp_path, str(tiny_dir), **kw)
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.close()
+
+
+def _submit(cluster: Cluster, i: int, job) -> None:
+    prompt, n, t, p, k, seed = job
+    submit(cluster.r, cluster.cfg, RequestMsg(f"job{i}", prompt, n, temperature=t, top_p=p, top_k=k, seed=seed))
+
+
+@pytest.mark.parametrize("policy,draft", [("specpipe", "model"), ("specpipe", "ngram"), ("pp", "ngram")],
+                         ids=["specpipe-draft-model", "specpipe-ngram", "pp"])
+def test_concurrent_requests_match_in_process_reference(cluster_factory, tiny_dir, policy, draft) -> None:
+    cluster = cluster_factory(policy=policy, draft=str(tiny_dir) if draft == "model" else "ngram")
+    for i, job in enumerate(JOBS[:3]):
+        _submit(cluster, i, job)
+    first = collect(cluster.r, cluster.cfg, "job0", timeout_s=120)  # later requests arrive while others decode
+    for i, job in enumerate(JOBS[3:], start=3):
+        _submit(cluster, i, job)
+    results = [first] + [collect(cluster.r, cluster.cfg, f"job{i}", timeout_s=120) for i in range(1, len(JOBS))]
+    for i, (job, result) in enumerate(zip(JOBS, results)):
+        assert result.finished and result.error is None, (i, result, cluster.log("scheduler")[-2000:])
+        assert result.tokens == _reference(tiny_dir, *job), f"request {i} differs from the reference"
+
+
+def test_killed_draft_worker_keeps_outputs_identical(cluster_factory, tiny_dir) -> None:
+    cluster = cluster_factory(draft=str(tiny_dir))
+    jobs = [(JOBS[0][0], 40, 0.0, 1.0, 0, 0), (JOBS[1][0], 40, 0.8, 0.9, 50, 7)]
+    for i, job in enumerate(jobs):
+        _submit(cluster, i, job)
+    deadline = time.monotonic() + 60
+    while not cluster.r.exists(cluster.cfg.out("job0")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cluster.kill("draft-0")  # mid-generation
+    results = [collect(cluster.r, cluster.cfg, f"job{i}", timeout_s=120) for i in range(len(jobs))]
+    for job, result in zip(jobs, results):
+        assert result.finished and result.error is None
+        assert result.tokens == _reference(tiny_dir, *job)
+    assert cluster.running()["scheduler"] and cluster.running()["stage-0"] and cluster.running()["stage-1"]
+
+
+def test_malformed_messages_on_every_stream_are_dropped(cluster_factory, tiny_dir) -> None:
+    cluster = cluster_factory(draft="ngram")
+    cfg, r = cluster.cfg, cluster.r
+    garbage = [b"\xc1\xc1", msgpack.packb([1, 2]), msgpack.packb({"v": 1, "type": "request", "request_id": 5}),
+               msgpack.packb({"v": 999, "type": "step"}), b""]
+    for stream in (cfg.requests, cfg.steps, cfg.verify, cfg.draft_jobs, cfg.proposals):
+        for raw in garbage:
+            r.xadd(stream, {"m": raw})
+        r.xadd(stream, {"not-m": b"x"})
+    publish(r, cfg.steps, StepMsg(step=10_000, batch_id=1, events=[["x", "prune", [1]]]))  # out of order
+    _submit(cluster, 0, JOBS[0])
+    result = collect(r, cfg, "job0", timeout_s=120)
+    assert result.finished and result.tokens == _reference(tiny_dir, *JOBS[0])
+    assert all(cluster.running().values()), cluster.running()
+
+
+@pytest.mark.parametrize(
+    "prompt,n,message",
+    [([1] * 3000, 8, "exceeds the model's context"), ([], 8, "empty prompt"), ([5, 6], 0, "max_new_tokens")],
+    ids=["prompt-too-long", "empty-prompt", "zero-new-tokens"],
+)
+def test_bad_request_gets_clear_error(cluster_factory, prompt, n, message) -> None:
+    cluster = cluster_factory(policy="pp")
+    submit(cluster.r, cluster.cfg, RequestMsg("bad", prompt, n))
+    result = collect(cluster.r, cluster.cfg, "bad", timeout_s=60)
+    assert result.finished and result.finish_reason == "error" and message in result.error
+    assert all(cluster.running().values())
+
+
+def test_lost_stage_fails_requests_instead_of_hanging(cluster_factory) -> None:
+    cluster = cluster_factory(policy="pp")
+    submit(cluster.r, cluster.cfg, RequestMsg("long", [5, 6, 7], 1500))
+    deadline = time.monotonic() + 60
+    while not cluster.r.exists(cluster.cfg.out("long")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cluster.kill("stage-1")
+    result = collect(cluster.r, cluster.cfg, "long", timeout_s=60)
+    assert result.finished and result.finish_reason == "error" and "stage" in result.error
+    assert cluster.running()["scheduler"]
