@@ -22,7 +22,7 @@ models: install
 	$(BIN)/specpipe models fetch tiny-random
 
 up: install
-	$(BIN)/specpipe simulate --model smollm2-135m --draft ngram --policy specpipe --stages 2
+	$(BIN)/specpipe up
 
 REDIS_URL ?= redis://127.0.0.1:6379/0
 

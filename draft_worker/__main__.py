@@ -15,13 +15,17 @@ from shared.service_args import add_redis_args, redis_config
 from specpipe.engine import load_draft
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m draft_worker")
     add_redis_args(p)
     p.add_argument("--model", default="smollm2-135m", help="the target (the draft must share its tokenizer)")
     p.add_argument("--draft", default="ngram", help="draft model name/path, or 'ngram'")
     p.add_argument("--name", default="")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         cfg = DraftServiceConfig(redis_config(args), args.name)
         target = ModelArch.from_model_dir(resolve_model(args.model))

@@ -13,7 +13,7 @@ from shared.model_store import resolve_model
 from shared.service_args import add_model_args, add_policy_args, add_redis_args, engine_config, policy_config, redis_config
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scheduler")
     add_redis_args(p)
     add_model_args(p)
@@ -21,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--kv-slots", type=int, default=1 << 16)
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds (tests)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         arch = ModelArch.from_model_dir(resolve_model(args.model))
         scheduler = Scheduler(policy_config(args), engine_config(args), context_limit=arch.max_positions)

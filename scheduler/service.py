@@ -53,6 +53,7 @@ class SchedulerService:
         self.verify_last, self.proposals_last = "$", "$"
         self.last_verify: VerifyMsg | None = None
         self.admitted: list[dict] = []  # admitted since the last StepMsg; stages register them first
+        self.timings: list[str] = []  # "step:wall_s:own_cpu_s:rows", flushed in batches
 
     # ---- setup --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -134,6 +135,7 @@ class SchedulerService:
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> None:
+        cpu_start = time.perf_counter()
         self._draft_io()
         batch = self.scheduler.schedule()
         rows = batch.rows
@@ -145,14 +147,21 @@ class SchedulerService:
             tokens=[r.token for r in rows], flags=[pack_flags(r) for r in rows],
         )
         self.admitted, self.pending_events = [], []
+        published = time.perf_counter()
         publish(self.r, self.cfg.redis.steps, msg)
         verify = self._await_verify(msg.step)
         if verify is None:
             return
+        verified = time.perf_counter()
         output = self._stage_output(verify)
         result = self.scheduler.update_from_output(output)
         self.pending_events = [[e.request_id, e.kind, list(e.node_ids)] for e in result.events]
         self._publish_tokens(result.new_tokens, result.finished)
+        own = (published - cpu_start) + (time.perf_counter() - verified)
+        self.timings.append(f"{msg.step}:{time.perf_counter() - cpu_start:.6f}:{own:.6f}:{len(rows)}")
+        if len(self.timings) >= 64 or not self.scheduler.active():
+            self.r.rpush(self.cfg.redis.key("timings", "scheduler"), *self.timings)
+            self.timings = []
 
     def _stage_output(self, v: VerifyMsg) -> StageOutput:
         from shared.batch import Row

@@ -39,14 +39,23 @@ def _simulate_parser(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["models"]:
-        from shared.model_store import models_main
+    try:
+        if argv[:1] == ["models"]:
+            from shared.model_store import models_main
 
-        return models_main(argv[1:])
+            return models_main(argv[1:])
+        if argv[:1] == ["up"]:
+            from specpipe.cluster import up_main
+
+            return up_main(argv[1:])
+    except SpecPipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="specpipe", description="SpecPipe serving toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
     sub.add_parser("models", help="fetch or list models (specpipe models fetch NAME | list)")
+    sub.add_parser("up", help="start the local cluster (Redis, scheduler, stages, drafts, gateway)")
     args = parser.parse_args(argv)
     try:
         if args.command == "simulate":

@@ -16,7 +16,7 @@ from stage_worker.link import ActivationLink, LinkConfig
 from stage_worker.service import StageService, StageServiceConfig, build_runner
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stage_worker")
     add_redis_args(p)
     add_model_args(p)
@@ -26,7 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", "29531")))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds (tests)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         redis_cfg = redis_config(args)
         model_dir = resolve_model(args.model)

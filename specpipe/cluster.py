@@ -1,0 +1,130 @@
+"""`specpipe up`: the whole local cluster in one command.
+
+Starts Redis if none answers (loopback only), the scheduler, N stage workers,
+the draft workers and, once it exists, the gateway; Ctrl-C (or SIGTERM) stops
+every child cleanly. Everything binds to loopback unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.redis_io import RedisConfig, alive, connect, ensure_redis
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: str = "smollm2-135m"
+    draft: str = "ngram"
+    policy: str = "specpipe"
+    stages: int = 2
+    width: int = 4
+    drafts: int = 1
+    token_budget: int = 256
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "specpipe"
+    master_port: int = 29531
+    port: int = 8000  # gateway
+    extra: tuple[str, ...] = field(default_factory=tuple)
+
+
+def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
+    """Every process of the cluster and its command line (also what docker-compose runs)."""
+    py = sys.executable
+    common = ["--redis-url", cfg.redis_url, "--prefix", cfg.prefix, "--model", cfg.model]
+    procs = {
+        "scheduler": [py, "-m", "scheduler", *common, "--policy", cfg.policy, "--stages", str(cfg.stages),
+                      "--width", str(cfg.width), "--token-budget", str(cfg.token_budget), *cfg.extra],
+    }
+    for k in range(cfg.stages):
+        procs[f"stage-{k}"] = [py, "-m", "stage_worker", *common, "--rank", str(k), "--world", str(cfg.stages),
+                               "--master-port", str(cfg.master_port)]
+    for i in range(cfg.drafts if cfg.policy != "pp" else 0):
+        procs[f"draft-{i}"] = [py, "-m", "draft_worker", *common, "--draft", cfg.draft, "--name", f"draft-{i}"]
+    gateway = Path(__file__).resolve().parents[1] / "gateway" / "__main__.py"
+    if gateway.exists():
+        procs["gateway"] = [py, "-m", "gateway", "--redis-url", cfg.redis_url, "--prefix", cfg.prefix,
+                            "--model", cfg.model, "--port", str(cfg.port)]
+    return procs
+
+
+def up(cfg: ClusterConfig) -> int:
+    from shared.model_store import resolve_model
+
+    resolve_model(cfg.model, progress=True)  # convert once here, not in every child at the same time
+    if cfg.draft != "ngram" and cfg.policy != "pp":
+        resolve_model(cfg.draft, progress=True)
+    redis_proc = ensure_redis(cfg.redis_url)
+    children = {name: subprocess.Popen(cmd) for name, cmd in commands(cfg).items()}
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    rcfg = RedisConfig(cfg.redis_url, cfg.prefix)
+    ready_reported = False
+    try:
+        while not stopping:
+            dead = [n for n, p in children.items() if p.poll() is not None]
+            if dead:
+                print(f"specpipe up: {', '.join(dead)} exited; stopping the cluster", file=sys.stderr)
+                return 1
+            if not ready_reported and _ready(rcfg, cfg.stages):
+                print(f"specpipe up: ready ({cfg.stages} stages, policy {cfg.policy}, model {cfg.model}, "
+                      f"keys under '{cfg.prefix}:')", file=sys.stderr)
+                ready_reported = True
+            time.sleep(0.5)
+        return 0
+    finally:
+        _terminate(children)
+        if redis_proc is not None:
+            redis_proc.terminate()
+
+
+def _ready(rcfg: RedisConfig, stages: int) -> bool:
+    try:
+        r = connect(rcfg)
+        return all(alive(r, rcfg, n) for n in ["scheduler", *(f"stage-{k}" for k in range(stages))])
+    except Exception:
+        return False
+
+
+def _terminate(children: dict[str, subprocess.Popen]) -> None:
+    for proc in children.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 10
+    for proc in children.values():
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def up_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="specpipe up", description="start the local cluster")
+    p.add_argument("--port", type=int, default=8000, help="gateway port")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--draft", default="ngram")
+    p.add_argument("--policy", default="specpipe", choices=["pp", "tree", "specpipe"])
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--width", type=int, default=4)
+    p.add_argument("--drafts", type=int, default=1, help="draft worker processes")
+    p.add_argument("--token-budget", type=int, default=256)
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    p.add_argument("--prefix", default=os.environ.get("SPECPIPE_PREFIX", "specpipe"))
+    p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", "29531")))
+    a = p.parse_args(argv)
+    cfg = ClusterConfig(a.model, a.draft, a.policy, a.stages, a.width, a.drafts, a.token_budget, a.redis_url,
+                        a.prefix, a.master_port, a.port)
+    return up(cfg)
