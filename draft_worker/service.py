@@ -55,10 +55,16 @@ class DraftService:
             beat(self.r, self.cfg.redis, self.name)
             self._follow_steps(block_ms=None)
             reply = self.r.xreadgroup(self.cfg.group, self.name, {self.cfg.redis.draft_jobs: ">"}, count=16, block=200)
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    self._handle(fields.get(b"m", b""))
-                    self.r.xack(self.cfg.redis.draft_jobs, self.cfg.group, entry_id)
+            entries = [e for _, batch in reply or [] for e in batch] or self._orphaned()
+            for entry_id, fields in entries:
+                self._handle(fields.get(b"m", b""))
+                self.r.xack(self.cfg.redis.draft_jobs, self.cfg.group, entry_id)
+
+    def _orphaned(self) -> list:
+        """Jobs a dead worker took and never acknowledged: claim them after a heartbeat's lifetime."""
+        idle_ms = int(self.cfg.redis.heartbeat_ttl_s * 1000)
+        reply = self.r.xautoclaim(self.cfg.redis.draft_jobs, self.cfg.group, self.name, idle_ms, "0-0", count=16)
+        return [e for e in reply[1] if e and e[1]] if reply else []  # trimmed entries come back empty
 
     def _follow_steps(self, block_ms: int | None, until: int = 0) -> None:
         while True:

@@ -23,8 +23,8 @@ from scheduler.scheduler import Request, Scheduler
 from shared.batch import StageOutput
 from shared.config import SamplingParams
 from shared.errors import SpecPipeError
-from shared.messages import ExpansionJobMsg, ProposalsMsg, RequestMsg, StepMsg, TokensMsg, VerifyMsg
-from shared.redis_io import RedisConfig, alive, beat, connect, decode_or_log, publish, read
+from shared.messages import ExpansionJobMsg, ProposalsMsg, RequestMsg, StageErrorMsg, StepMsg, TokensMsg, VerifyMsg
+from shared.redis_io import RedisConfig, alive, any_alive, beat, connect, decode_or_log, publish, read
 from stage_worker.link import pack_flags
 
 log = logging.getLogger("scheduler")
@@ -54,6 +54,8 @@ class SchedulerService:
         self.last_verify: VerifyMsg | None = None
         self.admitted: list[dict] = []  # admitted since the last StepMsg; stages register them first
         self.timings: list[str] = []  # "step:wall_s:own_cpu_s:rows", flushed in batches
+        self.drafts_alive = True
+        self.errors_last = "$"
 
     # ---- setup --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -64,6 +66,7 @@ class SchedulerService:
                 raise
         self.verify_last = self._tail(self.cfg.redis.verify)
         self.proposals_last = self._tail(self.cfg.redis.proposals)
+        self.errors_last = self._tail(self.cfg.redis.errors)
 
     def _tail(self, stream: str) -> str:
         last = self.r.xrevrange(stream, count=1)
@@ -155,6 +158,7 @@ class SchedulerService:
         verified = time.perf_counter()
         output = self._stage_output(verify)
         result = self.scheduler.update_from_output(output)
+        self._stage_errors(result)
         self.pending_events = [[e.request_id, e.kind, list(e.node_ids)] for e in result.events]
         self._publish_tokens(result.new_tokens, result.finished)
         own = (published - cpu_start) + (time.perf_counter() - verified)
@@ -185,6 +189,19 @@ class SchedulerService:
         self._fail_all(f"no output from the last stage within {self.cfg.verify_timeout_s:.0f} s")
         return None
 
+    def _stage_errors(self, result) -> None:
+        """Fail the requests a stage could not compute (KV full, protocol error, ...)."""
+        for entry_id, raw in read(self.r, self.cfg.redis.errors, self.errors_last, block_ms=None):
+            self.errors_last = entry_id
+            msg = decode_or_log(raw, StageErrorMsg, "scheduler")
+            for rid in msg.request_ids if msg is not None else []:
+                state = self.scheduler.requests.get(rid)
+                if state is not None and state.finish_reason is None:
+                    self.scheduler.finish(state, "error", result)
+                    self._fail(rid, f"stage {msg.stage}: {msg.error}", self.entry_of.pop(rid, None))
+                    self.slots_used.pop(rid, None)
+                    del self.scheduler.requests[rid]
+
     def _fail_all(self, error: str) -> None:
         from scheduler.scheduler import StepResult
 
@@ -210,6 +227,10 @@ class SchedulerService:
 
     # ---- drafting ------------------------------------------------------------------------------
     def _draft_io(self) -> None:
+        if self.scheduler.step % 16 == 0:  # a lost draft worker only lowers speculation
+            self.drafts_alive = any_alive(self.r, self.cfg.redis, "draft-")
+        if not self.drafts_alive:
+            return
         for job in self.scheduler.expansion_jobs():
             state = self.scheduler.requests[job.request_id]
             nodes = [[n.node_id, n.parent_id, n.token, n.position, int(n.accepted)] for n in job.nodes]

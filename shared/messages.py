@@ -216,3 +216,15 @@ class ProposalsMsg(Message):
     node_id: int
     tokens: list[int]
     logprobs: list[float]
+
+
+@message
+@dataclass(frozen=True)
+class StageErrorMsg(Message):
+    """A stage could not compute some requests' rows (stage -> scheduler); they are failed cleanly."""
+
+    TYPE: ClassVar[str] = "stage_error"
+    stage: int
+    step: int
+    request_ids: list[str]
+    error: str

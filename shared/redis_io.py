@@ -51,6 +51,10 @@ class RedisConfig:
     def proposals(self) -> str:
         return self.key("proposals")
 
+    @property
+    def errors(self) -> str:
+        return self.key("errors")
+
     def out(self, request_id: str) -> str:
         return self.key("out", request_id)
 
@@ -88,6 +92,10 @@ def beat(r: redis.Redis, cfg: RedisConfig, component: str) -> None:
 
 def alive(r: redis.Redis, cfg: RedisConfig, component: str) -> bool:
     return r.exists(cfg.heartbeat(component)) == 1
+
+
+def any_alive(r: redis.Redis, cfg: RedisConfig, component_prefix: str) -> bool:
+    return next(r.scan_iter(cfg.heartbeat(component_prefix) + "*", count=100), None) is not None
 
 
 def ensure_redis(url: str, start: bool = True, daemonize: bool = False) -> subprocess.Popen | None:

@@ -18,7 +18,8 @@ import torch
 
 from shared.batch import MicroBatch, PipelineEvent, Row
 from shared.config import SamplingParams
-from shared.messages import StepMsg, VerifyMsg
+from shared.errors import SpecPipeError
+from shared.messages import StageErrorMsg, StepMsg, VerifyMsg
 from shared.redis_io import RedisConfig, beat, connect, decode_or_log, publish, read
 from stage_worker.link import COMMITTED, NEEDS_TARGET, ActivationLink
 from stage_worker.runner import RequestInfo, StageRunner
@@ -98,7 +99,7 @@ class StageService:
             batch = self.link.recv(msg.step, self.ids) if msg.step > 1 else MicroBatch(-1, [])
         batch = batch.without(pruned, self.finished)
         start = time.perf_counter()
-        out = self.runner.forward(batch)
+        out = self._forward(msg.step, batch)
         self.compute_s = time.perf_counter() - start
         self.timings.append(f"{msg.step}:{self.compute_s:.6f}")
         if self.cfg.rank < self.cfg.world - 1:
@@ -111,6 +112,19 @@ class StageService:
             publish(self.r, self.cfg.redis.verify, verify)
         if len(self.timings) >= 64 or not batch.rows:  # off the critical path: after this step's output
             self.flush_timings()
+
+    def _forward(self, step: int, batch: MicroBatch):
+        """Compute; on a request-level failure report the requests and pass an empty batch on."""
+        try:
+            return self.runner.forward(batch)
+        except SpecPipeError as exc:
+            failed = sorted({r.request_id for r in batch.rows})
+            log.error("%s: step %d failed for %s: %s", self.name, step, failed, exc)
+            publish(self.r, self.cfg.redis.errors, StageErrorMsg(self.cfg.rank, step, failed, str(exc)))
+            for rid in failed:
+                self.runner.release(rid)
+                self.finished.add(rid)
+            return self.runner.forward(MicroBatch(batch.batch_id, []))
 
     def flush_timings(self) -> None:
         if self.timings:

@@ -124,3 +124,37 @@ def test_lost_stage_fails_requests_instead_of_hanging(cluster_factory) -> None:
     result = collect(cluster.r, cluster.cfg, "long", timeout_s=60)
     assert result.finished and result.finish_reason == "error" and "stage" in result.error
     assert cluster.running()["scheduler"]
+
+
+def test_admission_waits_for_kv_and_queue_limit_refuses(cluster_factory, tiny_dir) -> None:
+    # room for one request's KV at a time, one more may wait: the rest are refused ("queue full")
+    cluster = cluster_factory(policy="pp", extra=("--kv-slots", "60", "--max-queue", "1"))
+    jobs = [(JOBS[0][0], 30, 0.0, 1.0, 0, 0)] * 4
+    for i, job in enumerate(jobs):
+        _submit(cluster, i, job)
+    results = [collect(cluster.r, cluster.cfg, f"job{i}", timeout_s=120) for i in range(len(jobs))]
+    served = [r for r in results if r.error is None]
+    refused = [r for r in results if r.finish_reason == "queue_full"]
+    assert len(served) == 2 and len(refused) == 2, results
+    for result in served:
+        assert result.tokens == _reference(tiny_dir, *jobs[0])
+
+
+def test_killed_one_of_two_draft_workers_leaves_no_job_behind(cluster_factory, tiny_dir) -> None:
+    cluster = cluster_factory(draft=str(tiny_dir), drafts=2)
+    jobs = [(JOBS[4][0], 40, 1.0, 0.95, 20, 99), (JOBS[0][0], 40, 0.0, 1.0, 0, 0)]
+    for i, job in enumerate(jobs):
+        _submit(cluster, i, job)
+    time.sleep(1.0)
+    cluster.kill("draft-1")
+    results = [collect(cluster.r, cluster.cfg, f"job{i}", timeout_s=120) for i in range(len(jobs))]
+    for job, result in zip(jobs, results):
+        assert result.finished and result.error is None
+        assert result.tokens == _reference(tiny_dir, *job)
+    deadline = time.monotonic() + 30  # the survivor claims whatever the dead worker had taken
+    while time.monotonic() < deadline:
+        pending = cluster.r.xpending_range(cluster.cfg.draft_jobs, "drafts", "-", "+", 100, consumername="draft-1")
+        if not pending:
+            break
+        time.sleep(0.5)
+    assert not pending
