@@ -23,7 +23,7 @@ from scheduler.scheduler import Request, Scheduler
 from shared.batch import StageOutput
 from shared.config import SamplingParams
 from shared.errors import SpecPipeError
-from shared.messages import ExpansionJobMsg, ProposalsMsg, RequestMsg, StageErrorMsg, StepMsg, TokensMsg, VerifyMsg
+from shared.messages import CancelMsg, ExpansionJobMsg, ProposalsMsg, RequestMsg, StageErrorMsg, StepMsg, TokensMsg, VerifyMsg
 from shared.redis_io import RedisConfig, alive, any_alive, beat, connect, decode_or_log, publish, read
 from stage_worker.link import pack_flags
 
@@ -56,6 +56,7 @@ class SchedulerService:
         self.timings: list[str] = []  # "step:wall_s:own_cpu_s:rows", flushed in batches
         self.drafts_alive = True
         self.errors_last = "$"
+        self.cancel_last = "$"
 
     # ---- setup --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -67,6 +68,7 @@ class SchedulerService:
         self.verify_last = self._tail(self.cfg.redis.verify)
         self.proposals_last = self._tail(self.cfg.redis.proposals)
         self.errors_last = self._tail(self.cfg.redis.errors)
+        self.cancel_last = self._tail(self.cfg.redis.cancel)
 
     def _tail(self, stream: str) -> str:
         last = self.r.xrevrange(stream, count=1)
@@ -79,6 +81,7 @@ class SchedulerService:
             beat(self.r, self.cfg.redis, "scheduler")
             busy = bool(self.scheduler.active())
             self._ingest(block_ms=None if busy else 500)
+            self._cancellations()
             self._admit()
             if not self.scheduler.active():
                 if stop_after_idle_s and time.monotonic() - idle_since > stop_after_idle_s:
@@ -188,6 +191,33 @@ class SchedulerService:
                 return None
         self._fail_all(f"no output from the last stage within {self.cfg.verify_timeout_s:.0f} s")
         return None
+
+    def _cancellations(self) -> None:
+        """Cancelled requests leave at once: waiting ones are dropped, running ones free their KV and tree."""
+        from scheduler.scheduler import StepResult
+
+        result = StepResult()
+        for entry_id, raw in read(self.r, self.cfg.redis.cancel, self.cancel_last, block_ms=None):
+            self.cancel_last = entry_id
+            msg = decode_or_log(raw, CancelMsg, "scheduler")
+            rid = msg.request_id if msg is not None else None
+            if rid is None:
+                continue
+            waiting = [w for w in self.waiting if w[0] == rid]
+            state = self.scheduler.requests.get(rid)
+            if waiting:
+                self.waiting.remove(waiting[0])
+            elif state is not None and state.finish_reason is None:
+                self.scheduler.finish(state, "cancelled", result)
+                del self.scheduler.requests[rid]
+                self.slots_used.pop(rid, None)
+            else:
+                continue
+            publish(self.r, self.cfg.redis.out(rid), TokensMsg(rid, [], True, "cancelled"), maxlen=10_000)
+            entry = self.entry_of.pop(rid, None)
+            if entry:
+                self.r.xack(self.cfg.redis.requests, self.cfg.group, entry)
+        self.pending_events += [[e.request_id, e.kind, list(e.node_ids)] for e in result.events]
 
     def _stage_errors(self, result) -> None:
         """Fail the requests a stage could not compute (KV full, protocol error, ...)."""

@@ -3,8 +3,9 @@
 Every message is a map {"v": SCHEMA_VERSION, "type": NAME, ...fields}. Decoding
 checks the version, the type and every field's type, and raises ProtocolError
 on anything else, so a malformed message is logged and dropped by the
-receiver instead of crashing it. Tensors travel as {"dtype", "shape", "data"};
-nothing is ever pickled.
+receiver instead of crashing it. Nothing is ever pickled; tensors (where a
+message needs one) use shared/tensor_wire.py. No torch import here: the
+gateway uses these schemas without torch.
 
 Streams and who writes them (the documented router/shard contract):
     requests        gateway -> scheduler     RequestMsg
@@ -12,6 +13,8 @@ Streams and who writes them (the documented router/shard contract):
     verify          last stage -> scheduler  VerifyMsg
     draft_jobs      scheduler -> drafts      ExpansionJobMsg
     proposals       drafts -> scheduler      ProposalsMsg
+    errors          stages -> scheduler      StageErrorMsg
+    cancel          gateway -> scheduler     CancelMsg
     out:{request}   scheduler -> gateway     TokensMsg
 """
 
@@ -24,33 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
-import torch
 
 from shared.errors import ProtocolError
 
 SCHEMA_VERSION = 1
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64}
-
-
-def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
-    name = str(t.dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ProtocolError(f"cannot send tensors of dtype {name}")
-    t = t.detach().contiguous().cpu()
-    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # numpy has no bfloat16
-    return {"dtype": name, "shape": list(t.shape), "data": raw.numpy().tobytes()}
-
-
-def decode_tensor(obj: Any) -> torch.Tensor:
-    try:
-        dtype, shape, data = _DTYPES[obj["dtype"]], [int(s) for s in obj["shape"]], obj["data"]
-        carrier = torch.int16 if dtype == torch.bfloat16 else dtype
-        flat = torch.frombuffer(bytearray(data), dtype=carrier)
-        return flat.view(dtype).reshape(shape) if carrier != dtype else flat.reshape(shape)
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise ProtocolError(f"malformed tensor: {exc}") from exc
-
-
 @dataclass(frozen=True)
 class Message:
     """Base: subclasses are frozen dataclasses with a TYPE name and typed fields."""
@@ -228,3 +208,12 @@ class StageErrorMsg(Message):
     step: int
     request_ids: list[str]
     error: str
+
+
+@message
+@dataclass(frozen=True)
+class CancelMsg(Message):
+    """Stop a request now (gateway -> scheduler): a client went away or asked to cancel."""
+
+    TYPE: ClassVar[str] = "cancel"
+    request_id: str

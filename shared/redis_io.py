@@ -55,6 +55,10 @@ class RedisConfig:
     def errors(self) -> str:
         return self.key("errors")
 
+    @property
+    def cancel(self) -> str:
+        return self.key("cancel")
+
     def out(self, request_id: str) -> str:
         return self.key("out", request_id)
 

@@ -158,3 +158,19 @@ def test_killed_one_of_two_draft_workers_leaves_no_job_behind(cluster_factory, t
             break
         time.sleep(0.5)
     assert not pending
+
+
+def test_cancel_frees_a_running_request(cluster_factory, tiny_dir) -> None:
+    from shared.messages import CancelMsg
+
+    cluster = cluster_factory(draft="ngram")
+    submit(cluster.r, cluster.cfg, RequestMsg("long", [5, 6, 7], 1500))
+    deadline = time.monotonic() + 60
+    while not cluster.r.exists(cluster.cfg.out("long")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    publish(cluster.r, cluster.cfg.cancel, CancelMsg("long"))
+    result = collect(cluster.r, cluster.cfg, "long", timeout_s=30)
+    assert result.finished and result.finish_reason == "cancelled" and len(result.tokens) < 1500
+    _submit(cluster, 0, JOBS[0])  # the pipeline goes on serving
+    after = collect(cluster.r, cluster.cfg, "job0", timeout_s=60)
+    assert after.tokens == _reference(tiny_dir, *JOBS[0])

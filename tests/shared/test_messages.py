@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import ProtocolError
-from shared.messages import SCHEMA_VERSION, RequestMsg, TokensMsg, decode, decode_tensor, encode_tensor
+from shared.messages import SCHEMA_VERSION, RequestMsg, TokensMsg, decode
+from shared.tensor_wire import decode_tensor, encode_tensor
 
 pytestmark = pytest.mark.unit
 
