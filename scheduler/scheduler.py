@@ -38,6 +38,7 @@ class Request:
     sampling: SamplingParams = SamplingParams()
     max_new_tokens: int = 128
     stop_ids: frozenset[int] = frozenset()
+    policy: PolicyConfig | None = None  # per-request override of the scheduler's policy
 
 
 @dataclass(frozen=True)
@@ -142,9 +143,12 @@ class Scheduler:
                 f"exceeds the model's context of {self.context_limit}"
             )
 
+    def policy_of(self, request: Request) -> PolicyConfig:
+        return request.policy or self.policy
+
     def kv_capacity(self, request: Request) -> int:
         """KV slots a stage reserves: prompt, output, and the most speculative nodes in flight."""
-        p = self.policy
+        p = self.policy_of(request)
         levels = p.refill_levels + (p.stages + 1 if p.streams_levels else 0)  # +1: the level drafted ahead
         return len(request.prompt) + request.max_new_tokens + 1 + levels * max(p.width, 1)
 
@@ -159,7 +163,7 @@ class Scheduler:
             if nodes:
                 state.expanding.update(nodes)
                 refs = [self._ref(state, n) for n in nodes]
-                jobs.append(ExpansionJob(state.request.request_id, state.text, refs, self.policy.branch))
+                jobs.append(ExpansionJob(state.request.request_id, state.text, refs, self.policy_of(state.request).branch))
         return jobs
 
     def add_proposals(self, request_id: str, node_id: int, proposals: list[tuple[int, float]]) -> None:
@@ -171,19 +175,20 @@ class Scheduler:
             state.tree.add_proposals(node_id, proposals)
 
     def _wanted_expansions(self, state: RequestState) -> list[int]:
-        if state.phase is not Phase.DECODE or self.policy.name == "pp":
+        policy = self.policy_of(state.request)
+        if state.phase is not Phase.DECODE or policy.name == "pp":
             return []
         tree = state.tree
-        width = self.effective_width()
+        width = self.effective_width(policy)
         if width == 0:
             return []
         if state.needs_refill:
             return self._drafted_levels(state, [state.frontier], width)[1]
-        if not self.policy.streams_levels:  # tree/pp send nothing until the round is verified
+        if not policy.streams_levels:  # tree/pp send nothing until the round is verified
             return []
         return [n for n in self._deepest_level(state) if not tree[n].expanded]
 
-    def effective_width(self) -> int:
+    def effective_width(self, policy: PolicyConfig | None = None) -> int:
         """Tree width under load: the step's token budget shared by the decoding requests.
 
         With one request the tree is as wide as configured; as the batch fills,
@@ -191,14 +196,14 @@ class Scheduler:
         """
         decoding = sum(1 for s in self.requests.values() if s.phase is Phase.DECODE)
         share = self.engine.token_budget // max(decoding, 1) - 1  # one row kept for the request's root
-        return max(0, min(self.policy.width, share))
+        return max(0, min((policy or self.policy).width, share))
 
     def _drafted_levels(
         self, state: RequestState, roots: list[int], width: int, budget: int = 1 << 30
     ) -> tuple[list[list[int]], list[int]]:
         """Levels below `roots` that are drafted already, and the nodes whose expansion would add one."""
         tree, levels, level = state.tree, [], roots
-        for _ in range(self.policy.refill_levels if width else 0):
+        for _ in range(self.policy_of(state.request).refill_levels if width else 0):
             unexpanded = [n for n in level if not tree[n].expanded]
             if unexpanded:
                 return levels, unexpanded
@@ -219,13 +224,12 @@ class Scheduler:
         self.step += 1
         rows: list[Row] = []
         members = set()
-        width = self.effective_width()
         states = self.active()
         for state in sorted(states, key=lambda s: s.phase is Phase.PREFILL):
             budget = self.engine.token_budget - len(rows)
             if budget <= 0:
                 break
-            new_rows = self._rows_for(state, width, budget)
+            new_rows = self._rows_for(state, self.effective_width(self.policy_of(state.request)), budget)
             if new_rows:
                 rows.extend(new_rows)
                 state.inflight += 1
@@ -238,11 +242,12 @@ class Scheduler:
     def _rows_for(self, state: RequestState, width: int, budget: int) -> list[Row]:
         if state.phase is Phase.PREFILL:
             return self._prefill_rows(state, budget)
-        if state.phase is not Phase.DECODE or state.inflight >= self.policy.max_inflight:
+        policy = self.policy_of(state.request)
+        if state.phase is not Phase.DECODE or state.inflight >= policy.max_inflight:
             return []
         if state.needs_refill:
             return self._refill_rows(state, width, budget - 1)
-        if self.policy.streams_levels and width:
+        if policy.streams_levels and width:
             level = self._useful(state, state.tree.best_children(self._deepest_level(state), min(width, budget)))
             if level:
                 state.levels.append(level)

@@ -12,6 +12,7 @@ Loop, one pipeline step per iteration:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -105,7 +106,11 @@ class SchedulerService:
         try:
             sampling = SamplingParams(msg.temperature, msg.top_p, msg.top_k, msg.seed)
             stop = frozenset(msg.stop_ids) | self.stop_ids
-            request = Request(msg.request_id, tuple(msg.prompt_ids), sampling, msg.max_new_tokens, stop)
+            policy = None
+            if msg.policy is not None or msg.width is not None:
+                base = self.scheduler.policy
+                policy = dataclasses.replace(base, name=msg.policy or base.name, width=msg.width or base.width)
+            request = Request(msg.request_id, tuple(msg.prompt_ids), sampling, msg.max_new_tokens, stop, policy)
             self.scheduler.check(request)
             if msg.request_id in self.scheduler.requests or msg.request_id in self.entry_of:
                 raise SpecPipeError(f"duplicate request id '{msg.request_id}'")

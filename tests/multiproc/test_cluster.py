@@ -174,3 +174,17 @@ def test_cancel_frees_a_running_request(cluster_factory, tiny_dir) -> None:
     _submit(cluster, 0, JOBS[0])  # the pipeline goes on serving
     after = collect(cluster.r, cluster.cfg, "job0", timeout_s=60)
     assert after.tokens == _reference(tiny_dir, *JOBS[0])
+
+
+def test_per_request_policy_override(cluster_factory, tiny_dir) -> None:
+    cluster = cluster_factory(policy="pp", draft="ngram")  # the server's default is plain pp
+    cluster.add_draft_worker("draft-0")  # speculation for the requests that ask for it
+    overrides = [("specpipe", 3), ("tree", 2), ("pp", None)]
+    for i, (policy, width) in enumerate(overrides):
+        submit(cluster.r, cluster.cfg, RequestMsg(f"o{i}", JOBS[0][0], 12, policy=policy, width=width))
+    submit(cluster.r, cluster.cfg, RequestMsg("bad", JOBS[0][0], 12, policy="warp-drive"))
+    for i in range(len(overrides)):
+        result = collect(cluster.r, cluster.cfg, f"o{i}", timeout_s=120)
+        assert result.tokens == _reference(tiny_dir, JOBS[0][0], 12, 0.0, 1.0, 0, 0)
+    bad = collect(cluster.r, cluster.cfg, "bad", timeout_s=60)
+    assert bad.finish_reason == "error" and "unknown policy" in bad.error
