@@ -104,7 +104,8 @@ def main() -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        open(args.out, "w").write(text)
+        with open(args.out, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
 from draft_worker.service import DraftService, DraftServiceConfig
 from shared.config import ModelArch
-from shared.errors import SpecPipeError
 from shared.model_store import resolve_model
-from shared.service_args import add_redis_args, redis_config
+from shared.service_args import add_redis_args, redis_config, run_main
 from specpipe.engine import load_draft
 
 
@@ -26,17 +24,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
+
+    def serve() -> None:
         cfg = DraftServiceConfig(redis_config(args), args.name)
         target = ModelArch.from_model_dir(resolve_model(args.model))
         DraftService(cfg, load_draft(args.draft, target, None, torch.float32)).run()
-    except SpecPipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
-    return 0
 
+    return run_main(serve)
 
 if __name__ == "__main__":
     raise SystemExit(main())

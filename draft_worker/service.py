@@ -12,13 +12,12 @@ import logging
 import socket
 from dataclasses import dataclass
 
-import redis
 
 from draft_worker.base import SpeculativeSource
 from scheduler.scheduler import ExpansionJob, NodeRef
 from shared.errors import SpecPipeError
 from shared.messages import ExpansionJobMsg, ProposalsMsg, StepMsg
-from shared.redis_io import RedisConfig, beat, connect, decode_or_log, publish, read
+from shared.redis_io import RedisConfig, ensure_group, beat, connect, decode_or_log, publish, read
 from stage_worker.service import events_of
 
 log = logging.getLogger("draft_worker")
@@ -43,11 +42,7 @@ class DraftService:
         self.steps_last, self.step = "0", 0
 
     def start(self) -> None:
-        try:
-            self.r.xgroup_create(self.cfg.redis.draft_jobs, self.cfg.group, id="$", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        ensure_group(self.r, self.cfg.redis.draft_jobs, self.cfg.group, "$")
 
     def run(self) -> None:
         self.start()

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from scheduler.scheduler import Scheduler
 from scheduler.service import SchedulerService, SchedulerServiceConfig
 from shared.config import ModelArch
-from shared.errors import SpecPipeError
 from shared.model_store import resolve_model
-from shared.service_args import add_model_args, add_policy_args, add_redis_args, engine_config, policy_config, redis_config
+from shared.service_args import add_model_args, add_policy_args, add_redis_args, engine_config, policy_config, redis_config, run_main
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,18 +24,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
+
+    def serve() -> None:
         arch = ModelArch.from_model_dir(resolve_model(args.model))
         scheduler = Scheduler(policy_config(args), engine_config(args), context_limit=arch.max_positions)
         cfg = SchedulerServiceConfig(redis_config(args), args.stages, args.max_queue, args.kv_slots)
         SchedulerService(cfg, scheduler, frozenset(arch.eos_token_ids)).run(args.idle_exit)
-    except SpecPipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
-    return 0
 
+    return run_main(serve)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -18,14 +18,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-import redis
 
 from scheduler.scheduler import Request, Scheduler
 from shared.batch import StageOutput
 from shared.config import SamplingParams
 from shared.errors import SpecPipeError
 from shared.messages import CancelMsg, ExpansionJobMsg, ProposalsMsg, RequestMsg, StageErrorMsg, StepMsg, TokensMsg, VerifyMsg
-from shared.redis_io import RedisConfig, alive, any_alive, beat, connect, decode_or_log, publish, read
+from shared.redis_io import RedisConfig, ensure_group, alive, any_alive, beat, connect, decode_or_log, publish, read
 from stage_worker.link import pack_flags
 
 log = logging.getLogger("scheduler")
@@ -61,11 +60,7 @@ class SchedulerService:
 
     # ---- setup --------------------------------------------------------------------------------
     def start(self) -> None:
-        try:
-            self.r.xgroup_create(self.cfg.redis.requests, self.cfg.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        ensure_group(self.r, self.cfg.redis.requests, self.cfg.group, "0")
         self.verify_last = self._tail(self.cfg.redis.verify)
         self.proposals_last = self._tail(self.cfg.redis.proposals)
         self.errors_last = self._tail(self.cfg.redis.errors)

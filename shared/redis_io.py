@@ -90,6 +90,15 @@ def decode_or_log(raw: bytes, expect: type[Message], where: str) -> Message | No
         return None
 
 
+def ensure_group(r: redis.Redis, stream: str, group: str, start_id: str) -> None:
+    """Create a consumer group (and its stream) unless it exists."""
+    try:
+        r.xgroup_create(stream, group, id=start_id, mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
 def beat(r: redis.Redis, cfg: RedisConfig, component: str) -> None:
     r.set(cfg.heartbeat(component), time.time(), px=int(cfg.heartbeat_ttl_s * 1000))
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+from collections.abc import Callable
 
 from shared.config import POLICIES, EngineConfig, PolicyConfig
+from shared.errors import SpecPipeError
 from shared.redis_io import RedisConfig
 
 
@@ -48,3 +51,15 @@ def policy_config(args: argparse.Namespace) -> PolicyConfig:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(prefill_chunk=args.prefill_chunk, token_budget=args.token_budget, dtype=args.dtype)
+
+
+def run_main(body: Callable[[], None]) -> int:
+    """Run a service body: a SpecPipeError is one line on stderr (exit 2), Ctrl-C a clean exit."""
+    try:
+        body()
+    except SpecPipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0

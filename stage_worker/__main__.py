@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
 from shared.config import ModelArch
-from shared.errors import SpecPipeError
 from shared.model_store import resolve_model
-from shared.service_args import add_model_args, add_redis_args, redis_config
+from shared.service_args import add_model_args, add_redis_args, redis_config, run_main
 from stage_worker.link import ActivationLink, LinkConfig
 from stage_worker.service import StageService, StageServiceConfig, build_runner
 
@@ -31,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
+
+    def serve() -> None:
         redis_cfg = redis_config(args)
         model_dir = resolve_model(args.model)
         arch = ModelArch.from_model_dir(model_dir)
@@ -42,13 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             link = ActivationLink(LinkConfig(args.rank, args.world, args.master_addr, args.master_port),
                                   torch.device(args.device), dtype, arch.hidden_size)
         StageService(StageServiceConfig(args.rank, args.world, redis_cfg), runner, link).run(args.idle_exit)
-    except SpecPipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
-    return 0
 
+    return run_main(serve)
 
 if __name__ == "__main__":
     raise SystemExit(main())
