@@ -51,7 +51,7 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
     gateway = Path(__file__).resolve().parents[1] / "gateway" / "__main__.py"
     if gateway.exists():
         procs["gateway"] = [py, "-m", "gateway", "--redis-url", cfg.redis_url, "--prefix", cfg.prefix,
-                            "--model", cfg.model, "--port", str(cfg.port)]
+                            "--model", cfg.model, "--port", str(cfg.port), "--stages", str(cfg.stages)]
     return procs
 
 

@@ -18,12 +18,14 @@ def services() -> dict:
 
 def _parsed(service: dict):
     import draft_worker.__main__ as draft_main
+    import gateway.__main__ as gateway_main
     import scheduler.__main__ as scheduler_main
     import stage_worker.__main__ as stage_main
 
     cmd = service["command"]
     assert cmd[:2] == ["python", "-m"]
-    parsers = {"scheduler": scheduler_main, "stage_worker": stage_main, "draft_worker": draft_main}
+    parsers = {"scheduler": scheduler_main, "stage_worker": stage_main, "draft_worker": draft_main,
+               "gateway": gateway_main}
     return cmd[2], parsers[cmd[2]].parser().parse_args(cmd[3:])  # argparse exits on unknown flags
 
 
@@ -36,6 +38,8 @@ def test_stages_form_one_world(services) -> None:
         assert module == "stage_worker" and (args.rank, args.world) == (k, world)
     module, args = _parsed(services["scheduler"])
     assert module == "scheduler" and args.stages == world
+    module, args = _parsed(services["gateway"])
+    assert module == "gateway" and args.stages == world  # /ready checks every stage's heartbeat
 
 
 def test_each_stage_and_draft_has_its_own_gpu(services) -> None:

@@ -1,0 +1,50 @@
+"""create_app(cfg) -> FastAPI: the gateway's wiring (no torch anywhere in the import graph)."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway.auth import APIKeyMiddleware
+from gateway.codec import TextCodec
+from gateway.config import GatewayConfig
+from gateway.engine import Engine
+from gateway.errors import install_error_handlers
+from gateway.metrics import Metrics
+from gateway.queue import AsyncQueue
+from gateway.records import QUEUED, RUNNING, RecordBook
+from gateway.routes_ops import router as ops_router
+from gateway.routes_openai import router as openai_router
+from gateway.state import GatewayState
+from shared.model_store import resolve_model
+
+
+def build_state(cfg: GatewayConfig) -> GatewayState:
+    """Load the tokenizer and chat template (the model must already be in the cache) and the shared objects."""
+    model_dir = resolve_model(cfg.model, fetch=False)
+    cfg = cfg.resolved(model_dir)
+    codec = TextCodec(model_dir)
+    queue = AsyncQueue(cfg.redis, cfg.stages)
+    records = RecordBook(cfg.record_limit)
+    metrics = Metrics(cfg.model_name, lambda: records.count(RUNNING), lambda: records.count(QUEUED))
+    return GatewayState(cfg, codec, queue, records, metrics, Engine(cfg, codec, queue, records, metrics))
+
+
+def create_app(cfg: GatewayConfig) -> FastAPI:
+    """The FastAPI app: OpenAI routes, operational routes, error handlers, API keys."""
+    state = build_state(cfg)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await state.queue.close()
+
+    app = FastAPI(title="SpecPipe Serve gateway", version="0.1.0", lifespan=lifespan)
+    app.state.gateway = state
+    install_error_handlers(app)
+    app.include_router(openai_router)
+    app.include_router(ops_router)
+    if state.cfg.api_keys:
+        app.add_middleware(APIKeyMiddleware, keys=state.cfg.api_keys)
+    return app

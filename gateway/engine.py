@@ -1,0 +1,161 @@
+"""Submitting a request and following its out stream: the gateway's one generation loop.
+
+Engine.submit checks readiness (heartbeats) and publishes the RequestMsg.
+Engine.updates yields one Update per TokensMsg (an accepted token group) with
+the new text, until the request finishes, a stop string ends it, the request
+times out, or the consumer goes away; in the last case (and for a stop
+string or a timeout) it publishes a CancelMsg so the pipeline frees the
+request. It keeps the request's record and the metrics up to date.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from gateway.codec import TextCodec
+from gateway.config import GatewayConfig
+from gateway.errors import APIError
+from gateway.metrics import Metrics
+from gateway.prompts import GenerationSpec
+from gateway.queue import AsyncQueue, QueueError
+from gateway.records import FINISHED, QUEUED, RUNNING, RecordBook, RequestRecord
+from gateway.textstream import TextAssembler
+from shared.messages import RequestMsg, TokensMsg
+
+log = logging.getLogger("gateway")
+POLL_S = 0.25  # longest blocking read: disconnects and deadlines are checked at least this often
+
+
+@dataclass(frozen=True)
+class Update:
+    """One step of a request's output: new text, new token count, and whether (and why) it ended."""
+
+    delta: str
+    new_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class _Run:
+    record: RequestRecord
+    text: TextAssembler
+    started: float = field(default_factory=time.monotonic)
+    last_tokens_at: float | None = None
+    last_id: str = "0"
+    done: bool = False
+
+
+def outcome_error(update: Update, cfg: GatewayConfig, request_id: str) -> APIError | None:
+    """The HTTP error for a request that ended badly (queue full, pipeline error, timeout), else None."""
+    headers = {"X-Request-Id": request_id}
+    if update.finish_reason == "queue_full":
+        return APIError(429, "the scheduler's queue is full; retry later", code="queue_full",
+                        headers={**headers, "Retry-After": str(cfg.retry_after_s)})
+    if update.finish_reason == "error":
+        return APIError(503, f"the pipeline could not complete the request: {update.error}", code="pipeline_error",
+                        headers=headers)
+    if update.finish_reason == "timeout":
+        return APIError(504, update.error or "request timed out", code="timeout", headers=headers)
+    return None
+
+
+class Engine:
+    def __init__(self, cfg: GatewayConfig, codec: TextCodec, queue: AsyncQueue, records: RecordBook,
+                 metrics: Metrics):
+        self.cfg, self.codec, self.queue, self.records, self.metrics = cfg, codec, queue, records, metrics
+
+    async def submit(self, request_id: str, spec: GenerationSpec) -> RequestRecord:
+        """Publish the request; 503 when Redis or a pipeline component is not there."""
+        try:
+            missing = await self.queue.missing_components()
+            if missing:
+                raise APIError(503, f"the pipeline is not ready: no heartbeat from {', '.join(missing)}",
+                               code="not_ready")
+            await self.queue.submit(RequestMsg(
+                request_id, list(spec.prompt_ids), spec.max_tokens, spec.temperature, spec.top_p, spec.top_k,
+                spec.seed, list(self.codec.eos_ids), spec.policy, spec.width, arrival=time.time()))
+        except QueueError as exc:
+            log.warning("submit %s: redis error: %s", request_id, exc)
+            raise APIError(503, "the request queue is not reachable", code="queue_unavailable") from exc
+        record = RequestRecord(request_id, self.cfg.model_name, len(spec.prompt_ids))
+        self.records.add(record)
+        self.metrics.prompt_tokens += len(spec.prompt_ids)
+        return record
+
+    async def updates(self, record: RequestRecord, spec: GenerationSpec,
+                      disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[Update]:
+        """Yield the request's updates until it ends; cancel it if the consumer stops early."""
+        run = _Run(record, TextAssembler(self.codec, spec.stops))
+        deadline = run.started + self.cfg.request_timeout_s
+        try:
+            while not run.done:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    yield await self._end(run, "timeout", f"no completion within {self.cfg.request_timeout_s:g} s",
+                                          cancel=True)
+                    return
+                if disconnected is not None and await disconnected():
+                    return
+                try:
+                    entries = await self.queue.read(record.request_id, run.last_id, int(min(POLL_S, remaining) * 1000))
+                except QueueError as exc:
+                    log.warning("request %s: redis error: %s", record.request_id, exc)
+                    yield await self._end(run, "error", "lost the connection to the request queue", cancel=False)
+                    return
+                for entry_id, msg in entries:
+                    run.last_id = entry_id
+                    update = await self._apply(run, msg)
+                    yield update
+                    if update.finished:
+                        return
+        finally:
+            if not run.done:
+                with anyio.CancelScope(shield=True):
+                    await self._end(run, "cancelled", "the client went away", cancel=True)
+
+    async def _apply(self, run: _Run, msg: TokensMsg) -> Update:
+        """Fold one TokensMsg into the run: record, metrics, text delta; end it on finish or a stop string."""
+        now, record = time.monotonic(), run.record
+        if record.status == QUEUED:
+            self.metrics.queue.observe(now - run.started)
+        if msg.tokens:
+            if run.last_tokens_at is None:
+                self.metrics.ttft.observe(now - run.started)
+                record.status = RUNNING
+            else:
+                self.metrics.observe_tokens(now - run.last_tokens_at, len(msg.tokens))
+            run.last_tokens_at = now
+            self.metrics.generation_tokens += len(msg.tokens)
+            record.tokens.extend(msg.tokens)
+        delta = run.text.add(msg.tokens, msg.finished)
+        record.text = run.text.text
+        if run.text.stopped and not msg.finished:
+            await self._end(run, "stop", None, cancel=True)
+            return Update(delta, len(msg.tokens), True, "stop")
+        if msg.finished:
+            reason = "stop" if run.text.stopped else msg.finish_reason or "stop"
+            await self._end(run, reason, msg.error, cancel=False)
+            return Update(delta, len(msg.tokens), True, reason, msg.error)
+        return Update(delta, len(msg.tokens))
+
+    async def _end(self, run: _Run, reason: str, error: str | None, cancel: bool) -> Update:
+        """Mark the run finished (record, metrics); optionally cancel it in the pipeline."""
+        run.done = True
+        record = run.record
+        record.status, record.finish_reason, record.error = FINISHED, reason, error
+        self.metrics.e2e.observe(time.monotonic() - run.started)
+        self.metrics.finished(reason)
+        try:
+            if cancel:
+                await self.queue.cancel(record.request_id)
+            await self.queue.expire(record.request_id, self.cfg.out_stream_ttl_s)
+        except QueueError as exc:
+            log.warning("request %s: could not cancel/expire: %s", record.request_id, exc)
+        return Update("", 0, True, reason, error)

@@ -1,0 +1,96 @@
+"""Gateway test fixtures: real clusters (tests/cluster.py) and real `python -m gateway` processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.cluster import REDIS_URL, ROOT, Cluster, free_port
+
+MODEL_NAME = "tiny-random"
+
+
+class Gateway:
+    """One `python -m gateway` process on a free loopback port; `url` is its base URL."""
+
+    def __init__(self, tmp: Path, model: Path, prefix: str, *args: str, name: str = "gateway"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / f"{name}-{self.port}.log"
+        cmd = [sys.executable, "-m", "gateway", "--redis-url", REDIS_URL, "--prefix", prefix, "--model", str(model),
+               "--served-model-name", MODEL_NAME, "--port", str(self.port), "--stages", "2", *args]
+        env = {k: v for k, v in os.environ.items() if k != "SPECPIPE_API_KEYS"}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
+                                     env=dict(env, PYTHONUNBUFFERED="1"))
+        self._wait_healthy()
+
+    def _wait_healthy(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"gateway exited: {self.log()}"
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"gateway did not answer /health: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def gw_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gateway")
+
+
+@pytest.fixture(scope="session")
+def cluster(gw_tmp, tiny_dir):
+    """tiny-random, 2 stages, specpipe with an n-gram draft worker."""
+    c = Cluster(gw_tmp, str(tiny_dir), stages=2, policy="specpipe", draft="ngram")
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def gateway(gw_tmp, tiny_dir, cluster):
+    g = Gateway(gw_tmp, tiny_dir, cluster.cfg.prefix)
+    yield g
+    g.close()
+
+
+@pytest.fixture(scope="session")
+def keyed_gateway(gw_tmp, tiny_dir, cluster):
+    g = Gateway(gw_tmp, tiny_dir, cluster.cfg.prefix, "--api-keys", "key-one,key-two", name="keyed")
+    yield g
+    g.close()
+
+
+@pytest.fixture(scope="session")
+def orphan_gateway(gw_tmp, tiny_dir):
+    """A gateway whose prefix has no cluster at all: never ready."""
+    g = Gateway(gw_tmp, tiny_dir, f"test-empty-{uuid.uuid4().hex[:8]}", name="orphan")
+    yield g
+    g.close()
+
+
+@pytest.fixture
+def client(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=120) as c:
+        yield c
