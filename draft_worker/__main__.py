@@ -9,7 +9,7 @@ import torch
 from draft_worker.service import DraftService, DraftServiceConfig
 from shared.config import ModelArch
 from shared.model_store import resolve_model
-from shared.service_args import add_redis_args, redis_config, run_main
+from shared.service_args import add_redis_args, redis_config, run_main, set_threads
 from specpipe.engine import load_draft
 
 
@@ -19,6 +19,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m", help="the target (the draft must share its tokenizer)")
     p.add_argument("--draft", default="ngram", help="draft model name/path, or 'ngram'")
     p.add_argument("--name", default="")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return p
 
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def serve() -> None:
+        set_threads(args.threads)
         cfg = DraftServiceConfig(redis_config(args), args.name)
         target = ModelArch.from_model_dir(resolve_model(args.model))
         DraftService(cfg, load_draft(args.draft, target, None, torch.float32)).run()

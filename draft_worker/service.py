@@ -17,7 +17,7 @@ from draft_worker.base import SpeculativeSource
 from scheduler.scheduler import ExpansionJob, NodeRef
 from shared.errors import SpecPipeError
 from shared.messages import ExpansionJobMsg, ProposalsMsg, StepMsg
-from shared.redis_io import RedisConfig, ensure_group, beat, connect, decode_or_log, publish, read
+from shared.redis_io import RedisConfig, connect, decode_or_log, ensure_group, publish, read, start_heartbeat
 from stage_worker.service import events_of
 
 log = logging.getLogger("draft_worker")
@@ -46,8 +46,8 @@ class DraftService:
 
     def run(self) -> None:
         self.start()
+        start_heartbeat(self.cfg.redis, self.name)
         while True:
-            beat(self.r, self.cfg.redis, self.name)
             self._follow_steps(block_ms=None)
             reply = self.r.xreadgroup(self.cfg.group, self.name, {self.cfg.redis.draft_jobs: ">"}, count=16, block=200)
             entries = [e for _, batch in reply or [] for e in batch] or self._orphaned()

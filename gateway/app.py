@@ -11,9 +11,12 @@ from gateway.codec import TextCodec
 from gateway.config import GatewayConfig
 from gateway.engine import Engine
 from gateway.errors import install_error_handlers
+from gateway.latency import TimingMiddleware, instrument
 from gateway.metrics import Metrics
+from gateway.openapi import install_openapi
 from gateway.queue import AsyncQueue
 from gateway.records import QUEUED, RUNNING, RecordBook
+from gateway.routes_batches import install_batches
 from gateway.routes_ops import router as ops_router
 from gateway.routes_openai import router as openai_router
 from gateway.state import GatewayState
@@ -33,7 +36,7 @@ def build_state(cfg: GatewayConfig) -> GatewayState:
 
 def create_app(cfg: GatewayConfig) -> FastAPI:
     """The FastAPI app: OpenAI routes, operational routes, error handlers, API keys."""
-    state = build_state(cfg)
+    state = instrument(build_state(cfg))  # + the added-latency histogram
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -45,6 +48,9 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(ops_router)
+    install_batches(app, state.cfg, state.queue.r)  # /v1/files, /v1/batches
+    install_openapi(app)
     if state.cfg.api_keys:
         app.add_middleware(APIKeyMiddleware, keys=state.cfg.api_keys)
+    app.add_middleware(TimingMiddleware, added=state.metrics.added)  # outermost: arrival time
     return app

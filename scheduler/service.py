@@ -24,7 +24,17 @@ from shared.batch import StageOutput
 from shared.config import SamplingParams
 from shared.errors import SpecPipeError
 from shared.messages import CancelMsg, ExpansionJobMsg, ProposalsMsg, RequestMsg, StageErrorMsg, StepMsg, TokensMsg, VerifyMsg
-from shared.redis_io import RedisConfig, ensure_group, alive, any_alive, beat, connect, decode_or_log, publish, read
+from shared.redis_io import (
+    RedisConfig,
+    alive,
+    any_alive,
+    connect,
+    decode_or_log,
+    ensure_group,
+    publish,
+    read,
+    start_heartbeat,
+)
 from stage_worker.link import pack_flags
 
 log = logging.getLogger("scheduler")
@@ -72,9 +82,9 @@ class SchedulerService:
 
     def run(self, stop_after_idle_s: float | None = None) -> None:
         self.start()
+        start_heartbeat(self.cfg.redis, "scheduler")
         idle_since = time.monotonic()
         while True:
-            beat(self.r, self.cfg.redis, "scheduler")
             busy = bool(self.scheduler.active())
             self._ingest(block_ms=None if busy else 500)
             self._cancellations()

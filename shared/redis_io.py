@@ -10,6 +10,7 @@ import logging
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -101,6 +102,26 @@ def ensure_group(r: redis.Redis, stream: str, group: str, start_id: str) -> None
 
 def beat(r: redis.Redis, cfg: RedisConfig, component: str) -> None:
     r.set(cfg.heartbeat(component), time.time(), px=int(cfg.heartbeat_ttl_s * 1000))
+
+
+def start_heartbeat(cfg: RedisConfig, component: str) -> threading.Event:
+    """Beat from a daemon thread (own connection), so a long step never looks like a lost process.
+
+    Set the returned event to stop beating.
+    """
+    stop = threading.Event()
+    r = connect(cfg)
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                beat(r, cfg, component)
+            except redis.RedisError as exc:
+                log.warning("heartbeat of %s failed: %s", component, exc)
+            stop.wait(cfg.heartbeat_ttl_s / 3)
+
+    threading.Thread(target=loop, name=f"heartbeat-{component}", daemon=True).start()
+    return stop
 
 
 def alive(r: redis.Redis, cfg: RedisConfig, component: str) -> bool:

@@ -26,6 +26,15 @@ def add_redis_args(p: argparse.ArgumentParser) -> None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model name or local Hugging Face folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core)")
+
+
+def set_threads(threads: int) -> None:
+    """Several compute processes on one host must share the cores, not each take all of them."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 """`specpipe up`: the whole local cluster in one command.
 
 Starts Redis if none answers (loopback only), the scheduler, N stage workers,
-the draft workers and, once it exists, the gateway; Ctrl-C (or SIGTERM) stops
+the draft workers and, once it exists, the gateway and its batch worker (Celery); Ctrl-C (or SIGTERM) stops
 every child cleanly. Everything binds to loopback unless told otherwise.
 """
 
@@ -39,19 +39,23 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
     """Every process of the cluster and its command line (also what docker-compose runs)."""
     py = sys.executable
     common = ["--redis-url", cfg.redis_url, "--prefix", cfg.prefix, "--model", cfg.model]
+    compute = cfg.stages + (cfg.drafts if cfg.policy != "pp" else 0)
+    threads = ["--threads", str(max(1, (os.cpu_count() or 1) // compute))]  # share the cores, don't oversubscribe
     procs = {
         "scheduler": [py, "-m", "scheduler", *common, "--policy", cfg.policy, "--stages", str(cfg.stages),
                       "--width", str(cfg.width), "--token-budget", str(cfg.token_budget), *cfg.extra],
     }
     for k in range(cfg.stages):
-        procs[f"stage-{k}"] = [py, "-m", "stage_worker", *common, "--rank", str(k), "--world", str(cfg.stages),
+        procs[f"stage-{k}"] = [py, "-m", "stage_worker", *common, *threads, "--rank", str(k), "--world", str(cfg.stages),
                                "--master-port", str(cfg.master_port)]
     for i in range(cfg.drafts if cfg.policy != "pp" else 0):
-        procs[f"draft-{i}"] = [py, "-m", "draft_worker", *common, "--draft", cfg.draft, "--name", f"draft-{i}"]
+        procs[f"draft-{i}"] = [py, "-m", "draft_worker", *common, *threads, "--draft", cfg.draft, "--name", f"draft-{i}"]
     gateway = Path(__file__).resolve().parents[1] / "gateway" / "__main__.py"
     if gateway.exists():
         procs["gateway"] = [py, "-m", "gateway", "--redis-url", cfg.redis_url, "--prefix", cfg.prefix,
                             "--model", cfg.model, "--port", str(cfg.port), "--stages", str(cfg.stages)]
+        procs["batch-worker"] = [py, "-m", "gateway.batch_worker", "--redis-url", cfg.redis_url,  # Celery: /v1/batches
+                                 "--prefix", cfg.prefix, "--model", cfg.model, "--stages", str(cfg.stages)]
     return procs
 
 

@@ -9,7 +9,7 @@ import torch
 
 from shared.config import ModelArch
 from shared.model_store import resolve_model
-from shared.service_args import add_model_args, add_redis_args, redis_config, run_main
+from shared.service_args import add_model_args, add_redis_args, redis_config, run_main, set_threads
 from stage_worker.link import ActivationLink, LinkConfig
 from stage_worker.service import StageService, StageServiceConfig, build_runner
 
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def serve() -> None:
+        set_threads(args.threads)
         redis_cfg = redis_config(args)
         model_dir = resolve_model(args.model)
         arch = ModelArch.from_model_dir(model_dir)

@@ -20,7 +20,7 @@ from shared.batch import MicroBatch, PipelineEvent, Row
 from shared.config import SamplingParams
 from shared.errors import SpecPipeError
 from shared.messages import StageErrorMsg, StepMsg, VerifyMsg
-from shared.redis_io import RedisConfig, beat, connect, decode_or_log, publish, read
+from shared.redis_io import RedisConfig, connect, decode_or_log, publish, read, start_heartbeat
 from stage_worker.link import COMMITTED, NEEDS_TARGET, ActivationLink
 from stage_worker.runner import RequestInfo, StageRunner
 
@@ -66,8 +66,8 @@ class StageService:
 
     def run(self, stop_after_idle_s: float | None = None) -> None:
         last_id, step, idle_since = "0", 0, time.monotonic()
+        start_heartbeat(self.cfg.redis, self.name)
         while True:
-            beat(self.r, self.cfg.redis, self.name)
             entries = read(self.r, self.cfg.redis.steps, last_id, self.cfg.poll_ms)
             if not entries:
                 self.flush_timings()

@@ -37,7 +37,7 @@ class Cluster:
         common = ["--redis-url", REDIS_URL, "--prefix", self.cfg.prefix, "--model", model]
         self._spawn("scheduler", "scheduler", *common, "--stages", str(stages), "--policy", policy, *extra)
         for k in range(stages):
-            self._spawn(f"stage-{k}", "stage_worker", *common, "--rank", str(k), "--world", str(stages),
+            self._spawn(f"stage-{k}", "stage_worker", *common, "--threads", "1", "--rank", str(k), "--world", str(stages),
                         "--master-port", port)
         for i in range(drafts if policy != "pp" else 0):
             self.add_draft_worker(f"draft-{i}")
@@ -51,7 +51,7 @@ class Cluster:
 
     def add_draft_worker(self, name: str) -> None:
         self._spawn(name, "draft_worker", "--redis-url", REDIS_URL, "--prefix", self.cfg.prefix,
-                    "--model", self.model, "--draft", self.draft, "--name", name)
+                    "--model", self.model, "--draft", self.draft, "--name", name, "--threads", "1")
 
     def wait_ready(self, timeout: float = 120) -> None:
         names = ["scheduler"] + [f"stage-{k}" for k in range(self.stages)]

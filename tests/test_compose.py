@@ -19,13 +19,14 @@ def services() -> dict:
 def _parsed(service: dict):
     import draft_worker.__main__ as draft_main
     import gateway.__main__ as gateway_main
+    import gateway.batch_worker as batch_worker_main
     import scheduler.__main__ as scheduler_main
     import stage_worker.__main__ as stage_main
 
     cmd = service["command"]
     assert cmd[:2] == ["python", "-m"]
     parsers = {"scheduler": scheduler_main, "stage_worker": stage_main, "draft_worker": draft_main,
-               "gateway": gateway_main}
+               "gateway": gateway_main, "gateway.batch_worker": batch_worker_main}
     return cmd[2], parsers[cmd[2]].parser().parse_args(cmd[3:])  # argparse exits on unknown flags
 
 
@@ -40,6 +41,13 @@ def test_stages_form_one_world(services) -> None:
     assert module == "scheduler" and args.stages == world
     module, args = _parsed(services["gateway"])
     assert module == "gateway" and args.stages == world  # /ready checks every stage's heartbeat
+
+
+def test_celery_worker_serves_the_gateways_cluster(services) -> None:
+    module, args = _parsed(services["celery-worker"])
+    _, gateway = _parsed(services["gateway"])
+    assert module == "gateway.batch_worker"
+    assert (args.model, args.stages, args.prefix) == (gateway.model, gateway.stages, gateway.prefix)
 
 
 def test_each_stage_and_draft_has_its_own_gpu(services) -> None:
