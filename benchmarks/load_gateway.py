@@ -39,6 +39,8 @@ from urllib.parse import urlparse
 
 import httpx
 
+from specpipe.cluster import delete_keys, stop_processes
+
 PROMPTS = ["What is the capital of France?", "Write a haiku about pipelines.", "Explain speculative decoding.",
            "List three prime numbers.", "What does Redis do?", "Summarize the plot of Hamlet in one line."]
 METRIC = "specpipe:gateway_added_latency_seconds"
@@ -123,20 +125,10 @@ class LocalCluster:
     def close(self) -> None:
         import redis
 
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.procs.values())
         for log in self.logs.values():
             log.close()
-        r = redis.Redis.from_url(self.redis_url)
-        keys = list(r.scan_iter(f"{self.prefix}:*"))
-        if keys:
-            r.delete(*keys)
+        delete_keys(redis.Redis.from_url(self.redis_url), self.prefix)
         if self.redis_proc is not None:
             self.redis_proc.terminate()
 

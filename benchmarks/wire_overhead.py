@@ -23,7 +23,7 @@ from shared.messages import RequestMsg
 from shared.model_store import load_tokenizer, resolve_model
 from shared.queue_client import collect, submit
 from shared.redis_io import RedisConfig, alive, connect, ensure_redis
-from specpipe.cluster import ClusterConfig, commands
+from specpipe.cluster import ClusterConfig, commands, delete_keys, stop_processes
 from specpipe.prompts import encode_chat, read_prompts
 
 
@@ -50,13 +50,8 @@ def run(args: argparse.Namespace) -> dict:
         time.sleep(2.5)  # stages flush their timings when idle
         return summarize(r, rcfg, args)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=10)
-        keys = list(r.scan_iter(f"{prefix}:*"))
-        if keys:
-            r.delete(*keys)
+        stop_processes(procs)
+        delete_keys(r, prefix)
         if redis_proc is not None:
             redis_proc.terminate()
 

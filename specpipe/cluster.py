@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def up(cfg: ClusterConfig) -> int:
             time.sleep(0.5)
         return 0
     finally:
-        _terminate(children)
+        stop_processes(children.values(), signal.SIGINT)
         if redis_proc is not None:
             redis_proc.terminate()
 
@@ -103,16 +104,26 @@ def _ready(rcfg: RedisConfig, stages: int) -> bool:
         return False
 
 
-def _terminate(children: dict[str, subprocess.Popen]) -> None:
-    for proc in children.values():
+def stop_processes(procs: Iterable[subprocess.Popen], sig: int = signal.SIGTERM, grace_s: float = 10) -> None:
+    """Signal every live process, wait up to grace_s in total, then kill what is left."""
+    procs = list(procs)
+    for proc in procs:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + 10
-    for proc in children.values():
+            proc.send_signal(sig)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+
+
+def delete_keys(r, prefix: str) -> None:
+    """Remove every key of one cluster (its streams, heartbeats, timings)."""
+    keys = list(r.scan_iter(f"{prefix}:*"))
+    if keys:
+        r.delete(*keys)
 
 
 def up_main(argv: list[str]) -> int:

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from shared.redis_io import RedisConfig, alive, connect, ensure_redis
+from specpipe.cluster import delete_keys, stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -75,16 +76,7 @@ class Cluster:
         return {name: proc.poll() is None for name, proc in self.procs.items()}
 
     def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        keys = list(self.r.scan_iter(f"{self.cfg.prefix}:*"))
-        if keys:
-            self.r.delete(*keys)
+        stop_processes(self.procs.values())
+        delete_keys(self.r, self.cfg.prefix)
         if self.redis_proc is not None:
             self.redis_proc.terminate()
