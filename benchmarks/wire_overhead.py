@@ -22,7 +22,7 @@ from collections import defaultdict
 from shared.messages import RequestMsg
 from shared.model_store import load_tokenizer, resolve_model
 from shared.queue_client import collect, submit
-from shared.redis_io import RedisConfig, alive, connect, ensure_redis
+from shared.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
 from specpipe.cluster import ClusterConfig, commands, delete_keys, stop_processes
 from specpipe.prompts import encode_chat, read_prompts
 
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> dict:
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for name, cmd in commands(cfg).items() if name != "gateway"]
     try:
-        while not all(alive(r, rcfg, n) for n in ["scheduler", *(f"stage-{k}" for k in range(args.stages))]):
+        while not all(alive(r, rcfg, n) for n in pipeline_components(args.stages)):
             time.sleep(0.2)
         tokenizer = load_tokenizer(resolve_model(args.model))
         prompts = read_prompts(args.prompts, args.requests)
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> dict:
 def summarize(r, rcfg: RedisConfig, args: argparse.Namespace) -> dict:
     compute: dict[int, float] = defaultdict(float)
     for k in range(args.stages):
-        for item in r.lrange(rcfg.key("timings", f"stage-{k}"), 0, -1):
+        for item in r.lrange(rcfg.key("timings", stage_name(k)), 0, -1):
             step, secs = item.decode().split(":")
             compute[int(step)] = max(compute[int(step)], float(secs))
     rows = []

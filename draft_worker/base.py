@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from shared.batch import PipelineEvent
 from scheduler.scheduler import ExpansionJob
+from shared.batch import PipelineEvent
 
 Proposals = list[tuple[int, float]]  # (token, draft log-probability), best first
 

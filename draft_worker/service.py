@@ -12,7 +12,6 @@ import logging
 import socket
 from dataclasses import dataclass
 
-
 from draft_worker.base import SpeculativeSource
 from scheduler.scheduler import ExpansionJob, NodeRef
 from shared.errors import SpecPipeError

@@ -17,8 +17,8 @@ from gateway.openapi import install_openapi
 from gateway.queue import AsyncQueue
 from gateway.records import QUEUED, RUNNING, RecordBook
 from gateway.routes_batches import install_batches
-from gateway.routes_ops import router as ops_router
 from gateway.routes_openai import router as openai_router
+from gateway.routes_ops import router as ops_router
 from gateway.state import GatewayState
 from shared.model_store import resolve_model
 

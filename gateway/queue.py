@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared.messages import CancelMsg, Message, RequestMsg, TokensMsg
-from shared.redis_io import RedisConfig, decode_or_log
+from shared.redis_io import RedisConfig, decode_or_log, pipeline_components
 
 log = logging.getLogger("gateway")
 
@@ -56,7 +56,7 @@ class AsyncQueue:
 
     async def missing_components(self) -> list[str]:
         """Components (scheduler, stage-k) without a live heartbeat; raises QueueError if Redis is down."""
-        names = ["scheduler", *(f"stage-{k}" for k in range(self.stages))]
+        names = pipeline_components(self.stages)
         async with self.r.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.exists(self.cfg.heartbeat(name))

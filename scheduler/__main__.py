@@ -8,7 +8,15 @@ from scheduler.scheduler import Scheduler
 from scheduler.service import SchedulerService, SchedulerServiceConfig
 from shared.config import ModelArch
 from shared.model_store import resolve_model
-from shared.service_args import add_model_args, add_policy_args, add_redis_args, engine_config, policy_config, redis_config, run_main
+from shared.service_args import (
+    add_model_args,
+    add_policy_args,
+    add_redis_args,
+    engine_config,
+    policy_config,
+    redis_config,
+    run_main,
+)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -25,10 +25,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from scheduler.tree import Status, TokenTree
 from shared.batch import ROOT_PARENT, MicroBatch, PipelineEvent, Row, StageOutput
 from shared.config import EngineConfig, PolicyConfig, SamplingParams
 from shared.errors import RequestError
-from scheduler.tree import Status, TokenTree
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,20 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-
 from scheduler.scheduler import Request, Scheduler
 from shared.batch import StageOutput
 from shared.config import SamplingParams
 from shared.errors import SpecPipeError
-from shared.messages import CancelMsg, ExpansionJobMsg, ProposalsMsg, RequestMsg, StageErrorMsg, StepMsg, TokensMsg, VerifyMsg
+from shared.messages import (
+    CancelMsg,
+    ExpansionJobMsg,
+    ProposalsMsg,
+    RequestMsg,
+    StageErrorMsg,
+    StepMsg,
+    TokensMsg,
+    VerifyMsg,
+)
 from shared.redis_io import (
     RedisConfig,
     alive,
@@ -33,6 +41,7 @@ from shared.redis_io import (
     ensure_group,
     publish,
     read,
+    stage_name,
     start_heartbeat,
 )
 from stage_worker.link import pack_flags
@@ -195,7 +204,7 @@ class SchedulerService:
                 if msg is not None and msg.step == step:
                     self.last_verify = msg
                     return msg
-            lost = [k for k in range(self.cfg.stages) if not alive(self.r, self.cfg.redis, f"stage-{k}")]
+            lost = [k for k in range(self.cfg.stages) if not alive(self.r, self.cfg.redis, stage_name(k))]
             if lost:
                 self._fail_all(f"pipeline stage {lost[0]} is not running; request failed")
                 return None

@@ -104,6 +104,16 @@ def beat(r: redis.Redis, cfg: RedisConfig, component: str) -> None:
     r.set(cfg.heartbeat(component), time.time(), px=int(cfg.heartbeat_ttl_s * 1000))
 
 
+def stage_name(rank: int) -> str:
+    """The component name of pipeline stage `rank` (its heartbeat, its timings)."""
+    return f"stage-{rank}"
+
+
+def pipeline_components(stages: int) -> list[str]:
+    """Components whose heartbeats mean the pipeline can serve: the scheduler and every stage."""
+    return ["scheduler", *(stage_name(k) for k in range(stages))]
+
+
 def start_heartbeat(cfg: RedisConfig, component: str) -> threading.Event:
     """Beat from a daemon thread (own connection), so a long step never looks like a lost process.
 

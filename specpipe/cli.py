@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from specpipe.simulate import run_simulation
     from specpipe.engine import SimulationConfig
+    from specpipe.simulate import run_simulation
 
     cfg = SimulationConfig(
         model=args.model,

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.redis_io import RedisConfig, alive, connect, ensure_redis
+from shared.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
                       "--width", str(cfg.width), "--token-budget", str(cfg.token_budget), *cfg.extra],
     }
     for k in range(cfg.stages):
-        procs[f"stage-{k}"] = [py, "-m", "stage_worker", *common, *threads, "--rank", str(k), "--world", str(cfg.stages),
+        procs[stage_name(k)] = [py, "-m", "stage_worker", *common, *threads, "--rank", str(k), "--world", str(cfg.stages),
                                "--master-port", str(cfg.master_port)]
     for i in range(cfg.drafts if cfg.policy != "pp" else 0):
         procs[f"draft-{i}"] = [py, "-m", "draft_worker", *common, *threads, "--draft", cfg.draft, "--name", f"draft-{i}"]
@@ -99,7 +99,7 @@ def up(cfg: ClusterConfig) -> int:
 def _ready(rcfg: RedisConfig, stages: int) -> bool:
     try:
         r = connect(rcfg)
-        return all(alive(r, rcfg, n) for n in ["scheduler", *(f"stage-{k}" for k in range(stages))])
+        return all(alive(r, rcfg, n) for n in pipeline_components(stages))
     except Exception:
         return False
 

@@ -20,7 +20,7 @@ from shared.batch import MicroBatch, PipelineEvent, Row
 from shared.config import SamplingParams
 from shared.errors import SpecPipeError
 from shared.messages import StageErrorMsg, StepMsg, VerifyMsg
-from shared.redis_io import RedisConfig, connect, decode_or_log, publish, read, start_heartbeat
+from shared.redis_io import RedisConfig, connect, decode_or_log, publish, read, stage_name, start_heartbeat
 from stage_worker.link import COMMITTED, NEEDS_TARGET, ActivationLink
 from stage_worker.runner import RequestInfo, StageRunner
 
@@ -60,7 +60,7 @@ class StageService:
         self.slots: dict[str, int] = {}  # request id -> slot in link headers
         self.ids: dict[int, str] = {}
         self.finished: set[str] = set()
-        self.name = f"stage-{cfg.rank}"
+        self.name = stage_name(cfg.rank)
         self.compute_s = 0.0
         self.timings: list[str] = []  # "step:compute_s", flushed to Redis in batches (wire-overhead accounting)
 

@@ -13,7 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
-from shared.redis_io import RedisConfig, alive, connect, ensure_redis
+from shared.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
 from specpipe.cluster import delete_keys, stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ class Cluster:
         common = ["--redis-url", REDIS_URL, "--prefix", self.cfg.prefix, "--model", model]
         self._spawn("scheduler", "scheduler", *common, "--stages", str(stages), "--policy", policy, *extra)
         for k in range(stages):
-            self._spawn(f"stage-{k}", "stage_worker", *common, "--threads", "1", "--rank", str(k), "--world", str(stages),
+            self._spawn(stage_name(k), "stage_worker", *common, "--threads", "1", "--rank", str(k), "--world", str(stages),
                         "--master-port", port)
         for i in range(drafts if policy != "pp" else 0):
             self.add_draft_worker(f"draft-{i}")
@@ -55,7 +55,7 @@ class Cluster:
                     "--model", self.model, "--draft", self.draft, "--name", name, "--threads", "1")
 
     def wait_ready(self, timeout: float = 120) -> None:
-        names = ["scheduler"] + [f"stage-{k}" for k in range(self.stages)]
+        names = pipeline_components(self.stages)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():

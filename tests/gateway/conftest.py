@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from specpipe.cluster import stop_processes
 from tests.cluster import REDIS_URL, ROOT, Cluster, free_port
 
 MODEL_NAME = "tiny-random"
@@ -47,12 +48,7 @@ class Gateway:
         return self.log_path.read_text()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_processes([self.proc])
 
 
 @pytest.fixture(scope="session")
