@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-fast models clean redis
+.PHONY: install up test test-fast models clean redis browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,7 +29,11 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 redis: install
 	$(BIN)/python -m shared.redis_io $(REDIS_URL)
 
-test: install redis
+# The dashboard test drives Debian's chromium with playwright (no browser download).
+browser:
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: install redis browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: install

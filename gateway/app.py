@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from gateway.auth import APIKeyMiddleware
 from gateway.codec import TextCodec
 from gateway.config import GatewayConfig
+from gateway.dashboard import router as dashboard_router
 from gateway.engine import Engine
 from gateway.errors import install_error_handlers
 from gateway.latency import TimingMiddleware, instrument
@@ -48,6 +49,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(ops_router)
+    app.include_router(dashboard_router)
     install_batches(app, state.cfg, state.queue.r)  # /v1/files, /v1/batches
     install_openapi(app)
     if state.cfg.api_keys:

@@ -1,4 +1,8 @@
-"""API keys: `Authorization: Bearer KEY` on /v1/* and /metrics when keys are configured.
+"""API keys: `Authorization: Bearer KEY` on /v1/*, /metrics and /dashboard/* when keys are configured.
+
+The dashboard also accepts the key from its HttpOnly cookie (set by POST
+/dashboard/login), since a browser cannot send a header when it navigates; a
+page request without a key is redirected to the login form.
 
 A pure ASGI middleware, so it answers before the body is read (a wrong key gets
 401 even with a malformed body) and never wraps streaming responses. The
@@ -8,7 +12,9 @@ presented key is compared with every configured key in constant time.
 from __future__ import annotations
 
 import hmac
+from http.cookies import CookieError, SimpleCookie
 
+from starlette.responses import RedirectResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import error_response
@@ -22,16 +28,28 @@ def key_matches(presented: str, keys: tuple[str, ...]) -> bool:
     return ok
 
 
+COOKIE = "specpipe_key"
+
+
 def protected(path: str) -> bool:
-    return path == "/metrics" or path == "/v1" or path.startswith("/v1/")
+    if path == "/dashboard/login":
+        return False
+    return path in ("/metrics", "/v1", "/dashboard") or path.startswith(("/v1/", "/dashboard/"))
 
 
-def bearer_token(scope: Scope) -> str | None:
+def presented_key(scope: Scope) -> str | None:
+    """The Bearer token, else (dashboard paths only) the dashboard cookie."""
+    cookie = None
     for name, value in scope.get("headers", []):
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             return token.strip() if scheme.lower() == "bearer" else None
-    return None
+        if name == b"cookie" and scope["path"].startswith("/dashboard"):
+            try:
+                cookie = SimpleCookie(value.decode("latin-1")).get(COOKIE)
+            except CookieError:
+                cookie = None
+    return cookie.value if cookie is not None else None
 
 
 class APIKeyMiddleware:
@@ -42,7 +60,10 @@ class APIKeyMiddleware:
         if scope["type"] != "http" or not self.keys or not protected(scope["path"]):
             await self.app(scope, receive, send)
             return
-        token = bearer_token(scope)
+        token = presented_key(scope)
+        if token is None and scope["path"] == "/dashboard":
+            await RedirectResponse("/dashboard/login", status_code=303)(scope, receive, send)
+            return
         if token is None or not key_matches(token, self.keys):
             message = "missing API key (send Authorization: Bearer KEY)" if token is None else "invalid API key"
             response = error_response(401, message, "authentication_error", None, "invalid_api_key",

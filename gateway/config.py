@@ -35,6 +35,12 @@ class GatewayConfig:
     retry_after_s: int = 1  # Retry-After on 429 (scheduler queue full)
     record_limit: int = 10_000  # requests remembered for GET /v1/requests/{id}
     out_stream_ttl_s: int = 3600  # a finished request's out stream expires after this
+    attention: str = "exact"  # the stages' prefill attention ("distr" is approximate: the API says so)
+
+    @property
+    def exact_output(self) -> bool:
+        """False when an approximate attention backend makes outputs differ from exact decoding."""
+        return self.attention == "exact"
 
     @property
     def redis(self) -> RedisConfig:

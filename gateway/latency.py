@@ -34,7 +34,7 @@ from gateway.metrics import Histogram, Metrics
 from gateway.prompts import GenerationSpec
 from gateway.records import RequestRecord
 from gateway.state import GatewayState
-from shared.messages import TokensMsg
+from shared.messages import SchedulerStatsMsg, TokensMsg
 
 NAME = "specpipe:gateway_added_latency_seconds"
 BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
@@ -80,8 +80,8 @@ class InstrumentedMetrics(Metrics):
         super().__init__(base.labels["model_name"], base.running, base.waiting)
         self.added = AddedLatency()
 
-    def render(self) -> str:
-        return super().render() + "\n".join(self.added.render(self.labels)) + "\n"
+    def render(self, stats: SchedulerStatsMsg | None = None) -> str:
+        return super().render(stats) + "\n".join(self.added.render(self.labels)) + "\n"
 
 
 class TimedEngine(Engine):

@@ -8,12 +8,23 @@ follow vLLM's buckets. Latencies are measured in the gateway:
   e2e request latency   submission -> finished
   request queue time    submission -> first out-stream message (upper bound: includes prefill;
                         the scheduler does not publish its admission time)
+Speculation and pipeline series come from the scheduler's stats snapshot
+(SchedulerStatsMsg), vLLM's spec-decode names plus SpecPipe's own:
+  vllm:spec_decode_num_drafts_total, _num_draft_tokens_total, _num_accepted_tokens_total,
+  _num_accepted_tokens_per_pos_total{position}  (position = depth below the last bonus token)
+  specpipe:pipeline_steps_total, specpipe:tokens_per_step, specpipe:stage_busy_fraction{stage},
+  specpipe:pruned_nodes_total, specpipe:computed_rows_total{fate="useful"|"wasted"},
+  specpipe:scheduler_queue_depth
 """
 
 from __future__ import annotations
 
 import bisect
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
+
+from shared.messages import SchedulerStatsMsg
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -35,16 +46,36 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else repr(float(v))
 
 
+class RecentWindow:
+    """The samples of the last `horizon_s` seconds, for the dashboard's percentiles over time."""
+
+    def __init__(self, horizon_s: float = 60.0, limit: int = 100_000):
+        self.horizon_s = horizon_s
+        self.samples: deque[tuple[float, float]] = deque(maxlen=limit)  # (monotonic time, value)
+
+    def add(self, value: float, now: float) -> None:
+        self.samples.append((now, value))
+
+    def percentiles(self, qs: Sequence[float] = (50, 90, 99), now: float | None = None) -> dict[str, float | None]:
+        now = time.monotonic() if now is None else now
+        while self.samples and self.samples[0][0] < now - self.horizon_s:
+            self.samples.popleft()
+        values = sorted(v for _, v in self.samples)
+        return {f"p{q:g}": values[min(len(values) - 1, int(q / 100 * len(values)))] if values else None for q in qs}
+
+
 class Histogram:
     def __init__(self, name: str, help: str, buckets: Sequence[float]):
         self.name, self.help, self.buckets = name, help, tuple(buckets)
         self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
         self.sum, self.count = 0.0, 0
+        self.recent = RecentWindow()
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.buckets, value)] += 1
         self.sum += value
         self.count += 1
+        self.recent.add(value, time.monotonic())
 
     def render(self, labels: dict[str, str], name: str | None = None) -> list[str]:
         name = name or self.name
@@ -83,7 +114,8 @@ class Metrics:
     def finished(self, reason: str) -> None:
         self.success[reason] = self.success.get(reason, 0) + 1
 
-    def render(self) -> str:
+    def render(self, stats: SchedulerStatsMsg | None = None) -> str:
+        """The exposition; scheduler series only when a fresh stats snapshot is given."""
         lines: list[str] = []
         for hist in (self.ttft, self.itl, self.e2e, self.queue):
             lines += hist.render(self.labels)
@@ -97,7 +129,38 @@ class Metrics:
                               self.waiting())
         lines += self._scalar("vllm:prompt_tokens_total", "counter", "Prompt tokens submitted.", self.prompt_tokens)
         lines += self._scalar("vllm:generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens)
+        if stats is not None:
+            lines += self._scheduler_series(stats)
         return "\n".join(lines) + "\n"
+
+    def _scheduler_series(self, st: SchedulerStatsMsg) -> list[str]:
+        lines = self._scalar("vllm:spec_decode_num_drafts_total", "counter", "Speculative levels sent.", st.drafts)
+        lines += self._scalar("vllm:spec_decode_num_draft_tokens_total", "counter", "Draft tokens sent into the pipe.",
+                              st.draft_tokens)
+        lines += self._scalar("vllm:spec_decode_num_accepted_tokens_total", "counter", "Draft tokens accepted.",
+                              st.accepted)
+        lines += self._labelled("vllm:spec_decode_num_accepted_tokens_per_pos_total", "counter",
+                                "Accepted draft tokens by depth below the last bonus token.", "position",
+                                st.accepted_per_depth)
+        lines += self._scalar("specpipe:pipeline_steps_total", "counter", "Pipeline steps.", st.steps)
+        lines += self._scalar("specpipe:tokens_per_step", "gauge", "Tokens generated per pipeline step.",
+                              st.tokens / st.steps if st.steps else 0.0)
+        lines += self._labelled("specpipe:stage_busy_fraction", "gauge",
+                                "Fraction of pipeline steps in which the stage had rows to compute.", "stage",
+                                st.stage_busy)
+        lines += self._scalar("specpipe:pruned_nodes_total", "counter", "Tree nodes pruned.", st.pruned)
+        lines += self._labelled("specpipe:computed_rows_total", "counter",
+                                "Rows computed over all stages, by fate.", "fate",
+                                {"useful": st.useful_rows, "wasted": st.wasted_rows})
+        lines += self._scalar("specpipe:scheduler_queue_depth", "gauge", "Requests waiting for KV room.",
+                              st.num_waiting)
+        return lines
+
+    def _labelled(self, name: str, kind: str, help: str, label: str, values) -> list[str]:
+        items = values.items() if isinstance(values, dict) else enumerate(values)
+        return [f"# HELP {name} {help}", f"# TYPE {name} {kind}"] + [
+            f"{name}{_labels({**self.labels, label: str(k)})} {_num(v)}" for k, v in items
+        ]
 
     def _scalar(self, name: str, kind: str, help: str, value: float) -> list[str]:
         return [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name}{_labels(self.labels)} {_num(value)}"]

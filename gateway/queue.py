@@ -8,11 +8,12 @@ the `hb:{component}` heartbeat keys.
 from __future__ import annotations
 
 import logging
+import time
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from shared.messages import CancelMsg, Message, RequestMsg, TokensMsg
+from shared.messages import CancelMsg, Message, OccupancyMsg, RequestMsg, SchedulerStatsMsg, TokensMsg
 from shared.redis_io import RedisConfig, decode_or_log, pipeline_components
 
 log = logging.getLogger("gateway")
@@ -62,6 +63,18 @@ class AsyncQueue:
                 pipe.exists(self.cfg.heartbeat(name))
             found = await pipe.execute()
         return [name for name, n in zip(names, found) if not n]
+
+    async def scheduler_stats(self, max_age_s: float) -> SchedulerStatsMsg | None:
+        """The scheduler's last snapshot, None if absent, malformed or older than max_age_s."""
+        raw = await self.r.get(self.cfg.stats)
+        msg = decode_or_log(raw, SchedulerStatsMsg, "gateway") if raw else None
+        return msg if msg is not None and time.time() - msg.time <= max_age_s else None
+
+    async def occupancy(self, count: int) -> list[OccupancyMsg]:
+        """The last `count` final columns of the stage x step grid, oldest first."""
+        entries = await self.r.xrevrange(self.cfg.occupancy, count=count)
+        msgs = [decode_or_log(fields.get(b"m", b""), OccupancyMsg, "gateway") for _, fields in reversed(entries)]
+        return [m for m in msgs if m is not None]
 
     async def ping(self) -> bool:
         try:

@@ -12,6 +12,7 @@ from gateway.state import GatewayState, get_state
 
 router = APIRouter()
 RequestId = Path(max_length=200)
+STATS_MAX_AGE_S = 30.0  # an older scheduler snapshot is left out (the scheduler is gone)
 
 
 @router.get("/health")
@@ -36,7 +37,7 @@ async def ready(gw: GatewayState = Depends(get_state)) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(gw: GatewayState = Depends(get_state)) -> PlainTextResponse:
     """Prometheus text format, vLLM's metric names."""
-    return PlainTextResponse(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return PlainTextResponse(gw.metrics.render(await fresh_stats(gw)), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def _model_card(gw: GatewayState) -> dict:
@@ -100,3 +101,11 @@ async def _history(gw: GatewayState, request_id: str):
     if history is None:
         raise APIError(404, f"no request with id '{request_id}'", param="request_id", code="request_not_found")
     return history
+
+
+async def fresh_stats(gw: GatewayState):
+    """The scheduler's snapshot if Redis answers and it is recent; metrics then include its series."""
+    try:
+        return await gw.queue.scheduler_stats(STATS_MAX_AGE_S)
+    except QueueError:
+        return None

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from draft_worker.base import SpeculativeSource
+from scheduler.occupancy import Occupancy
 from scheduler.scheduler import Phase, Request, RequestState, Scheduler, StepResult
 from shared.batch import MicroBatch, PipelineEvent
 from shared.errors import SpecPipeError
@@ -39,6 +40,7 @@ class InProcessPipeline:
         scheduler: Scheduler,
         draft: SpeculativeSource | None = None,
         trace_limit: int = 0,
+        occupancy: Occupancy | None = None,
     ):
         if scheduler.policy.name != "pp" and draft is None:
             raise SpecPipeError(f"policy '{scheduler.policy.name}' needs a draft source")
@@ -48,6 +50,7 @@ class InProcessPipeline:
         self.in_flight: list[MicroBatch | None] = [None] * (len(stages) - 1)  # input of stage s + 1
         self.trace: deque[StepTrace] = deque(maxlen=trace_limit or None)
         self.trace_enabled = trace_limit > 0
+        self.occupancy = occupancy  # stage x step fates, as the distributed scheduler publishes them
 
     def submit(self, request: Request) -> RequestState:
         state = self.scheduler.add_request(request)
@@ -69,6 +72,8 @@ class InProcessPipeline:
         self._apply(result.events)
         if self.trace_enabled:
             self._record(incoming, result, draft_rows)
+        if self.occupancy is not None:
+            self.occupancy.record(self.scheduler.step, incoming[0].rows, result.events)
         return result
 
     def _draft(self) -> list[int]:

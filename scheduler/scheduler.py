@@ -68,6 +68,9 @@ class Phase(enum.Enum):
     DONE = "done"
 
 
+DEPTH_BINS = 16  # accepted tokens are counted by depth 0..15 below the last bonus token (15 = 15 or deeper)
+
+
 @dataclass
 class RequestStats:
     first_decode_step: int | None = None
@@ -76,6 +79,17 @@ class RequestStats:
     bonus: int = 0  # target tokens with no matching child (includes the first token)
     sent_speculative: int = 0  # drafted nodes sent into the pipe
     pruned: int = 0  # nodes dropped after being sent or drafted
+    drafts: int = 0  # speculative levels sent (vLLM's "drafts": one proposal of one or more tokens)
+    accepted_per_depth: list[int] = field(default_factory=lambda: [0] * DEPTH_BINS)
+    run: int = 0  # accepted tokens since the last bonus token: the depth of the next accepted one
+
+    COUNTS = ("accepted", "bonus", "sent_speculative", "pruned", "drafts")
+
+    def add(self, other: "RequestStats") -> None:
+        """Accumulate another request's counts (the scheduler's totals over finished requests)."""
+        for name in self.COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.accepted_per_depth = [a + b for a, b in zip(self.accepted_per_depth, other.accepted_per_depth)]
 
     @property
     def steps(self) -> int:
@@ -120,6 +134,7 @@ class Scheduler:
         self.step = 0
         self._next_batch = 0
         self._batch_members: dict[int, set[str]] = {}
+        self.retired = RequestStats()  # counts of the requests that have left
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(self, request: Request) -> RequestState:
@@ -151,6 +166,14 @@ class Scheduler:
         p = self.policy_of(request)
         levels = p.refill_levels + (p.stages + 1 if p.streams_levels else 0)  # +1: the level drafted ahead
         return len(request.prompt) + request.max_new_tokens + 1 + levels * max(p.width, 1)
+
+    def totals(self) -> RequestStats:
+        """Speculation counts over every request so far, finished or not (for metrics)."""
+        total = RequestStats()
+        total.add(self.retired)
+        for state in self.active():
+            total.add(state.stats)
+        return total
 
     def active(self) -> list[RequestState]:
         return [s for s in self.requests.values() if s.phase is not Phase.DONE]
@@ -298,6 +321,7 @@ class Scheduler:
             node.status = Status.SENT
             rows.append(Row(rid, n, node.parent, node.position, node.token, committed=False, needs_target=True))
         state.stats.sent_speculative += len(node_ids)
+        state.stats.drafts += 1
         return rows
 
     # ---- verification ----------------------------------------------------------------------------
@@ -344,7 +368,10 @@ class Scheduler:
         result.events.append(PipelineEvent(rid, "commit", (child,)))
         tree.forget_accepted_before(child)
         state.frontier = child
-        state.stats.accepted += 1
+        stats = state.stats
+        stats.accepted += 1
+        stats.accepted_per_depth[min(stats.run, DEPTH_BINS - 1)] += 1
+        stats.run += 1
 
     def _miss(self, state: RequestState, frontier: int, token: int, result: StepResult) -> None:
         self._prune(state, state.tree.speculative(), result)
@@ -352,6 +379,7 @@ class Scheduler:
         state.tree.forget_accepted_before(bonus.node_id)
         state.frontier, state.needs_refill, state.levels = bonus.node_id, True, []
         state.stats.bonus += 1
+        state.stats.run = 0
 
     def _prune(self, state: RequestState, node_ids: list[int], result: StepResult) -> None:
         if not node_ids:
@@ -377,6 +405,7 @@ class Scheduler:
         if state.phase is Phase.DONE:
             return
         state.phase, state.finish_reason = Phase.DONE, reason
+        self.retired.add(state.stats)
         state.tree = TokenTree()
         state.levels, state.expanding = [], set()
         result.events.append(PipelineEvent(state.request.request_id, "finish"))

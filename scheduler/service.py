@@ -18,13 +18,16 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from scheduler.occupancy import Occupancy
 from scheduler.scheduler import Request, Scheduler
-from shared.batch import StageOutput
+from scheduler.snapshot import stats_message
+from shared.batch import PipelineEvent, Row, StageOutput
 from shared.config import SamplingParams
 from shared.errors import SpecPipeError
 from shared.messages import (
     CancelMsg,
     ExpansionJobMsg,
+    OccupancyMsg,
     ProposalsMsg,
     RequestMsg,
     StageErrorMsg,
@@ -56,6 +59,7 @@ class SchedulerServiceConfig:
     max_queue: int = 256  # waiting requests beyond this are refused ("queue full" -> HTTP 429)
     kv_slots: int = 1 << 16  # KV slots per stage shared by admitted requests (admission control)
     verify_timeout_s: float = 120.0
+    stats_interval_s: float = 0.5  # how often the stats snapshot (metrics, dashboard) is rewritten
     group: str = "schedulers"
     consumer: str = "scheduler-0"
 
@@ -65,6 +69,7 @@ class SchedulerService:
         self.cfg, self.scheduler, self.stop_ids = cfg, scheduler, stop_ids
         self.r = connect(cfg.redis)
         self.waiting: deque[tuple[str, Request]] = deque()
+        self.arrived: dict[str, float] = {}  # waiting request id -> monotonic arrival (queue time)
         self.entry_of: dict[str, str] = {}  # request id -> requests-stream entry to acknowledge
         self.slots_used: dict[str, int] = {}
         self.next_slot = 0
@@ -76,6 +81,9 @@ class SchedulerService:
         self.drafts_alive = True
         self.errors_last = "$"
         self.cancel_last = "$"
+        self.occupancy = Occupancy(cfg.stages)
+        self.last_sent: tuple[int, list[Row]] | None = None  # the step whose column awaits its events
+        self.stats_due = 0.0
 
     # ---- setup --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -98,7 +106,9 @@ class SchedulerService:
             self._ingest(block_ms=None if busy else 500)
             self._cancellations()
             self._admit()
+            self._publish_stats()
             if not self.scheduler.active():
+                self._record_occupancy()  # the pipe drained: its last columns are final
                 if stop_after_idle_s and time.monotonic() - idle_since > stop_after_idle_s:
                     return
                 continue
@@ -136,6 +146,7 @@ class SchedulerService:
             return
         self.entry_of[msg.request_id] = entry_id
         self.waiting.append((msg.request_id, request))
+        self.arrived[msg.request_id] = time.monotonic()
 
     def _admit(self) -> None:
         while self.waiting:
@@ -144,6 +155,7 @@ class SchedulerService:
             if sum(self.slots_used.values()) + need > self.cfg.kv_slots:
                 break  # waits in the queue until running requests free their KV
             self.waiting.popleft()
+            self.arrived.pop(rid, None)
             self.scheduler.add_request(request)
             self.slots_used[rid] = need
             s = request.sampling
@@ -162,8 +174,10 @@ class SchedulerService:
     def step(self) -> None:
         cpu_start = time.perf_counter()
         self._draft_io()
+        self._record_occupancy()
         batch = self.scheduler.schedule()
         rows = batch.rows
+        self.last_sent = (self.scheduler.step, rows)
         msg = StepMsg(
             step=self.scheduler.step, batch_id=batch.batch_id, events=self.pending_events,
             admitted=self.admitted,
@@ -190,10 +204,29 @@ class SchedulerService:
             self.timings = []
 
     def _stage_output(self, v: VerifyMsg) -> StageOutput:
-        from shared.batch import Row
-
         rows = [Row(rid, node, 0, 0, 0, False, True) for rid, node in zip(v.request_ids, v.node_ids)]
         return StageOutput(v.batch_id, rows, list(v.targets))
+
+    # ---- observability ----------------------------------------------------------------------------
+    def _record_occupancy(self) -> None:
+        """The last step's column gets the events every stage applies before the next compute."""
+        if self.last_sent is not None:
+            events = [PipelineEvent(rid, kind, tuple(nodes)) for rid, kind, nodes in self.pending_events]
+            columns = self.occupancy.record(*self.last_sent, events)
+            self.last_sent = None
+            if not self.scheduler.active():
+                columns += self.occupancy.flush()
+            for c in columns:
+                publish(self.r, self.cfg.redis.occupancy, OccupancyMsg(c["step"], c["stages"]), maxlen=1024)
+
+    def _publish_stats(self) -> None:
+        now = time.monotonic()
+        if now < self.stats_due:
+            return
+        self.stats_due = now + self.cfg.stats_interval_s
+        waiting = {rid: self.arrived.get(rid, now) for rid, _ in self.waiting}
+        msg = stats_message(self.scheduler, waiting, self.occupancy, now, time.time())
+        self.r.set(self.cfg.redis.stats, msg.encode(), ex=3600)
 
     def _await_verify(self, step: int) -> VerifyMsg | None:
         deadline = time.monotonic() + self.cfg.verify_timeout_s
@@ -226,6 +259,7 @@ class SchedulerService:
             state = self.scheduler.requests.get(rid)
             if waiting:
                 self.waiting.remove(waiting[0])
+                self.arrived.pop(rid, None)
             elif state is not None and state.finish_reason is None:
                 self.scheduler.finish(state, "cancelled", result)
                 del self.scheduler.requests[rid]

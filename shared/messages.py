@@ -16,6 +16,8 @@ Streams and who writes them (the documented router/shard contract):
     errors          stages -> scheduler      StageErrorMsg
     cancel          gateway -> scheduler     CancelMsg
     out:{request}   scheduler -> gateway     TokensMsg
+    occupancy       scheduler -> gateway     OccupancyMsg (the dashboard's stage x step grid)
+    stats (a key)   scheduler -> gateway     SchedulerStatsMsg (overwritten; metrics and dashboard)
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ class Message:
 
     TYPE: ClassVar[str] = ""
 
+    def to_json(self) -> dict[str, Any]:
+        """The fields as a plain dict (for JSON replies such as the dashboard's)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def encode(self) -> bytes:
-        body = {"v": SCHEMA_VERSION, "type": self.TYPE}
-        body.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        body = {"v": SCHEMA_VERSION, "type": self.TYPE, **self.to_json()}
         return msgpack.packb(body, use_bin_type=True)
 
 
@@ -217,3 +222,41 @@ class CancelMsg(Message):
 
     TYPE: ClassVar[str] = "cancel"
     request_id: str
+
+
+@message
+@dataclass(frozen=True)
+class OccupancyMsg(Message):
+    """One final column of the stage x step grid (scheduler -> dashboard); see scheduler/occupancy.py."""
+
+    TYPE: ClassVar[str] = "occupancy"
+    step: int
+    stages: list[list]  # per stage: [[request_id, useful rows, wasted rows], ...]; [] is a pipeline bubble
+
+
+@message
+@dataclass(frozen=True)
+class SchedulerStatsMsg(Message):
+    """The scheduler's state, overwritten about twice a second (scheduler -> gateway /metrics, /dashboard).
+
+    Counts are cumulative since the scheduler started (Prometheus counters);
+    lists are capped so the message stays small under any load.
+    """
+
+    TYPE: ClassVar[str] = "scheduler_stats"
+    time: float  # scheduler wall clock at writing: readers ignore a stale snapshot
+    stages: int
+    steps: int  # pipeline steps so far (the scheduler steps only while requests are active)
+    num_waiting: int  # admitted to the queue, waiting for KV room
+    waiting: list[list]  # [request_id, seconds waiting], oldest first (first 50)
+    num_running: int
+    running: list[list]  # [request_id, tokens generated, max_new_tokens, policy] (first 100)
+    tokens: int  # tokens generated: accepted draft tokens + bonus tokens
+    drafts: int  # speculative levels sent (vLLM's num_drafts)
+    draft_tokens: int  # speculative nodes sent into the pipe
+    accepted: int  # draft tokens that matched the target
+    accepted_per_depth: list[int]  # accepted tokens by depth below the last bonus token
+    pruned: int  # tree nodes dropped (sent or only drafted)
+    stage_busy: list[float]  # per stage: fraction of steps it had rows to compute
+    useful_rows: int  # rows computed (all stages) that were committed or accepted
+    wasted_rows: int  # rows computed (all stages) that were later pruned

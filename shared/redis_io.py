@@ -60,6 +60,14 @@ class RedisConfig:
     def cancel(self) -> str:
         return self.key("cancel")
 
+    @property
+    def occupancy(self) -> str:
+        return self.key("occupancy")
+
+    @property
+    def stats(self) -> str:
+        return self.key("stats")
+
     def out(self, request_id: str) -> str:
         return self.key("out", request_id)
 

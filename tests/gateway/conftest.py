@@ -58,8 +58,9 @@ def gw_tmp(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cluster(gw_tmp, tiny_dir):
-    """tiny-random, 2 stages, specpipe with an n-gram draft worker."""
-    c = Cluster(gw_tmp, str(tiny_dir), stages=2, policy="specpipe", draft="ngram")
+    """tiny-random, 2 stages, specpipe with tiny-random itself as the draft model (greedy drafts hit,
+    so acceptance shows end to end; tiny-random's text never repeats, so n-grams would never hit)."""
+    c = Cluster(gw_tmp, str(tiny_dir), stages=2, policy="specpipe", draft=str(tiny_dir))
     yield c
     c.close()
 

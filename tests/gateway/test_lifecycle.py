@@ -135,3 +135,26 @@ def test_metrics_move_after_requests(client) -> None:
     assert f"vllm:time_per_output_token_seconds_count{label}" in after
     assert sum(v for k, v in after.items() if k.startswith("vllm:request_success_total")) >= 2
     assert "# TYPE vllm:num_requests_waiting gauge" in text and "# TYPE vllm:num_requests_running gauge" in text
+
+
+def test_speculation_and_pipeline_metrics_come_from_the_scheduler(client) -> None:
+    r = client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": [5, 6, 7, 5, 6, 7, 5, 6], "max_tokens": 40,
+                                             "temperature": 0})
+    assert r.status_code == 200
+    label = f'model_name="{MODEL_NAME}"'
+    deadline = time.monotonic() + 10
+    while True:  # the scheduler rewrites its snapshot every 0.5 s
+        _, m = _metrics(client)
+        if m.get(f"specpipe:pipeline_steps_total{{{label}}}", 0) > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    drafts = m[f"vllm:spec_decode_num_draft_tokens_total{{{label}}}"]
+    accepted = m[f"vllm:spec_decode_num_accepted_tokens_total{{{label}}}"]
+    per_pos = [v for k, v in m.items() if k.startswith("vllm:spec_decode_num_accepted_tokens_per_pos_total")]
+    assert 0 < accepted <= drafts and sum(per_pos) == accepted and len(per_pos) == 16
+    assert m[f"vllm:spec_decode_num_drafts_total{{{label}}}"] > 0
+    assert 0 < m[f"specpipe:tokens_per_step{{{label}}}"] <= 16
+    busy = [m[f'specpipe:stage_busy_fraction{{{label},stage="{s}"}}'] for s in (0, 1)]
+    assert all(0 < b <= 1 for b in busy)
+    assert m[f'specpipe:computed_rows_total{{{label},fate="useful"}}'] > 0
+    assert f"specpipe:pruned_nodes_total{{{label}}}" in m and f"specpipe:scheduler_queue_depth{{{label}}}" in m
