@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-fast models clean redis browser
+.PHONY: install up test test-fast models clean redis browser bench bench-quick
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,16 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 
 redis: install
 	$(BIN)/python -m shared.redis_io $(REDIS_URL)
+
+# BENCHMARKS.md and bench/*.png from scratch (hours here: the Qwen pair on 2 CPU cores; resumable with
+# `specpipe bench --resume`). bench-quick: a few minutes, into ./bench-quick.
+bench: install redis
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/specpipe bench
+
+bench-quick: install redis
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/specpipe bench --quick
 
 # The dashboard test drives Debian's chromium with playwright (no browser download).
 browser:

@@ -29,6 +29,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before 504 (and cancel)")
     p.add_argument("--max-model-len", type=int, default=0, help="context length (default: the model's)")
     p.add_argument("--default-max-tokens", type=int, default=256)
+    p.add_argument("--attention", choices=("exact", "distr"), default="exact",
+                   help="the stages' prefill attention; distr (approximate) is reported in every reply")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -39,7 +41,7 @@ def config_from_args(argv: list[str] | None = None) -> tuple[GatewayConfig, str]
     return GatewayConfig(
         model=a.model, redis_url=a.redis_url, prefix=a.prefix, host=a.host, port=a.port, api_keys=keys,
         request_timeout_s=a.request_timeout, max_prompt_tokens=a.max_model_len,
-        default_max_tokens=a.default_max_tokens, served_model_name=a.served_model_name, stages=a.stages,
+        default_max_tokens=a.default_max_tokens, served_model_name=a.served_model_name, stages=a.stages, attention=a.attention,
     ), a.log_level
 
 

@@ -12,6 +12,7 @@ from gateway.config import GatewayConfig
 from gateway.dashboard import router as dashboard_router
 from gateway.engine import Engine
 from gateway.errors import install_error_handlers
+from gateway.exactness import AttentionHeaderMiddleware
 from gateway.latency import TimingMiddleware, instrument
 from gateway.metrics import Metrics
 from gateway.openapi import install_openapi
@@ -54,5 +55,6 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     install_openapi(app)
     if state.cfg.api_keys:
         app.add_middleware(APIKeyMiddleware, keys=state.cfg.api_keys)
+    app.add_middleware(AttentionHeaderMiddleware, kind=state.cfg.attention)
     app.add_middleware(TimingMiddleware, added=state.metrics.added)  # outermost: arrival time
     return app

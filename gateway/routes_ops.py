@@ -42,7 +42,8 @@ async def metrics(gw: GatewayState = Depends(get_state)) -> PlainTextResponse:
 
 def _model_card(gw: GatewayState) -> dict:
     return {"id": gw.cfg.model_name, "object": "model", "created": 0, "owned_by": "specpipe",
-            "root": gw.cfg.model, "max_model_len": gw.cfg.max_prompt_tokens}
+            "root": gw.cfg.model, "max_model_len": gw.cfg.max_prompt_tokens,
+            "attention": gw.cfg.attention, "exact_output": gw.cfg.exact_output}
 
 
 @router.get("/v1/models")

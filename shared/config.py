@@ -176,6 +176,42 @@ class EngineConfig:
             raise ConfigError("max_new_tokens must be >= 1")
 
 
+ATTENTION_KINDS: tuple[str, ...] = ("exact", "distr")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """How a stage attends during long prefills (stage_worker/distr_attention.py).
+
+    exact: every row attends with full-width Q·Kᵀ; outputs are bit-identical
+           to plain decoding (the default, and the only choice that is lossless).
+    distr: a prefill chunk of at least `block_rows` rows uses DistrAttention,
+           which groups similar columns of Q so Q·Kᵀ has inner dimension
+           d / group_size; decode steps and tree verification stay exact.
+    """
+
+    kind: str = "exact"
+    group_size: int = 2  # G: columns fused per group; must divide the head dim (1 is exact up to rounding)
+    block_rows: int = 64  # l: query rows that share one column grouping (the flash query tile)
+    hash_bits: int = 16  # SimHash projections per column; codes must fit a non-negative int64
+    seed: int = 0  # seeds the SimHash projections, so a run is reproducible
+
+    def __post_init__(self) -> None:
+        if self.kind not in ATTENTION_KINDS:
+            raise ConfigError(f"unknown attention '{self.kind}': choose one of {', '.join(ATTENTION_KINDS)}")
+        if self.group_size < 1:
+            raise ConfigError("attention group_size must be >= 1 (1 fuses nothing)")
+        if self.block_rows < 1:
+            raise ConfigError("attention block_rows must be >= 1")
+        if not 1 <= self.hash_bits <= 62:
+            raise ConfigError("attention hash_bits must be in 1..62 (the codes are int64)")
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Groups of G columns must tile the head dim exactly."""
+        if self.kind == "distr" and head_dim % self.group_size:
+            raise ConfigError(f"attention group_size {self.group_size} does not divide the head dim {head_dim}")
+
+
 def split_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
     """Cut layers into `stages` consecutive slices [a, b), sizes differing by at most 1."""
     if stages > num_layers:

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from shared.config import POLICIES, EngineConfig, PolicyConfig
+from shared.config import ATTENTION_KINDS, POLICIES, AttentionConfig, EngineConfig, PolicyConfig
 from shared.errors import SpecPipeError
 from shared.redis_io import RedisConfig
 
@@ -27,6 +27,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model name or local Hugging Face folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core)")
+
+
+def add_attention_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attention", choices=ATTENTION_KINDS, default="exact",
+                   help="prefill attention: exact (lossless) or distr (DistrAttention, approximate)")
+    p.add_argument("--group-size", type=int, default=2, help="distr: Q columns fused per group (divides head dim)")
+    p.add_argument("--block-rows", type=int, default=64, help="distr: query rows sharing one column grouping")
+
+
+def attention_config(args: argparse.Namespace) -> AttentionConfig:
+    """Raises ConfigError on bad values (run_main turns it into one line)."""
+    return AttentionConfig(args.attention, group_size=args.group_size, block_rows=args.block_rows)
 
 
 def set_threads(threads: int) -> None:

@@ -1,4 +1,4 @@
-"""The `specpipe` command: simulate, models.
+"""The `specpipe` command: simulate, models, up, bench.
 
 Every SpecPipeError ends as one line on stderr and exit status 2, never a
 traceback.
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from shared.config import POLICIES, EngineConfig, PolicyConfig, SamplingParams
 from shared.errors import SpecPipeError
+from shared.service_args import add_attention_args, attention_config
 
 
 def _simulate_parser(sub) -> None:
@@ -35,6 +36,7 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_attention_args(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             from specpipe.cluster import up_main
 
             return up_main(argv[1:])
+        if argv[:1] == ["bench"]:
+            from benchmarks.report import main as bench_main
+
+            return bench_main(argv[1:])
     except SpecPipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -56,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     _simulate_parser(sub)
     sub.add_parser("models", help="fetch or list models (specpipe models fetch NAME | list)")
     sub.add_parser("up", help="start the local cluster (Redis, scheduler, stages, drafts, gateway)")
+    sub.add_parser("bench", help="regenerate BENCHMARKS.md (specpipe bench [--quick] [--out DIR] | attention | costs)")
     args = parser.parse_args(argv)
     try:
         if args.command == "simulate":
@@ -79,6 +86,7 @@ def _simulate(args: argparse.Namespace) -> int:
         policy=PolicyConfig(args.policy, args.stages, args.width, args.depth, args.refill_depth, args.branch),
         engine=EngineConfig(prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens),
         cache_dir=args.cache_dir,
+        attention=attention_config(args),
     )
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
     report = run_simulation(cfg, sampling, args.prompts, args.limit, progress=not args.json)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.config import AttentionConfig
 from shared.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
+from shared.service_args import add_attention_args, attention_config
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,11 @@ class ClusterConfig:
     master_port: int = 29531
     port: int = 8000  # gateway
     extra: tuple[str, ...] = field(default_factory=tuple)
+    attention: AttentionConfig = AttentionConfig()  # the stages' prefill attention; the gateway reports it
+
+    def attention_args(self) -> list[str]:
+        a = self.attention
+        return ["--attention", a.kind, "--group-size", str(a.group_size), "--block-rows", str(a.block_rows)]
 
 
 def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
@@ -48,13 +56,14 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
     }
     for k in range(cfg.stages):
         procs[stage_name(k)] = [py, "-m", "stage_worker", *common, *threads, "--rank", str(k), "--world", str(cfg.stages),
-                               "--master-port", str(cfg.master_port)]
+                               "--master-port", str(cfg.master_port), *cfg.attention_args()]
     for i in range(cfg.drafts if cfg.policy != "pp" else 0):
         procs[f"draft-{i}"] = [py, "-m", "draft_worker", *common, *threads, "--draft", cfg.draft, "--name", f"draft-{i}"]
     gateway = Path(__file__).resolve().parents[1] / "gateway" / "__main__.py"
     if gateway.exists():
         procs["gateway"] = [py, "-m", "gateway", "--redis-url", cfg.redis_url, "--prefix", cfg.prefix,
-                            "--model", cfg.model, "--port", str(cfg.port), "--stages", str(cfg.stages)]
+                            "--model", cfg.model, "--port", str(cfg.port), "--stages", str(cfg.stages),
+                            "--attention", cfg.attention.kind]
         procs["batch-worker"] = [py, "-m", "gateway.batch_worker", "--redis-url", cfg.redis_url,  # Celery: /v1/batches
                                  "--prefix", cfg.prefix, "--model", cfg.model, "--stages", str(cfg.stages)]
     return procs
@@ -104,6 +113,13 @@ def _ready(rcfg: RedisConfig, stages: int) -> bool:
         return False
 
 
+def free_port() -> int:
+    """A free TCP port on loopback (for a gateway, a torch.distributed rendezvous, ...)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def stop_processes(procs: Iterable[subprocess.Popen], sig: int = signal.SIGTERM, grace_s: float = 10) -> None:
     """Signal every live process, wait up to grace_s in total, then kill what is left."""
     procs = list(procs)
@@ -139,7 +155,8 @@ def up_main(argv: list[str]) -> int:
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     p.add_argument("--prefix", default=os.environ.get("SPECPIPE_PREFIX", "specpipe"))
     p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", "29531")))
+    add_attention_args(p)
     a = p.parse_args(argv)
     cfg = ClusterConfig(a.model, a.draft, a.policy, a.stages, a.width, a.drafts, a.token_budget, a.redis_url,
-                        a.prefix, a.master_port, a.port)
+                        a.prefix, a.master_port, a.port, attention=attention_config(a))
     return up(cfg)

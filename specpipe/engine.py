@@ -12,7 +12,7 @@ from draft_worker.draft_model import DraftModelSource
 from draft_worker.ngram import NgramSource
 from scheduler.executor import InProcessPipeline
 from scheduler.scheduler import Scheduler
-from shared.config import EngineConfig, ModelArch, PolicyConfig, split_layers
+from shared.config import AttentionConfig, EngineConfig, ModelArch, PolicyConfig, split_layers
 from shared.errors import ConfigError
 from shared.model_store import resolve_model
 from stage_worker.runner import StageRunner
@@ -28,11 +28,18 @@ class SimulationConfig:
     policy: PolicyConfig
     engine: EngineConfig
     cache_dir: Path | None = None
+    attention: AttentionConfig = AttentionConfig()  # the target's prefill attention; the draft stays exact
 
 
-def load_stages(model_dir: Path, arch: ModelArch, stages: int, dtype: torch.dtype) -> list[StageRunner]:
+def load_stages(
+    model_dir: Path, arch: ModelArch, stages: int, dtype: torch.dtype, attention: AttentionConfig = AttentionConfig()
+) -> list[StageRunner]:
     """One runner per stage, each loading only its own slice of layers."""
-    return [StageRunner(arch, load_stage_weights(model_dir, arch, a, b, dtype)) for a, b in split_layers(arch.num_layers, stages)]
+    attention.check_head_dim(arch.head_dim)  # before any weights are read
+    return [
+        StageRunner(arch, load_stage_weights(model_dir, arch, a, b, dtype), attention)
+        for a, b in split_layers(arch.num_layers, stages)
+    ]
 
 
 def load_draft(name: str, target: ModelArch, cache_dir: Path | None, dtype: torch.dtype) -> SpeculativeSource:
@@ -53,7 +60,7 @@ def build_pipeline(cfg: SimulationConfig, trace_limit: int = 0) -> tuple[InProce
     dtype = getattr(torch, cfg.engine.dtype)
     model_dir = resolve_model(cfg.model, cfg.cache_dir)
     arch = ModelArch.from_model_dir(model_dir)
-    stages = load_stages(model_dir, arch, cfg.policy.stages, dtype)
+    stages = load_stages(model_dir, arch, cfg.policy.stages, dtype, cfg.attention)
     draft = None if cfg.policy.name == "pp" else load_draft(cfg.draft, arch, cfg.cache_dir, dtype)
     scheduler = Scheduler(cfg.policy, cfg.engine, context_limit=arch.max_positions)
     return InProcessPipeline(stages, scheduler, draft, trace_limit), model_dir, arch

@@ -9,7 +9,15 @@ import torch
 
 from shared.config import ModelArch
 from shared.model_store import resolve_model
-from shared.service_args import add_model_args, add_redis_args, redis_config, run_main, set_threads
+from shared.service_args import (
+    add_attention_args,
+    add_model_args,
+    add_redis_args,
+    attention_config,
+    redis_config,
+    run_main,
+    set_threads,
+)
 from stage_worker.link import ActivationLink, LinkConfig
 from stage_worker.service import StageService, StageServiceConfig, build_runner
 
@@ -18,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stage_worker")
     add_redis_args(p)
     add_model_args(p)
+    add_attention_args(p)
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world", type=int, required=True, help="number of stages")
     p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
@@ -31,12 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def serve() -> None:
+        attention = attention_config(args)
         set_threads(args.threads)
         redis_cfg = redis_config(args)
         model_dir = resolve_model(args.model)
         arch = ModelArch.from_model_dir(model_dir)
         dtype = getattr(torch, args.dtype)
-        runner = build_runner(model_dir, arch, args.rank, args.world, dtype)
+        runner = build_runner(model_dir, arch, args.rank, args.world, dtype, attention)
         link = None
         if args.world > 1:
             link = ActivationLink(LinkConfig(args.rank, args.world, args.master_addr, args.master_port),

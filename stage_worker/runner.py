@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from shared.batch import MicroBatch, PipelineEvent, Row, StageOutput
-from shared.config import ModelArch, SamplingParams
+from shared.config import AttentionConfig, ModelArch, SamplingParams
 from shared.errors import ProtocolError
 from shared.sampling import target_token
+from stage_worker.distr_attention import distr_attention
 from stage_worker.kv_cache import RequestKV, RowContext, allocate
 from stage_worker.model import RowAttention, decoder_layer, linear, rms_norm, rope_table, tree_attention
 from stage_worker.weights import StageWeights
@@ -36,12 +37,15 @@ class _RequestPlan:
     rows: torch.Tensor  # [m] row indices
     slots: torch.Tensor  # [m] KV slots the rows write
     attention: list[RowAttention]
+    prefill_start: int | None  # first position if the rows are a prefill chunk (see _prefill_start), else None
 
 
 class StageRunner:
-    def __init__(self, arch: ModelArch, weights: StageWeights):
+    def __init__(self, arch: ModelArch, weights: StageWeights, attention: AttentionConfig = AttentionConfig()):
+        attention.check_head_dim(arch.head_dim)
         self.arch = arch
         self.weights = weights
+        self.attention = attention
         self.dtype = weights.layers[0].qkv.dtype
         self.is_first = weights.embed is not None
         self.is_last = weights.lm_head is not None
@@ -119,14 +123,16 @@ class StageRunner:
         by_request: dict[str, list[tuple[int, RowContext]]] = defaultdict(list)
         for i, row in enumerate(rows):
             by_request[row.request_id].append((i, self.kv[row.request_id].place(row)))
-        return {
-            request_id: _RequestPlan(
+        plans = {}
+        for request_id, placed in by_request.items():
+            attention = [_row_attention(i, ctx) for i, ctx in placed]
+            plans[request_id] = _RequestPlan(
                 rows=torch.tensor([i for i, _ in placed]),
                 slots=torch.tensor([ctx.slot for _, ctx in placed]),
-                attention=[_row_attention(i, ctx) for i, ctx in placed],
+                attention=attention,
+                prefill_start=_prefill_start([rows[i] for i, _ in placed], attention),
             )
-            for request_id, placed in by_request.items()
-        }
+        return plans
 
     def _writer(self, plans: dict[str, _RequestPlan], layer: int):
         def write_kv(k: torch.Tensor, v: torch.Tensor) -> None:  # [n, g, d] each
@@ -144,10 +150,21 @@ class StageRunner:
             out = torch.empty(q.shape[0], a.num_kv_heads, a.rep, a.head_dim, dtype=q.dtype)
             for request_id, plan in plans.items():
                 cache = self.kv[request_id]
-                tree_attention(q, cache.k[layer], cache.v[layer], plan.attention, a, out)
+                if self._distr(plan):
+                    end = plan.prefill_start + len(plan.rows)  # keys [0, end): the prefix and the chunk itself
+                    chunk = distr_attention(q[plan.rows], cache.k[layer, :end], cache.v[layer, :end], self.attention,
+                                            causal=True, q_offset=plan.prefill_start)  # [m, h, d]
+                    out[plan.rows] = chunk.view(-1, a.num_kv_heads, a.rep, a.head_dim)
+                else:
+                    tree_attention(q, cache.k[layer], cache.v[layer], plan.attention, a, out)
             return out.view(q.shape[0], -1)
 
         return attend
+
+    def _distr(self, plan: _RequestPlan) -> bool:
+        """DistrAttention only for prefill chunks of at least one query block; all else stays exact."""
+        cfg = self.attention
+        return cfg.kind == "distr" and plan.prefill_start is not None and len(plan.rows) >= cfg.block_rows
 
     def _targets(self, rows: list[Row], x: torch.Tensor) -> list[int]:
         """Target token after each row that asked for one (-1 elsewhere)."""
@@ -164,6 +181,17 @@ class StageRunner:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head for hidden states [n, H] -> [n, V] (last stage only)."""
         return linear(rms_norm(x, self.weights.final_norm, self.arch.rms_eps), self.weights.lm_head)
+
+
+def _prefill_start(rows: list[Row], attention: list[RowAttention]) -> int | None:
+    """Position of the first row if the rows are a prefill chunk: committed, at consecutive positions,
+    each attending the prefix slice up to itself. Otherwise None."""
+    start = rows[0].position
+    chunk = all(
+        row.committed and row.position == start + i and att.context is None and att.length == start + i + 1
+        for i, (row, att) in enumerate(zip(rows, attention))
+    )
+    return start if chunk else None
 
 
 def _row_attention(row: int, ctx: RowContext) -> RowAttention:

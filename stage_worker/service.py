@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from shared.batch import MicroBatch, PipelineEvent, Row
-from shared.config import SamplingParams
+from shared.config import AttentionConfig, SamplingParams
 from shared.errors import SpecPipeError
 from shared.messages import StageErrorMsg, StepMsg, VerifyMsg
 from shared.redis_io import RedisConfig, connect, decode_or_log, publish, read, stage_name, start_heartbeat
@@ -145,9 +145,12 @@ class StageService:
             self.finished.discard(rid)
 
 
-def build_runner(model_dir, arch, rank: int, world: int, dtype: torch.dtype) -> StageRunner:
+def build_runner(
+    model_dir, arch, rank: int, world: int, dtype: torch.dtype, attention: AttentionConfig = AttentionConfig()
+) -> StageRunner:
     from shared.config import split_layers
     from stage_worker.weights import load_stage_weights
 
+    attention.check_head_dim(arch.head_dim)  # before any weights are read
     start, end = split_layers(arch.num_layers, world)[rank]
-    return StageRunner(arch, load_stage_weights(model_dir, arch, start, end, dtype))
+    return StageRunner(arch, load_stage_weights(model_dir, arch, start, end, dtype), attention)

@@ -95,3 +95,20 @@ def test_page_updates_live_in_a_headless_browser(gateway, tmp_path) -> None:
         stop.set()
         for t in threads:
             t.join(timeout=60)
+
+
+def test_approximate_attention_is_announced_everywhere(gw_tmp, tiny_dir, cluster, gateway) -> None:
+    from tests.gateway.conftest import Gateway
+
+    approx = Gateway(gw_tmp, tiny_dir, cluster.cfg.prefix, "--attention", "distr", name="distr")
+    try:
+        with httpx.Client(base_url=approx.url, timeout=30) as c:
+            models = c.get("/v1/models")
+            assert models.headers["x-specpipe-attention"] == "distr; approximate"
+            assert models.json()["data"][0]["exact_output"] is False
+            assert c.get("/dashboard/data").json()["exact"] is False  # the page shows its banner
+            assert "approximate attention" in c.get("/dashboard").text.lower()
+    finally:
+        approx.close()
+    exact = httpx.get(gateway.url + "/v1/models", timeout=30)
+    assert exact.headers["x-specpipe-attention"] == "exact" and exact.json()["data"][0]["exact_output"] is True

@@ -1,0 +1,120 @@
+"""Section 3 (modeled): many requests, SpecPipe-DB against plain PP with continuous batching.
+
+Both policies serve the same requests through the in-process executor with
+the scheduler's dynamic batching (a micro-batch mixes requests up to the token
+budget; SpecPipe-DB narrows the tree as the batch fills), and the cost model
+times every step. Loads: fixed concurrency (closed loop: a new request the
+moment one finishes) and Poisson arrivals at rates set as fractions of plain
+PP's saturated throughput (so the sweep means the same thing on any hardware).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.costmodel import CostModel
+from benchmarks.timeline import ModeledRun, StepClock, run_modeled
+from scheduler.scheduler import Request
+from shared.config import EngineConfig, PolicyConfig, SamplingParams
+from specpipe.engine import SimulationConfig, build_pipeline
+
+
+@dataclass(frozen=True)
+class LoadModelConfig:
+    model: str
+    draft: str
+    stages: int
+    width: int
+    refill_depth: int
+    max_new_tokens: int
+    requests: int  # requests per load point
+    concurrency: tuple[int, ...]
+    rate_fractions: tuple[float, ...]  # Poisson rates as fractions of pp's saturated request rate
+    runs_dir: Path
+    seed: int = 0
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def _summary(run: ModeledRun) -> dict:
+    gaps = [g for t in run.requests.values() for g in t.gaps]
+    ttft = [t.ttft for t in run.requests.values() if t.token_times]
+    return {
+        "tokens": run.tokens, "steps": run.steps, "seconds": run.seconds,
+        "tokens_per_s": run.tokens / run.seconds if run.seconds else 0.0,
+        "tokens_per_step": run.tokens / run.steps if run.steps else 0.0,
+        "tbt_s": {"mean": statistics.mean(gaps) if gaps else None, "p50": pct(gaps, 50), "p99": pct(gaps, 99)},
+        "ttft_s": {"mean": statistics.mean(ttft) if ttft else None, "p50": pct(ttft, 50), "p99": pct(ttft, 99)},
+        "draft_bound_steps": run.draft_bound_steps,
+        "outputs": dict(sorted(run.outputs.items())),
+    }
+
+
+def run_point(cfg: LoadModelConfig, cost: CostModel, prompts: list[list[int]], policy: str,
+              concurrency: int | None = None, rate: float | None = None) -> dict:
+    """One load point for one policy (cached as JSON)."""
+    label = f"c{concurrency}" if concurrency else f"r{rate:.4g}"
+    path = cfg.runs_dir / f"load-{policy}-N{cfg.stages}-{label}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    sim = SimulationConfig(cfg.model, cfg.draft, PolicyConfig(policy, cfg.stages, cfg.width, refill_depth=cfg.refill_depth),
+                           EngineConfig(max_new_tokens=cfg.max_new_tokens))
+    pipe, _, arch = build_pipeline(sim, trace_limit=2)
+    requests = [Request(f"q{i}", tuple(prompts[i % len(prompts)]), SamplingParams(), cfg.max_new_tokens)
+                for i in range(cfg.requests)]
+    arrivals = None
+    if rate:
+        rng, t = random.Random(cfg.seed), 0.0
+        arrivals = [t := t + rng.expovariate(rate) for _ in requests]
+    run = run_modeled(pipe, StepClock(cost, policy, arch.num_layers, cfg.stages), requests, arrivals, concurrency)
+    point = {"policy": policy, "concurrency": concurrency, "rate": rate, **_summary(run)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(point))
+    return point
+
+
+def run_all(cfg: LoadModelConfig, cost: CostModel, prompts: list[list[int]], log=print) -> list[dict]:
+    points = []
+    for c in cfg.concurrency:
+        for policy in ("pp", "specpipe"):
+            log(f"  load (modeled, N={cfg.stages}): {policy} concurrency {c}")
+            points.append(run_point(cfg, cost, prompts, policy, concurrency=c))
+    saturated = max(p["tokens_per_s"] for p in points if p["policy"] == "pp") / cfg.max_new_tokens  # requests/s
+    for fraction in cfg.rate_fractions:
+        for policy in ("pp", "specpipe"):
+            log(f"  load (modeled, N={cfg.stages}): {policy} Poisson {fraction:.2f} x pp's saturation")
+            point = run_point(cfg, cost, prompts, policy, rate=fraction * saturated)
+            points.append({**point, "rate_fraction": fraction})
+    return points
+
+
+def compare(points: list[dict]) -> list[dict]:
+    """specpipe / pp at each load point: throughput ratio, TBT ratio, identical outputs."""
+    out = []
+    key = lambda p: (p["concurrency"], p.get("rate_fraction"))  # noqa: E731
+    pp = {key(p): p for p in points if p["policy"] == "pp"}
+    for p in points:
+        if p["policy"] != "specpipe" or key(p) not in pp:
+            continue
+        base = pp[key(p)]
+        out.append({
+            "concurrency": p["concurrency"], "rate_fraction": p.get("rate_fraction"), "rate": p["rate"],
+            "throughput": {"pp": base["tokens_per_s"], "specpipe": p["tokens_per_s"]},
+            "tokens_per_step": {"pp": base["tokens_per_step"], "specpipe": p["tokens_per_step"]},
+            "tbt_mean": {"pp": base["tbt_s"]["mean"], "specpipe": p["tbt_s"]["mean"]},
+            "tbt_p99": {"pp": base["tbt_s"]["p99"], "specpipe": p["tbt_s"]["p99"]},
+            "ttft_p50": {"pp": base["ttft_s"]["p50"], "specpipe": p["ttft_s"]["p50"]},
+            "throughput_ratio": p["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None,
+            "tbt_ratio": base["tbt_s"]["mean"] / p["tbt_s"]["mean"] if p["tbt_s"]["mean"] else None,
+            "identical": p["outputs"] == base["outputs"],
+        })
+    return out

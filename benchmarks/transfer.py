@@ -1,0 +1,88 @@
+"""Stage-to-stage transfer time of n rows, measured with the stage workers' own ActivationLink.
+
+Two processes (ranks 0 and 1, gloo on CPU / NCCL on CUDA, loopback): rank 0
+sends a micro-batch of n rows (header + metadata + [n, hidden] states), rank 1
+receives it and answers with a one-element ack. One-way time(n) =
+round trip(n) - round trip(0) / 2 (the ack leg is the empty round trip's half).
+
+    python -m benchmarks.transfer --hidden 1536   # prints the table as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from benchmarks.costmodel import Table1D
+from shared.batch import MicroBatch, Row
+from specpipe.cluster import free_port
+from stage_worker.link import ActivationLink, LinkConfig
+
+
+def _batch(n: int, hidden: int, dtype: torch.dtype) -> MicroBatch:
+    rows = [Row("r", i, -1, 100 + i, 1, False, True) for i in range(n)]
+    return MicroBatch(0, rows, torch.randn(n, hidden, dtype=dtype))
+
+
+def _rank(rank: int, port: int, hidden: int, rows: list[int], repeats: int, device: str) -> None:
+    dev = torch.device(device)
+    link = ActivationLink(LinkConfig(rank, 2, master_port=port), dev, torch.float32, hidden)
+    ack = torch.zeros(1, device=dev)
+    result = {}
+    for n in [0, *rows]:
+        batch = _batch(n, hidden, torch.float32)
+        times = []
+        for step in range(1, repeats + 2):
+            if rank == 0:
+                t0 = time.perf_counter()
+                link.send(step, batch, {"r": 0})
+                dist.recv(ack, 1)
+                times.append(time.perf_counter() - t0)
+            else:
+                link.recv(step + 1, {0: "r"})
+                dist.send(ack, 0)
+        result[n] = sorted(times[1:])[len(times[1:]) // 2] if rank == 0 else 0.0
+    link.close()
+    if rank == 0:
+        empty = result.pop(0)
+        print(json.dumps({"rows": rows, "seconds": [max(result[n] - empty / 2, 0.0) for n in rows]}))
+
+
+def measure_transfer(hidden: int, rows: tuple[int, ...], repeats: int = 20, device: str = "cpu",
+                     port: int | None = None) -> Table1D:
+    """Run the two ranks as subprocesses and read rank 0's table."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "benchmarks.transfer", "--hidden", str(hidden), "--port", str(port),
+           "--repeats", str(repeats), "--device", device, "--rows", *map(str, rows)]
+    peer = subprocess.Popen([*cmd, "--rank", "1"], stdout=subprocess.DEVNULL)
+    try:
+        out = subprocess.run([*cmd, "--rank", "0"], capture_output=True, text=True, timeout=600, check=True)
+    finally:
+        peer.wait(timeout=60)
+    return Table1D(**json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.transfer")
+    p.add_argument("--hidden", type=int, required=True)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--rank", type=int)
+    p.add_argument("--port", type=int)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    if a.rank is None:
+        print(json.dumps(measure_transfer(a.hidden, tuple(a.rows), a.repeats, a.device, a.port).__dict__))
+    else:
+        _rank(a.rank, a.port, a.hidden, a.rows, a.repeats, a.device)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""The benchmark harness's modeled time: cost tables, step durations, single-request TBT, load points."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.costmodel import CostModel, ModelCost, Table1D, Table2D
+from benchmarks.load_model import LoadModelConfig, compare
+from benchmarks.load_model import run_all as load_all
+from benchmarks.tbt import TbtConfig, Workload, occupancy_columns, run_all, summarize, timed
+from shared.config import SamplingParams
+
+LAYER_S, HEAD_S, XFER_S, DRAFT_LAYER_S = 0.010, 0.004, 0.001, 0.002
+PROMPT = [5, 17, 99, 3, 5, 17, 42, 7]
+
+
+def _flat(seconds: float, rows=(1, 64), context=(16, 4096)) -> Table2D:
+    return Table2D(list(rows), list(context), [[seconds] * len(context) for _ in rows])
+
+
+def _cost(draft: bool) -> CostModel:
+    target = ModelCost("t", 8, _flat(LAYER_S), Table1D([1, 64], [HEAD_S, HEAD_S]))
+    drafter = ModelCost("d", 8, _flat(DRAFT_LAYER_S), Table1D([1, 64], [0.0, 0.0])) if draft else None
+    return CostModel(target, drafter, Table1D([1, 64], [XFER_S, XFER_S]), {"what": "test"})
+
+
+INTERP = {"between": (2.5, 100, 2.5), "below": (0.5, 100, 0.5), "beyond": (5.0, 100, 5.0), "context": (2, 150, 2.5)}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("case", list(INTERP))
+def test_tables_interpolate_between_measured_points(case) -> None:
+    n, length, expected = INTERP[case]
+    table = Table2D([1, 4], [100, 200], [[1.0, 2.0], [4.0, 5.0]])  # seconds = n + (L - 100) / 100
+    assert table(n, length) == pytest.approx(expected)
+
+
+@pytest.mark.unit
+def test_cost_model_round_trips_through_json(tmp_path) -> None:
+    cost = _cost(draft=True)
+    cost.save(tmp_path / "c.json")
+    assert CostModel.load(tmp_path / "c.json") == cost
+
+
+@pytest.mark.unit
+def test_modeled_tbt_of_pp_is_n_stage_steps_and_specpipe_is_faster(tiny_dir, tmp_path) -> None:
+    stages = 4
+    cfg = TbtConfig(str(tiny_dir), str(tiny_dir), (stages,), {"greedy": SamplingParams()}, 12, 3, 3, 3, tmp_path)
+    rows = timed(run_all(cfg, [Workload("w", [("p", PROMPT)])], log=lambda _: None), _cost(draft=True))
+    pp = next(r for r in rows if r["policy"] == "pp")
+    per_step = 2 * LAYER_S + XFER_S  # 8 layers over 4 stages; the last stage adds the head
+    assert pp["steps"] == (pp["tokens"] - 1) * stages
+    assert pp["tbt_s"] == pytest.approx(stages * per_step + HEAD_S, rel=1e-9)
+    [summary] = summarize(rows)
+    assert summary["identical"] and summary["speedup_vs_pp"] > 1.5  # a perfect draft: hits every level
+    assert (tmp_path / f"tbt-specpipe-N{stages}-greedy.json").exists()  # cached for a resumed run
+    grids = occupancy_columns(cfg, PROMPT, stages, steps=12)
+    busy = {p: sum(bool(cells) for c in g for cells in c["stages"]) for p, g in grids.items()}
+    assert busy["pp"] <= 12 < busy["specpipe"]  # pp keeps one stage of four busy
+
+
+@pytest.mark.unit
+def test_load_points_are_lossless_and_batching_raises_throughput(tiny_dir, tmp_path) -> None:
+    cfg = LoadModelConfig(str(tiny_dir), str(tiny_dir), 4, 3, 3, 10, 6, (1, 4), (0.5,), tmp_path)
+    points = load_all(cfg, _cost(draft=True), [PROMPT, PROMPT[2:]], log=lambda _: None)
+    rows = compare(points)
+    assert len(rows) == 3 and all(r["identical"] for r in rows)
+    by_c = {r["concurrency"]: r for r in rows if r["concurrency"]}
+    assert by_c[4]["throughput"]["pp"] > by_c[1]["throughput"]["pp"]  # continuous batching fills the pipe
+    assert by_c[1]["throughput_ratio"] > 1.5  # one request: speculation fills the idle stages
+    assert all(p["tokens"] == 6 * 10 for p in points)
