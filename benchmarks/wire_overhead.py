@@ -56,28 +56,47 @@ def run(args: argparse.Namespace) -> dict:
             redis_proc.terminate()
 
 
-def summarize(r, rcfg: RedisConfig, args: argparse.Namespace) -> dict:
+def step_rows(r, rcfg: RedisConfig, stages: int, first_step: int = 1,
+              last_step: int | None = None) -> list[tuple[float, float, float, int]]:
+    """(wall, slowest stage's compute, scheduler's own time, rows) per step in [first_step, last_step]
+    that every stage has reported, from the `timings:*` lists the scheduler and the stages push."""
     compute: dict[int, float] = defaultdict(float)
-    for k in range(args.stages):
+    reported: dict[int, int] = defaultdict(int)
+    for k in range(stages):
         for item in r.lrange(rcfg.key("timings", stage_name(k)), 0, -1):
             step, secs = item.decode().split(":")
             compute[int(step)] = max(compute[int(step)], float(secs))
+            reported[int(step)] += 1
     rows = []
     for item in r.lrange(rcfg.key("timings", "scheduler"), 0, -1):
         step, wall, own, n = item.decode().split(":")
-        if int(step) in compute:
-            rows.append((float(wall), compute[int(step)], float(own), int(n)))
+        s = int(step)
+        if s >= first_step and (last_step is None or s <= last_step) and reported[s] == stages:
+            rows.append((float(wall), compute[s], float(own), int(n)))
+    return rows
+
+
+def overhead(rows: list[tuple[float, float, float, int]]) -> dict:
+    """Per-step means and shares of a step's wall time: compute, scheduler, wire = wall - compute - scheduler."""
+    if not rows:
+        return {"steps": 0}
     wall = sum(w for w, _, _, _ in rows)
     comp = sum(c for _, c, _, _ in rows)
     own = sum(o for _, _, o, _ in rows)
     wire = [w - c - o for w, c, o, _ in rows]
     return {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {__import__('os').cpu_count()} cores",
-        "model": args.model, "stages": args.stages, "policy": args.policy, "steps": len(rows),
-        "mean_step_ms": 1000 * wall / len(rows), "mean_compute_ms": 1000 * comp / len(rows),
+        "steps": len(rows), "mean_step_ms": 1000 * wall / len(rows), "mean_compute_ms": 1000 * comp / len(rows),
         "mean_scheduler_ms": 1000 * own / len(rows), "mean_wire_ms": 1000 * statistics.fmean(wire),
         "p50_wire_ms": 1000 * statistics.median(wire),
         "wire_share": sum(wire) / wall, "scheduler_share": own / wall, "compute_share": comp / wall,
+    }
+
+
+def summarize(r, rcfg: RedisConfig, args: argparse.Namespace) -> dict:
+    return {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {__import__('os').cpu_count()} cores",
+        "model": args.model, "stages": args.stages, "policy": args.policy,
+        **overhead(step_rows(r, rcfg, args.stages)),
     }
 
 

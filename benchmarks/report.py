@@ -1,0 +1,222 @@
+"""`specpipe bench [--quick] [--out DIR]`: regenerate BENCHMARKS.md and its plots from scratch.
+
+Sections (each a module of this package):
+  1  single request: TBT of pp / tree / specpipe at N = 2, 4, 8, steps counted with the
+     real models and timed with every cost model (tbt.py, costmodel.py, timeline.py);
+     the same on the real services with 2 stage processes (serving.py)
+  2  against what users run instead: transformers generate / assisted generation (serving.py)
+  3  many requests: SpecPipe-DB vs PP with continuous batching, modeled at 8 stages
+     (load_model.py) and on the real services (serving.py)
+  4  resources: peak memory per stage process, wire overhead share (serving.py)
+  5  DistrAttention (attention.py)
+Runs are cached under OUT/bench/runs (an interrupted run resumes with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from benchmarks import attention, plots, serving, tbt
+from benchmarks.costmodel import SHAPES, CostModel, MeasureConfig, measure_model, provenance
+from benchmarks.load_model import LoadModelConfig, compare
+from benchmarks.load_model import run_all as load_all
+from benchmarks.report_md import render
+from benchmarks.transfer import measure_transfer
+from shared.config import ModelArch, SamplingParams
+from shared.errors import ConfigError
+from shared.model_store import load_tokenizer, resolve_model
+from specpipe.prompts import encode_chat, read_prompts
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ROOT.parent / "shared" / "data" / "prompts"
+COSTS = Path(__file__).resolve().parent / "costs"
+SAMPLINGS = {"greedy": SamplingParams(), "t1": SamplingParams(temperature=1.0, seed=0)}
+SECTIONS = ("tbt", "load", "serving", "attention")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    out: Path
+    quick: bool
+    model: str
+    draft: str
+    workloads: tuple[Path, ...]
+    prompts_per_workload: int
+    max_new_tokens: int
+    stages: tuple[int, ...]
+    samplings: tuple[str, ...]
+    width: int
+    depth: int
+    refill_depth: int
+    cost_models: tuple[Path, ...]  # stored cost models; the first is measured here if it is missing
+    measure: MeasureConfig
+    load_stages: int
+    load_requests: int
+    load_tokens: int
+    load_concurrency: tuple[int, ...]
+    load_rate_fractions: tuple[float, ...]
+    sections: tuple[str, ...] = SECTIONS
+
+
+def quick_config(out: Path) -> BenchConfig:
+    """A few minutes on 2 cores: smollm2-135m with n-gram drafts, short outputs."""
+    return BenchConfig(
+        out=out, quick=True, model="smollm2-135m", draft="ngram",
+        workloads=tuple(PROMPTS / f for f in ("mt_bench.jsonl", "alpaca.jsonl", "sum.jsonl")),
+        prompts_per_workload=1, max_new_tokens=24, stages=(2, 4), samplings=("greedy",), width=4, depth=3,
+        refill_depth=3, cost_models=(out / "bench" / "runs" / "cpu-smollm2-135m.json",),
+        measure=MeasureConfig(rows=(1, 8, 64), context=(128, 1024), repeats=3),
+        load_stages=4, load_requests=8, load_tokens=16, load_concurrency=(1, 4), load_rate_fractions=(0.5,))
+
+
+def full_config(out: Path) -> BenchConfig:
+    """The report: the Qwen2.5-Coder 1.5B / 0.5B pair (hours on this 2-core CPU; resumable)."""
+    gpu = COSTS / "gpu-llama-70b.json"
+    return BenchConfig(
+        out=out, quick=False, model="qwen2.5-coder-1.5b", draft="qwen2.5-coder-0.5b",
+        workloads=tuple(PROMPTS / f for f in ("mt_bench.jsonl", "alpaca.jsonl", "sum.jsonl")),
+        prompts_per_workload=2, max_new_tokens=64, stages=(2, 4, 8), samplings=("greedy", "t1"), width=8, depth=4,
+        refill_depth=7,
+        cost_models=(COSTS / "cpu-qwen2.5-coder.json", *((gpu,) if gpu.exists() else ())),
+        measure=MeasureConfig(), load_stages=8, load_requests=16, load_tokens=32,
+        load_concurrency=(1, 2, 4, 8, 16), load_rate_fractions=(0.25, 0.5, 1.0))
+
+
+# ---- cost models ------------------------------------------------------------------------------
+
+
+def _arch(name: str) -> ModelArch:
+    """A model's shape: a named shape (SHAPES) or a model's own config."""
+    return SHAPES[name] if name in SHAPES else ModelArch.from_model_dir(resolve_model(name))
+
+
+def measure_costs(model: str, draft: str, cfg: MeasureConfig) -> CostModel:
+    """Measure target, draft (unless n-gram) and transfer on this machine."""
+    arch = _arch(model)
+    target = measure_model(model, arch, cfg)
+    drafter = None if draft == "ngram" else measure_model(draft, _arch(draft), cfg)
+    transfer = measure_transfer(arch.hidden_size, cfg.rows, device=cfg.device)
+    return CostModel(target, drafter, transfer, provenance(cfg, f"{model} target, {draft} draft"))
+
+
+def costs_main(argv: list[str]) -> int:
+    """`specpipe bench costs`: measure a cost model and store it as JSON."""
+    p = argparse.ArgumentParser(prog="specpipe bench costs")
+    p.add_argument("--model", default="qwen2.5-coder-1.5b", help=f"a model, or a shape: {', '.join(SHAPES)}")
+    p.add_argument("--draft", default="qwen2.5-coder-0.5b", help="a model, a shape, or ngram")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the paper's setting: --model llama-70b "
+                   "--draft llama-1b --device cuda --dtype bfloat16)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", type=Path, default=COSTS / "cpu-qwen2.5-coder.json")
+    a = p.parse_args(argv)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device here")
+    measure_costs(a.model, a.draft, replace(MeasureConfig(), device=a.device, dtype=a.dtype)).save(a.out)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def cost_models(cfg: BenchConfig, log) -> list[CostModel]:
+    first = cfg.cost_models[0]
+    if not first.exists():
+        log(f"measuring the cost model {first.name} (target, draft, transfer) ...")
+        first.parent.mkdir(parents=True, exist_ok=True)
+        measure_costs(cfg.model, cfg.draft, cfg.measure).save(first)
+    return [CostModel.load(p) for p in cfg.cost_models if p.exists()]
+
+
+# ---- sections ---------------------------------------------------------------------------------
+
+
+def workloads(cfg: BenchConfig) -> list[tbt.Workload]:
+    tokenizer = load_tokenizer(resolve_model(cfg.model))
+    return [tbt.Workload(path.stem, [(p.prompt_id, encode_chat(tokenizer, p.text))
+                                     for p in read_prompts(path, cfg.prompts_per_workload)])
+            for path in cfg.workloads]
+
+
+def run_tbt(cfg: BenchConfig, costs: list[CostModel], work: list[tbt.Workload], log) -> dict:
+    tcfg = tbt.TbtConfig(cfg.model, cfg.draft, cfg.stages, {s: SAMPLINGS[s] for s in cfg.samplings},
+                         cfg.max_new_tokens, cfg.width, cfg.depth, cfg.refill_depth, cfg.out / "bench" / "runs")
+    rows = tbt.run_all(tcfg, work, log)
+    summaries = [{"cost": c.provenance, "summary": tbt.summarize(tbt.timed(rows, c))} for c in costs]
+    best = max((x for x in summaries[0]["summary"] if x["stages"] == max(cfg.stages)),
+               key=lambda x: x["tokens_per_step"]["specpipe"])  # the workload where speculation shows most
+    prompt = next(w for w in work if w.name == best["workload"]).prompts[0]
+    grids = tbt.occupancy_columns(tcfg, prompt[1], max(cfg.stages))
+    plots.tbt_plot(summaries[0]["summary"], cfg.out / "bench" / "tbt.png", f"time between tokens, one request "
+                   f"({cfg.model}, cost model: {costs[0].provenance['what']})")
+    plots.occupancy_plot(grids, cfg.out / "bench" / "occupancy.png",
+                         f"stage x step occupancy, one request, N={max(cfg.stages)} ({cfg.model})")
+    return {"summaries": summaries, "occupancy": f"{best['workload']} prompt {prompt[0]}"}
+
+
+def run_load(cfg: BenchConfig, costs: list[CostModel], work: list[tbt.Workload], log) -> dict:
+    lcfg = LoadModelConfig(cfg.model, cfg.draft, cfg.load_stages, cfg.width, cfg.refill_depth, cfg.load_tokens,
+                           cfg.load_requests, cfg.load_concurrency, cfg.load_rate_fractions, cfg.out / "bench" / "runs")
+    prompts = [ids for w in work for _, ids in w.prompts]
+    rows = compare(load_all(lcfg, costs[0], prompts, log))
+    plots.throughput_plot(rows, cfg.out / "bench" / "throughput.png",
+                          f"many requests, modeled at {cfg.load_stages} stages ({cfg.model})")
+    return {"rows": rows, "stages": cfg.load_stages, "requests": cfg.load_requests, "tokens": cfg.load_tokens,
+            "cost": costs[0].provenance}
+
+
+def run_serving(cfg: BenchConfig) -> dict:
+    """Sections 1 (real), 2, 3 (real) and 4 on the distributed services (benchmarks/serving.py)."""
+    scfg = serving.quick_config() if cfg.quick else serving.full_config()
+    return serving.run_all(replace(scfg, log_dir=str(cfg.out / "bench" / "logs")), progress=True)
+
+
+def run(cfg: BenchConfig, log=print) -> Path:
+    (cfg.out / "bench").mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    results: dict = {"quick": cfg.quick, "model": cfg.model, "draft": cfg.draft}
+    costs = cost_models(cfg, log) if {"tbt", "load"} & set(cfg.sections) else []
+    work = workloads(cfg)
+    steps = {"tbt": lambda: run_tbt(cfg, costs, work, log), "load": lambda: run_load(cfg, costs, work, log),
+             "serving": lambda: run_serving(cfg), "attention": lambda: attention.run(cfg.quick)}
+    for name in cfg.sections:
+        log(f"section {name} ...")
+        results[name] = steps[name]()
+        (cfg.out / "bench" / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    results["seconds"] = time.time() - started
+    (cfg.out / "bench" / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    path = cfg.out / "BENCHMARKS.md"
+    path.write_text(render(results, cfg))
+    log(f"wrote {path} in {results['seconds'] / 60:.1f} min")
+    return path
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["attention"]:
+        return attention.main(argv[1:])
+    if argv[:1] == ["costs"]:
+        return costs_main(argv[1:])
+    p = argparse.ArgumentParser(prog="specpipe bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a few minutes: smollm2-135m, short outputs")
+    p.add_argument("--out", type=Path, help="BENCHMARKS.md goes here, plots and runs under OUT/bench "
+                   "(default: the repository for the full report, ./bench-quick with --quick)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--resume", action="store_true", help="keep OUT/runs from an interrupted run")
+    p.add_argument("--prompts", type=Path, nargs="+", help="JSONL prompt files ('turns' lists) instead of the "
+                   "three default workloads")
+    a = p.parse_args(argv)
+    out = a.out or (Path("bench-quick") if a.quick else ROOT)
+    if not a.resume and (out / "bench" / "runs").exists():
+        shutil.rmtree(out / "bench" / "runs")  # from scratch unless asked
+    cfg = (quick_config if a.quick else full_config)(out)
+    cfg = replace(cfg, sections=tuple(s for s in SECTIONS if s in a.sections),
+                  workloads=tuple(a.prompts) if a.prompts else cfg.workloads)
+    missing = [w for w in cfg.workloads if not w.exists()]
+    if missing:
+        raise ConfigError(f"prompt file not found: {missing[0]}")
+    run(cfg)
+    return 0
