@@ -19,7 +19,6 @@ from __future__ import annotations
 import bisect
 import datetime
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -191,11 +190,13 @@ def measure_model(name: str, arch: ModelArch, cfg: MeasureConfig) -> ModelCost:
 
 
 def provenance(cfg: MeasureConfig, what: str) -> dict:
-    device = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else platform.processor() or "cpu"
+    from benchmarks.load_gateway import machine
+
+    gpu = f", {torch.cuda.get_device_name()}" if cfg.device.startswith("cuda") else ""
     return {
         "what": what,
         "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {device}, {torch.get_num_threads()} torch threads",
+        "machine": f"{machine()}{gpu}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__, "device": cfg.device, "dtype": cfg.dtype,
         "method": (f"random weights of the real shapes; {cfg.layers} layers built and timed, per-layer time = "
                    f"total / {cfg.layers}; median of {cfg.repeats} forwards after a warm-up; "

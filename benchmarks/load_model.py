@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.costmodel import CostModel
+from benchmarks.tbt import digest
 from benchmarks.timeline import ModeledRun, StepClock, run_modeled
 from scheduler.scheduler import Request
 from shared.config import EngineConfig, PolicyConfig, SamplingParams
@@ -63,7 +64,7 @@ def run_point(cfg: LoadModelConfig, cost: CostModel, prompts: list[list[int]], p
               concurrency: int | None = None, rate: float | None = None) -> dict:
     """One load point for one policy (cached as JSON)."""
     label = f"c{concurrency}" if concurrency else f"r{rate:.4g}"
-    path = cfg.runs_dir / f"load-{policy}-N{cfg.stages}-{label}.json"
+    path = cfg.runs_dir / f"load-{policy}-N{cfg.stages}-{label}-{digest(cfg, prompts, cost.provenance)}.json"
     if path.exists():
         return json.loads(path.read_text())
     sim = SimulationConfig(cfg.model, cfg.draft, PolicyConfig(policy, cfg.stages, cfg.width, refill_depth=cfg.refill_depth),

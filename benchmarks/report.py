@@ -118,7 +118,9 @@ def costs_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device here")
-    measure_costs(a.model, a.draft, replace(MeasureConfig(), device=a.device, dtype=a.dtype)).save(a.out)
+    cost = measure_costs(a.model, a.draft, replace(MeasureConfig(), device=a.device, dtype=a.dtype))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    cost.save(a.out)
     print(f"wrote {a.out}")
     return 0
 
@@ -184,9 +186,15 @@ def run(cfg: BenchConfig, log=print) -> Path:
     steps = {"tbt": lambda: run_tbt(cfg, costs, work, log), "load": lambda: run_load(cfg, costs, work, log),
              "serving": lambda: run_serving(cfg), "attention": lambda: attention.run(cfg.quick)}
     for name in cfg.sections:
+        cached = cfg.out / "bench" / "runs" / f"section-{name}.json"  # kept by --resume, like every run
+        if cached.exists():
+            log(f"section {name}: from {cached}")
+            results[name] = json.loads(cached.read_text())
+            continue
         log(f"section {name} ...")
         results[name] = steps[name]()
-        (cfg.out / "bench" / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(results[name], default=str))
     results["seconds"] = time.time() - started
     (cfg.out / "bench" / "results.json").write_text(json.dumps(results, indent=1, default=str))
     path = cfg.out / "BENCHMARKS.md"
@@ -208,13 +216,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--resume", action="store_true", help="keep OUT/runs from an interrupted run")
     p.add_argument("--prompts", type=Path, nargs="+", help="JSONL prompt files ('turns' lists) instead of the "
                    "three default workloads")
+    p.add_argument("--prompts-per-workload", type=int, help="first K prompts of each file")
+    p.add_argument("--stages", type=int, nargs="+", help="stage counts of section 1")
+    p.add_argument("--samplings", nargs="+", choices=list(SAMPLINGS), help="section 1's sampling settings")
     a = p.parse_args(argv)
     out = a.out or (Path("bench-quick") if a.quick else ROOT)
     if not a.resume and (out / "bench" / "runs").exists():
         shutil.rmtree(out / "bench" / "runs")  # from scratch unless asked
     cfg = (quick_config if a.quick else full_config)(out)
     cfg = replace(cfg, sections=tuple(s for s in SECTIONS if s in a.sections),
-                  workloads=tuple(a.prompts) if a.prompts else cfg.workloads)
+                  workloads=tuple(a.prompts or cfg.workloads),
+                  prompts_per_workload=a.prompts_per_workload or cfg.prompts_per_workload,
+                  stages=tuple(a.stages or cfg.stages), samplings=tuple(a.samplings or cfg.samplings))
     missing = [w for w in cfg.workloads if not w.exists()]
     if missing:
         raise ConfigError(f"prompt file not found: {missing[0]}")

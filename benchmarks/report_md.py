@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import platform
 import time
 
 import torch
 
 from benchmarks import attention, serving
+from benchmarks.load_gateway import machine
 from benchmarks.tbt import POLICIES
 
 PAPER = {"vs_pp": (4.19, 5.53), "vs_tree": (2.08, 2.38), "throughput": (1.64, 2.08), "tbt_load": (1.61, 2.06)}
@@ -22,20 +22,20 @@ def _range(lo_hi: tuple[float, float]) -> str:
 
 
 def header(results: dict, cfg) -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    mode = "--quick" if cfg.quick else ""
+    command = "`specpipe bench --quick`" if cfg.quick else "`specpipe bench` (`make bench`)"
     return [
         "# SpecPipe Serve benchmarks", "",
-        f"Regenerate: `specpipe bench {mode}`{' (`make bench`)' if not cfg.quick else ''}. Generated "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} in {results.get('seconds', 0) / 60:.0f} min on "
-        f"{platform.machine()} {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, no GPU "
+        f"Regenerate: {command}; `--resume` keeps the runs under bench/runs. Written "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, torch {torch.__version__}, no GPU "
         "(the device tool lent none to this task, so no GPU cost model could be measured: the GPU rows are "
         "missing, not estimated).", "",
-        f"Models: target `{cfg.model}`, draft `{cfg.draft}`, fp32. Prompts: the first "
+        f"Sections in this report: {', '.join(s for s in cfg.sections if s in results)}. Every ratio below is "
+        "measured side by side in one run.", "",
+    ] + ([
+        f"Modeled sections: target `{cfg.model}`, draft `{cfg.draft}`, fp32. Prompts: the first "
         f"{cfg.prompts_per_workload} of each of {', '.join(w.stem for w in cfg.workloads)} (first turn, chat "
         f"template), {cfg.max_new_tokens} new tokens, width W={cfg.width}, tree depth {cfg.depth}, specpipe refill "
-        f"{cfg.refill_depth} levels. Every ratio below is measured side by side in one run.", "",
-    ]
+        f"{cfg.refill_depth} levels.", ""] if {"tbt", "load"} & set(results) else [])
 
 
 def tbt_section(r: dict) -> list[str]:

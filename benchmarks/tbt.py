@@ -9,6 +9,7 @@ new cost model re-times old runs without re-running the models.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from dataclasses import dataclass
@@ -43,6 +44,12 @@ class TbtConfig:
     runs_dir: Path
 
 
+def digest(*parts) -> str:
+    """A short name for what a cached run depends on (config and prompts): a changed setting is a new run."""
+    text = json.dumps([repr(p) for p in parts], sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
 def _pipeline(cfg: TbtConfig, policy: str, stages: int, occupancy: Occupancy | None = None):
     sim = SimulationConfig(cfg.model, cfg.draft,
                            PolicyConfig(policy, stages, cfg.width, cfg.depth, cfg.refill_depth),
@@ -54,7 +61,7 @@ def _pipeline(cfg: TbtConfig, policy: str, stages: int, occupancy: Occupancy | N
 
 def run_policy(cfg: TbtConfig, workloads: list[Workload], policy: str, stages: int, sampling: str) -> list[dict]:
     """Every prompt of every workload alone through one pipeline, step records kept; cached as JSON."""
-    path = cfg.runs_dir / f"tbt-{policy}-N{stages}-{sampling}.json"
+    path = cfg.runs_dir / f"tbt-{policy}-N{stages}-{sampling}-{digest(cfg, workloads)}.json"
     if path.exists():
         return json.loads(path.read_text())
     pipe, arch = _pipeline(cfg, policy, stages)

@@ -53,7 +53,7 @@ def test_modeled_tbt_of_pp_is_n_stage_steps_and_specpipe_is_faster(tiny_dir, tmp
     assert pp["tbt_s"] == pytest.approx(stages * per_step + HEAD_S, rel=1e-9)
     [summary] = summarize(rows)
     assert summary["identical"] and summary["speedup_vs_pp"] > 1.5  # a perfect draft: hits every level
-    assert (tmp_path / f"tbt-specpipe-N{stages}-greedy.json").exists()  # cached for a resumed run
+    assert len(list(tmp_path.glob(f"tbt-specpipe-N{stages}-greedy-*.json"))) == 1  # cached for a resumed run
     grids = occupancy_columns(cfg, PROMPT, stages, steps=12)
     busy = {p: sum(bool(cells) for c in g for cells in c["stages"]) for p, g in grids.items()}
     assert busy["pp"] <= 12 < busy["specpipe"]  # pp keeps one stage of four busy
