@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from specpipe.cluster import delete_keys, stop_processes
+from specpipe.cluster import delete_keys, free_port, stop_processes
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about pipelines.", "Explain speculative decoding.",
            "List three prime numbers.", "What does Redis do?", "Summarize the plot of Hamlet in one line."]
@@ -74,12 +73,6 @@ class Tally:
 
 
 # ---- the cluster -------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _check_loopback(url: str) -> None:
     host = urlparse(url).hostname or ""
     if not (host == "localhost" or host == "::1" or host.startswith("127.")):
@@ -95,9 +88,9 @@ class LocalCluster:
 
         extra = [*(("--max-queue", str(cfg.max_queue)) if cfg.max_queue else ()),
                  *(("--kv-slots", str(cfg.kv_slots)) if cfg.kv_slots else ())]
-        self.prefix, self.port = f"load-{uuid.uuid4().hex[:8]}", _free_port()
+        self.prefix, self.port = f"load-{uuid.uuid4().hex[:8]}", free_port()
         ccfg = ClusterConfig(model=cfg.model, stages=cfg.stages, redis_url=cfg.redis_url, prefix=self.prefix,
-                             master_port=_free_port(), port=self.port, extra=tuple(extra))
+                             master_port=free_port(), port=self.port, extra=tuple(extra))
         self.redis_url, self.url, self.log_dir = cfg.redis_url, f"http://127.0.0.1:{self.port}", log_dir
         self.redis_proc = ensure_redis(cfg.redis_url)
         env = dict(os.environ, PYTHONUNBUFFERED="1")

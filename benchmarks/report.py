@@ -27,7 +27,7 @@ from benchmarks import attention, plots, serving, tbt
 from benchmarks.costmodel import SHAPES, CostModel, MeasureConfig, measure_model, provenance
 from benchmarks.load_model import LoadModelConfig, compare
 from benchmarks.load_model import run_all as load_all
-from benchmarks.report_md import render
+from benchmarks.report_md import SECTIONS, render
 from benchmarks.transfer import measure_transfer
 from shared.config import ModelArch, SamplingParams
 from shared.errors import ConfigError
@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT.parent / "shared" / "data" / "prompts"
 COSTS = Path(__file__).resolve().parent / "costs"
 SAMPLINGS = {"greedy": SamplingParams(), "t1": SamplingParams(temperature=1.0, seed=0)}
-SECTIONS = ("tbt", "load", "serving", "attention")
 
 
 @dataclass(frozen=True)
@@ -148,11 +147,13 @@ def run_tbt(cfg: BenchConfig, costs: list[CostModel], work: list[tbt.Workload], 
     tcfg = tbt.TbtConfig(cfg.model, cfg.draft, cfg.stages, {s: SAMPLINGS[s] for s in cfg.samplings},
                          cfg.max_new_tokens, cfg.width, cfg.depth, cfg.refill_depth, cfg.out / "bench" / "runs")
     rows = tbt.run_all(tcfg, work, log)
-    summaries = [{"cost": c.provenance, "summary": tbt.summarize(tbt.timed(rows, c))} for c in costs]
+    layers = rows[0]["layers"]
+    summaries = [{"cost": c.provenance, "summary": tbt.summarize(tbt.timed(rows, c)),
+                  "pace": [tbt.pace(c, layers, n, cfg.width) for n in cfg.stages]} for c in costs]
     best = max((x for x in summaries[0]["summary"] if x["stages"] == max(cfg.stages)),
                key=lambda x: x["tokens_per_step"]["specpipe"])  # the workload where speculation shows most
     prompt = next(w for w in work if w.name == best["workload"]).prompts[0]
-    grids = tbt.occupancy_columns(tcfg, prompt[1], max(cfg.stages))
+    grids = tbt.occupancy_columns(tcfg, prompt[1], max(cfg.stages), cache=tcfg.runs_dir)
     plots.tbt_plot(summaries[0]["summary"], cfg.out / "bench" / "tbt.png", f"time between tokens, one request "
                    f"({cfg.model}, cost model: {costs[0].provenance['what']})")
     plots.occupancy_plot(grids, cfg.out / "bench" / "occupancy.png",
@@ -186,15 +187,17 @@ def run(cfg: BenchConfig, log=print) -> Path:
     steps = {"tbt": lambda: run_tbt(cfg, costs, work, log), "load": lambda: run_load(cfg, costs, work, log),
              "serving": lambda: run_serving(cfg), "attention": lambda: attention.run(cfg.quick)}
     for name in cfg.sections:
-        cached = cfg.out / "bench" / "runs" / f"section-{name}.json"  # kept by --resume, like every run
-        if cached.exists():
+        # tbt and load are assembled from their own cached runs; the other sections are cached whole
+        cached = cfg.out / "bench" / "runs" / f"section-{name}.json" if name in ("serving", "attention") else None
+        if cached and cached.exists():
             log(f"section {name}: from {cached}")
             results[name] = json.loads(cached.read_text())
             continue
         log(f"section {name} ...")
         results[name] = steps[name]()
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(results[name], default=str))
+        if cached:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(results[name], default=str))
     results["seconds"] = time.time() - started
     (cfg.out / "bench" / "results.json").write_text(json.dumps(results, indent=1, default=str))
     path = cfg.out / "BENCHMARKS.md"

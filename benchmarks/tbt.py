@@ -61,7 +61,9 @@ def _pipeline(cfg: TbtConfig, policy: str, stages: int, occupancy: Occupancy | N
 
 def run_policy(cfg: TbtConfig, workloads: list[Workload], policy: str, stages: int, sampling: str) -> list[dict]:
     """Every prompt of every workload alone through one pipeline, step records kept; cached as JSON."""
-    path = cfg.runs_dir / f"tbt-{policy}-N{stages}-{sampling}-{digest(cfg, workloads)}.json"
+    key = digest(cfg.model, cfg.draft, cfg.samplings[sampling], cfg.max_new_tokens, cfg.width, cfg.depth,
+                 cfg.refill_depth, workloads)  # what the run depends on (not the other stage counts)
+    path = cfg.runs_dir / f"tbt-{policy}-N{stages}-{sampling}-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
     pipe, arch = _pipeline(cfg, policy, stages)
@@ -127,8 +129,21 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def occupancy_columns(cfg: TbtConfig, prompt: list[int], stages: int, steps: int = 40) -> dict[str, list]:
+def pace(cost: CostModel, num_layers: int, stages: int, width: int, context: int = 512) -> dict:
+    """Why specpipe may be draft-bound: one drafted level (W rows) against one pipeline step at N stages."""
+    last = StepClock(cost, "specpipe", num_layers, stages).layers[-1]
+    step = cost.target.forward(1, context, last, head=True) + (cost.transfer(1) if stages > 1 else 0.0)
+    draft = cost.draft.forward(width, context) if cost.draft else 0.0
+    return {"stages": stages, "step_s": step, "draft_level_s": draft}
+
+
+def occupancy_columns(cfg: TbtConfig, prompt: list[int], stages: int, steps: int = 40,
+                      cache: Path | None = None) -> dict[str, list]:
     """The stage x step grid of one request under pp and specpipe (for the occupancy plot)."""
+    path = cache / f"occupancy-N{stages}-{digest(cfg.model, cfg.draft, cfg.width, cfg.refill_depth, prompt)}.json" \
+        if cache else None
+    if path and path.exists():
+        return json.loads(path.read_text())
     grids = {}
     for policy in ("pp", "specpipe"):
         occ = Occupancy(stages, keep=100_000)
@@ -137,4 +152,6 @@ def occupancy_columns(cfg: TbtConfig, prompt: list[int], stages: int, steps: int
         occ.flush()
         start = state.stats.first_decode_step
         grids[policy] = [c for c in occ.columns if c["step"] >= start][:steps]
+    if path:
+        path.write_text(json.dumps(grids))
     return grids

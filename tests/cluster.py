@@ -6,7 +6,6 @@ Every cluster uses its own key prefix and master port, and deletes its keys at t
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,10 @@ import uuid
 from pathlib import Path
 
 from shared.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
-from specpipe.cluster import delete_keys, stop_processes
+from specpipe.cluster import delete_keys, free_port, stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
