@@ -20,7 +20,7 @@ import bisect
 import datetime
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -107,6 +107,12 @@ class MeasureConfig:
     repeats: int = 5  # median of this many timed forwards after one warm-up
     device: str = "cpu"
     dtype: str = "float32"
+    draft_dtype: str | None = None  # None: the target's dtype
+
+    @property
+    def draft(self) -> MeasureConfig:
+        """The same settings with the draft's dtype (a bf16 draft stays lossless; the target verifies)."""
+        return replace(self, dtype=self.draft_dtype or self.dtype, draft_dtype=None)
 
 
 def _llama_shape(hidden: int, inter: int, layers: int, heads: int, kv: int) -> ModelArch:
@@ -197,7 +203,7 @@ def provenance(cfg: MeasureConfig, what: str) -> dict:
         "what": what,
         "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": f"{machine()}{gpu}, {torch.get_num_threads()} torch threads",
-        "torch": torch.__version__, "device": cfg.device, "dtype": cfg.dtype,
+        "torch": torch.__version__, "device": cfg.device, "dtype": cfg.dtype, "draft_dtype": cfg.draft.dtype,
         "method": (f"random weights of the real shapes; {cfg.layers} layers built and timed, per-layer time = "
                    f"total / {cfg.layers}; median of {cfg.repeats} forwards after a warm-up; "
                    "speculative sibling rows over a committed context filled first; "

@@ -37,6 +37,7 @@ class LoadModelConfig:
     rate_fractions: tuple[float, ...]  # Poisson rates as fractions of pp's saturated request rate
     runs_dir: Path
     seed: int = 0
+    draft_dtype: str = "float32"
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -67,8 +68,9 @@ def run_point(cfg: LoadModelConfig, cost: CostModel, prompts: list[list[int]], p
     path = cfg.runs_dir / f"load-{policy}-N{cfg.stages}-{label}-{digest(cfg, prompts, cost.provenance)}.json"
     if path.exists():
         return json.loads(path.read_text())
-    sim = SimulationConfig(cfg.model, cfg.draft, PolicyConfig(policy, cfg.stages, cfg.width, refill_depth=cfg.refill_depth),
-                           EngineConfig(max_new_tokens=cfg.max_new_tokens))
+    sim = SimulationConfig(cfg.model, cfg.draft,
+                           PolicyConfig(policy, cfg.stages, cfg.width, refill_depth=cfg.refill_depth),
+                           EngineConfig(max_new_tokens=cfg.max_new_tokens, draft_dtype=cfg.draft_dtype))
     pipe, _, arch = build_pipeline(sim, trace_limit=2)
     requests = [Request(f"q{i}", tuple(prompts[i % len(prompts)]), SamplingParams(), cfg.max_new_tokens)
                 for i in range(cfg.requests)]

@@ -29,7 +29,7 @@ from benchmarks.load_model import LoadModelConfig, compare
 from benchmarks.load_model import run_all as load_all
 from benchmarks.report_md import SECTIONS, render
 from benchmarks.transfer import measure_transfer
-from shared.config import ModelArch, SamplingParams
+from shared.config import DTYPES, ModelArch, SamplingParams
 from shared.errors import ConfigError
 from shared.model_store import load_tokenizer, resolve_model
 from specpipe.prompts import encode_chat, read_prompts
@@ -62,6 +62,7 @@ class BenchConfig:
     load_concurrency: tuple[int, ...]
     load_rate_fractions: tuple[float, ...]
     sections: tuple[str, ...] = SECTIONS
+    draft_dtype: str = "float32"  # the draft model's dtype in sections 1 and 3 (bfloat16 stays lossless)
 
 
 def quick_config(out: Path) -> BenchConfig:
@@ -76,16 +77,18 @@ def quick_config(out: Path) -> BenchConfig:
 
 
 def full_config(out: Path) -> BenchConfig:
-    """The report: the Qwen2.5-Coder 1.5B / 0.5B pair (hours on this 2-core CPU; resumable)."""
+    """The report: the Qwen2.5-Coder 1.5B / 0.5B pair (hours on this 2-core CPU, fp32 at about a second per
+    pipeline step; resumable). Sized to what that allows: one prompt per workload and 64 new tokens in
+    section 1, 8 requests of 32 tokens per load point in section 3; the CLI widens any of it."""
     gpu = COSTS / "gpu-llama-70b.json"
     return BenchConfig(
         out=out, quick=False, model="qwen2.5-coder-1.5b", draft="qwen2.5-coder-0.5b",
         workloads=tuple(PROMPTS / f for f in ("mt_bench.jsonl", "alpaca.jsonl", "sum.jsonl")),
-        prompts_per_workload=2, max_new_tokens=64, stages=(2, 4, 8), samplings=("greedy", "t1"), width=8, depth=4,
+        prompts_per_workload=1, max_new_tokens=64, stages=(2, 4, 8), samplings=("greedy",), width=8, depth=4,
         refill_depth=7,
         cost_models=(COSTS / "cpu-qwen2.5-coder.json", *((gpu,) if gpu.exists() else ())),
-        measure=MeasureConfig(), load_stages=8, load_requests=16, load_tokens=32,
-        load_concurrency=(1, 2, 4, 8, 16), load_rate_fractions=(0.25, 0.5, 1.0))
+        measure=MeasureConfig(), load_stages=8, load_requests=8, load_tokens=32,
+        load_concurrency=(2, 4, 8), load_rate_fractions=(0.5, 1.0))
 
 
 # ---- cost models ------------------------------------------------------------------------------
@@ -100,7 +103,7 @@ def measure_costs(model: str, draft: str, cfg: MeasureConfig) -> CostModel:
     """Measure target, draft (unless n-gram) and transfer on this machine."""
     arch = _arch(model)
     target = measure_model(model, arch, cfg)
-    drafter = None if draft == "ngram" else measure_model(draft, _arch(draft), cfg)
+    drafter = None if draft == "ngram" else measure_model(draft, _arch(draft), cfg.draft)
     transfer = measure_transfer(arch.hidden_size, cfg.rows, device=cfg.device)
     return CostModel(target, drafter, transfer, provenance(cfg, f"{model} target, {draft} draft"))
 
@@ -113,11 +116,13 @@ def costs_main(argv: list[str]) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda (the paper's setting: --model llama-70b "
                    "--draft llama-1b --device cuda --dtype bfloat16)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--draft-dtype", default=None, help="the draft's dtype (default: --dtype)")
     p.add_argument("--out", type=Path, default=COSTS / "cpu-qwen2.5-coder.json")
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device here")
-    cost = measure_costs(a.model, a.draft, replace(MeasureConfig(), device=a.device, dtype=a.dtype))
+    cost = measure_costs(a.model, a.draft, replace(MeasureConfig(), device=a.device, dtype=a.dtype,
+                                                   draft_dtype=a.draft_dtype))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     cost.save(a.out)
     print(f"wrote {a.out}")
@@ -130,7 +135,13 @@ def cost_models(cfg: BenchConfig, log) -> list[CostModel]:
         log(f"measuring the cost model {first.name} (target, draft, transfer) ...")
         first.parent.mkdir(parents=True, exist_ok=True)
         measure_costs(cfg.model, cfg.draft, cfg.measure).save(first)
-    return [CostModel.load(p) for p in cfg.cost_models if p.exists()]
+    costs = [CostModel.load(p) for p in cfg.cost_models if p.exists()]
+    for cost, path in zip(costs, cfg.cost_models):
+        p = cost.provenance
+        if cfg.draft != "ngram" and p.get("draft_dtype", p["dtype"]) != cfg.draft_dtype:
+            raise ConfigError(f"cost model {path.name} timed a {p.get('draft_dtype', p['dtype'])} draft, but this "
+                              f"run drafts in {cfg.draft_dtype}")
+    return costs
 
 
 # ---- sections ---------------------------------------------------------------------------------
@@ -145,7 +156,8 @@ def workloads(cfg: BenchConfig) -> list[tbt.Workload]:
 
 def run_tbt(cfg: BenchConfig, costs: list[CostModel], work: list[tbt.Workload], log) -> dict:
     tcfg = tbt.TbtConfig(cfg.model, cfg.draft, cfg.stages, {s: SAMPLINGS[s] for s in cfg.samplings},
-                         cfg.max_new_tokens, cfg.width, cfg.depth, cfg.refill_depth, cfg.out / "bench" / "runs")
+                         cfg.max_new_tokens, cfg.width, cfg.depth, cfg.refill_depth, cfg.out / "bench" / "runs",
+                         cfg.draft_dtype)
     rows = tbt.run_all(tcfg, work, log)
     layers = rows[0]["layers"]
     summaries = [{"cost": c.provenance, "summary": tbt.summarize(tbt.timed(rows, c)),
@@ -163,7 +175,8 @@ def run_tbt(cfg: BenchConfig, costs: list[CostModel], work: list[tbt.Workload], 
 
 def run_load(cfg: BenchConfig, costs: list[CostModel], work: list[tbt.Workload], log) -> dict:
     lcfg = LoadModelConfig(cfg.model, cfg.draft, cfg.load_stages, cfg.width, cfg.refill_depth, cfg.load_tokens,
-                           cfg.load_requests, cfg.load_concurrency, cfg.load_rate_fractions, cfg.out / "bench" / "runs")
+                           cfg.load_requests, cfg.load_concurrency, cfg.load_rate_fractions, cfg.out / "bench" / "runs",
+                           draft_dtype=cfg.draft_dtype)
     prompts = [ids for w in work for _, ids in w.prompts]
     rows = compare(load_all(lcfg, costs[0], prompts, log))
     plots.throughput_plot(rows, cfg.out / "bench" / "throughput.png",
@@ -222,6 +235,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--prompts-per-workload", type=int, help="first K prompts of each file")
     p.add_argument("--stages", type=int, nargs="+", help="stage counts of section 1")
     p.add_argument("--samplings", nargs="+", choices=list(SAMPLINGS), help="section 1's sampling settings")
+    p.add_argument("--draft-dtype", choices=DTYPES, default="float32",
+                   help="the draft model's dtype in sections 1 and 3, timed with a cost model measured so")
     a = p.parse_args(argv)
     out = a.out or (Path("bench-quick") if a.quick else ROOT)
     if not a.resume and (out / "bench" / "runs").exists():
@@ -231,6 +246,10 @@ def main(argv: list[str]) -> int:
                   workloads=tuple(a.prompts or cfg.workloads),
                   prompts_per_workload=a.prompts_per_workload or cfg.prompts_per_workload,
                   stages=tuple(a.stages or cfg.stages), samplings=tuple(a.samplings or cfg.samplings))
+    if a.draft_dtype != "float32":  # its own cost model: the draft measured in that dtype
+        first = cfg.cost_models[0]
+        cfg = replace(cfg, draft_dtype=a.draft_dtype, measure=replace(cfg.measure, draft_dtype=a.draft_dtype),
+                      cost_models=(first.with_name(f"{first.stem}-draft-{a.draft_dtype}.json"),))
     missing = [w for w in cfg.workloads if not w.exists()]
     if missing:
         raise ConfigError(f"prompt file not found: {missing[0]}")

@@ -19,6 +19,12 @@ def _ms(s: float | None) -> str:
     return "—" if s is None else f"{1000 * s:.1f}"
 
 
+def _draft_dtype(p: dict) -> str:
+    """', draft in bfloat16' when the draft was measured in another dtype than the target."""
+    draft = p.get("draft_dtype")
+    return f", draft in {draft}" if draft and draft != p["dtype"] else ""
+
+
 def _range(lo_hi: tuple[float, float]) -> str:
     return f"{lo_hi[0]:.2f}×–{lo_hi[1]:.2f}×"
 
@@ -36,7 +42,8 @@ def header(results: dict, cfg) -> list[str]:
            else "") + f"; stage counts {', '.join(map(str, cfg.stages))}; sampling {', '.join(cfg.samplings)}. "
         "Every ratio below is measured side by side in one run.", "",
     ] + ([
-        f"Modeled sections: target `{cfg.model}`, draft `{cfg.draft}`, fp32. Prompts: the first "
+        f"Modeled sections: target `{cfg.model}` (fp32), draft `{cfg.draft}`"
+        f"{'' if cfg.draft == 'ngram' else f' ({cfg.draft_dtype})'}. Prompts: the first "
         f"{cfg.prompts_per_workload} of each of {', '.join(w.stem for w in cfg.workloads)} (first turn, chat "
         f"template), {cfg.max_new_tokens} new tokens, width W={cfg.width}, tree depth {cfg.depth}, specpipe refill "
         f"{cfg.refill_depth} levels.", ""] if {"tbt", "load"} & set(results) else [])
@@ -53,7 +60,7 @@ def tbt_section(r: dict) -> list[str]:
     for block in r["summaries"]:
         p = block["cost"]
         lines += [f"**Cost model: {p['what']}**, measured {p['measured']} on {p['machine']} ({p['device']}, "
-                  f"{p['dtype']}); {p['method']}.", "",
+                  f"{p['dtype']}{_draft_dtype(p)}); {p['method']}.", "",
                   "| workload | sampling | N | tokens/step pp / tree / specpipe | TBT ms pp / tree / specpipe | "
                   "specpipe vs pp | specpipe vs tree | draft-bound | identical |",
                   "|---|---|---|---|---|---|---|---|---|"]

@@ -42,6 +42,12 @@ class TbtConfig:
     depth: int
     refill_depth: int
     runs_dir: Path
+    draft_dtype: str = "float32"
+
+    def draft_key(self, policy: str = "specpipe") -> tuple[str, ...]:
+        """The draft's part of a cached run's name: its dtype only when it is not the default (older runs keep
+        their names) and the policy drafts at all (pp's runs serve every draft dtype)."""
+        return (self.draft,) if self.draft_dtype == "float32" or policy == "pp" else (self.draft, self.draft_dtype)
 
 
 def digest(*parts) -> str:
@@ -53,7 +59,7 @@ def digest(*parts) -> str:
 def _pipeline(cfg: TbtConfig, policy: str, stages: int, occupancy: Occupancy | None = None):
     sim = SimulationConfig(cfg.model, cfg.draft,
                            PolicyConfig(policy, stages, cfg.width, cfg.depth, cfg.refill_depth),
-                           EngineConfig(max_new_tokens=cfg.max_new_tokens))
+                           EngineConfig(max_new_tokens=cfg.max_new_tokens, draft_dtype=cfg.draft_dtype))
     pipe, _, arch = build_pipeline(sim, trace_limit=2)
     pipe.occupancy = occupancy
     return pipe, arch
@@ -61,7 +67,7 @@ def _pipeline(cfg: TbtConfig, policy: str, stages: int, occupancy: Occupancy | N
 
 def run_policy(cfg: TbtConfig, workloads: list[Workload], policy: str, stages: int, sampling: str) -> list[dict]:
     """Every prompt of every workload alone through one pipeline, step records kept; cached as JSON."""
-    key = digest(cfg.model, cfg.draft, cfg.samplings[sampling], cfg.max_new_tokens, cfg.width, cfg.depth,
+    key = digest(cfg.model, *cfg.draft_key(policy), cfg.samplings[sampling], cfg.max_new_tokens, cfg.width, cfg.depth,
                  cfg.refill_depth, workloads)  # what the run depends on (not the other stage counts)
     path = cfg.runs_dir / f"tbt-{policy}-N{stages}-{sampling}-{key}.json"
     if path.exists():
@@ -140,8 +146,8 @@ def pace(cost: CostModel, num_layers: int, stages: int, width: int, context: int
 def occupancy_columns(cfg: TbtConfig, prompt: list[int], stages: int, steps: int = 40,
                       cache: Path | None = None) -> dict[str, list]:
     """The stage x step grid of one request under pp and specpipe (for the occupancy plot)."""
-    path = cache / f"occupancy-N{stages}-{digest(cfg.model, cfg.draft, cfg.width, cfg.refill_depth, prompt)}.json" \
-        if cache else None
+    key = digest(cfg.model, *cfg.draft_key(), cfg.width, cfg.refill_depth, prompt)
+    path = cache / f"occupancy-N{stages}-{key}.json" if cache else None
     if path and path.exists():
         return json.loads(path.read_text())
     grids = {}

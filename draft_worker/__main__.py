@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from draft_worker.service import DraftService, DraftServiceConfig
-from shared.config import ModelArch
+from shared.config import DTYPES, ModelArch
 from shared.model_store import resolve_model
 from shared.service_args import add_redis_args, redis_config, run_main, set_threads
 from specpipe.engine import load_draft
@@ -20,6 +20,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default="ngram", help="draft model name/path, or 'ngram'")
     p.add_argument("--name", default="")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="the draft model's dtype (bfloat16 stays lossless: the target verifies every token)")
     return p
 
 
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(args.threads)
         cfg = DraftServiceConfig(redis_config(args), args.name)
         target = ModelArch.from_model_dir(resolve_model(args.model))
-        DraftService(cfg, load_draft(args.draft, target, None, torch.float32)).run()
+        DraftService(cfg, load_draft(args.draft, target, None, getattr(torch, args.dtype))).run()
 
     return run_main(serve)
 

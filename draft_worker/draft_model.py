@@ -45,7 +45,7 @@ class DraftModelSource:
         self.forwards += 1
         self.rows_computed += len(rows)
         picked = torch.tensor([i for _, _, i in asked])
-        logprobs = torch.log_softmax(self.runner.logits(hidden[picked]), dim=-1)  # [m, V]
+        logprobs = torch.log_softmax(self.runner.logits(hidden[picked]).float(), dim=-1)  # [m, V], fp32 scores
         out = []
         for j, (rid, node_id, _) in enumerate(asked):
             values, tokens = torch.topk(logprobs[j], top_k[rid])

@@ -7,6 +7,7 @@ import argparse
 from scheduler.scheduler import Scheduler
 from scheduler.service import SchedulerService, SchedulerServiceConfig
 from shared.config import ModelArch
+from shared.errors import ConfigError
 from shared.model_store import resolve_model
 from shared.service_args import (
     add_model_args,
@@ -26,6 +27,8 @@ def parser() -> argparse.ArgumentParser:
     add_policy_args(p)
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--kv-slots", type=int, default=1 << 16)
+    p.add_argument("--draft-wait-ms", type=float, default=1000.0,
+                   help="wait up to this long for the draft's proposals before each step (0: never wait)")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds (tests)")
     return p
 
@@ -36,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     def serve() -> None:
         arch = ModelArch.from_model_dir(resolve_model(args.model))
         scheduler = Scheduler(policy_config(args), engine_config(args), context_limit=arch.max_positions)
-        cfg = SchedulerServiceConfig(redis_config(args), args.stages, args.max_queue, args.kv_slots)
+        if args.draft_wait_ms < 0:
+            raise ConfigError("--draft-wait-ms must be >= 0")
+        cfg = SchedulerServiceConfig(redis_config(args), args.stages, args.max_queue, args.kv_slots,
+                                     draft_wait_s=args.draft_wait_ms / 1000)
         SchedulerService(cfg, scheduler, frozenset(arch.eos_token_ids)).run(args.idle_exit)
 
     return run_main(serve)

@@ -2,7 +2,8 @@
 
 One step = one pipeline beat:
   1. the draft source answers every expansion job (in process: synchronously,
-     so the step sees a fully drafted tree; the distributed runtime does not wait),
+     so the step sees a fully drafted tree; the distributed runtime drafts the
+     next level while the stages compute and waits for it, bounded),
   2. the scheduler forms stage 0's micro-batch,
   3. every stage computes the micro-batch it received one step earlier,
   4. what leaves the last stage is verified, and the resulting prune/commit

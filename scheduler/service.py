@@ -3,10 +3,12 @@
 Loop, one pipeline step per iteration:
   1. read new requests (consumer group: a request is acknowledged only when it
      finished or failed), admit those whose KV fits, refuse past the queue limit,
-  2. publish draft expansion jobs and take whatever proposals have arrived
-     (the pipeline never waits for a draft),
+  2. take the draft's proposals: those of the jobs published during the last
+     step are waited for, at most `draft_wait_s` (a lost or slow draft only
+     lowers speculation); publish jobs for nodes that need this step's events,
   3. schedule() and publish the StepMsg (events of the last verification,
-     admitted requests, stage 0's rows),
+     admitted requests, stage 0's rows), then at once the jobs that expand the
+     level it sends, so the draft works while the stages compute,
   4. wait for the last stage's VerifyMsg of this step, verify, publish tokens.
 """
 
@@ -59,6 +61,10 @@ class SchedulerServiceConfig:
     max_queue: int = 256  # waiting requests beyond this are refused ("queue full" -> HTTP 429)
     kv_slots: int = 1 << 16  # KV slots per stage shared by admitted requests (admission control)
     verify_timeout_s: float = 120.0
+    # Before scheduling a step, wait up to this long for the proposals of the jobs published during the previous
+    # step (the draft expands level t while the stages compute step t, so a draft about as fast as a step is
+    # ready in time). 0 never waits: a draft slower than a step then never gets a level into the pipe.
+    draft_wait_s: float = 1.0
     stats_interval_s: float = 0.5  # how often the stats snapshot (metrics, dashboard) is rewritten
     group: str = "schedulers"
     consumer: str = "scheduler-0"
@@ -79,6 +85,7 @@ class SchedulerService:
         self.admitted: list[dict] = []  # admitted since the last StepMsg; stages register them first
         self.timings: list[str] = []  # "step:wall_s:own_cpu_s:rows", flushed in batches
         self.drafts_alive = True
+        self.awaiting: set[tuple[str, int]] = set()  # (request, node) of the jobs published since the last wait
         self.errors_last = "$"
         self.cancel_last = "$"
         self.occupancy = Occupancy(cfg.stages)
@@ -188,6 +195,7 @@ class SchedulerService:
         self.admitted, self.pending_events = [], []
         published = time.perf_counter()
         publish(self.r, self.cfg.redis.steps, msg)
+        self._publish_jobs(as_of_step=msg.step)  # the level just sent: drafted while the stages compute it
         verify = self._await_verify(msg.step)
         if verify is None:
             return
@@ -310,18 +318,38 @@ class SchedulerService:
 
     # ---- drafting ------------------------------------------------------------------------------
     def _draft_io(self) -> None:
+        """Take the proposals that arrived (waiting, bounded, for last step's jobs), then ask for new ones."""
         if self.scheduler.step % 16 == 0:  # a lost draft worker only lowers speculation
             self.drafts_alive = any_alive(self.r, self.cfg.redis, "draft-")
+        if not self.drafts_alive:
+            self.awaiting.clear()
+            return
+        deadline = time.monotonic() + self.cfg.draft_wait_s
+        self._take_proposals(block_ms=None)
+        while self.awaiting and (left := deadline - time.monotonic()) > 0:
+            self._take_proposals(block_ms=max(1, int(left * 1000)))
+        self.awaiting.clear()  # a job not answered in time is used whenever it arrives, never waited for again
+        # jobs that need this step's events (a refill after a miss): answered once its step record is out, and
+        # waited for before the next step, like the jobs for the level this step sends
+        self._publish_jobs(as_of_step=self.scheduler.step + 1)
+
+    def _publish_jobs(self, as_of_step: int) -> None:
+        """Expansion jobs for every node the scheduler wants drafted; the worker first applies step records up to
+        `as_of_step` (that record's events are the tree the job describes)."""
         if not self.drafts_alive:
             return
         for job in self.scheduler.expansion_jobs():
             state = self.scheduler.requests[job.request_id]
             nodes = [[n.node_id, n.parent_id, n.token, n.position, int(n.accepted)] for n in job.nodes]
-            msg = ExpansionJobMsg(job.request_id, self.scheduler.step + 1, job.text, nodes, job.top_k,
+            msg = ExpansionJobMsg(job.request_id, as_of_step, job.text, nodes, job.top_k,
                                   self.scheduler.kv_capacity(state.request))
             publish(self.r, self.cfg.redis.draft_jobs, msg)
-        for entry_id, raw in read(self.r, self.cfg.redis.proposals, self.proposals_last, block_ms=None):
+            self.awaiting.update((job.request_id, n.node_id) for n in job.nodes)  # answered during the next step
+
+    def _take_proposals(self, block_ms: int | None) -> None:
+        for entry_id, raw in read(self.r, self.cfg.redis.proposals, self.proposals_last, block_ms=block_ms):
             self.proposals_last = entry_id
             p = decode_or_log(raw, ProposalsMsg, "scheduler")
             if p is not None and len(p.tokens) == len(p.logprobs):
                 self.scheduler.add_proposals(p.request_id, p.node_id, list(zip(p.tokens, p.logprobs)))
+                self.awaiting.discard((p.request_id, p.node_id))

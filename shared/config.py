@@ -158,16 +158,25 @@ class PolicyConfig:
         return {"pp": 0, "tree": self.depth, "specpipe": self.refill_depth}[self.name]
 
 
+DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Limits shared by the scheduler and the stage runners."""
 
     prefill_chunk: int = 64  # prompt tokens per prefill micro-batch
     max_new_tokens: int = 128
-    dtype: str = "float32"
+    dtype: str = "float32"  # the target's weights, activations and KV (fp32: bit-identical to plain decoding)
     token_budget: int = 256  # rows per micro-batch across all requests (SpecPipe-DB)
+    # The draft only proposes, the target verifies: a bf16 draft stays lossless and halves the draft's memory
+    # traffic (a memory-bound draft is what paces SpecPipe when its forward is slower than a pipeline step).
+    draft_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        for name in ("dtype", "draft_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name} '{getattr(self, name)}': choose one of {', '.join(DTYPES)}")
         if self.prefill_chunk < 1:
             raise ConfigError("prefill_chunk must be >= 1")
         if self.token_budget < 1:

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from shared.config import ATTENTION_KINDS, POLICIES, AttentionConfig, EngineConfig, PolicyConfig
+from shared.config import ATTENTION_KINDS, DTYPES, POLICIES, AttentionConfig, EngineConfig, PolicyConfig
 from shared.errors import SpecPipeError
 from shared.redis_io import RedisConfig
 
@@ -25,7 +25,7 @@ def add_redis_args(p: argparse.ArgumentParser) -> None:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model name or local Hugging Face folder")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core)")
 
 

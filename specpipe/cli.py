@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from shared.config import POLICIES, EngineConfig, PolicyConfig, SamplingParams
+from shared.config import DTYPES, POLICIES, EngineConfig, PolicyConfig, SamplingParams
 from shared.errors import SpecPipeError
 from shared.service_args import add_attention_args, attention_config
 
@@ -26,6 +26,8 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--depth", type=int, default=4, help="tree policy: levels per round")
     p.add_argument("--refill-depth", type=int, default=4, help="specpipe: drafted levels in a refill")
     p.add_argument("--branch", type=int, default=4, help="draft proposals per expanded node")
+    p.add_argument("--draft-dtype", choices=DTYPES, default="float32",
+                   help="the draft model's dtype (bfloat16 stays lossless: the fp32 target verifies)")
     p.add_argument("--prompts", type=Path, help="JSONL file with a 'turns' list per line")
     p.add_argument("--limit", type=int)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -84,7 +86,8 @@ def _simulate(args: argparse.Namespace) -> int:
         model=args.model,
         draft=args.draft,
         policy=PolicyConfig(args.policy, args.stages, args.width, args.depth, args.refill_depth, args.branch),
-        engine=EngineConfig(prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens),
+        engine=EngineConfig(prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens,
+                            draft_dtype=args.draft_dtype),
         cache_dir=args.cache_dir,
         attention=attention_config(args),
     )

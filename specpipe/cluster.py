@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.config import AttentionConfig
+from shared.config import DTYPES, AttentionConfig
 from shared.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
 from shared.service_args import add_attention_args, attention_config
 
@@ -38,6 +38,7 @@ class ClusterConfig:
     port: int = 8000  # gateway
     extra: tuple[str, ...] = field(default_factory=tuple)
     attention: AttentionConfig = AttentionConfig()  # the stages' prefill attention; the gateway reports it
+    draft_dtype: str = "float32"  # the draft workers' model dtype (bfloat16 stays lossless)
 
     def attention_args(self) -> list[str]:
         a = self.attention
@@ -58,7 +59,8 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
         procs[stage_name(k)] = [py, "-m", "stage_worker", *common, *threads, "--rank", str(k), "--world", str(cfg.stages),
                                "--master-port", str(cfg.master_port), *cfg.attention_args()]
     for i in range(cfg.drafts if cfg.policy != "pp" else 0):
-        procs[f"draft-{i}"] = [py, "-m", "draft_worker", *common, *threads, "--draft", cfg.draft, "--name", f"draft-{i}"]
+        procs[f"draft-{i}"] = [py, "-m", "draft_worker", *common, *threads, "--draft", cfg.draft,
+                               "--name", f"draft-{i}", "--dtype", cfg.draft_dtype]
     gateway = Path(__file__).resolve().parents[1] / "gateway" / "__main__.py"
     if gateway.exists():
         procs["gateway"] = [py, "-m", "gateway", "--redis-url", cfg.redis_url, "--prefix", cfg.prefix,
@@ -151,6 +153,7 @@ def up_main(argv: list[str]) -> int:
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--width", type=int, default=4)
     p.add_argument("--drafts", type=int, default=1, help="draft worker processes")
+    p.add_argument("--draft-dtype", choices=DTYPES, default="float32", help="the draft model's dtype")
     p.add_argument("--token-budget", type=int, default=256)
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     p.add_argument("--prefix", default=os.environ.get("SPECPIPE_PREFIX", "specpipe"))
@@ -158,5 +161,5 @@ def up_main(argv: list[str]) -> int:
     add_attention_args(p)
     a = p.parse_args(argv)
     cfg = ClusterConfig(a.model, a.draft, a.policy, a.stages, a.width, a.drafts, a.token_budget, a.redis_url,
-                        a.prefix, a.master_port, a.port, attention=attention_config(a))
+                        a.prefix, a.master_port, a.port, attention=attention_config(a), draft_dtype=a.draft_dtype)
     return up(cfg)

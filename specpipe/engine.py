@@ -61,6 +61,7 @@ def build_pipeline(cfg: SimulationConfig, trace_limit: int = 0) -> tuple[InProce
     model_dir = resolve_model(cfg.model, cfg.cache_dir)
     arch = ModelArch.from_model_dir(model_dir)
     stages = load_stages(model_dir, arch, cfg.policy.stages, dtype, cfg.attention)
-    draft = None if cfg.policy.name == "pp" else load_draft(cfg.draft, arch, cfg.cache_dir, dtype)
+    draft_dtype = getattr(torch, cfg.engine.draft_dtype)
+    draft = None if cfg.policy.name == "pp" else load_draft(cfg.draft, arch, cfg.cache_dir, draft_dtype)
     scheduler = Scheduler(cfg.policy, cfg.engine, context_limit=arch.max_positions)
     return InProcessPipeline(stages, scheduler, draft, trace_limit), model_dir, arch

@@ -49,7 +49,8 @@ class StageRunner:
         self.dtype = weights.layers[0].qkv.dtype
         self.is_first = weights.embed is not None
         self.is_last = weights.lm_head is not None
-        self.cos, self.sin = rope_table(arch, arch.max_positions)
+        # computed in fp32 and cast to the weights' dtype, as transformers does (a no-op in fp32)
+        self.cos, self.sin = (t.to(self.dtype) for t in rope_table(arch, arch.max_positions))
         self.kv: dict[str, RequestKV] = {}
         self.info: dict[str, RequestInfo] = {}
 

@@ -11,13 +11,14 @@ from specpipe.engine import SimulationConfig, build_pipeline
 
 
 def pipeline(
-    model: Path, policy: str, stages: int, draft: str = "ngram", width: int = 3, chunk: int = 16, budget: int = 256, **kw
+    model: Path, policy: str, stages: int, draft: str = "ngram", width: int = 3, chunk: int = 16, budget: int = 256,
+    draft_dtype: str = "float32", **kw
 ) -> InProcessPipeline:
     cfg = SimulationConfig(
         model=str(model),
         draft=draft,
         policy=PolicyConfig(policy, stages, width, **kw),
-        engine=EngineConfig(prefill_chunk=chunk, token_budget=budget),
+        engine=EngineConfig(prefill_chunk=chunk, token_budget=budget, draft_dtype=draft_dtype),
     )
     return build_pipeline(cfg)[0]
 

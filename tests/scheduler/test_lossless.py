@@ -70,6 +70,19 @@ def test_every_policy_equals_plain_decoding_tiny(tiny_dir, policy, draft, stages
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("sampling", ["greedy", "sampled"])
+@pytest.mark.parametrize("policy,stages", [("tree", 2), ("specpipe", 2), ("specpipe", 4)], ids=str)
+def test_bf16_draft_stays_lossless_tiny(tiny_dir, policy, stages, sampling) -> None:
+    """The draft only proposes: in bf16 it proposes differently, and the fp32 target's tokens do not change."""
+    params = SAMPLINGS[sampling]
+    expected = _plain(tiny_dir, TINY_PROMPT, 20, params)
+    pipe = pipeline(tiny_dir, policy, stages, str(tiny_dir), draft_dtype="bfloat16", refill_depth=3)
+    assert pipe.draft.runner.dtype == torch.bfloat16
+    state = generate(pipe, TINY_PROMPT, 20, params)
+    assert state.output == expected
+
+
+@pytest.mark.unit
 def test_sampling_seed_changes_output(tiny_dir) -> None:
     a = _plain(tiny_dir, TINY_PROMPT, 12, SamplingParams(temperature=1.0, seed=1))
     b = _plain(tiny_dir, TINY_PROMPT, 12, SamplingParams(temperature=1.0, seed=2))
@@ -105,6 +118,17 @@ def test_policies_equal_plain_decoding_smollm2(smollm2_dir, policy, stages, draf
     expected = _plain(smollm2_dir, prompt, 24, params)
     state = generate(pipeline(smollm2_dir, policy, stages, _draft(draft, smollm2_dir), width=4), prompt, 24, params)
     assert state.output == expected
+
+
+@pytest.mark.slow
+def test_bf16_self_draft_is_accepted_and_lossless_smollm2(smollm2_dir) -> None:
+    """A real model drafting for itself in bf16: mostly accepted, and the output is still plain decoding's."""
+    prompt = _mt_bench_prompts(smollm2_dir, 1)[0]
+    expected = _plain(smollm2_dir, prompt, 24, SamplingParams())
+    pipe = pipeline(smollm2_dir, "specpipe", 4, str(smollm2_dir), width=4, draft_dtype="bfloat16")
+    state = generate(pipe, prompt, 24)
+    assert state.output == expected
+    assert state.stats.accepted >= len(expected) // 2  # bf16 rounding rarely changes a greedy choice
 
 
 @pytest.mark.unit

@@ -1,0 +1,114 @@
+"""Speculative token sources: prompt-lookup n-grams, and the draft model's re-rooted tree KV cache.
+
+The draft model never recomputes a path: commit events re-root its cache and prune events
+compact it. The test below records every proposal it made while a real pipeline ran
+(accepts, misses, prunes, refills), then asks a fresh source, with nothing cached, for the
+same node's children by computing its whole path from scratch: tokens and log-probabilities
+must be bit-identical (the forward is row-invariant, so the cache is the only thing that
+could differ).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from draft_worker.draft_model import DraftModelSource
+from draft_worker.ngram import NgramSource
+from scheduler.scheduler import ExpansionJob, NodeRef
+from shared.batch import PipelineEvent
+from shared.config import ModelArch
+from stage_worker.runner import StageRunner
+from stage_worker.weights import load_stage_weights
+from tests.helpers import generate, pipeline
+
+pytestmark = pytest.mark.unit
+
+TINY_PROMPT = [5, 17, 99, 3, 5, 17, 42, 7, 5, 17, 99, 3]
+
+# label: (context, k, expected proposals as (token, probability))
+NGRAM = {
+    "longest suffix wins": ([1, 2, 3, 9, 2, 3, 7, 1, 2, 3], 2, [(9, 1.0)]),
+    "shorter suffix when the long one is new": ([4, 5, 6, 4, 5, 8, 6], 2, [(4, 1.0)]),
+    "frequency decides the order": ([7, 1, 7, 2, 7, 1, 3, 7], 2, [(1, 2 / 3), (2, 1 / 3)]),
+    "top k cuts": ([7, 1, 7, 2, 7, 1, 3, 7], 1, [(1, 2 / 3)]),
+    "nothing seen before": ([1, 2, 3, 4], 3, []),
+    "single token": ([1], 3, []),
+}
+
+
+@pytest.mark.parametrize("case", list(NGRAM))
+def test_ngram_proposes_what_followed_the_suffix(case) -> None:
+    context, k, expected = NGRAM[case]
+    got = NgramSource().propose(context, k)
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    assert [lp for _, lp in got] == pytest.approx([math.log(p) for _, p in expected])
+
+
+def test_ngram_follows_the_speculative_path_and_forgets_pruned_nodes() -> None:
+    source = NgramSource()
+    source.add_request("r", [1, 2, 3, 1], capacity=64)
+    # node 10 speculates token 2 after the accepted text [1, 2, 3, 1]: context [1, 2, 3, 1, 2] -> 3 followed "1 2"
+    job = ExpansionJob("r", [1, 2, 3, 1], [NodeRef(10, -1, 2, 4, False)], top_k=2)
+    assert source.expand([job]) == [("r", 10, [(3, 0.0)])]
+    source.apply([PipelineEvent("r", "prune", (10,))])
+    assert 10 not in source.mirrors["r"].nodes
+    source.apply([PipelineEvent("r", "finish")])
+    assert "r" not in source.mirrors
+
+
+class Recorder:
+    """Wraps a source: keeps every (job text, node path, proposals) it answered."""
+
+    def __init__(self, source: DraftModelSource):
+        self.source = source
+        self.nodes: dict[int, tuple[int, int]] = {}  # speculative node -> (parent, token)
+        self.seen: list[tuple[list[int], list[tuple[int, float]]]] = []
+
+    def add_request(self, request_id, prompt, capacity) -> None:
+        self.source.add_request(request_id, prompt, capacity)
+
+    def apply(self, events) -> None:
+        self.source.apply(events)
+
+    def expand(self, jobs):
+        out = self.source.expand(jobs)
+        paths = {}
+        for job in jobs:
+            for ref in job.nodes:
+                if not ref.accepted:
+                    self.nodes[ref.node_id] = (ref.parent_id, ref.token)
+                paths[ref.node_id] = job.text[: ref.position + 1] if ref.accepted else self._path(job, ref)
+        self.seen += [(paths[node_id], proposals) for _, node_id, proposals in out]
+        return out
+
+    def _path(self, job: ExpansionJob, ref: NodeRef) -> list[int]:
+        tokens, node = [], ref.node_id
+        while len(job.text) + len(tokens) <= ref.position:
+            parent, token = self.nodes[node]
+            tokens.append(token)
+            node = parent
+        return job.text + tokens[::-1]
+
+
+def _fresh_source(model_dir) -> DraftModelSource:
+    arch = ModelArch.from_model_dir(model_dir)
+    return DraftModelSource(StageRunner(arch, load_stage_weights(model_dir, arch, 0, arch.num_layers, torch.float32)))
+
+
+@pytest.mark.parametrize("policy,stages", [("specpipe", 4), ("tree", 2)], ids=["specpipe-N4", "tree-N2"])
+def test_draft_cache_gives_the_proposals_of_recomputing_from_scratch(tiny_dir, policy, stages) -> None:
+    pipe = pipeline(tiny_dir, policy, stages, draft=str(tiny_dir), width=3)
+    recorder = Recorder(pipe.draft)
+    pipe.draft = recorder
+    state = generate(pipe, TINY_PROMPT, 24)
+    assert state.stats.accepted > 0 and len(recorder.seen) > 30  # it speculated, and some of it was pruned
+    fresh = _fresh_source(tiny_dir)
+    for i, (path, proposals) in enumerate(recorder.seen[::3]):
+        rid = f"fresh-{i}"
+        fresh.add_request(rid, path[:-1], capacity=len(path) + 8)
+        job = ExpansionJob(rid, path, [NodeRef(0, -1, path[-1], len(path) - 1, True)], top_k=len(proposals))
+        assert fresh.expand([job]) == [(rid, 0, proposals)], f"proposal {3 * i} differs from recomputing its path"
+        fresh.apply([PipelineEvent(rid, "finish")])
