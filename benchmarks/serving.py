@@ -254,17 +254,41 @@ def hf_baseline(cfg: ServingConfig, services: dict | None = None) -> dict:
             out["runs"][run["label"]] = run
     except (*FAILURES, RuntimeError) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
+    return with_services(out, services, prompts, cfg.stages)
+
+
+def with_services(out: dict, services: dict, prompts: list[dict], stages: int) -> dict:
+    """Section 2's rows for the services' runs of section 1, and every run compared with `generate()`."""
     for policy, v in services.get("policies", {}).items():
         detail = v["requests_detail"]
         out["runs"][f"services_{policy}"] = {
             "label": f"services_{policy}", "outputs": [r["output_ids"] for r in detail],
             "wall_s": [r["e2e_s"] for r in detail], "tokens": v["tokens"], "total_s": v["e2e_s"],
-            "tokens_per_s": v["tokens_per_s"], "threads": v["cluster"]["threads"], "stages": cfg.stages}
+            "tokens_per_s": v["tokens_per_s"], "threads": v["cluster"]["threads"], "stages": stages}
     if services.get("error"):
         out["error"] = (out["error"] or "") + f" services: {services['error']}"
     ref = out["runs"].get("hf_generate")
     others = {k: v["outputs"] for k, v in out["runs"].items() if k != "hf_generate"}
     out.update(compare(ref["outputs"], others, prompts) if ref else {"identical": False, "mismatches": []})
+    return out
+
+
+def update_single_request(cfg: ServingConfig, cached: dict) -> dict:
+    """Re-measure section 1 and splice it into earlier results (a change that touches only the services):
+    section 2's services rows and section 4 are recomputed from it; the rest is kept, and the results say so."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    single = single_request(cfg)
+    out = {**cached, "single_request": single}
+    if "hf_baseline" in cached:
+        prompts = bench_prompts(cfg, cfg.model, cfg.prompts_per_file)
+        runs = {k: v for k, v in cached["hf_baseline"]["runs"].items() if not k.startswith("services_")}
+        out["hf_baseline"] = with_services({**cached["hf_baseline"], "runs": runs, "error": None}, single, prompts,
+                                           cfg.stages)
+    if "resources" in cached:
+        out["resources"] = resources(cfg, single, cached.get("load"))
+    out["updated"] = {"sections": [1], "started": started, "note": "section 1 re-measured and spliced in; "
+                      "section 2's services rows and section 4 recomputed from it; the rest from "
+                      f"the run started {cached.get('started')}"}
     return out
 
 
@@ -421,12 +445,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-threads", type=int, default=None, help="torch threads of transformers / in-process runs")
     p.add_argument("--out", default=None, help="write the JSON results here")
     p.add_argument("--markdown", default=None, help="write the markdown sections here")
+    p.add_argument("--update", type=Path, default=None, help="re-measure section 1 only and splice it into this "
+                   "results file (written back; sections 2's services rows and 4 recomputed)")
     a = p.parse_args(argv)
     cfg = full_config() if a.full else quick_config()
     for field_name in ("prompts_per_file", "threads", "hf_threads"):
         if getattr(a, field_name):
             cfg = dataclasses.replace(cfg, **{field_name: getattr(a, field_name)})
-    results = run_all(cfg, tuple(int(s) for s in a.sections.split(",")))
+    if a.update:
+        results = update_single_request(cfg, json.loads(a.update.read_text()))
+        a.update.write_text(json.dumps(results, default=str))
+    else:
+        results = run_all(cfg, tuple(int(s) for s in a.sections.split(",")))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(results, indent=1))

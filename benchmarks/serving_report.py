@@ -213,4 +213,7 @@ def markdown(results: dict) -> str:
     if "elapsed_s" in results:
         parts.append(f"_All sections above: one run of `python -m benchmarks.serving`, {results['elapsed_s'] / 60:.1f} "
                      f"min in all, started {results.get('started', '?')}._\n")
+    if "updated" in results:
+        u = results["updated"]
+        parts.append(f"_Updated {u['started']} (`python -m benchmarks.serving --update`): {u['note']}._\n")
     return "\n".join(parts)

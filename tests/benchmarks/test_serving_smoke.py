@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from benchmarks.serving import ServingConfig, compare, run_all, single_request
+from benchmarks.serving import ServingConfig, compare, run_all, single_request, update_single_request
 from benchmarks.serving_report import markdown, section_2
 
 pytestmark = pytest.mark.multiproc
@@ -116,3 +116,18 @@ def test_clusters_stopped_and_keys_deleted(results) -> None:
                                           *results["load"]["clusters"].values()]}
     assert len(prefixes) == 2  # sections 1 and 3 shared the pp and the specpipe cluster
     assert not [k for p in prefixes for k in r.scan_iter(f"{p}:*")]
+
+
+def test_update_re_measures_section_1_and_recomputes_what_depends_on_it(cfg, results) -> None:
+    import copy
+
+    old = copy.deepcopy(results)
+    updated = update_single_request(cfg, old)
+    assert updated["single_request"]["measured_at"] and updated["single_request"]["identical"]
+    assert updated["single_request"] is not old["single_request"]
+    h = updated["hf_baseline"]
+    assert h["runs"]["hf_generate"] == results["hf_baseline"]["runs"]["hf_generate"]  # kept, not re-run
+    assert h["runs"]["services_specpipe"]["outputs"] == [
+        r["output_ids"] for r in updated["single_request"]["policies"]["specpipe"]["requests_detail"]]
+    assert h["identical"] and updated["load"] == results["load"]
+    assert "section 1 re-measured" in markdown(updated)
