@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.costmodel import CostModel
@@ -65,7 +65,8 @@ def run_point(cfg: LoadModelConfig, cost: CostModel, prompts: list[list[int]], p
               concurrency: int | None = None, rate: float | None = None) -> dict:
     """One load point for one policy (cached as JSON)."""
     label = f"c{concurrency}" if concurrency else f"r{rate:.4g}"
-    path = cfg.runs_dir / f"load-{policy}-N{cfg.stages}-{label}-{digest(cfg, prompts, cost.provenance)}.json"
+    point_cfg = replace(cfg, concurrency=(), rate_fractions=(), runs_dir=Path())  # not the other points, not where
+    path = cfg.runs_dir / f"load-{policy}-N{cfg.stages}-{label}-{digest(point_cfg, prompts, cost.provenance)}.json"
     if path.exists():
         return json.loads(path.read_text())
     sim = SimulationConfig(cfg.model, cfg.draft,
