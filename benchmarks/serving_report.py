@@ -6,6 +6,8 @@ render one section's dict each.
 
 from __future__ import annotations
 
+import os
+
 
 def _ms(v: float | None) -> str:
     return "n/a" if v is None else f"{v * 1000:.0f} ms" if v >= 1 else f"{v * 1000:.1f} ms"
@@ -43,6 +45,22 @@ def _mismatches(d: dict, what: str) -> list[str]:
     return lines if d["mismatches"] else ["**Outputs could not be compared** (a run is missing)."]
 
 
+def _shared_cores(d: dict, pol: dict) -> list[str]:
+    """When the stage processes and the draft share fewer cores than they number, say what that does."""
+    cores = os.cpu_count() or 1
+    compute = d["stages"] + 1  # the stage processes and one draft worker
+    if cores >= compute:
+        return []
+    steps = {p: pol[p]["cluster"]["wire"]["mean_step_ms"] for p in ("pp", "specpipe")
+             if "wire" in pol[p].get("cluster", {})}
+    per_step = (f" (a specpipe step took {steps['specpipe']:.0f} ms against pp's {steps['pp']:.0f} ms)"
+                if len(steps) == 2 else "")
+    return ["", f"This machine has {cores} cores for {d['stages']} stage processes and a draft worker: when "
+            f"specpipe fills the pipeline, its stages and the draft compete for the same cores{per_step}, while pp "
+            "leaves one stage idle each step. Here, fewer steps do not buy wall-clock time; tokens per step is what "
+            "carries over to a pipeline with a device per stage, and the modeled section times it that way."]
+
+
 def section_1(d: dict) -> str:
     pol = d["policies"]
     threads = next((v["cluster"]["threads"] for v in pol.values()), "?")
@@ -71,6 +89,7 @@ def section_1(d: dict) -> str:
     if "pp" in pol and "specpipe" in pol and pol["pp"]["tbt_s"]["n"] and pol["specpipe"]["tbt_s"]["n"]:
         speed = pol["pp"]["tbt_s"]["mean"] / pol["specpipe"]["tbt_s"]["mean"]
         lines += ["", f"Mean TBT, pp's over specpipe's: **{speed:.2f}x** (same prompts; above 1: specpipe is faster)."]
+        lines += _shared_cores(d, pol)
     lines += ["", "tokens / step (all) counts every pipeline step of the run, prefill included; (decode) counts "
               "(tokens - 1) over the steps between each request's first and last token.", ""]
     for name, v in pol.items():
