@@ -138,10 +138,9 @@ def cost_models(cfg: BenchConfig, log) -> list[CostModel]:
         measure_costs(cfg.model, cfg.draft, cfg.measure).save(first)
     costs = [CostModel.load(p) for p in cfg.cost_models if p.exists()]
     for cost, path in zip(costs, cfg.cost_models):
-        p = cost.provenance
-        if cfg.draft != "ngram" and p.get("draft_dtype", p["dtype"]) != cfg.draft_dtype:
-            raise ConfigError(f"cost model {path.name} timed a {p.get('draft_dtype', p['dtype'])} draft, but this "
-                              f"run drafts in {cfg.draft_dtype}")
+        timed = cost.provenance.get("draft_dtype", cost.provenance["dtype"])  # older files: the target's dtype
+        if cfg.draft != "ngram" and timed != cfg.draft_dtype:
+            raise ConfigError(f"cost model {path.name} timed a {timed} draft, but this run drafts in {cfg.draft_dtype}")
     return costs
 
 

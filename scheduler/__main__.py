@@ -7,7 +7,6 @@ import argparse
 from scheduler.scheduler import Scheduler
 from scheduler.service import SchedulerService, SchedulerServiceConfig
 from shared.config import ModelArch
-from shared.errors import ConfigError
 from shared.model_store import resolve_model
 from shared.service_args import (
     add_model_args,
@@ -39,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     def serve() -> None:
         arch = ModelArch.from_model_dir(resolve_model(args.model))
         scheduler = Scheduler(policy_config(args), engine_config(args), context_limit=arch.max_positions)
-        if args.draft_wait_ms < 0:
-            raise ConfigError("--draft-wait-ms must be >= 0")
         cfg = SchedulerServiceConfig(redis_config(args), args.stages, args.max_queue, args.kv_slots,
                                      draft_wait_s=args.draft_wait_ms / 1000)
         SchedulerService(cfg, scheduler, frozenset(arch.eos_token_ids)).run(args.idle_exit)

@@ -25,7 +25,7 @@ from scheduler.scheduler import Request, Scheduler
 from scheduler.snapshot import stats_message
 from shared.batch import PipelineEvent, Row, StageOutput
 from shared.config import SamplingParams
-from shared.errors import SpecPipeError
+from shared.errors import ConfigError, SpecPipeError
 from shared.messages import (
     CancelMsg,
     ExpansionJobMsg,
@@ -68,6 +68,10 @@ class SchedulerServiceConfig:
     stats_interval_s: float = 0.5  # how often the stats snapshot (metrics, dashboard) is rewritten
     group: str = "schedulers"
     consumer: str = "scheduler-0"
+
+    def __post_init__(self) -> None:
+        if self.draft_wait_s < 0:
+            raise ConfigError("the draft wait must be >= 0 (0: never wait)")
 
 
 class SchedulerService:

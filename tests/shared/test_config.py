@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from scheduler.service import SchedulerServiceConfig
 from shared.config import EngineConfig, PolicyConfig
 from shared.errors import ConfigError
+from shared.redis_io import RedisConfig
 
 pytestmark = pytest.mark.unit
 
@@ -16,6 +18,8 @@ BAD = {
     "prefill chunk 0": (lambda: EngineConfig(prefill_chunk=0), "prefill_chunk must be >= 1"),
     "token budget 0": (lambda: EngineConfig(token_budget=0), "token_budget must be >= 1"),
     "width 0": (lambda: PolicyConfig("specpipe", 2, 0), "width must be >= 1"),
+    "negative draft wait": (
+        lambda: SchedulerServiceConfig(RedisConfig(), 2, draft_wait_s=-0.1), "draft wait must be >= 0"),
 }
 
 
