@@ -200,21 +200,24 @@ def section_4(d: dict) -> str:
                          f"{_mib(row['model_bytes_over_n']) if k is not None else '-'} | {extra} |")
     lines += [
         "",
-        "Per pipeline step over each whole run (warm-up excluded; benchmarks/wire_overhead.py's split): wall = "
-        "StepMsg published -> VerifyMsg back -> tokens published; compute = the slowest stage's forward; scheduler = "
-        "its own work; wire = the rest (Redis, msgpack, gloo send/recv, waiting).",
+        "Per pipeline step over each whole run (warm-up excluded; benchmarks/wire_overhead.py's split, from every "
+        "process's intervals on the host's monotonic clock; the parts add up to the step): compute = some stage is "
+        "computing; scheduler = its own work while no stage computes; draft wait = waiting for proposals while no "
+        "stage computes; wire = the rest (Redis, msgpack, gloo send/recv, stages applying events).",
         "",
-        "| cluster | steps | step mean | compute | scheduler | wire (mean / p50) | wire share |",
-        "|---|---|---|---|---|---|---|",
+        "| cluster | steps | step mean | compute | scheduler | draft wait | wire (mean / p50) | wire share |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in d["rows"]:
         w = row["wire"]
         if not w.get("steps"):
-            lines.append(f"| {row['run']} | 0 | n/a | n/a | n/a | n/a | n/a |")
+            lines.append(f"| {row['run']} | 0 | n/a | n/a | n/a | n/a | n/a | n/a |")
             continue
+        wait = (f"{w['mean_draft_wait_ms']:.1f} ms ({w['draft_wait_share']:.1%})" if "draft_wait_share" in w
+                else "not measured")
         lines.append(f"| {row['run']} | {w['steps']} | {w['mean_step_ms']:.1f} ms | {w['mean_compute_ms']:.1f} ms "
                      f"({w['compute_share']:.1%}) | {w['mean_scheduler_ms']:.1f} ms ({w['scheduler_share']:.1%}) | "
-                     f"{w['mean_wire_ms']:.1f} / {w['p50_wire_ms']:.1f} ms | **{w['wire_share']:.1%}** |")
+                     f"{wait} | {w['mean_wire_ms']:.1f} / {w['p50_wire_ms']:.1f} ms | **{w['wire_share']:.1%}** |")
     return "\n".join(lines) + "\n"
 
 

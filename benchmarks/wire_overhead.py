@@ -2,15 +2,17 @@
 
     python -m benchmarks.wire_overhead [--model smollm2-135m] [--stages 2] [--requests 8] [--concurrency 4]
 
-Per pipeline step: wall = scheduler publishes StepMsg -> VerifyMsg back -> tokens published;
-compute = the slowest stage's forward time in that step; scheduler = its own CPU time
-(schedule, verify, draft I/O); wire = wall - compute - scheduler (Redis round trips,
-msgpack, torch.distributed send/recv, waiting for the step record).
+Per pipeline step (one scheduler cycle: take drafts -> schedule -> StepMsg -> VerifyMsg back -> tokens
+published), its wall time split into parts that add up: compute (some stage is computing), scheduler (its
+own work while no stage computes), draft wait (waiting for proposals while no stage computes) and wire, the
+rest (Redis round trips, msgpack, torch.distributed send/recv, stages applying events). The split takes
+every process's intervals on the host's monotonic clock, so it holds for a cluster on one host.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import platform
 import statistics
@@ -18,6 +20,7 @@ import subprocess
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 
 from shared.messages import RequestMsg
 from shared.model_store import load_tokenizer, resolve_model
@@ -56,39 +59,91 @@ def run(args: argparse.Namespace) -> dict:
             redis_proc.terminate()
 
 
-def step_rows(r, rcfg: RedisConfig, stages: int, first_step: int = 1,
-              last_step: int | None = None) -> list[tuple[float, float, float, int]]:
-    """(wall, slowest stage's compute, scheduler's own time, rows) per step in [first_step, last_step]
-    that every stage has reported, from the `timings:*` lists the scheduler and the stages push."""
-    compute: dict[int, float] = defaultdict(float)
-    reported: dict[int, int] = defaultdict(int)
+@dataclass(frozen=True)
+class StepTimes:
+    """One scheduler step on the host's monotonic clock (seconds). The scheduler works in [start, wait_start],
+    [wait_end, published] and [verified, end]; it waits for the draft in [wait_start, wait_end] and for the
+    stages in [published, verified]. `compute` holds every stage's forward interval of this step (a stage that
+    is not on the critical path may still compute after `verified`, into the next step's draft wait)."""
+
+    step: int
+    rows: int
+    start: float
+    wait_start: float
+    wait_end: float
+    published: float
+    verified: float
+    end: float
+    compute: tuple[tuple[float, float], ...]
+
+    def scheduler_work(self) -> list[tuple[float, float]]:
+        return [(self.start, self.wait_start), (self.wait_end, self.published), (self.verified, self.end)]
+
+
+def step_rows(r, rcfg: RedisConfig, stages: int, first_step: int = 1, last_step: int | None = None) -> list[StepTimes]:
+    """The steps in [first_step, last_step] that every stage has reported, from the `timings:*` lists the
+    scheduler and the stages push."""
+    compute: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for k in range(stages):
         for item in r.lrange(rcfg.key("timings", stage_name(k)), 0, -1):
-            step, secs = item.decode().split(":")
-            compute[int(step)] = max(compute[int(step)], float(secs))
-            reported[int(step)] += 1
+            step, start, secs = item.decode().split(":")
+            compute[int(step)].append((float(start), float(start) + float(secs)))
     rows = []
     for item in r.lrange(rcfg.key("timings", "scheduler"), 0, -1):
-        step, wall, own, n = item.decode().split(":")
+        step, n, *stamps = item.decode().split(":")
         s = int(step)
-        if s >= first_step and (last_step is None or s <= last_step) and reported[s] == stages:
-            rows.append((float(wall), compute[s], float(own), int(n)))
+        if s >= first_step and (last_step is None or s <= last_step) and len(compute[s]) == stages:
+            rows.append(StepTimes(s, int(n), *map(float, stamps), tuple(compute[s])))
     return rows
 
 
-def overhead(rows: list[tuple[float, float, float, int]]) -> dict:
-    """Per-step means and shares of a step's wall time: compute, scheduler, wire = wall - compute - scheduler."""
+def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of intervals, as sorted disjoint intervals."""
+    merged: list[tuple[float, float]] = []
+    for a, b in sorted(x for x in spans if x[1] > x[0]):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _covered(merged: list[tuple[float, float]], a: float, b: float) -> float:
+    """How much of [a, b] the sorted disjoint intervals `merged` cover."""
+    i = max(0, bisect.bisect_right(merged, (a, a)) - 1)
+    total = 0.0
+    while i < len(merged) and merged[i][0] < b:
+        total += max(0.0, min(b, merged[i][1]) - max(a, merged[i][0]))
+        i += 1
+    return total
+
+
+def overhead(rows: list[StepTimes]) -> dict:
+    """Each step's wall time, split so the parts add up (none counted twice, none negative): compute = some
+    stage is computing; scheduler = the scheduler works while no stage computes; draft wait = the scheduler
+    waits for proposals while no stage computes; wire = the rest (Redis round trips, msgpack, gloo send/recv,
+    stages applying events). Stage compute is taken wherever it falls, so a stage still computing during the
+    next step's draft wait counts as compute there, not as waiting."""
     if not rows:
         return {"steps": 0}
-    wall = sum(w for w, _, _, _ in rows)
-    comp = sum(c for _, c, _, _ in rows)
-    own = sum(o for _, _, o, _ in rows)
-    wire = [w - c - o for w, c, o, _ in rows]
+    compute = _merge([span for st in rows for span in st.compute])
+    busy = _merge(compute + [span for st in rows for span in st.scheduler_work()])
+    waiting = _merge(busy + [(st.wait_start, st.wait_end) for st in rows])
+    wall, comp, sched, wait, wire = [], [], [], [], []
+    for st in rows:
+        c, b, w = (_covered(m, st.start, st.end) for m in (compute, busy, waiting))
+        wall.append(st.end - st.start)
+        comp.append(c)
+        sched.append(b - c)
+        wait.append(w - b)
+        wire.append(wall[-1] - w)
+    total, n = sum(wall), len(rows)
     return {
-        "steps": len(rows), "mean_step_ms": 1000 * wall / len(rows), "mean_compute_ms": 1000 * comp / len(rows),
-        "mean_scheduler_ms": 1000 * own / len(rows), "mean_wire_ms": 1000 * statistics.fmean(wire),
-        "p50_wire_ms": 1000 * statistics.median(wire),
-        "wire_share": sum(wire) / wall, "scheduler_share": own / wall, "compute_share": comp / wall,
+        "steps": n, "mean_step_ms": 1000 * total / n, "mean_compute_ms": 1000 * sum(comp) / n,
+        "mean_scheduler_ms": 1000 * sum(sched) / n, "mean_draft_wait_ms": 1000 * sum(wait) / n,
+        "mean_wire_ms": 1000 * statistics.fmean(wire), "p50_wire_ms": 1000 * statistics.median(wire),
+        "compute_share": sum(comp) / total, "scheduler_share": sum(sched) / total,
+        "draft_wait_share": sum(wait) / total, "wire_share": sum(wire) / total,
     }
 
 

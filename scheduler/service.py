@@ -87,7 +87,11 @@ class SchedulerService:
         self.verify_last, self.proposals_last = "$", "$"
         self.last_verify: VerifyMsg | None = None
         self.admitted: list[dict] = []  # admitted since the last StepMsg; stages register them first
-        self.timings: list[str] = []  # "step:wall_s:own_cpu_s:rows", flushed in batches
+        # "step:rows:start:wait_start:wait_end:published:verified:end" (time.monotonic(), one clock for every
+        # process on a host), flushed in batches: benchmarks.wire_overhead splits each step into compute,
+        # scheduler work, draft wait and wire from these and the stages' compute intervals
+        self.timings: list[str] = []
+        self.wait_span = (0.0, 0.0)  # the last bounded wait for the draft's proposals (start, end)
         self.drafts_alive = True
         self.awaiting: set[tuple[str, int]] = set()  # (request, node) of the jobs published since the last wait
         self.errors_last = "$"
@@ -183,7 +187,7 @@ class SchedulerService:
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> None:
-        cpu_start = time.perf_counter()
+        start = time.monotonic()
         self._draft_io()
         self._record_occupancy()
         batch = self.scheduler.schedule()
@@ -197,20 +201,20 @@ class SchedulerService:
             tokens=[r.token for r in rows], flags=[pack_flags(r) for r in rows],
         )
         self.admitted, self.pending_events = [], []
-        published = time.perf_counter()
+        published = time.monotonic()
         publish(self.r, self.cfg.redis.steps, msg)
         self._publish_jobs(as_of_step=msg.step)  # the level just sent: drafted while the stages compute it
         verify = self._await_verify(msg.step)
         if verify is None:
             return
-        verified = time.perf_counter()
+        verified = time.monotonic()
         output = self._stage_output(verify)
         result = self.scheduler.update_from_output(output)
         self._stage_errors(result)
         self.pending_events = [[e.request_id, e.kind, list(e.node_ids)] for e in result.events]
         self._publish_tokens(result.new_tokens, result.finished)
-        own = (published - cpu_start) + (time.perf_counter() - verified)
-        self.timings.append(f"{msg.step}:{time.perf_counter() - cpu_start:.6f}:{own:.6f}:{len(rows)}")
+        stamps = (start, *self.wait_span, published, verified, time.monotonic())
+        self.timings.append(":".join([str(msg.step), str(len(rows)), *(f"{t:.6f}" for t in stamps)]))
         if len(self.timings) >= 64 or not self.scheduler.active():
             self.r.rpush(self.cfg.redis.key("timings", "scheduler"), *self.timings)
             self.timings = []
@@ -325,13 +329,17 @@ class SchedulerService:
         """Take the proposals that arrived (waiting, bounded, for last step's jobs), then ask for new ones."""
         if self.scheduler.step % 16 == 0:  # a lost draft worker only lowers speculation
             self.drafts_alive = any_alive(self.r, self.cfg.redis, "draft-")
+        now = time.monotonic()
+        self.wait_span = (now, now)
         if not self.drafts_alive:
             self.awaiting.clear()
             return
-        deadline = time.monotonic() + self.cfg.draft_wait_s
         self._take_proposals(block_ms=None)
+        waited = time.monotonic()
+        deadline = waited + self.cfg.draft_wait_s
         while self.awaiting and (left := deadline - time.monotonic()) > 0:
             self._take_proposals(block_ms=max(1, int(left * 1000)))
+        self.wait_span = (waited, time.monotonic())
         self.awaiting.clear()  # a job not answered in time is used whenever it arrives, never waited for again
         # jobs that need this step's events (a refill after a miss): answered once its step record is out, and
         # waited for before the next step, like the jobs for the level this step sends

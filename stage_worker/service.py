@@ -62,7 +62,9 @@ class StageService:
         self.finished: set[str] = set()
         self.name = stage_name(cfg.rank)
         self.compute_s = 0.0
-        self.timings: list[str] = []  # "step:compute_s", flushed to Redis in batches (wire-overhead accounting)
+        # "step:start:compute_s" (time.monotonic(), one clock for every process on a host), flushed to Redis in
+        # batches: benchmarks.wire_overhead's split of a step
+        self.timings: list[str] = []
 
     def run(self, stop_after_idle_s: float | None = None) -> None:
         last_id, step, idle_since = "0", 0, time.monotonic()
@@ -98,10 +100,10 @@ class StageService:
         else:
             batch = self.link.recv(msg.step, self.ids) if msg.step > 1 else MicroBatch(-1, [])
         batch = batch.without(pruned, self.finished)
-        start = time.perf_counter()
+        start = time.monotonic()
         out = self._forward(msg.step, batch)
-        self.compute_s = time.perf_counter() - start
-        self.timings.append(f"{msg.step}:{self.compute_s:.6f}")
+        self.compute_s = time.monotonic() - start
+        self.timings.append(f"{msg.step}:{start:.6f}:{self.compute_s:.6f}")
         if self.cfg.rank < self.cfg.world - 1:
             self.link.send(msg.step, out, self.slots)
         else:
