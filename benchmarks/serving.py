@@ -69,6 +69,7 @@ FAILURES = (ClusterError, SpecPipeError, OSError, redis.RedisError)
 class ServingConfig:
     model: str = "smollm2-135m"  # the target of sections 1 and 2
     draft: str = "ngram"  # SpecPipe's draft: a model name or "ngram"
+    draft_dtype: str = "float32"  # the services' draft worker (lossless either way: the fp32 target verifies)
     assistant: str | None = None  # HF assisted generation's draft model; None: `draft` (the target if ngram)
     prompts_dir: str = str(PROMPTS_DIR)
     prompt_files: tuple[str, ...] = WORKLOADS
@@ -103,7 +104,7 @@ class ServingConfig:
         model = self.load_model or self.model if load else self.model
         draft = self.load_draft or self.draft if load else self.draft
         return ClusterSpec(model, draft, policy, self.stages, self.width, self.refill_depth, self.threads,
-                           self.redis_url, self.start_timeout_s, self.log_dir)
+                           self.redis_url, self.start_timeout_s, self.log_dir, self.draft_dtype)
 
 
 def quick_config() -> ServingConfig:
@@ -116,9 +117,11 @@ def quick_config() -> ServingConfig:
 
 
 def full_config(prompts_per_file: int = 1) -> ServingConfig:
-    """The report: the Qwen2.5-Coder pair (1.5B target, 0.5B draft) for sections 1-2, 128 new tokens;
-    smollm2-135m with the n-gram draft for the load sweep (section 3) so that it stays tractable."""
-    return ServingConfig(model="qwen2.5-coder-1.5b", draft="qwen2.5-coder-0.5b", prompts_per_file=prompts_per_file,
+    """The report: the Qwen2.5-Coder pair (1.5B target, 0.5B draft in bf16, as docker-compose deploys it) for
+    sections 1-2, 128 new tokens; smollm2-135m with the n-gram draft for the load sweep (section 3) so that it
+    stays tractable."""
+    return ServingConfig(model="qwen2.5-coder-1.5b", draft="qwen2.5-coder-0.5b", draft_dtype="bfloat16",
+                         prompts_per_file=prompts_per_file,
                          max_new_tokens=128, load_model="smollm2-135m", load_draft="ngram", load_prompts=12,
                          load_max_new_tokens=32, requests_per_point=16, rates=(0.5, 1.0, 2.0), poisson_requests=24,
                          request_timeout_s=1800.0)
@@ -216,6 +219,7 @@ def single_request(cfg: ServingConfig, pool: ClusterPool | None = None) -> dict:
     """Section 1: pp and specpipe through the real services, one request at a time (see the module doc)."""
     prompts = bench_prompts(cfg, cfg.model, cfg.prompts_per_file)
     out = {"section": "single_request", "machine": machine(), "model": cfg.model, "draft": cfg.draft,
+           "draft_dtype": cfg.draft_dtype,
            "stages": cfg.stages, "width": cfg.width, "max_new_tokens": cfg.max_new_tokens, "prompts": _meta(prompts),
            "measured_at": "redis queue (RequestMsg XADD -> TokensMsg XREAD), no HTTP", "policies": {}, "error": None}
     try:
@@ -242,6 +246,7 @@ def hf_baseline(cfg: ServingConfig, services: dict | None = None) -> dict:
     prompts = bench_prompts(cfg, cfg.model, cfg.prompts_per_file)
     services = services if services is not None else single_request(cfg)
     out = {"section": "hf_baseline", "machine": machine(), "model": cfg.model, "draft": cfg.draft,
+           "draft_dtype": cfg.draft_dtype,
            "assistant": cfg.hf_assistant, "assistant_is_target": cfg.hf_assistant == cfg.model,
            "max_new_tokens": cfg.max_new_tokens, "prompts": _meta(prompts), "runs": {}, "error": None}
     ids = [p["ids"] for p in prompts]

@@ -104,6 +104,7 @@ class ClusterSpec:
     redis_url: str = "redis://127.0.0.1:6379/0"
     start_timeout_s: float = 300.0
     log_dir: str | None = None
+    draft_dtype: str = "float32"
 
 
 class ServiceCluster:
@@ -140,7 +141,7 @@ class ServiceCluster:
         s = self.spec
         extra = ("--refill-depth", str(s.refill_depth)) if s.refill_depth is not None else ()
         ccfg = ClusterConfig(s.model, s.draft, s.policy, s.stages, s.width, 1, 256, s.redis_url, self.prefix,
-                             free_port(), free_port(), tuple(extra))
+                             free_port(), free_port(), tuple(extra), draft_dtype=s.draft_dtype)
         cmds = {n: c for n, c in commands(ccfg).items() if n not in ("gateway", "batch-worker")}
         if s.threads:
             for cmd in cmds.values():

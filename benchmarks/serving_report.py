@@ -67,7 +67,7 @@ def section_1(d: dict) -> str:
     lines = [
         "### 1. One request at a time through the distributed services",
         "",
-        f"{d['model']} (draft `{d['draft']}` for specpipe), {d['stages']} stage processes (gloo between them; "
+        f"{d['model']} (draft `{d['draft']}` in {d.get('draft_dtype', 'float32')} for specpipe), {d['stages']} stage processes (gloo between them; "
         f"{threads} torch thread(s) each), width {d['width']}, greedy, up to {d['max_new_tokens']} new tokens, "
         f"{_prompts(d)}; machine: {d['machine']}.",
         "",
@@ -126,7 +126,8 @@ def section_2(d: dict) -> str:
         f"(`do_sample=False`), fp32, up to {d['max_new_tokens']} new tokens, stopping at the model's EOS ids, {_prompts(d)}, one "
         f"request at a time; machine: {d['machine']}. Wall clock per prompt (prefill included, model loading "
         "excluded); transformers and the in-process executor run in the benchmark process, the services rows "
-        "are section 1's run (timed at the Redis queue).",
+        f"are section 1's run (timed at the Redis queue; its draft worker in {d.get('draft_dtype', 'float32')}, the "
+        "target in fp32 everywhere).",
         "",
         *_error(d),
         "| run | torch threads | tokens | wall time | tokens/s | vs `generate()` | same tokens as `generate()` |",
