@@ -63,6 +63,7 @@ class BenchConfig:
     load_rate_fractions: tuple[float, ...]
     sections: tuple[str, ...] = SECTIONS
     draft_dtype: str = "float32"  # the draft model's dtype in sections 1 and 3 (bfloat16 stays lossless)
+    sampled_stages: tuple[int, ...] | None = None  # section 1's stage counts for non-greedy sampling; None: `stages`
 
 
 def quick_config(out: Path) -> BenchConfig:
@@ -85,8 +86,8 @@ def full_config(out: Path) -> BenchConfig:
     return BenchConfig(
         out=out, quick=False, model="qwen2.5-coder-1.5b", draft="qwen2.5-coder-0.5b",
         workloads=tuple(PROMPTS / f for f in ("mt_bench.jsonl", "alpaca.jsonl", "sum.jsonl")),
-        prompts_per_workload=1, max_new_tokens=64, stages=(2, 4, 8), samplings=("greedy",), width=8, depth=4,
-        refill_depth=7,
+        prompts_per_workload=1, max_new_tokens=64, stages=(2, 4, 8), samplings=("greedy", "t1"),
+        sampled_stages=(8,), width=8, depth=4, refill_depth=7,
         cost_models=(COSTS / "cpu-qwen2.5-coder.json", *((gpu,) if gpu.exists() else ())),
         measure=MeasureConfig(), load_stages=8, load_requests=8, load_tokens=32,
         load_concurrency=(2, 8), load_rate_fractions=(1.0,))
@@ -157,7 +158,7 @@ def workloads(cfg: BenchConfig) -> list[tbt.Workload]:
 def run_tbt(cfg: BenchConfig, costs: list[CostModel], work: list[tbt.Workload], log) -> dict:
     tcfg = tbt.TbtConfig(cfg.model, cfg.draft, cfg.stages, {s: SAMPLINGS[s] for s in cfg.samplings},
                          cfg.max_new_tokens, cfg.width, cfg.depth, cfg.refill_depth, cfg.out / "bench" / "runs",
-                         cfg.draft_dtype)
+                         cfg.draft_dtype, cfg.sampled_stages)
     rows = tbt.run_all(tcfg, work, log)
     layers = rows[0]["layers"]
     summaries = [{"cost": c.provenance, "summary": tbt.summarize(tbt.timed(rows, c)),
@@ -245,7 +246,8 @@ def main(argv: list[str]) -> int:
     cfg = replace(cfg, sections=tuple(s for s in SECTIONS if s in a.sections),
                   workloads=tuple(a.prompts or cfg.workloads),
                   prompts_per_workload=a.prompts_per_workload or cfg.prompts_per_workload,
-                  stages=tuple(a.stages or cfg.stages), samplings=tuple(a.samplings or cfg.samplings))
+                  stages=tuple(a.stages or cfg.stages), samplings=tuple(a.samplings or cfg.samplings),
+                  sampled_stages=None if a.stages else cfg.sampled_stages)
     if a.draft_dtype != "float32":  # its own cost model: the draft measured in that dtype
         first = cfg.cost_models[0]
         cfg = replace(cfg, draft_dtype=a.draft_dtype, measure=replace(cfg.measure, draft_dtype=a.draft_dtype),

@@ -29,17 +29,32 @@ def _range(lo_hi: tuple[float, float]) -> str:
     return f"{lo_hi[0]:.2f}×–{lo_hi[1]:.2f}×"
 
 
+def _plan(cfg) -> str:
+    """Section 1's runs: each sampling with its stage counts (non-greedy ones may run at fewer)."""
+    sampled = cfg.sampled_stages or cfg.stages
+    return ", ".join(f"{s} at N = {', '.join(map(str, cfg.stages if s == 'greedy' else sampled))}"
+                     for s in cfg.samplings)
+
+
+def _gpu_note(results: dict) -> str:
+    devices = {x["cost"].get("device") for x in results.get("tbt", {}).get("summaries", [])}
+    if "cuda" in devices:
+        return "; the GPU cost model's rows were measured on the GPU its provenance names."
+    return (f"{'' if torch.cuda.is_available() else ', no GPU'}. No GPU cost model is stored in benchmarks/costs/ "
+            "(measuring one needs a GPU: `specpipe bench costs --device cuda ...`), so the GPU rows are missing, "
+            "not estimated.")
+
+
 def header(results: dict, cfg) -> list[str]:
     command = "`specpipe bench --quick`" if cfg.quick else "`specpipe bench` (`make bench`)"
     return [
         "# SpecPipe Serve benchmarks", "",
         f"Regenerate: {command}; `--resume` keeps the runs under bench/runs. Written "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, torch {torch.__version__}, no GPU "
-        "(the device tool lent none to this task, so no GPU cost model could be measured: the GPU rows are "
-        "missing, not estimated).", "",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, torch {torch.__version__}"
+        f"{_gpu_note(results)}", "",
         f"Sections in this report: {', '.join(s for s in cfg.sections if s in results)}"
         + (f"; not run for it: {', '.join(s for s in SECTIONS if s not in results)}" if set(SECTIONS) - set(results)
-           else "") + f"; stage counts {', '.join(map(str, cfg.stages))}; sampling {', '.join(cfg.samplings)}. "
+           else "") + f"; section 1: {_plan(cfg)}. "
         "Every ratio below is measured side by side in one run.", "",
     ] + ([
         f"Modeled sections: target `{cfg.model}` (fp32), draft `{cfg.draft}`"

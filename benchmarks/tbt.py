@@ -43,6 +43,10 @@ class TbtConfig:
     refill_depth: int
     runs_dir: Path
     draft_dtype: str = "float32"
+    sampled_stages: tuple[int, ...] | None = None  # stage counts for non-greedy samplings; None: `stages`
+
+    def stages_for(self, sampling: str) -> tuple[int, ...]:
+        return self.stages if sampling == "greedy" or self.sampled_stages is None else self.sampled_stages
 
     def draft_key(self, policy: str = "specpipe") -> tuple[str, ...]:
         """The draft's part of a cached run's name: its dtype only when it is not the default (older runs keep
@@ -94,7 +98,7 @@ def run_policy(cfg: TbtConfig, workloads: list[Workload], policy: str, stages: i
 def run_all(cfg: TbtConfig, workloads: list[Workload], log=print) -> list[dict]:
     rows = []
     for sampling in cfg.samplings:
-        for stages in cfg.stages:
+        for stages in cfg.stages_for(sampling):
             for policy in POLICIES:
                 log(f"  tbt: {policy} N={stages} {sampling}")
                 rows += run_policy(cfg, workloads, policy, stages, sampling)

@@ -43,6 +43,15 @@ def test_cost_model_round_trips_through_json(tmp_path) -> None:
 
 
 @pytest.mark.unit
+def test_sampled_runs_only_at_their_own_stage_counts(tiny_dir, tmp_path) -> None:
+    samplings = {"greedy": SamplingParams(), "t1": SamplingParams(temperature=1.0, seed=0)}
+    cfg = TbtConfig(str(tiny_dir), str(tiny_dir), (2, 4), samplings, 6, 3, 3, 3, tmp_path, sampled_stages=(4,))
+    rows = run_all(cfg, [Workload("w", [("p", PROMPT)])], log=lambda _: None)
+    assert {(r["sampling"], r["stages"]) for r in rows} == {("greedy", 2), ("greedy", 4), ("t1", 4)}
+    assert all(s["identical"] for s in summarize(timed(rows, _cost(draft=True))))
+
+
+@pytest.mark.unit
 def test_modeled_tbt_of_pp_is_n_stage_steps_and_specpipe_is_faster(tiny_dir, tmp_path) -> None:
     stages = 4
     cfg = TbtConfig(str(tiny_dir), str(tiny_dir), (stages,), {"greedy": SamplingParams()}, 12, 3, 3, 3, tmp_path)
