@@ -45,7 +45,7 @@ def _mismatches(d: dict, what: str) -> list[str]:
     return lines if d["mismatches"] else ["**Outputs could not be compared** (a run is missing)."]
 
 
-def _shared_cores(d: dict, pol: dict) -> list[str]:
+def _shared_cores(d: dict, pol: dict, speed: float) -> list[str]:
     """When the stage processes and the draft share fewer cores than they number, say what that does."""
     cores = os.cpu_count() or 1
     compute = d["stages"] + 1  # the stage processes and one draft worker
@@ -55,10 +55,12 @@ def _shared_cores(d: dict, pol: dict) -> list[str]:
              if "wire" in pol[p].get("cluster", {})}
     per_step = (f" (a specpipe step took {steps['specpipe']:.0f} ms against pp's {steps['pp']:.0f} ms)"
                 if len(steps) == 2 else "")
+    outcome = ("fewer steps still buy wall-clock time here, less than they would with a device per stage"
+               if speed > 1 else "here, fewer steps do not buy wall-clock time")
     return ["", f"This machine has {cores} cores for {d['stages']} stage processes and a draft worker: when "
             f"specpipe fills the pipeline, its stages and the draft compete for the same cores{per_step}, while pp "
-            "leaves one stage idle each step. Here, fewer steps do not buy wall-clock time; tokens per step is what "
-            "carries over to a pipeline with a device per stage, and the modeled section times it that way."]
+            f"leaves one stage idle each step. So {outcome}; tokens per step is what carries over to a pipeline "
+            "with a device per stage, and the modeled section times it that way."]
 
 
 def section_1(d: dict) -> str:
@@ -89,7 +91,7 @@ def section_1(d: dict) -> str:
     if "pp" in pol and "specpipe" in pol and pol["pp"]["tbt_s"]["n"] and pol["specpipe"]["tbt_s"]["n"]:
         speed = pol["pp"]["tbt_s"]["mean"] / pol["specpipe"]["tbt_s"]["mean"]
         lines += ["", f"Mean TBT, pp's over specpipe's: **{speed:.2f}x** (same prompts; above 1: specpipe is faster)."]
-        lines += _shared_cores(d, pol)
+        lines += _shared_cores(d, pol, speed)
     lines += ["", "tokens / step (all) counts every pipeline step of the run, prefill included; (decode) counts "
               "(tokens - 1) over the steps between each request's first and last token.", ""]
     for name, v in pol.items():
@@ -214,11 +216,10 @@ def section_4(d: dict) -> str:
         if not w.get("steps"):
             lines.append(f"| {row['run']} | 0 | n/a | n/a | n/a | n/a | n/a | n/a |")
             continue
-        wait = (f"{w['mean_draft_wait_ms']:.1f} ms ({w['draft_wait_share']:.1%})" if "draft_wait_share" in w
-                else "not measured")
         lines.append(f"| {row['run']} | {w['steps']} | {w['mean_step_ms']:.1f} ms | {w['mean_compute_ms']:.1f} ms "
                      f"({w['compute_share']:.1%}) | {w['mean_scheduler_ms']:.1f} ms ({w['scheduler_share']:.1%}) | "
-                     f"{wait} | {w['mean_wire_ms']:.1f} / {w['p50_wire_ms']:.1f} ms | **{w['wire_share']:.1%}** |")
+                     f"{w['mean_draft_wait_ms']:.1f} ms ({w['draft_wait_share']:.1%}) | "
+                     f"{w['mean_wire_ms']:.1f} / {w['p50_wire_ms']:.1f} ms | **{w['wire_share']:.1%}** |")
     return "\n".join(lines) + "\n"
 
 

@@ -46,6 +46,7 @@ class DraftService:
     def run(self) -> None:
         self.start()
         start_heartbeat(self.cfg.redis, self.name)
+        log.info("%s ready: %s", self.name, type(self.source).__name__)
         while True:
             self._follow_steps(block_ms=None)
             reply = self.r.xreadgroup(self.cfg.group, self.name, {self.cfg.redis.draft_jobs: ">"}, count=16, block=200)

@@ -115,6 +115,9 @@ class SchedulerService:
     def run(self, stop_after_idle_s: float | None = None) -> None:
         self.start()
         start_heartbeat(self.cfg.redis, "scheduler")
+        p = self.scheduler.policy
+        log.info("scheduler ready: %s, %d stages, width %d, draft wait %.0f ms", p.name, p.stages, p.width,
+                 1000 * self.cfg.draft_wait_s)
         idle_since = time.monotonic()
         while True:
             busy = bool(self.scheduler.active())

@@ -69,6 +69,10 @@ class StageService:
     def run(self, stop_after_idle_s: float | None = None) -> None:
         last_id, step, idle_since = "0", 0, time.monotonic()
         start_heartbeat(self.cfg.redis, self.name)
+        w = self.runner.weights
+        log.info("%s ready: layers %d-%d of %d (%s), torch %d threads, link %s", self.name, w.start, w.end - 1,
+                 self.runner.arch.num_layers, self.runner.dtype, torch.get_num_threads(),
+                 "none" if self.link is None else self.link.device)
         while True:
             entries = read(self.r, self.cfg.redis.steps, last_id, self.cfg.poll_ms)
             if not entries:

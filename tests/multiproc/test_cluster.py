@@ -69,6 +69,8 @@ def test_services_speculate_with_a_draft_model(cluster_factory, tiny_dir, case) 
     submit(cluster.r, cluster.cfg, RequestMsg("solo", prompt, n))
     result = collect(cluster.r, cluster.cfg, "solo", timeout_s=120)
     assert result.tokens == _reference(tiny_dir, prompt, n, 0.0, 1.0, 0, 0)
+    for name in cluster.procs:  # each service says what it runs as it starts (its log, not only its failures)
+        assert f"{name} ready: " in cluster.log(name), cluster.log(name)
     stats = msgpack.unpackb(cluster.r.get(cluster.cfg.stats) or b"\x80")
     deadline = time.time() + 10
     while stats.get("tokens", 0) < n and time.time() < deadline:  # the snapshot is rewritten twice a second
