@@ -4,10 +4,12 @@ In the spirit of gpt-fast's model.py, but every operation is *row invariant*:
 a node's hidden state does not depend on which other nodes share its
 micro-batch. That is what lets a speculative tree reproduce plain decoding
 bit for bit in fp32:
-- GEMMs: MKL picks other kernels for 1-3 rows and for remainder tiles; every
-  linear pads its rows to a multiple of GEMM_ROW_TILE, where each row is
-  computed identically (tests/stage_worker/test_invariance.py checks this on
-  the machine at hand).
+- GEMMs: a BLAS picks its kernel and K blocking by the row count (MKL: other
+  kernels for 1-3 rows and remainder tiles; on an Intel Xeon also for 9+
+  rows against 8), so every product has exactly GEMM_ROW_TILE rows: the
+  rows are cut into tiles of that many, the last one zero-padded, and each
+  row is computed the same way wherever it sits
+  (tests/stage_worker/test_invariance.py checks this on the machine at hand).
 - Attention: each row attends to its context gathered in position order
   (prefix, ancestors, itself) with its own fixed-shape matmuls (batched
   matmuls are not row invariant), so the reduction is the one plain decoding
@@ -31,12 +33,16 @@ GEMM_ROW_TILE = 8
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T + b, each row computed the same way whatever the row count. x: [n, in] -> [n, out]."""
-    n = x.shape[0]
-    padded = -(-n // GEMM_ROW_TILE) * GEMM_ROW_TILE
+    """x @ w.T + b, each row computed the same way whatever the row count: one GEMM of GEMM_ROW_TILE rows per
+    tile (a single GEMM over all rows is faster on many rows but not row invariant everywhere).
+    x: [n, in] -> [n, out]."""
+    n, t = x.shape[0], GEMM_ROW_TILE
+    padded = -(-n // t) * t
     if padded != n:
-        x = F.pad(x, (0, 0, 0, padded - n))
-    return F.linear(x, w, b)[:n]
+        x = F.pad(x, (0, 0, 0, padded - n))  # [padded, in]
+    if padded == t:
+        return F.linear(x, w, b)[:n]
+    return torch.cat([F.linear(x[i : i + t], w, b) for i in range(0, padded, t)])[:n]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
