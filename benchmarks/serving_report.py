@@ -69,7 +69,8 @@ def section_1(d: dict) -> str:
     lines = [
         "### 1. One request at a time through the distributed services",
         "",
-        f"{d['model']} (draft `{d['draft']}` in {d.get('draft_dtype', 'float32')} for specpipe), {d['stages']} stage processes (gloo between them; "
+        f"{d['model']} (draft `{d['draft']}` in {d.get('draft_dtype', 'float32')} for specpipe), "
+        f"{d['stages']} stage processes (gloo between them; "
         f"{threads} torch thread(s) each), width {d['width']}, greedy, up to {d['max_new_tokens']} new tokens, "
         f"{_prompts(d)}; machine: {d['machine']}.",
         "",

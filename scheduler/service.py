@@ -91,7 +91,6 @@ class SchedulerService:
         # process on a host), flushed in batches: benchmarks.wire_overhead splits each step into compute,
         # scheduler work, draft wait and wire from these and the stages' compute intervals
         self.timings: list[str] = []
-        self.wait_span = (0.0, 0.0)  # the last bounded wait for the draft's proposals (start, end)
         self.drafts_alive = True
         self.awaiting: set[tuple[str, int]] = set()  # (request, node) of the jobs published since the last wait
         self.errors_last = "$"
@@ -191,7 +190,7 @@ class SchedulerService:
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> None:
         start = time.monotonic()
-        self._draft_io()
+        wait_span = self._draft_io()
         self._record_occupancy()
         batch = self.scheduler.schedule()
         rows = batch.rows
@@ -216,7 +215,7 @@ class SchedulerService:
         self._stage_errors(result)
         self.pending_events = [[e.request_id, e.kind, list(e.node_ids)] for e in result.events]
         self._publish_tokens(result.new_tokens, result.finished)
-        stamps = (start, *self.wait_span, published, verified, time.monotonic())
+        stamps = (start, *wait_span, published, verified, time.monotonic())
         self.timings.append(":".join([str(msg.step), str(len(rows)), *(f"{t:.6f}" for t in stamps)]))
         if len(self.timings) >= 64 or not self.scheduler.active():
             self.r.rpush(self.cfg.redis.key("timings", "scheduler"), *self.timings)
@@ -328,25 +327,26 @@ class SchedulerService:
             del self.scheduler.requests[rid]
 
     # ---- drafting ------------------------------------------------------------------------------
-    def _draft_io(self) -> None:
-        """Take the proposals that arrived (waiting, bounded, for last step's jobs), then ask for new ones."""
+    def _draft_io(self) -> tuple[float, float]:
+        """Take the proposals that arrived (waiting, bounded, for last step's jobs), then ask for new ones.
+        Returns the bounded wait's (start, end) on the monotonic clock."""
         if self.scheduler.step % 16 == 0:  # a lost draft worker only lowers speculation
             self.drafts_alive = any_alive(self.r, self.cfg.redis, "draft-")
-        now = time.monotonic()
-        self.wait_span = (now, now)
         if not self.drafts_alive:
             self.awaiting.clear()
-            return
+            now = time.monotonic()
+            return now, now
         self._take_proposals(block_ms=None)
         waited = time.monotonic()
         deadline = waited + self.cfg.draft_wait_s
         while self.awaiting and (left := deadline - time.monotonic()) > 0:
             self._take_proposals(block_ms=max(1, int(left * 1000)))
-        self.wait_span = (waited, time.monotonic())
+        wait_span = (waited, time.monotonic())
         self.awaiting.clear()  # a job not answered in time is used whenever it arrives, never waited for again
         # jobs that need this step's events (a refill after a miss): answered once its step record is out, and
         # waited for before the next step, like the jobs for the level this step sends
         self._publish_jobs(as_of_step=self.scheduler.step + 1)
+        return wait_span
 
     def _publish_jobs(self, as_of_step: int) -> None:
         """Expansion jobs for every node the scheduler wants drafted; the worker first applies step records up to
