@@ -15,6 +15,13 @@ from gateway.config import GatewayConfig
 from shared.errors import SpecPipeError
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gateway", description="OpenAI-compatible gateway")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
@@ -31,6 +38,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--default-max-tokens", type=int, default=256)
     p.add_argument("--attention", choices=("exact", "distr"), default="exact",
                    help="the stages' prefill attention; distr (approximate) is reported in every reply")
+    p.add_argument("--max-inflight", type=_positive, default=256,
+                   help="generation requests (queued + running) this gateway takes at once; past it 429 with "
+                        "Retry-After at once (default 256)")
+    p.add_argument("--max-body-bytes", type=_positive, default=1 << 20,
+                   help="largest request body in bytes; larger ones get 413 (default 1048576 = 1 MiB)")
+    p.add_argument("--max-file-bytes", type=_positive, default=64 << 20,
+                   help="largest batch input file for POST /v1/files in bytes (its own limit: batch files are "
+                        "bigger than requests; the batch format allows at most 64 MiB, the default)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -41,7 +56,9 @@ def config_from_args(argv: list[str] | None = None) -> tuple[GatewayConfig, str]
     return GatewayConfig(
         model=a.model, redis_url=a.redis_url, prefix=a.prefix, host=a.host, port=a.port, api_keys=keys,
         request_timeout_s=a.request_timeout, max_prompt_tokens=a.max_model_len,
-        default_max_tokens=a.default_max_tokens, served_model_name=a.served_model_name, stages=a.stages, attention=a.attention,
+        default_max_tokens=a.default_max_tokens, served_model_name=a.served_model_name, stages=a.stages,
+        attention=a.attention, max_inflight=a.max_inflight, max_body_bytes=a.max_body_bytes,
+        max_file_bytes=a.max_file_bytes,
     ), a.log_level
 
 

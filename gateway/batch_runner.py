@@ -37,7 +37,7 @@ from gateway.config import GatewayConfig
 from gateway.engine import Engine
 from gateway.errors import APIError, error_body
 from gateway.metrics import Metrics
-from gateway.prompts import chat_prompt_ids, completion_prompt_ids, generation_spec
+from gateway.prompts import generation_spec, prompt_ids
 from gateway.queue import AsyncQueue
 from gateway.records import RecordBook, RequestRecord
 from gateway.responses import ResponseBuilder
@@ -238,7 +238,7 @@ class BatchRunner:
         try:
             req = check_body(line.url, line.body, line.line_no)
             check_request(req, gw)
-            ids = chat_prompt_ids(req, gw.codec) if chat else completion_prompt_ids(req, gw.codec)
+            ids = await prompt_ids(req, gw.codec, chat)  # in a worker thread: the runner's loop keeps going
             spec = generation_spec(req, ids, gw.cfg, "messages" if chat else "prompt")
             if await self.store.was_submitted(self.batch_id, rid):
                 record = RequestRecord(rid, gw.cfg.model_name, len(ids))

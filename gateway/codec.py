@@ -55,7 +55,8 @@ def _token_text(value: Any) -> str | None:
 
 
 class TextCodec:
-    """One model's tokenizer, chat template and stop ids; cheap to call from async code (no I/O)."""
+    """One model's tokenizer, chat template and stop ids (no I/O; a long prompt takes CPU time, so the
+    routes call encode / encode_chat in a worker thread)."""
 
     def __init__(self, model_dir: Path):
         model_dir = Path(model_dir)
@@ -77,8 +78,10 @@ class TextCodec:
         return source if isinstance(source, str) else None
 
     def encode(self, text: str) -> list[int]:
-        """A plain prompt, with the tokenizer's own special tokens (as a transformers tokenizer call)."""
-        return self.tokenizer.encode(text, add_special_tokens=True).ids
+        """A plain prompt, with the tokenizer's own special tokens (as a transformers tokenizer call).
+        encode_batch, unlike encode, releases the GIL: a long prompt in a worker thread does not stall
+        the event loop."""
+        return self.tokenizer.encode_batch([text], add_special_tokens=True)[0].ids
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         """The chat template applied to messages, ending with the assistant's generation prompt."""
@@ -91,7 +94,7 @@ class TextCodec:
             raise TemplateError(str(exc)) from exc
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids
+        return self.tokenizer.encode_batch([self.render_chat(messages)], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int]) -> str:
         """Output text: special tokens skipped (vLLM's default), a trailing eos removed."""

@@ -19,6 +19,11 @@ class GatewayConfig:
     max_prompt_tokens: the model's context (prompt + max_tokens must fit); 0 = read
         max_position_embeddings from the model's config.json (see `resolved`).
     stages: pipeline stages whose heartbeats /ready (and submission) require.
+    max_inflight: this gateway's generation requests at once (queued + running); past it, 429 at once.
+    max_body_bytes: the largest request body (413 above it); max_file_bytes: the same for POST /v1/files
+        (a batch input file may hold up to 64 MiB, so uploads get their own, larger limit).
+    redis_pool_size: connections for the gateway's short Redis calls (callers wait for a free one);
+        the out streams of every in-flight request are read by one more connection (gateway/outstreams.py).
     """
 
     model: str
@@ -32,10 +37,14 @@ class GatewayConfig:
     default_max_tokens: int = 256
     served_model_name: str = ""
     stages: int = 2
-    retry_after_s: int = 1  # Retry-After on 429 (scheduler queue full)
+    retry_after_s: int = 1  # Retry-After on 429 (scheduler queue full, or max_inflight reached)
     record_limit: int = 10_000  # requests remembered for GET /v1/requests/{id}
     out_stream_ttl_s: int = 3600  # a finished request's out stream expires after this
     attention: str = "exact"  # the stages' prefill attention ("distr" is approximate: the API says so)
+    max_inflight: int = 256
+    max_body_bytes: int = 1 << 20  # 1 MiB
+    max_file_bytes: int = 64 << 20  # 64 MiB: gateway/batch_input.py's MAX_FILE_BYTES
+    redis_pool_size: int = 16
 
     @property
     def exact_output(self) -> bool:

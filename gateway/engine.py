@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import anyio
@@ -22,13 +23,14 @@ from gateway.config import GatewayConfig
 from gateway.errors import APIError
 from gateway.metrics import Metrics
 from gateway.prompts import GenerationSpec
+from gateway.outstreams import Subscription
 from gateway.queue import AsyncQueue, QueueError
 from gateway.records import FINISHED, QUEUED, RUNNING, RecordBook, RequestRecord
 from gateway.textstream import TextAssembler
 from shared.messages import RequestMsg, TokensMsg
 
 log = logging.getLogger("gateway")
-POLL_S = 0.25  # longest blocking read: disconnects and deadlines are checked at least this often
+POLL_S = 0.25  # longest wait for out-stream entries: disconnects and deadlines are checked at least this often
 
 
 @dataclass(frozen=True)
@@ -93,32 +95,43 @@ class Engine:
                       disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[Update]:
         """Yield the request's updates until it ends; cancel it if the consumer stops early."""
         run = _Run(record, TextAssembler(self.codec, spec.stops))
-        deadline = run.started + self.cfg.request_timeout_s
+        sub = None
         try:
-            while not run.done:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    yield await self._end(run, "timeout", f"no completion within {self.cfg.request_timeout_s:g} s",
-                                          cancel=True)
-                    return
-                if disconnected is not None and await disconnected():
-                    return
-                try:
-                    entries = await self.queue.read(record.request_id, run.last_id, int(min(POLL_S, remaining) * 1000))
-                except QueueError as exc:
-                    log.warning("request %s: redis error: %s", record.request_id, exc)
-                    yield await self._end(run, "error", "lost the connection to the request queue", cancel=False)
-                    return
-                for entry_id, msg in entries:
-                    run.last_id = entry_id
-                    update = await self._apply(run, msg)
+            sub = await self.queue.follow(record.request_id, run.last_id)
+            async with aclosing(self._follow(run, sub, disconnected)) as follow:
+                async for update in follow:
                     yield update
-                    if update.finished:
-                        return
         finally:
+            if sub is not None:
+                sub.close()
             if not run.done:
                 with anyio.CancelScope(shield=True):
                     await self._end(run, "cancelled", "the client went away", cancel=True)
+
+    async def _follow(self, run: _Run, sub: Subscription,
+                      disconnected: Callable[[], Awaitable[bool]] | None) -> AsyncIterator[Update]:
+        """The updates of one subscription, until the request ends, times out or the consumer goes."""
+        deadline = run.started + self.cfg.request_timeout_s
+        while not run.done:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                yield await self._end(run, "timeout", f"no completion within {self.cfg.request_timeout_s:g} s",
+                                      cancel=True)
+                return
+            if disconnected is not None and await disconnected():
+                return
+            try:
+                entries = await sub.get(min(POLL_S, remaining))
+            except QueueError as exc:
+                log.warning("request %s: redis error: %s", run.record.request_id, exc)
+                yield await self._end(run, "error", "lost the connection to the request queue", cancel=False)
+                return
+            for entry_id, msg in entries:
+                run.last_id = entry_id
+                update = await self._apply(run, msg)
+                yield update
+                if update.finished:
+                    return
 
     async def _apply(self, run: _Run, msg: TokensMsg) -> Update:
         """Fold one TokensMsg into the run: record, metrics, text delta; end it on finish or a stop string."""

@@ -21,7 +21,8 @@ log = logging.getLogger("gateway")
 
 _PYDANTIC_TAG = re.compile(r"^([a-z-]+\[.*\]|float|int|str|bool|list|dict|none|constrained-\w+|function-\w+)$")
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "server_error"}
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          503: "server_error", 504: "server_error"}
 
 
 class APIError(Exception):

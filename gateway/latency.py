@@ -77,7 +77,7 @@ class InstrumentedMetrics(Metrics):
     """Metrics plus the added-latency histogram family."""
 
     def __init__(self, base: Metrics):
-        super().__init__(base.labels["model_name"], base.running, base.waiting)
+        super().__init__(base.labels["model_name"], base.running, base.waiting, base.inflight)
         self.added = AddedLatency()
 
     def render(self, stats: SchedulerStatsMsg | None = None) -> str:

@@ -93,9 +93,10 @@ class Histogram:
 class Metrics:
     """The gateway's counters and histograms; gauges are read from callables at scrape time."""
 
-    def __init__(self, model_name: str, running: Callable[[], int], waiting: Callable[[], int]):
+    def __init__(self, model_name: str, running: Callable[[], int], waiting: Callable[[], int],
+                 inflight: Callable[[], int] = lambda: 0):
         self.labels = {"model_name": model_name}
-        self.running, self.waiting = running, waiting
+        self.running, self.waiting, self.inflight = running, waiting, inflight
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token in seconds.", TTFT_BUCKETS)
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Inter-token latency in seconds.", ITL_BUCKETS)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency in seconds.",
@@ -127,6 +128,8 @@ class Metrics:
         lines += self._scalar("vllm:num_requests_running", "gauge", "Requests generating tokens.", self.running())
         lines += self._scalar("vllm:num_requests_waiting", "gauge", "Requests submitted, no token yet.",
                               self.waiting())
+        lines += self._scalar("specpipe:gateway_inflight_requests", "gauge",
+                              "Generation requests in this gateway (its --max-inflight counts these).", self.inflight())
         lines += self._scalar("vllm:prompt_tokens_total", "counter", "Prompt tokens submitted.", self.prompt_tokens)
         lines += self._scalar("vllm:generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens)
         if stats is not None:

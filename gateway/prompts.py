@@ -2,13 +2,16 @@
 
 Every way a prompt or a sampling setting can be unusable ends in a 400 APIError
 naming the field; the context check (prompt + max_tokens within the model's
-context) ends in 400 with code "context_length_exceeded".
+context) ends in 400 with code "context_length_exceeded". `prompt_ids` tokenizes (and
+renders the chat template) in a worker thread, so a long prompt never stalls the event loop.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+import anyio
 
 from gateway.codec import TemplateError, TextCodec
 from gateway.config import GatewayConfig
@@ -77,6 +80,13 @@ def chat_prompt_ids(req: ChatCompletionRequest, codec: TextCodec) -> list[int]:
         return codec.encode_chat(chat_messages(req))
     except TemplateError as exc:
         raise bad_request(f"the chat template refused these messages: {exc}", "messages") from exc
+
+
+async def prompt_ids(req: SamplingRequest, codec: TextCodec, chat: bool) -> list[int]:
+    """chat_prompt_ids or completion_prompt_ids, run in a worker thread (its 400s raised here)."""
+    if chat:
+        return await anyio.to_thread.run_sync(chat_prompt_ids, req, codec)
+    return await anyio.to_thread.run_sync(completion_prompt_ids, req, codec)
 
 
 def generation_spec(req: SamplingRequest, prompt_ids: list[int], cfg: GatewayConfig,

@@ -3,6 +3,11 @@
 Async equivalents of shared/redis_io.py's publish/read/alive for the streams the
 gateway uses: it writes `requests` and `cancel`, reads `out:{request}`, and checks
 the `hb:{component}` heartbeat keys.
+
+Connections do not grow with load: short calls share a bounded pool (a caller
+waits for a free connection, up to POOL_WAIT_S, rather than failing), and the out
+streams of all in-flight requests are read by one multiplexing reader with its
+own connection (gateway/outstreams.py; `follow` subscribes a request to it).
 """
 
 from __future__ import annotations
@@ -13,22 +18,30 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.outstreams import OutStreams, Subscription, decode_entries
 from shared.messages import CancelMsg, Message, OccupancyMsg, RequestMsg, SchedulerStatsMsg, TokensMsg
 from shared.redis_io import RedisConfig, decode_or_log, pipeline_components
 
 log = logging.getLogger("gateway")
 
 QueueError = RedisError  # what callers catch when Redis is unreachable or answers an error
+POOL_SIZE = 16
+POOL_WAIT_S = 10.0  # longest wait for a free pooled connection before QueueError
 
 
 class AsyncQueue:
-    """One connection pool to Redis; every method is a coroutine that only awaits network I/O."""
+    """A bounded connection pool and the out-stream reader; every method only awaits network I/O."""
 
-    def __init__(self, cfg: RedisConfig, stages: int):
+    def __init__(self, cfg: RedisConfig, stages: int, pool_size: int = POOL_SIZE):
         self.cfg, self.stages = cfg, stages
-        self.r = aioredis.Redis.from_url(cfg.url, socket_connect_timeout=2, health_check_interval=30)
+        pool = aioredis.BlockingConnectionPool.from_url(cfg.url, max_connections=pool_size, timeout=POOL_WAIT_S,
+                                                        socket_connect_timeout=2, health_check_interval=30,
+                                                        client_name=cfg.key("gateway"))  # CLIENT LIST shows it
+        self.r = aioredis.Redis.from_pool(pool)
+        self.outs = OutStreams(cfg, self.r)
 
     async def close(self) -> None:
+        await self.outs.close()
         await self.r.aclose()
 
     async def _publish(self, stream: str, msg: Message, maxlen: int = 100_000) -> None:
@@ -40,17 +53,16 @@ class AsyncQueue:
     async def cancel(self, request_id: str) -> None:
         await self._publish(self.cfg.cancel, CancelMsg(request_id))
 
-    async def read(self, request_id: str, last_id: str, block_ms: int) -> list[tuple[str, TokensMsg]]:
-        """TokensMsgs of out:{request_id} after last_id, waiting up to block_ms for the first one."""
-        reply = await self.r.xread({self.cfg.out(request_id): last_id}, count=256, block=max(block_ms, 1))
-        return self._decode(entries for _, entries in reply or [])
+    async def follow(self, request_id: str, last_id: str = "0") -> Subscription:
+        """Subscribe to out:{request_id} after last_id; `await sub.get(timeout_s)`, then `sub.close()`."""
+        return await self.outs.subscribe(self.cfg.out(request_id), last_id)
 
     async def history(self, request_id: str) -> list[TokensMsg] | None:
         """Everything out:{request_id} holds; None when the stream does not exist."""
         entries = await self.r.xrange(self.cfg.out(request_id))
         if not entries and not await self.r.exists(self.cfg.out(request_id)):
             return None
-        return [msg for _, msg in self._decode([entries])]
+        return [msg for _, msg in decode_entries(entries)]
 
     async def expire(self, request_id: str, ttl_s: int) -> None:
         await self.r.expire(self.cfg.out(request_id), ttl_s)
@@ -81,13 +93,3 @@ class AsyncQueue:
             return bool(await self.r.ping())
         except RedisError:
             return False
-
-    @staticmethod
-    def _decode(groups) -> list[tuple[str, TokensMsg]]:
-        out = []
-        for entries in groups:
-            for entry_id, fields in entries:
-                msg = decode_or_log(fields.get(b"m", b""), TokensMsg, "gateway")
-                if msg is not None:
-                    out.append((entry_id.decode() if isinstance(entry_id, bytes) else entry_id, msg))
-        return out

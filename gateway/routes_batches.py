@@ -20,7 +20,7 @@ import anyio
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import Response
 
-from gateway.batch_input import MAX_FILE_BYTES, check_endpoint, parse_jsonl
+from gateway.batch_input import MAX_FILE_BYTES, BatchLine, check_endpoint, parse_jsonl
 from gateway.batch_schemas import Batch, BatchList, CreateBatchRequest, FileDeleted, FileList, FileObject
 from gateway.batch_store import BatchStore, StoredFile
 from gateway.config import GatewayConfig
@@ -80,19 +80,24 @@ async def _file(svc: BatchService, file_id: str) -> StoredFile:
     return f
 
 
-async def _read_upload(upload: UploadFile) -> bytes:
-    data = await upload.read(MAX_FILE_BYTES + 1)
-    if len(data) > MAX_FILE_BYTES:
-        raise APIError(400, f"the file is larger than {MAX_FILE_BYTES} bytes", param="file", code="file_too_large")
+async def _read_upload(upload: UploadFile, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise APIError(400, f"the file is larger than {limit} bytes", param="file", code="file_too_large")
     return data
+
+
+async def _parse(data: bytes) -> list[BatchLine]:
+    """parse_jsonl in a worker thread: validating a large file takes seconds of CPU."""
+    return await anyio.to_thread.run_sync(parse_jsonl, data)
 
 
 @router.post("/v1/files", response_model=FileObject)
 async def upload_file(file: Annotated[UploadFile, File()], purpose: Annotated[Literal["batch"], Form()],
                       svc: Service) -> dict:
     """Store a batch input file; every line is validated now (400 naming the first bad line)."""
-    data = await _read_upload(file)
-    parse_jsonl(data)
+    data = await _read_upload(file, min(svc.cfg.max_file_bytes, MAX_FILE_BYTES))
+    await _parse(data)
     f = StoredFile(f"file-{uuid.uuid4().hex}", len(data), int(time.time()), file.filename or "batch.jsonl", purpose)
     with redis_errors():
         await svc.store.put_file(f, data)
@@ -167,7 +172,7 @@ async def create_batch(body: CreateBatchRequest, svc: Service) -> dict:
         raise APIError(400, f"file '{f.id}' has purpose '{f.purpose}', not 'batch'", param="input_file_id")
     with redis_errors():
         content = await svc.store.file_content(f.id)
-    lines = parse_jsonl(content or b"")
+    lines = await _parse(content or b"")
     check_endpoint(lines, body.endpoint)
     batch_id = f"batch_{uuid.uuid4().hex}"
     meta = {"id": batch_id, "endpoint": body.endpoint, "input_file_id": f.id,

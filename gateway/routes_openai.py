@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from gateway.engine import Update, outcome_error
 from gateway.errors import APIError, bad_request
-from gateway.prompts import chat_prompt_ids, completion_prompt_ids, generation_spec
+from gateway.prompts import generation_spec, prompt_ids
 from gateway.records import RequestRecord
 from gateway.responses import ResponseBuilder, sse
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
@@ -19,13 +20,14 @@ from gateway.state import GatewayState, get_state
 from gateway.streaming import DisconnectWatch, SSEResponse
 
 router = APIRouter()
+log = logging.getLogger("gateway")
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, gw: GatewayState = Depends(get_state)):
     """Text completion of `prompt` (a string or token ids)."""
     check_request(body, gw)
-    ids = completion_prompt_ids(body, gw.codec)
+    ids = await prompt_ids(body, gw.codec, chat=False)
     return await generate(request, gw, body, ids, chat=False, prompt_field="prompt")
 
 
@@ -33,7 +35,7 @@ async def completions(body: CompletionRequest, request: Request, gw: GatewayStat
 async def chat_completions(body: ChatCompletionRequest, request: Request, gw: GatewayState = Depends(get_state)):
     """Chat completion: `messages` rendered with the model's chat template."""
     check_request(body, gw)
-    ids = chat_prompt_ids(body, gw.codec)
+    ids = await prompt_ids(body, gw.codec, chat=True)
     return await generate(request, gw, body, ids, chat=True, prompt_field="messages")
 
 
@@ -89,10 +91,24 @@ async def _stream_reply(gw: GatewayState, updates: AsyncIterator[Update], record
         raise error
     watch.response_started()
     events = _events(gw, first, updates, record, build, include_usage)
-    return SSEResponse(events, headers={"X-Request-Id": record.request_id})
+    return SSEResponse(events, headers={"X-Request-Id": record.request_id}, on_close=updates.aclose)
 
 
 async def _events(gw: GatewayState, first: Update, updates: AsyncIterator[Update], record: RequestRecord,
+                  build: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
+    """The stream's events; an unexpected error still ends it with an OpenAI error chunk and [DONE]."""
+    try:
+        async with aclosing(_chunks(gw, first, updates, record, build, include_usage)) as chunks:
+            async for event in chunks:
+                yield event
+    except Exception:
+        log.exception("unexpected error while streaming %s", record.request_id)
+        yield sse(build.error_chunk("internal error in the gateway; it has been logged", "server_error",
+                                    "internal_error"))
+        yield sse("[DONE]")
+
+
+async def _chunks(gw: GatewayState, first: Update, updates: AsyncIterator[Update], record: RequestRecord,
                   build: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
     """One chunk per token group with new text (the first and the last always), then usage and [DONE]."""
     async with aclosing(updates) as it:

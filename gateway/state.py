@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from gateway.codec import TextCodec
 from gateway.config import GatewayConfig
 from gateway.engine import Engine
+from gateway.limits import Admission
 from gateway.metrics import Metrics
 from gateway.queue import AsyncQueue
 from gateway.records import RecordBook
@@ -22,6 +23,7 @@ class GatewayState:
     records: RecordBook
     metrics: Metrics
     engine: Engine
+    admission: Admission = field(default_factory=lambda: Admission(0))  # the HTTP gateway's own
 
 
 def get_state(request: Request) -> GatewayState:
