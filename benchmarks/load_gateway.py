@@ -1,15 +1,20 @@
 """Load test of the gateway: many concurrent streaming clients against a local cluster, loopback only.
 
     python -m benchmarks.load_gateway [--model smollm2-135m] [--clients 64] [--requests 256] [--max-tokens 16]
-        [--max-queue N] [--kv-slots N] [--duration 300] [--out report.md] [--url http://127.0.0.1:8000]
+        [--max-queue N] [--kv-slots N] [--max-inflight N] [--duration 300] [--deadline 120] [--out report.md]
+        [--url http://127.0.0.1:8000]
 
 Without --url it starts the default local cluster itself (specpipe.cluster.commands: scheduler, 2 stages,
-n-gram draft worker, gateway; its own key prefix and ports), and stops it and deletes its keys at the end.
-`--clients` asyncio clients (httpx) each send streaming chat completions one after another until
-`--requests` have been sent in all or `--duration` seconds have passed; a 429 is counted and its
-Retry-After honoured. Every request must either complete (stream ends with a finish_reason and [DONE])
-or get a clean 429 (OpenAI error object, code queue_full, Retry-After): sent == completed + 429,
-anything else is reported as lost.
+n-gram draft worker, gateway; its own key prefix and ports), and stops it and deletes its keys at the end;
+--max-inflight (and LoadConfig.gateway_args) go to its gateway command.
+`--clients` asyncio clients (httpx, one connection each: `--clients 512` is 512 concurrent streams) each send
+streaming chat completions one after another until `--requests` have been sent in all or `--duration`
+seconds have passed; a 429 is counted and its Retry-After honoured. Every request must either complete in
+full (the stream ends with a finish_reason and [DONE]) or get a clean 429 (OpenAI error object, code
+queue_full from the scheduler or too_many_requests from the gateway's --max-inflight, Retry-After):
+sent == completed + 429. Anything else is lost, counted by kind: other 4xx, 5xx, hung (no end within
+`--deadline` seconds), transport errors (connect, reset, protocol), error events in a stream, and
+streams that ended without [DONE].
 
 Added latency is read from the gateway's own histogram `specpipe:gateway_added_latency_seconds`
 (gateway/latency.py; the difference of two /metrics scrapes, quantiles interpolated within buckets as
@@ -56,10 +61,15 @@ class LoadConfig:
     max_queue: int | None = None
     kv_slots: int | None = None
     duration_s: float = 300.0
-    request_timeout_s: float = 120.0
+    request_timeout_s: float = 120.0  # a request with no end within this is counted as hung
     threads: int | None = 1  # OMP/MKL threads per cluster process (None: torch's default, one per core)
     url: str | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
+    max_inflight: int | None = None  # the gateway's --max-inflight (None: its default)
+    gateway_args: tuple[str, ...] = ()  # more flags for the started gateway
+
+
+LOST_KINDS = ("other_4xx", "server_5xx", "hung", "transport", "stream_error", "incomplete")
 
 
 @dataclass
@@ -67,9 +77,16 @@ class Tally:
     sent: int = 0
     completed: int = 0
     rejected: int = 0  # clean 429s
+    rejected_by_code: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
     lost: list[str] = field(default_factory=list)
+    lost_by_kind: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LOST_KINDS, 0))
     ttft_s: list[float] = field(default_factory=list)
+
+    def lose(self, kind: str, i: int, what: str) -> float:
+        self.lost_by_kind[kind] += 1
+        self.lost.append(f"#{i}: {kind}: {what}")
+        return 0.0
 
 
 # ---- the cluster -------------------------------------------------------------------------------------------
@@ -88,6 +105,7 @@ class LocalCluster:
 
         extra = [*(("--max-queue", str(cfg.max_queue)) if cfg.max_queue else ()),
                  *(("--kv-slots", str(cfg.kv_slots)) if cfg.kv_slots else ())]
+        gateway_args = [*(("--max-inflight", str(cfg.max_inflight)) if cfg.max_inflight else ()), *cfg.gateway_args]
         self.prefix, self.port = f"load-{uuid.uuid4().hex[:8]}", free_port()
         ccfg = ClusterConfig(model=cfg.model, stages=cfg.stages, redis_url=cfg.redis_url, prefix=self.prefix,
                              master_port=free_port(), port=self.port, extra=tuple(extra))
@@ -97,6 +115,7 @@ class LocalCluster:
         if cfg.threads:  # every stage at the default (a thread per core) oversubscribes a small host badly
             env.update(OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
         cmds = {name: cmd for name, cmd in commands(ccfg).items() if name != "batch-worker"}
+        cmds["gateway"] = [*cmds["gateway"], *gateway_args]  # argparse: a later flag wins
         self.logs = {name: (log_dir / f"{name}.log").open("w") for name in cmds}
         self.procs = {name: subprocess.Popen(cmd, stdout=self.logs[name], stderr=subprocess.STDOUT, env=env)
                       for name, cmd in cmds.items()}
@@ -127,56 +146,78 @@ class LocalCluster:
 
 
 # ---- the clients -------------------------------------------------------------------------------------------
+REJECT_CODES = ("queue_full", "too_many_requests")  # the scheduler's queue, the gateway's --max-inflight
+
+
 async def one_request(client: httpx.AsyncClient, i: int, cfg: LoadConfig, model: str, tally: Tally) -> float:
     """Send one streaming chat completion; count its outcome; return the seconds to wait before the next."""
     body = {"model": model, "messages": [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} (#{i})"}],
             "max_tokens": cfg.max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    start, first, finish, done = time.monotonic(), None, None, False
     try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-            if r.status_code == 429:
-                await r.aread()
-                retry_after = r.headers.get("Retry-After")
-                if r.json().get("error", {}).get("code") == "queue_full" and retry_after:
-                    tally.rejected += 1
-                    return float(retry_after)
-                tally.lost.append(f"#{i}: 429 without queue_full / Retry-After: {r.text[:200]}")
-                return 0.0
-            if r.status_code != 200:
-                tally.lost.append(f"#{i}: HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-                return 0.0
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    done = True
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    tally.lost.append(f"#{i}: error event {chunk['error']}")
-                    return 0.0
-                if chunk.get("usage"):
-                    tally.tokens += chunk["usage"]["completion_tokens"]
-                for choice in chunk.get("choices", []):
-                    first = first if first is not None else time.monotonic() - start
-                    finish = choice.get("finish_reason") or finish
+        async with asyncio.timeout(cfg.request_timeout_s):
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    return await _refused(r, i, tally)
+                return await _events(r, i, tally, time.monotonic())
+    except TimeoutError:
+        return tally.lose("hung", i, f"no end within {cfg.request_timeout_s:g} s")
+    except httpx.TimeoutException as exc:
+        return tally.lose("hung", i, f"{type(exc).__name__}: {exc}")
     except httpx.HTTPError as exc:
-        tally.lost.append(f"#{i}: {type(exc).__name__}: {exc}")
-        return 0.0
+        return tally.lose("transport", i, f"{type(exc).__name__}: {exc}")
+
+
+def _error_code(raw: bytes) -> str | None:
+    """The `code` of an OpenAI error object; None when the body is not one."""
+    try:
+        error = json.loads(raw)["error"]
+        return error["code"] if {"message", "type", "param", "code"} <= set(error) else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def _refused(r: httpx.Response, i: int, tally: Tally) -> float:
+    """A non-200 answer: a clean 429 (OpenAI error, a known code, Retry-After) or a lost request."""
+    raw = await r.aread()
+    code, retry_after = _error_code(raw), r.headers.get("Retry-After")
+    if r.status_code == 429 and code in REJECT_CODES and retry_after:
+        tally.rejected += 1
+        tally.rejected_by_code[code] = tally.rejected_by_code.get(code, 0) + 1
+        return float(retry_after)
+    kind = "server_5xx" if r.status_code >= 500 else "other_4xx"
+    return tally.lose(kind, i, f"HTTP {r.status_code} (Retry-After {retry_after}): {raw[:200]!r}")
+
+
+async def _events(r: httpx.Response, i: int, tally: Tally, start: float) -> float:
+    """Read an SSE stream to its end: completed in full (a finish_reason, then [DONE]) or lost."""
+    first, finish, done = None, None, False
+    async for line in r.aiter_lines():
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if data == "[DONE]":
+            done = True
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            return tally.lose("stream_error", i, f"error event {chunk['error']}")
+        if chunk.get("usage"):
+            tally.tokens += chunk["usage"]["completion_tokens"]
+        for choice in chunk.get("choices", []):
+            first = first if first is not None else time.monotonic() - start
+            finish = choice.get("finish_reason") or finish
     if done and finish in ("stop", "length"):
         tally.completed += 1
         tally.ttft_s.append(first or 0.0)
-    else:
-        tally.lost.append(f"#{i}: stream ended without a finish_reason and [DONE] ({finish}, {done})")
-    return 0.0
+        return 0.0
+    return tally.lose("incomplete", i, f"stream ended without a finish_reason and [DONE] ({finish}, {done})")
 
 
 async def run_clients(url: str, cfg: LoadConfig, model: str) -> tuple[Tally, float]:
     """`cfg.clients` concurrent clients until `cfg.requests` are sent or `cfg.duration_s` passed."""
     tally, counter, deadline = Tally(), iter(range(cfg.requests)), time.monotonic() + cfg.duration_s
     limits = httpx.Limits(max_connections=cfg.clients, max_keepalive_connections=cfg.clients)
-    timeout = httpx.Timeout(cfg.request_timeout_s, connect=10)
+    timeout = httpx.Timeout(cfg.request_timeout_s + 10, connect=30)  # the per-request deadline comes first
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         for i in counter:  # shared: every request index is sent once
@@ -246,8 +287,10 @@ def summarize(cfg: LoadConfig, tally: Tally, wall_s: float, hist: dict) -> dict:
     return {
         "machine": machine(), "model": cfg.model, "stages": cfg.stages, "clients": cfg.clients,
         "max_tokens": cfg.max_tokens, "max_queue": cfg.max_queue, "threads": cfg.threads if cfg.url is None else None,
-        "sent": tally.sent, "completed": tally.completed,
-        "rejected_429": tally.rejected, "lost": len(tally.lost), "lost_examples": tally.lost[:5], "wall_s": wall_s,
+        "max_inflight": cfg.max_inflight, "deadline_s": cfg.request_timeout_s,
+        "sent": tally.sent, "completed": tally.completed, "rejected_429": tally.rejected,
+        "rejected_by_code": dict(tally.rejected_by_code), **tally.lost_by_kind,
+        "lost": len(tally.lost), "lost_examples": tally.lost[:5], "wall_s": wall_s,
         "requests_per_s": tally.completed / wall_s if wall_s else 0.0,
         "tokens_per_s": tally.tokens / wall_s if wall_s else 0.0, "added": q,
         "samples": {c: int(b[-1][1]) if b else 0 for c, b in hist.items()},
@@ -263,7 +306,15 @@ def report(s: dict) -> str:
         ("clients (concurrent, streaming)", s["clients"]), ("max_tokens per request", s["max_tokens"]),
         ("scheduler --max-queue", s["max_queue"] or "default (256)"),
         ("threads per cluster process", s["threads"] or "torch default"), ("requests sent", s["sent"]),
-        ("completed", s["completed"]), ("429 (queue full, clean)", s["rejected_429"]), ("lost", s["lost"]),
+        ("gateway --max-inflight", s["max_inflight"] or "default (256)"),
+        ("completed in full", s["completed"]),
+        ("429 (clean: OpenAI error + Retry-After)", f"{s['rejected_429']} "
+         f"({', '.join(f'{k} {n}' for k, n in sorted(s['rejected_by_code'].items())) or 'none'})"),
+        ("lost", s["lost"]),
+        ("  other 4xx / 5xx", f"{s['other_4xx']} / {s['server_5xx']}"),
+        (f"  hung (no end within {s['deadline_s']:g} s)", s["hung"]),
+        ("  transport errors", s["transport"]),
+        ("  error events in a stream / streams without [DONE]", f"{s['stream_error']} / {s['incomplete']}"),
         ("**added latency p50 / p99** (in -> Redis -> out)",
          f"**{_ms(a['round_trip'][50])} / {_ms(a['round_trip'][99])}**"),
         ("  submit p50 / p99 (HTTP in -> RequestMsg published)", f"{_ms(a['submit'][50])} / {_ms(a['submit'][99])}"),
@@ -328,13 +379,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-queue", type=int, default=None, help="scheduler --max-queue (small: exercise 429)")
     p.add_argument("--kv-slots", type=int, default=None, help="scheduler --kv-slots (bounds running requests)")
+    p.add_argument("--max-inflight", type=int, default=None, help="the started gateway's --max-inflight")
     p.add_argument("--duration", type=float, default=300.0, help="stop sending after this many seconds")
+    p.add_argument("--deadline", type=float, default=120.0, help="a request with no end after this is hung")
     p.add_argument("--threads", type=int, default=1, help="OMP/MKL threads per cluster process (0: torch's default)")
     p.add_argument("--url", default=None, help="an already running gateway (loopback only)")
     p.add_argument("--out", default=None, help="write the markdown report here too")
     a = p.parse_args(argv)
     cfg = LoadConfig(a.model, a.stages, a.clients, a.requests, a.max_tokens, a.max_queue, a.kv_slots, a.duration,
-                     url=a.url, threads=a.threads or None)
+                     url=a.url, threads=a.threads or None, max_inflight=a.max_inflight, request_timeout_s=a.deadline)
     summary = run(cfg)
     text = report(summary)
     print(text)

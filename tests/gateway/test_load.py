@@ -1,11 +1,15 @@
-"""A small bounded run of benchmarks/load_gateway.py: 64 concurrent streaming clients, loopback only.
+"""Bounded runs of benchmarks/load_gateway.py against tiny-random, loopback only.
 
-The cluster is specpipe.cluster.commands' (tiny-random, 2 stages, n-gram draft, gateway), with a small
-scheduler --max-queue so that some requests are refused: every request must complete or get a clean
-429, none lost, and the gateway's added-latency histogram must have one round trip per request.
+The cluster is specpipe.cluster.commands' (tiny-random, 2 stages, n-gram draft, gateway).
+64 clients with a small scheduler --max-queue: some requests are refused, every request must
+complete or get a clean 429, none lost, and the gateway's added-latency histogram must have one
+round trip per request. 512 clients at once against the gateway's default --max-inflight: no 5xx,
+none hung, none lost (the gateway's Redis use does not grow with in-flight requests).
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -26,7 +30,25 @@ def test_64_streaming_clients_complete_or_get_a_clean_429(tmp_path) -> None:
     assert 0 < p50 <= p99 < 30
     text = report(s)
     (tmp_path / "report.md").write_text(text)
-    assert "**added latency p50 / p99**" in text and "| 429 (queue full, clean) |" in text
+    assert "**added latency p50 / p99**" in text and "| 429 (clean: OpenAI error + Retry-After) |" in text
+
+
+def test_512_streaming_clients_complete_in_full_or_get_a_clean_429(tmp_path) -> None:
+    cfg = LoadConfig(model="tiny-random", clients=512, requests=512, max_tokens=4, duration_s=120,
+                     request_timeout_s=90)
+    start = time.monotonic()
+    s = run(cfg, log_dir=tmp_path)
+    kinds = ("completed", "rejected_429", "other_4xx", "server_5xx", "hung", "transport", "stream_error",
+             "incomplete", "lost")
+    print(f"512 streaming clients: sent {s['sent']}, " + ", ".join(f"{k} {s[k]}" for k in kinds)
+          + f"; 429 by code {s['rejected_by_code']}; clients' wall {s['wall_s']:.1f} s, "
+          f"with the cluster {time.monotonic() - start:.1f} s")
+    (tmp_path / "report.md").write_text(report(s))
+    assert s["server_5xx"] == s["hung"] == s["transport"] == s["lost"] == 0, s["lost_examples"]
+    assert s["sent"] == s["completed"] + s["rejected_429"] == 512
+    assert s["completed"] > 0
+    gateway_log = (tmp_path / "gateway.log").read_text()
+    assert "Too many connections" not in gateway_log and "redis error" not in gateway_log
 
 
 @pytest.mark.unit
