@@ -4,7 +4,8 @@ FastAPI's generated spec declares a 422 that the gateway never sends (validation
 errors are 400s) and only the 200 of each route. `install_openapi` post-processes
 it once: 422 removed; the error statuses each route can answer added with
 OpenAI's error object (400 bad input, 401 bad key on /v1/* and /metrics, 404
-unknown model/request/file/batch, 429 queue full with Retry-After, 503 not
+unknown model/request/file/batch, 413 body too large (every operation with a
+body), 429 queue full or too many in flight, with Retry-After, 503 not
 ready / Redis unreachable, 504 timeout); the media types of non-JSON replies
 (SSE streams, Prometheus text, JSONL files) declared; numeric bounds that
 pydantic writes as ge/le/gt/lt on a union renamed to JSON Schema's keywords;
@@ -28,7 +29,9 @@ DESCRIPTIONS = {
     400: "Invalid request (malformed JSON, a bad or unsupported parameter, context length exceeded)",
     401: "Missing or invalid API key (when keys are configured)",
     404: "Unknown model, request, file or batch",
-    429: "The scheduler's queue is full; retry after Retry-After seconds",
+    413: "The request body is larger than the server's limit (--max-body-bytes; --max-file-bytes for uploads)",
+    429: "The scheduler's queue is full, or this gateway has --max-inflight requests in flight; retry after "
+         "Retry-After seconds",
     503: "The pipeline is not ready, or Redis is not reachable",
     504: "The request did not complete within the gateway's timeout (it was cancelled)",
 }
@@ -52,6 +55,8 @@ def error_statuses(path: str, method: str, op: dict[str, Any]) -> list[int]:
     statuses = []
     if op.get("parameters") or op.get("requestBody"):
         statuses.append(400)
+    if op.get("requestBody"):
+        statuses.append(413)
     if protected(path):
         statuses.append(401)
     if "{" in path or path in GENERATION or (path, method) == ("/v1/batches", "post"):  # model / input file

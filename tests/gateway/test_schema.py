@@ -74,7 +74,7 @@ def test_gateway_conforms_to_its_openapi(api_schema) -> None:
 def test_spec_declares_openai_errors_and_no_422(api_schema) -> None:
     raw = api_schema.raw_schema
     chat = raw["paths"]["/v1/chat/completions"]["post"]["responses"]
-    assert {"200", "400", "401", "404", "429", "503", "504"} <= set(chat)
+    assert {"200", "400", "401", "404", "413", "429", "503", "504"} <= set(chat)
     assert "text/event-stream" in chat["200"]["content"]
     assert chat["429"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
     assert not any("422" in op["responses"] for item in raw["paths"].values() for op in item.values())
