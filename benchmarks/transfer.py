@@ -22,7 +22,7 @@ import torch.distributed as dist
 from benchmarks.costmodel import Table1D
 from shared.batch import MicroBatch, Row
 from specpipe.cluster import free_port
-from stage_worker.link import ActivationLink, LinkConfig
+from stage_worker.link import ActivationLink, LinkConfig, host_store, join_store
 
 
 def _batch(n: int, hidden: int, dtype: torch.dtype) -> MicroBatch:
@@ -32,7 +32,9 @@ def _batch(n: int, hidden: int, dtype: torch.dtype) -> MicroBatch:
 
 def _rank(rank: int, port: int, hidden: int, rows: list[int], repeats: int, device: str) -> None:
     dev = torch.device(device)
-    link = ActivationLink(LinkConfig(rank, 2, master_port=port), dev, torch.float32, hidden)
+    cfg = LinkConfig(rank, 2, master_port=port)
+    store = host_store(cfg) if rank == 0 else join_store(cfg, cfg.master_addr, port)
+    link = ActivationLink(cfg, dev, torch.float32, hidden, store)
     ack = torch.zeros(1, device=dev)
     result = {}
     for n in [0, *rows]:

@@ -16,7 +16,7 @@ from draft_worker.base import SpeculativeSource
 from scheduler.scheduler import ExpansionJob, NodeRef
 from shared.errors import SpecPipeError
 from shared.messages import ExpansionJobMsg, ProposalsMsg, StepMsg
-from shared.redis_io import RedisConfig, connect, decode_or_log, ensure_group, publish, read, start_heartbeat
+from shared.redis_io import RedisConfig, connect, decode_or_log, ensure_group, publish, read, start_heartbeat, tail_id
 from stage_worker.service import events_of
 
 log = logging.getLogger("draft_worker")
@@ -38,7 +38,8 @@ class DraftService:
         self.name = cfg.name or f"draft-{socket.gethostname()}-{os.getpid()}"
         self.r = connect(cfg.redis)
         self.known: set[str] = set()
-        self.steps_last, self.step = "0", 0
+        self.steps_last = tail_id(self.r, cfg.redis.steps)  # never replay another run's steps
+        self.at = (0, 0)  # (run, step) of the last step record applied: jobs wait for theirs
 
     def start(self) -> None:
         ensure_group(self.r, self.cfg.redis.draft_jobs, self.cfg.group, "$")
@@ -61,19 +62,25 @@ class DraftService:
         reply = self.r.xautoclaim(self.cfg.redis.draft_jobs, self.cfg.group, self.name, idle_ms, "0-0", count=16)
         return [e for e in reply[1] if e and e[1]] if reply else []  # trimmed entries come back empty
 
-    def _follow_steps(self, block_ms: int | None, until: int = 0) -> None:
+    def _follow_steps(self, block_ms: int | None, until: tuple[int, int] = (0, 0)) -> None:
         while True:
-            entries = read(self.r, self.cfg.redis.steps, self.steps_last, block_ms if self.step < until else None)
+            entries = read(self.r, self.cfg.redis.steps, self.steps_last, block_ms if self.at < until else None)
             for entry_id, raw in entries:
                 self.steps_last = entry_id
                 msg = decode_or_log(raw, StepMsg, self.name)
                 if msg is not None:
-                    self.step = max(self.step, msg.step)
                     self._apply(msg)
-            if not entries or self.step >= until:
+            if not entries or self.at >= until:
                 return
 
     def _apply(self, msg: StepMsg) -> None:
+        if msg.epoch < self.at[0]:
+            log.warning("%s: refused step %d of run %d (following run %d)", self.name, msg.step, msg.epoch, self.at[0])
+            return
+        if msg.epoch > self.at[0]:  # a new run starts empty: the scheduler failed every request of the last one
+            for rid in list(self.known):
+                self._reset(rid)
+        self.at = (msg.epoch, max(msg.step, self.at[1]) if msg.epoch == self.at[0] else msg.step)
         events = [e for e in events_of(msg) if e.request_id in self.known]
         if events:
             self.source.apply(events)
@@ -83,7 +90,9 @@ class DraftService:
         job = decode_or_log(raw, ExpansionJobMsg, self.name)
         if job is None:
             return
-        self._follow_steps(self.cfg.catch_up_ms, until=job.as_of_step)
+        self._follow_steps(self.cfg.catch_up_ms, until=(job.epoch, job.as_of_step))
+        if job.epoch < self.at[0]:
+            return  # a job of a run that has ended: its request is gone
         refs = [NodeRef(n[0], n[1], n[2], n[3], bool(n[4])) for n in job.nodes if len(n) == 5]
         try:
             if job.request_id not in self.known:

@@ -26,6 +26,7 @@ from scheduler.snapshot import stats_message
 from shared.batch import PipelineEvent, Row, StageOutput
 from shared.config import SamplingParams
 from shared.errors import ConfigError, SpecPipeError
+from shared.membership import PipelineRun, begin_run, end_run, not_joined, trim_old_runs
 from shared.messages import (
     CancelMsg,
     ExpansionJobMsg,
@@ -48,6 +49,7 @@ from shared.redis_io import (
     read,
     stage_name,
     start_heartbeat,
+    tail_id,
 )
 from stage_worker.link import pack_flags
 
@@ -65,6 +67,9 @@ class SchedulerServiceConfig:
     # step (the draft expands level t while the stages compute step t, so a draft about as fast as a step is
     # ready in time). 0 never waits: a draft slower than a step then never gets a level into the pipe.
     draft_wait_s: float = 1.0
+    # A request the scheduler before this one took and never finished is queued again when it is younger than
+    # this and none of its output went out; otherwise it is failed cleanly (its client is gone or has part of it).
+    recover_within_s: float = 600.0
     stats_interval_s: float = 0.5  # how often the stats snapshot (metrics, dashboard) is rewritten
     group: str = "schedulers"
     consumer: str = "scheduler-0"
@@ -85,7 +90,6 @@ class SchedulerService:
         self.next_slot = 0
         self.pending_events: list[list] = []
         self.verify_last, self.proposals_last = "$", "$"
-        self.last_verify: VerifyMsg | None = None
         self.admitted: list[dict] = []  # admitted since the last StepMsg; stages register them first
         # "step:rows:start:wait_start:wait_end:published:verified:end" (time.monotonic(), one clock for every
         # process on a host), flushed in batches: benchmarks.wire_overhead splits each step into compute,
@@ -94,22 +98,28 @@ class SchedulerService:
         self.drafts_alive = True
         self.awaiting: set[tuple[str, int]] = set()  # (request, node) of the jobs published since the last wait
         self.errors_last = "$"
+        self.link_lost = False  # a stage reported a lost peer in this run
+        self.stage_failures: list[StageErrorMsg] = []  # request-level failures read, not yet applied
         self.cancel_last = "$"
         self.occupancy = Occupancy(cfg.stages)
         self.last_sent: tuple[int, list[Row]] | None = None  # the step whose column awaits its events
         self.stats_due = 0.0
+        self.run_: PipelineRun | None = None  # shared/membership.py: the run this scheduler steps
+        self.formed = False  # every stage has joined run_
+        self.pipeline_checked = 0.0  # when an idle scheduler last looked for lost stages
 
     # ---- setup --------------------------------------------------------------------------------
     def start(self) -> None:
+        """A new run: older runs' per-step messages go, requests the last scheduler held are recovered."""
         ensure_group(self.r, self.cfg.redis.requests, self.cfg.group, "0")
-        self.verify_last = self._tail(self.cfg.redis.verify)
-        self.proposals_last = self._tail(self.cfg.redis.proposals)
-        self.errors_last = self._tail(self.cfg.redis.errors)
-        self.cancel_last = self._tail(self.cfg.redis.cancel)
-
-    def _tail(self, stream: str) -> str:
-        last = self.r.xrevrange(stream, count=1)
-        return last[0][0].decode() if last else "0"
+        trimmed = trim_old_runs(self.r, self.cfg.redis)
+        self._begin_run()
+        self.verify_last = tail_id(self.r, self.cfg.redis.verify)
+        self.proposals_last = tail_id(self.r, self.cfg.redis.proposals)
+        self.errors_last = tail_id(self.r, self.cfg.redis.errors)
+        self.cancel_last = tail_id(self.r, self.cfg.redis.cancel)
+        log.info("scheduler: run %d began (%d messages of earlier runs trimmed)", self.run_.epoch, trimmed)
+        self._recover()
 
     def run(self, stop_after_idle_s: float | None = None) -> None:
         self.start()
@@ -118,19 +128,84 @@ class SchedulerService:
         log.info("scheduler ready: %s, %d stages, width %d, draft wait %.0f ms", p.name, p.stages, p.width,
                  1000 * self.cfg.draft_wait_s)
         idle_since = time.monotonic()
+        try:
+            while True:
+                busy = bool(self.scheduler.active()) and self.formed
+                self._ingest(block_ms=None if busy else 200)
+                self._cancellations()
+                self._admit()
+                self._publish_stats()
+                if not self.scheduler.active():
+                    self._record_occupancy()  # the pipe drained: its last columns are final
+                    self._watch_idle_pipeline()
+                    if stop_after_idle_s and time.monotonic() - idle_since > stop_after_idle_s:
+                        return
+                    continue
+                idle_since = time.monotonic()
+                if self._pipeline_formed():
+                    self.step()
+        finally:
+            end_run(self.r, self.cfg.redis, self.run_)
+
+    # ---- pipeline runs (shared/membership.py) ---------------------------------------------------
+    def _begin_run(self) -> None:
+        self.run_ = begin_run(self.r, self.cfg.redis, base_step=self.scheduler.step)
+        self.formed = False
+        self.pending_events, self.last_sent = [], None
+        self.awaiting.clear()
+        self.link_lost, self.stage_failures = False, []
+
+    def _pipeline_formed(self) -> bool:
+        """Steps go out only once every stage has joined this run (requests wait in the queue meanwhile)."""
+        if not self.formed:
+            missing = not_joined(self.r, self.cfg.redis, self.cfg.stages, self.run_.epoch)
+            self.formed = not missing
+            if self.formed:
+                log.info("scheduler: run %d formed (steps from %d)", self.run_.epoch, self.run_.base_step + 1)
+        return self.formed
+
+    def _watch_idle_pipeline(self) -> None:
+        """An idle pipeline that lost a stage re-forms before the next request needs it."""
+        now = time.monotonic()
+        if self.formed and now - self.pipeline_checked > 1.0:
+            self.pipeline_checked = now
+            if lost := self._lost_stages():
+                self._reform(_not_running(lost))
+
+    def _lost_stages(self) -> list[int]:
+        return [k for k in range(self.cfg.stages) if not alive(self.r, self.cfg.redis, stage_name(k))]
+
+    def _reform(self, reason: str) -> None:
+        """A stage was lost: its in-flight requests fail with `reason`, and a new run re-forms the pipeline."""
+        log.error("scheduler: %s; failing %d in-flight requests, re-forming the pipeline", reason,
+                  len(self.scheduler.active()))
+        self._fail_all(f"{reason}; request failed")
+        self._begin_run()
+        log.info("scheduler: run %d began; waiting for every stage to join it", self.run_.epoch)
+
+    def _recover(self) -> None:
+        """Requests the scheduler before this one (same consumer) took and never finished."""
+        last = "0"
         while True:
-            busy = bool(self.scheduler.active())
-            self._ingest(block_ms=None if busy else 500)
-            self._cancellations()
-            self._admit()
-            self._publish_stats()
-            if not self.scheduler.active():
-                self._record_occupancy()  # the pipe drained: its last columns are final
-                if stop_after_idle_s and time.monotonic() - idle_since > stop_after_idle_s:
-                    return
-                continue
-            idle_since = time.monotonic()
-            self.step()
+            reply = self.r.xreadgroup(self.cfg.group, self.cfg.consumer, {self.cfg.redis.requests: last}, count=64)
+            entries = [e for _, batch in reply or [] for e in batch]
+            if not entries:
+                return
+            for entry_id, fields in entries:
+                last = entry_id.decode()
+                self._recover_one(last, (fields or {}).get(b"m", b""))
+
+    def _recover_one(self, entry_id: str, raw: bytes) -> None:
+        msg = decode_or_log(raw, RequestMsg, "scheduler") if raw else None
+        if msg is None:  # trimmed or malformed
+            self.r.xack(self.cfg.redis.requests, self.cfg.group, entry_id)
+        elif self.r.exists(self.cfg.redis.out(msg.request_id)):
+            self._fail(msg.request_id, "the scheduler restarted while this request ran; retry it", entry_id)
+        elif time.time() - msg.arrival > self.cfg.recover_within_s:
+            self._fail(msg.request_id, "the scheduler restarted before this request ran; retry it", entry_id)
+        else:
+            log.info("scheduler: request %s queued again after a restart", msg.request_id)
+            self._receive(entry_id, raw)
 
     # ---- requests -------------------------------------------------------------------------------
     def _ingest(self, block_ms: int | None) -> None:
@@ -197,7 +272,7 @@ class SchedulerService:
         self.last_sent = (self.scheduler.step, rows)
         msg = StepMsg(
             step=self.scheduler.step, batch_id=batch.batch_id, events=self.pending_events,
-            admitted=self.admitted,
+            admitted=self.admitted, epoch=self.run_.epoch,
             request_ids=[r.request_id for r in rows], node_ids=[r.node_id for r in rows],
             parent_ids=[r.parent_id for r in rows], positions=[r.position for r in rows],
             tokens=[r.token for r in rows], flags=[pack_flags(r) for r in rows],
@@ -212,7 +287,7 @@ class SchedulerService:
         verified = time.monotonic()
         output = self._stage_output(verify)
         result = self.scheduler.update_from_output(output)
-        self._stage_errors(result)
+        self._stage_errors(result)  # after the verification: a request failed by a stage is not verified again
         self.pending_events = [[e.request_id, e.kind, list(e.node_ids)] for e in result.events]
         self._publish_tokens(result.new_tokens, result.finished)
         stamps = (start, *wait_span, published, verified, time.monotonic())
@@ -247,20 +322,39 @@ class SchedulerService:
         self.r.set(self.cfg.redis.stats, msg.encode(), ex=3600)
 
     def _await_verify(self, step: int) -> VerifyMsg | None:
-        deadline = time.monotonic() + self.cfg.verify_timeout_s
-        while time.monotonic() < deadline:
-            for entry_id, raw in read(self.r, self.cfg.redis.verify, self.verify_last, block_ms=1000):
+        """The last stage's output of `step`; None when the pipeline broke (in-flight requests failed, new run).
+
+        A stage that lost its link reports it at once; the broken pipeline is then blamed on a stage whose
+        heartbeat stops within one heartbeat lifetime, else on the link itself."""
+        now = time.monotonic()
+        deadline, link_lost_at = now + self.cfg.verify_timeout_s, None
+        while (now := time.monotonic()) < deadline:
+            for entry_id, raw in read(self.r, self.cfg.redis.verify, self.verify_last, block_ms=250):
                 self.verify_last = entry_id
                 msg = decode_or_log(raw, VerifyMsg, "scheduler")
-                if msg is not None and msg.step == step:
-                    self.last_verify = msg
+                if msg is not None and msg.step == step and msg.epoch == self.run_.epoch:
                     return msg
-            lost = [k for k in range(self.cfg.stages) if not alive(self.r, self.cfg.redis, stage_name(k))]
-            if lost:
-                self._fail_all(f"pipeline stage {lost[0]} is not running; request failed")
+            if lost := self._lost_stages():
+                self._reform(_not_running(lost))
                 return None
-        self._fail_all(f"no output from the last stage within {self.cfg.verify_timeout_s:.0f} s")
+            self._read_stage_errors()
+            if link_lost_at is None and self.link_lost:
+                link_lost_at = now
+            if link_lost_at is not None and now - link_lost_at > self.cfg.redis.heartbeat_ttl_s:
+                self._reform("the link between pipeline stages failed")
+                return None
+        self._reform(f"no output from the last stage within {self.cfg.verify_timeout_s:.0f} s")
         return None
+
+    def _read_stage_errors(self) -> None:
+        """The errors stream: request failures wait for _stage_errors; a lost link is noted at once."""
+        for entry_id, raw in read(self.r, self.cfg.redis.errors, self.errors_last, block_ms=None):
+            self.errors_last = entry_id
+            msg = decode_or_log(raw, StageErrorMsg, "scheduler")
+            if msg is not None and msg.link_lost:
+                self.link_lost = True
+            elif msg is not None:
+                self.stage_failures.append(msg)
 
     def _cancellations(self) -> None:
         """Cancelled requests leave at once: waiting ones are dropped, running ones free their KV and tree."""
@@ -292,26 +386,30 @@ class SchedulerService:
 
     def _stage_errors(self, result) -> None:
         """Fail the requests a stage could not compute (KV full, protocol error, ...)."""
-        for entry_id, raw in read(self.r, self.cfg.redis.errors, self.errors_last, block_ms=None):
-            self.errors_last = entry_id
-            msg = decode_or_log(raw, StageErrorMsg, "scheduler")
-            for rid in msg.request_ids if msg is not None else []:
+        self._read_stage_errors()
+        for msg in self.stage_failures:
+            for rid in msg.request_ids:
                 state = self.scheduler.requests.get(rid)
                 if state is not None and state.finish_reason is None:
                     self.scheduler.finish(state, "error", result)
                     self._fail(rid, f"stage {msg.stage}: {msg.error}", self.entry_of.pop(rid, None))
                     self.slots_used.pop(rid, None)
                     del self.scheduler.requests[rid]
+        self.stage_failures = []
 
     def _fail_all(self, error: str) -> None:
         from scheduler.scheduler import StepResult
 
-        result = StepResult()
+        result = StepResult()  # its events are not sent: every process starts the next run empty
+        not_sent = {a["request_id"] for a in self.admitted}  # admitted, never in the pipe: kept for the next run
         for state in self.scheduler.active():
+            rid = state.request.request_id
+            if rid in not_sent:
+                continue
             self.scheduler.finish(state, "error", result)
-            self._fail(state.request.request_id, error, self.entry_of.pop(state.request.request_id, None))
-            self.slots_used.pop(state.request.request_id, None)
-        self.pending_events = [[e.request_id, e.kind, list(e.node_ids)] for e in result.events]
+            self._fail(rid, error, self.entry_of.pop(rid, None))
+            self.slots_used.pop(rid, None)
+            del self.scheduler.requests[rid]
 
     def _publish_tokens(self, new_tokens: dict[str, list[int]], finished: list[str]) -> None:
         done = set(finished)
@@ -357,7 +455,7 @@ class SchedulerService:
             state = self.scheduler.requests[job.request_id]
             nodes = [[n.node_id, n.parent_id, n.token, n.position, int(n.accepted)] for n in job.nodes]
             msg = ExpansionJobMsg(job.request_id, as_of_step, job.text, nodes, job.top_k,
-                                  self.scheduler.kv_capacity(state.request))
+                                  self.scheduler.kv_capacity(state.request), self.run_.epoch)
             publish(self.r, self.cfg.redis.draft_jobs, msg)
             self.awaiting.update((job.request_id, n.node_id) for n in job.nodes)  # answered during the next step
 
@@ -368,3 +466,9 @@ class SchedulerService:
             if p is not None and len(p.tokens) == len(p.logprobs):
                 self.scheduler.add_proposals(p.request_id, p.node_id, list(zip(p.tokens, p.logprobs)))
                 self.awaiting.discard((p.request_id, p.node_id))
+
+
+def _not_running(stages: list[int]) -> str:
+    if len(stages) == 1:
+        return f"pipeline stage {stages[0]} is not running"
+    return f"pipeline stages {', '.join(map(str, stages))} are not running"

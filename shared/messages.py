@@ -151,7 +151,7 @@ class StepMsg(Message):
     """
 
     TYPE: ClassVar[str] = "step"
-    step: int  # global step number, consecutive from 1
+    step: int  # the scheduler's step number, consecutive from 1 (a run starts at its base_step + 1)
     batch_id: int  # identifies stage 0's micro-batch; comes back in VerifyMsg
     events: list[list]  # [request_id, "commit"|"prune"|"finish", [node ids]] from the last verification
     admitted: list[dict] = field(default_factory=list)  # new requests: see AdmittedRequest.to_wire
@@ -161,6 +161,7 @@ class StepMsg(Message):
     positions: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     flags: list[int] = field(default_factory=list)  # bit 0 committed, bit 1 needs_target
+    epoch: int = 0  # the pipeline run (shared/membership.py): a reader refuses a step of a run it is not in
 
 
 @message
@@ -175,6 +176,7 @@ class VerifyMsg(Message):
     node_ids: list[int]
     targets: list[int]  # the target's token after each row (argmax or seeded draw); -1 if not asked
     compute_s: float = 0.0  # the last stage's compute time for this step (overhead accounting)
+    epoch: int = 0  # the run of `step` (step numbers restart when a new scheduler starts)
 
 
 @message
@@ -189,6 +191,7 @@ class ExpansionJobMsg(Message):
     nodes: list[list[int]]  # [node_id, parent_id, token, position, accepted(0/1)]
     top_k: int
     capacity: int  # KV slots the draft reserves for this request
+    epoch: int = 0  # the run of `as_of_step` (step numbers restart when a new scheduler starts)
 
 
 @message
@@ -213,6 +216,7 @@ class StageErrorMsg(Message):
     step: int
     request_ids: list[str]
     error: str
+    link_lost: bool = False  # the stage lost a peer: every in-flight request fails and the pipeline re-forms
 
 
 @message

@@ -68,6 +68,20 @@ class RedisConfig:
     def stats(self) -> str:
         return self.key("stats")
 
+    @property
+    def epoch(self) -> str:
+        return self.key("epoch")
+
+    @property
+    def pipeline(self) -> str:
+        return self.key("pipeline")
+
+    def rendezvous(self, epoch: int) -> str:
+        return self.key("rdzv", str(epoch))
+
+    def joined(self, component: str) -> str:
+        return self.key("joined", component)
+
     def out(self, request_id: str) -> str:
         return self.key("out", request_id)
 
@@ -88,6 +102,12 @@ def read(r: redis.Redis, stream: str, last_id: str, block_ms: int | None, count:
     """[(entry_id, raw bytes)] after last_id; block_ms=None returns at once."""
     reply = r.xread({stream: last_id}, count=count, block=block_ms)
     return [(eid.decode(), fields.get(b"m", b"")) for _, entries in reply or [] for eid, fields in entries]
+
+
+def tail_id(r: redis.Redis, stream: str) -> str:
+    """The id of a stream's last entry ("0" when empty): read after it to skip everything already there."""
+    last = r.xrevrange(stream, count=1)
+    return last[0][0].decode() if last else "0"
 
 
 def decode_or_log(raw: bytes, expect: type[Message], where: str) -> Message | None:

@@ -21,6 +21,26 @@ from pathlib import Path
 from shared.config import DTYPES, AttentionConfig
 from shared.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
 from shared.service_args import add_attention_args, attention_config
+from specpipe.supervisor import RESTART_POLICIES, Child, RestartPolicy, Supervisor
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """What the services refuse or bound, as `specpipe up` passes them on (defaults: the services' own)."""
+
+    max_queue: int = 256  # scheduler: requests waiting for KV room; past it "queue full" (429)
+    kv_slots: int = 1 << 16  # scheduler: KV slots per stage shared by admitted requests
+    max_inflight: int = 256  # gateway: requests queued or running; past it 429 with Retry-After
+    max_body_bytes: int = 1 << 20  # gateway: request bodies past it get 413
+    request_timeout_s: float = 600.0  # gateway: a request still running then ends with 504 (and is cancelled)
+    max_model_len: int = 0  # gateway: prompt + max_tokens must fit (0: the model's own context)
+
+    def scheduler_args(self) -> list[str]:
+        return ["--max-queue", str(self.max_queue), "--kv-slots", str(self.kv_slots)]
+
+    def gateway_args(self) -> list[str]:
+        return ["--max-inflight", str(self.max_inflight), "--max-body-bytes", str(self.max_body_bytes),
+                "--request-timeout", str(self.request_timeout_s), "--max-model-len", str(self.max_model_len)]
 
 
 @dataclass(frozen=True)
@@ -34,11 +54,15 @@ class ClusterConfig:
     token_budget: int = 256
     redis_url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "specpipe"
-    master_port: int = 29531
+    master_port: int = 0  # stage 0's rendezvous port; 0: a free one per pipeline run, shared through Redis
     port: int = 8000  # gateway
     extra: tuple[str, ...] = field(default_factory=tuple)
     attention: AttentionConfig = AttentionConfig()  # the stages' prefill attention; the gateway reports it
     draft_dtype: str = "float32"  # the draft workers' model dtype (bfloat16 stays lossless)
+    limits: ServiceLimits = ServiceLimits()
+    api_keys: tuple[str, ...] = ()  # handed to the gateway through its environment, never on a command line
+    restart: RestartPolicy = RestartPolicy()
+    host: str = "127.0.0.1"  # the gateway's address: loopback unless given deliberately
 
     def attention_args(self) -> list[str]:
         a = self.attention
@@ -53,19 +77,21 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
     threads = ["--threads", str(max(1, (os.cpu_count() or 1) // compute))]  # share the cores, don't oversubscribe
     procs = {
         "scheduler": [py, "-m", "scheduler", *common, "--policy", cfg.policy, "--stages", str(cfg.stages),
-                      "--width", str(cfg.width), "--token-budget", str(cfg.token_budget), *cfg.extra],
+                      "--width", str(cfg.width), "--token-budget", str(cfg.token_budget),
+                      *cfg.limits.scheduler_args(), *cfg.extra],
     }
     for k in range(cfg.stages):
-        procs[stage_name(k)] = [py, "-m", "stage_worker", *common, *threads, "--rank", str(k), "--world", str(cfg.stages),
-                               "--master-port", str(cfg.master_port), *cfg.attention_args()]
+        procs[stage_name(k)] = [py, "-m", "stage_worker", *common, *threads, "--rank", str(k),
+                                "--world", str(cfg.stages), "--master-port", str(cfg.master_port),
+                                *cfg.attention_args()]
     for i in range(cfg.drafts if cfg.policy != "pp" else 0):
         procs[f"draft-{i}"] = [py, "-m", "draft_worker", *common, *threads, "--draft", cfg.draft,
                                "--name", f"draft-{i}", "--dtype", cfg.draft_dtype]
     gateway = Path(__file__).resolve().parents[1] / "gateway" / "__main__.py"
     if gateway.exists():
         procs["gateway"] = [py, "-m", "gateway", "--redis-url", cfg.redis_url, "--prefix", cfg.prefix,
-                            "--model", cfg.model, "--port", str(cfg.port), "--stages", str(cfg.stages),
-                            "--attention", cfg.attention.kind]
+                            "--model", cfg.model, "--host", cfg.host, "--port", str(cfg.port),
+                            "--stages", str(cfg.stages), "--attention", cfg.attention.kind, *cfg.limits.gateway_args()]
         procs["batch-worker"] = [py, "-m", "gateway.batch_worker", "--redis-url", cfg.redis_url,  # Celery: /v1/batches
                                  "--prefix", cfg.prefix, "--model", cfg.model, "--stages", str(cfg.stages)]
     return procs
@@ -78,7 +104,9 @@ def up(cfg: ClusterConfig) -> int:
     if cfg.draft != "ngram" and cfg.policy != "pp":
         resolve_model(cfg.draft, progress=True)
     redis_proc = ensure_redis(cfg.redis_url)
-    children = {name: subprocess.Popen(cmd) for name, cmd in commands(cfg).items()}
+    rcfg = RedisConfig(cfg.redis_url, cfg.prefix)
+    r = connect(rcfg)
+    supervisor = Supervisor(children(cfg), cfg.restart, on_exit=lambda name: r.delete(rcfg.heartbeat(name)))
     stopping = False
 
     def stop(*_: object) -> None:
@@ -87,24 +115,32 @@ def up(cfg: ClusterConfig) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    rcfg = RedisConfig(cfg.redis_url, cfg.prefix)
+    supervisor.start()
     ready_reported = False
     try:
         while not stopping:
-            dead = [n for n, p in children.items() if p.poll() is not None]
-            if dead:
-                print(f"specpipe up: {', '.join(dead)} exited; stopping the cluster", file=sys.stderr)
+            reason = supervisor.poll()
+            if reason is not None:
+                print(f"specpipe up: {reason}; stopping the cluster", file=sys.stderr)
                 return 1
             if not ready_reported and _ready(rcfg, cfg.stages):
                 print(f"specpipe up: ready ({cfg.stages} stages, policy {cfg.policy}, model {cfg.model}, "
-                      f"keys under '{cfg.prefix}:')", file=sys.stderr)
+                      f"keys under '{cfg.prefix}:', http://{cfg.host}:{cfg.port})", file=sys.stderr)
                 ready_reported = True
-            time.sleep(0.5)
+            time.sleep(0.2)
         return 0
     finally:
-        stop_processes(children.values(), signal.SIGINT)
+        stop_processes(supervisor.processes(), signal.SIGINT)
         if redis_proc is not None:
             redis_proc.terminate()
+
+
+def children(cfg: ClusterConfig) -> list[Child]:
+    """The supervised processes: a draft worker or the batch worker is not essential to serving."""
+    env = dict(os.environ, SPECPIPE_API_KEYS=",".join(cfg.api_keys))
+    return [Child(name, cmd, essential=not (name.startswith("draft-") or name == "batch-worker"),
+                  env=env if name == "gateway" else None)
+            for name, cmd in commands(cfg).items()]
 
 
 def _ready(rcfg: RedisConfig, stages: int) -> bool:
@@ -146,20 +182,42 @@ def delete_keys(r, prefix: str) -> None:
 
 def up_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="specpipe up", description="start the local cluster")
-    p.add_argument("--port", type=int, default=8000, help="gateway port")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--draft", default="ngram")
+    p.add_argument("--draft", default="ngram", help="draft model name/path, or 'ngram'")
     p.add_argument("--policy", default="specpipe", choices=["pp", "tree", "specpipe"])
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--width", type=int, default=4)
     p.add_argument("--drafts", type=int, default=1, help="draft worker processes")
     p.add_argument("--draft-dtype", choices=DTYPES, default="float32", help="the draft model's dtype")
-    p.add_argument("--token-budget", type=int, default=256)
+    p.add_argument("--token-budget", type=int, default=256, help="rows per pipeline step")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    p.add_argument("--prefix", default=os.environ.get("SPECPIPE_PREFIX", "specpipe"))
-    p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", "29531")))
+    p.add_argument("--prefix", default=os.environ.get("SPECPIPE_PREFIX", "specpipe"),
+                   help="key prefix: clusters sharing a Redis need different ones")
+    p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", "0")),
+                   help="stage 0's rendezvous port (0: a free one per pipeline run)")
+    p.add_argument("--restart", choices=RESTART_POLICIES, default="on-failure",
+                   help="restart a child that exits (on-failure: a non-zero exit or a signal)")
     add_attention_args(p)
+    g = p.add_argument_group("gateway")
+    g.add_argument("--host", default="127.0.0.1", help="the gateway's address (loopback unless given)")
+    g.add_argument("--port", type=int, default=8000, help="the gateway's port")
+    g.add_argument("--api-keys", default=os.environ.get("SPECPIPE_API_KEYS", ""),
+                   help="comma-separated bearer keys (default: $SPECPIPE_API_KEYS; none: no authentication)")
+    limits = ServiceLimits()
+    g.add_argument("--max-inflight", type=int, default=limits.max_inflight, help="past it: 429 with Retry-After")
+    g.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes, help="past it: 413")
+    g.add_argument("--request-timeout", type=float, default=limits.request_timeout_s, help="seconds before 504")
+    g.add_argument("--max-model-len", type=int, default=limits.max_model_len, help="0: the model's context")
+    sch = p.add_argument_group("scheduler")
+    sch.add_argument("--max-queue", type=int, default=limits.max_queue, help="waiting requests; past it 429")
+    sch.add_argument("--kv-slots", type=int, default=limits.kv_slots, help="KV slots per stage for admission")
     a = p.parse_args(argv)
-    cfg = ClusterConfig(a.model, a.draft, a.policy, a.stages, a.width, a.drafts, a.token_budget, a.redis_url,
-                        a.prefix, a.master_port, a.port, attention=attention_config(a), draft_dtype=a.draft_dtype)
+    cfg = ClusterConfig(
+        a.model, a.draft, a.policy, a.stages, a.width, a.drafts, a.token_budget, a.redis_url, a.prefix,
+        a.master_port, a.port, host=a.host, attention=attention_config(a), draft_dtype=a.draft_dtype,
+        limits=ServiceLimits(a.max_queue, a.kv_slots, a.max_inflight, a.max_body_bytes, a.request_timeout,
+                             a.max_model_len),
+        api_keys=tuple(k.strip() for k in a.api_keys.split(",") if k.strip()),
+        restart=RestartPolicy(a.restart),
+    )
     return up(cfg)

@@ -18,7 +18,7 @@ from shared.service_args import (
     run_main,
     set_threads,
 )
-from stage_worker.link import ActivationLink, LinkConfig
+from stage_worker.link import LinkConfig
 from stage_worker.service import StageService, StageServiceConfig, build_runner
 
 
@@ -30,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world", type=int, required=True, help="number of stages")
     p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
-    p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", "29531")))
+    p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", "0")),
+                   help="stage 0's rendezvous port (0: a free one per pipeline run, shared through Redis)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds (tests)")
     return p
@@ -47,11 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         arch = ModelArch.from_model_dir(model_dir)
         dtype = getattr(torch, args.dtype)
         runner = build_runner(model_dir, arch, args.rank, args.world, dtype, attention)
-        link = None
-        if args.world > 1:
-            link = ActivationLink(LinkConfig(args.rank, args.world, args.master_addr, args.master_port),
-                                  torch.device(args.device), dtype, arch.hidden_size)
-        StageService(StageServiceConfig(args.rank, args.world, redis_cfg), runner, link).run(args.idle_exit)
+        link = LinkConfig(args.rank, args.world, args.master_addr, args.master_port) if args.world > 1 else None
+        cfg = StageServiceConfig(args.rank, args.world, redis_cfg, link, args.device)
+        StageService(cfg, runner).run(args.idle_exit)
 
     return run_main(serve)
 

@@ -10,10 +10,17 @@ stages stay in lockstep without any other coordination:
 
 Request ids are strings; the header carries the integer slot the scheduler
 assigned when it admitted the request (StepMsg.admitted).
+
+The group is formed once per pipeline run (shared/membership.py): stage 0
+hosts the run's store, every stage waits there for the others, then joins. A
+lost peer surfaces as a RuntimeError from send/recv; the stage then leaves the
+group (close(broken=True)) and joins the next run.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,24 +42,57 @@ def pack_flags(row: Row) -> int:
 class LinkConfig:
     rank: int
     world: int
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29531
-    timeout_s: float = 600.0
+    master_addr: str = "127.0.0.1"  # stage 0's address, as the other stages reach it
+    master_port: int = 0  # stage 0's store port; 0: a free one, published per run (shared/membership.py)
+    timeout_s: float = 600.0  # one send/recv (a peer's compute included)
+    rendezvous_s: float = 30.0  # connecting to stage 0's store
+
+
+class RendezvousAbandoned(Exception):
+    """The run being joined is no longer current: join the new one instead."""
+
+
+def host_store(cfg: LinkConfig) -> dist.TCPStore:
+    """Stage 0's side of a run's rendezvous: a store on master_port (0: any free port, see .port)."""
+    from datetime import timedelta
+
+    deadline = time.monotonic() + cfg.rendezvous_s
+    while True:  # a fixed port may still be held for a moment by the run before
+        try:
+            return dist.TCPStore(cfg.master_addr, cfg.master_port, cfg.world, True,
+                                 timedelta(seconds=cfg.rendezvous_s), wait_for_workers=False)
+        except RuntimeError:
+            if cfg.master_port == 0 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def join_store(cfg: LinkConfig, host: str, port: int) -> dist.TCPStore:
+    from datetime import timedelta
+
+    return dist.TCPStore(host, port, cfg.world, False, timedelta(seconds=cfg.rendezvous_s))
+
+
+def wait_for_peers(store: dist.Store, world: int, still_wanted: Callable[[], bool], poll_s: float = 0.2) -> None:
+    """Block until every stage has reached the run's store, or raise RendezvousAbandoned once the run is
+    not wanted any more (a newer run began while a peer was missing)."""
+    store.add("arrived", 1)
+    while store.add("arrived", 0) < world:
+        if not still_wanted():
+            raise RendezvousAbandoned
+        time.sleep(poll_s)
 
 
 class ActivationLink:
-    def __init__(self, cfg: LinkConfig, device: torch.device, dtype: torch.dtype, hidden_size: int):
+    def __init__(self, cfg: LinkConfig, device: torch.device, dtype: torch.dtype, hidden_size: int,
+                 store: dist.Store, tag: str = "run"):
+        """Form the group of one run on `store` (every stage passes the same tag)."""
         from datetime import timedelta
 
         self.cfg, self.device, self.dtype, self.hidden = cfg, device, dtype, hidden_size
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://{cfg.master_addr}:{cfg.master_port}",
-            rank=cfg.rank,
-            world_size=cfg.world,
-            timeout=timedelta(seconds=cfg.timeout_s),
-        )
+        dist.init_process_group(backend, store=dist.PrefixStore(tag, store), rank=cfg.rank, world_size=cfg.world,
+                                timeout=timedelta(seconds=cfg.timeout_s))
         self._pending: list = []
 
     def send(self, step: int, batch: MicroBatch, slots: dict[str, int]) -> None:
@@ -87,8 +127,12 @@ class ActivationLink:
         ]
         return MicroBatch(batch_id, rows, states)
 
-    def close(self) -> None:
-        for work in self._pending:
-            work.wait()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, broken: bool = False) -> None:
+        """Leave the group; a broken link does not wait for its sends (their peer is gone)."""
+        pending, self._pending = self._pending, []
+        try:
+            for work in pending if not broken else []:
+                work.wait()  # raises when the peer is gone after all
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()

@@ -19,9 +19,28 @@ import torch
 from shared.batch import MicroBatch, PipelineEvent, Row
 from shared.config import AttentionConfig, SamplingParams
 from shared.errors import SpecPipeError
+from shared.membership import PipelineRun, current_run, mark_joined, publish_rendezvous, rendezvous_address
 from shared.messages import StageErrorMsg, StepMsg, VerifyMsg
-from shared.redis_io import RedisConfig, connect, decode_or_log, publish, read, stage_name, start_heartbeat
-from stage_worker.link import COMMITTED, NEEDS_TARGET, ActivationLink
+from shared.redis_io import (
+    RedisConfig,
+    connect,
+    decode_or_log,
+    publish,
+    read,
+    stage_name,
+    start_heartbeat,
+    tail_id,
+)
+from stage_worker.link import (
+    COMMITTED,
+    NEEDS_TARGET,
+    ActivationLink,
+    LinkConfig,
+    RendezvousAbandoned,
+    host_store,
+    join_store,
+    wait_for_peers,
+)
 from stage_worker.runner import RequestInfo, StageRunner
 
 log = logging.getLogger("stage_worker")
@@ -32,7 +51,9 @@ class StageServiceConfig:
     rank: int
     world: int
     redis: RedisConfig
-    poll_ms: int = 1000  # XREAD block per poll; heartbeats are refreshed between polls
+    link: LinkConfig | None = None  # None: a one-stage pipeline (no peers)
+    device: str = "cpu"  # where received activations land
+    poll_ms: int = 250  # XREAD block per poll; an idle stage checks for a new run this often
 
 
 def events_of(msg: StepMsg) -> list[PipelineEvent]:
@@ -54,9 +75,13 @@ def stage0_batch(msg: StepMsg) -> MicroBatch:
 
 
 class StageService:
-    def __init__(self, cfg: StageServiceConfig, runner: StageRunner, link: ActivationLink | None):
-        self.cfg, self.runner, self.link = cfg, runner, link
+    def __init__(self, cfg: StageServiceConfig, runner: StageRunner):
+        self.cfg, self.runner = cfg, runner
+        self.link: ActivationLink | None = None
+        self.store = None  # this run's rendezvous store (stage 0 hosts it: kept alive with the group)
         self.r = connect(cfg.redis)
+        self.run_: PipelineRun | None = None  # the run this stage has joined
+        self.step_no = 0  # the last step computed
         self.slots: dict[str, int] = {}  # request id -> slot in link headers
         self.ids: dict[int, str] = {}
         self.finished: set[str] = set()
@@ -67,27 +92,111 @@ class StageService:
         self.timings: list[str] = []
 
     def run(self, stop_after_idle_s: float | None = None) -> None:
-        last_id, step, idle_since = "0", 0, time.monotonic()
+        last_id = tail_id(self.r, self.cfg.redis.steps)  # never replay another run's steps
+        self.join()
         start_heartbeat(self.cfg.redis, self.name)
         w = self.runner.weights
-        log.info("%s ready: layers %d-%d of %d (%s), torch %d threads, link %s", self.name, w.start, w.end - 1,
-                 self.runner.arch.num_layers, self.runner.dtype, torch.get_num_threads(),
-                 "none" if self.link is None else self.link.device)
+        log.info("%s ready: layers %d-%d of %d (%s), torch %d threads, link %s, run %d", self.name, w.start,
+                 w.end - 1, self.runner.arch.num_layers, self.runner.dtype, torch.get_num_threads(),
+                 "none" if self.link is None else self.link.device, self.run_.epoch)
+        idle_since = time.monotonic()
         while True:
             entries = read(self.r, self.cfg.redis.steps, last_id, self.cfg.poll_ms)
             if not entries:
                 self.flush_timings()
-            if not entries and stop_after_idle_s and time.monotonic() - idle_since > stop_after_idle_s:
-                return
+                self._follow_run()
+                if stop_after_idle_s and time.monotonic() - idle_since > stop_after_idle_s:
+                    return
             for entry_id, raw in entries:
                 last_id, idle_since = entry_id, time.monotonic()
                 msg = decode_or_log(raw, StepMsg, self.name)
-                if msg is None or msg.step != step + 1:
-                    if msg is not None:
-                        log.warning("%s: step %d out of order after %d; dropped", self.name, msg.step, step)
-                    continue
-                step = msg.step
-                self.step(msg)
+                if msg is not None and self._accepts(msg):
+                    self._step_or_rejoin(msg)
+
+    # ---- pipeline runs ------------------------------------------------------------------------
+    def join(self, newer_than: int = 0) -> None:
+        """Wait for the scheduler's current run (newer than `newer_than`), form its group, start it empty."""
+        while True:
+            run = current_run(self.r, self.cfg.redis)
+            if run is None or run.epoch <= newer_than:
+                time.sleep(0.2)
+                continue
+            try:
+                self._form(run)
+            except (RendezvousAbandoned, RuntimeError, ValueError) as exc:  # a peer or the run went away
+                log.warning("%s: could not join run %d (%s); retrying", self.name, run.epoch,
+                            type(exc).__name__ if isinstance(exc, RendezvousAbandoned) else exc)
+                self._leave(broken=True)
+                newer_than = 0 if isinstance(exc, RendezvousAbandoned) else newer_than
+                continue
+            self._reset(run)
+            mark_joined(self.r, self.cfg.redis, self.name, run.epoch)
+            log.info("%s joined run %d (steps from %d)", self.name, run.epoch, run.base_step + 1)
+            return
+
+    def _form(self, run: PipelineRun) -> None:
+        self._leave(broken=False)
+        lc = self.cfg.link
+        if lc is None:
+            return
+        redis_cfg = self.cfg.redis
+        still_current = lambda: current_run(self.r, redis_cfg) == run  # noqa: E731
+        if lc.rank == 0:
+            self.store = host_store(lc)
+            publish_rendezvous(self.r, redis_cfg, run.epoch, lc.master_addr, self.store.port)
+        else:
+            while (address := rendezvous_address(self.r, redis_cfg, run.epoch)) is None:
+                if not still_current():
+                    raise RendezvousAbandoned
+                time.sleep(0.1)
+            self.store = join_store(lc, *address)
+        wait_for_peers(self.store, lc.world, still_current)
+        self.link = ActivationLink(lc, torch.device(self.cfg.device), self.runner.dtype,
+                                   self.runner.arch.hidden_size, self.store, tag=f"run{run.epoch}")
+
+    def _leave(self, broken: bool) -> None:
+        if self.link is not None:
+            try:
+                self.link.close(broken=broken)
+            except RuntimeError as exc:
+                log.warning("%s: leaving the group: %s", self.name, exc)
+        self.link, self.store = None, None
+
+    def _reset(self, run: PipelineRun) -> None:
+        """A run starts with an empty pipe: every request of the run before was failed by the scheduler."""
+        for rid in list(self.slots):
+            self.runner.release(rid)
+        self.slots, self.ids, self.finished = {}, {}, set()
+        self.run_, self.step_no = run, run.base_step
+
+    def _follow_run(self) -> None:
+        """Idle: join the scheduler's run when it has begun a new one (a restart, or a stage was lost)."""
+        run = current_run(self.r, self.cfg.redis)
+        if run is not None and run != self.run_:
+            log.info("%s: run %d began (this stage is in run %d)", self.name, run.epoch, self.run_.epoch)
+            self.join()
+
+    def _accepts(self, msg: StepMsg) -> bool:
+        if msg.epoch != self.run_.epoch:
+            log.warning("%s: refused step %d of run %d (this stage is in run %d)", self.name, msg.step, msg.epoch,
+                        self.run_.epoch)
+            return False
+        if msg.step != self.step_no + 1:
+            log.warning("%s: step %d out of order after %d; dropped", self.name, msg.step, self.step_no)
+            return False
+        return True
+
+    def _step_or_rejoin(self, msg: StepMsg) -> None:
+        """Compute the step; a lost peer (the link fails) is reported, and the stage joins the next run."""
+        self.step_no = msg.step
+        try:
+            self.step(msg)
+        except RuntimeError as exc:  # gloo/NCCL: "Connection closed by peer", timeouts, ...
+            log.error("%s: link lost at step %d of run %d: %s", self.name, msg.step, msg.epoch, exc)
+            lost = StageErrorMsg(self.cfg.rank, msg.step, [], f"link lost: {exc}", link_lost=True)
+            publish(self.r, self.cfg.redis.errors, lost)
+            self._leave(broken=True)
+            self.join(newer_than=msg.epoch)
 
     def step(self, msg: StepMsg) -> None:
         self._admit(msg.admitted)
@@ -102,7 +211,8 @@ class StageService:
         if self.cfg.rank == 0:
             batch = stage0_batch(msg)
         else:
-            batch = self.link.recv(msg.step, self.ids) if msg.step > 1 else MicroBatch(-1, [])
+            first = msg.step == self.run_.base_step + 1  # nothing was sent to this stage before the run began
+            batch = MicroBatch(-1, []) if first else self.link.recv(msg.step, self.ids)
         batch = batch.without(pruned, self.finished)
         start = time.monotonic()
         out = self._forward(msg.step, batch)
@@ -113,7 +223,7 @@ class StageService:
         else:
             verify = VerifyMsg(
                 msg.step, out.batch_id, [r.request_id for r in out.rows], [r.node_id for r in out.rows],
-                out.targets, self.compute_s,
+                out.targets, self.compute_s, self.run_.epoch,
             )
             publish(self.r, self.cfg.redis.verify, verify)
         if len(self.timings) >= 64 or not batch.rows:  # off the critical path: after this step's output

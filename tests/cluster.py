@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from shared.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
-from specpipe.cluster import delete_keys, free_port, stop_processes
+from specpipe.cluster import delete_keys, free_port, stop_processes  # noqa: F401 (free_port: re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -21,27 +21,33 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 
 class Cluster:
     def __init__(self, tmp: Path, model: str, stages: int = 2, policy: str = "specpipe", draft: str = "ngram",
-                 drafts: int = 1, extra: tuple[str, ...] = ()):
+                 drafts: int = 1, extra: tuple[str, ...] = (), prefix: str | None = None):
         self.redis_proc = ensure_redis(REDIS_URL)
-        self.cfg = RedisConfig(url=REDIS_URL, prefix=f"test-{uuid.uuid4().hex[:8]}")
+        self.cfg = RedisConfig(url=REDIS_URL, prefix=prefix or f"test-{uuid.uuid4().hex[:8]}")
         self.r = connect(self.cfg)
         self.tmp, self.model, self.stages, self.draft = tmp, model, stages, draft
         self.procs: dict[str, subprocess.Popen] = {}
-        port = str(free_port())
+        self.commands: dict[str, tuple[str, ...]] = {}
         common = ["--redis-url", REDIS_URL, "--prefix", self.cfg.prefix, "--model", model]
         self._spawn("scheduler", "scheduler", *common, "--stages", str(stages), "--policy", policy, *extra)
-        for k in range(stages):
-            self._spawn(stage_name(k), "stage_worker", *common, "--threads", "1", "--rank", str(k), "--world", str(stages),
-                        "--master-port", port)
+        for k in range(stages):  # stage 0 picks its rendezvous port per run (shared through Redis)
+            self._spawn(stage_name(k), "stage_worker", *common, "--threads", "1", "--rank", str(k),
+                        "--world", str(stages))
         for i in range(drafts if policy != "pp" else 0):
             self.add_draft_worker(f"draft-{i}")
         self.wait_ready()
 
     def _spawn(self, name: str, module: str, *args: str) -> None:
-        log = open(self.tmp / f"{name}.log", "w")
+        log = open(self.tmp / f"{self.cfg.prefix}-{name}.log", "a")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.commands[name] = (module, *args)
         self.procs[name] = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=log,
                                             stderr=subprocess.STDOUT, env=env)
+
+    def restart(self, name: str) -> None:
+        """Start a process again with its command line (what a supervisor does); its log goes on."""
+        assert self.procs[name].poll() is not None, f"{name} is still running"
+        self._spawn(name, *self.commands[name])
 
     def add_draft_worker(self, name: str) -> None:
         self._spawn(name, "draft_worker", "--redis-url", REDIS_URL, "--prefix", self.cfg.prefix,
@@ -59,7 +65,7 @@ class Cluster:
         raise TimeoutError("cluster did not become ready: " + " | ".join(self.log(n)[-300:] for n in names))
 
     def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text()
+        return (self.tmp / f"{self.cfg.prefix}-{name}.log").read_text()
 
     def kill(self, name: str) -> None:
         self.procs[name].kill()
@@ -68,8 +74,10 @@ class Cluster:
     def running(self) -> dict[str, bool]:
         return {name: proc.poll() is None for name, proc in self.procs.items()}
 
-    def close(self) -> None:
+    def close(self, keep_keys: bool = False) -> None:
+        """Stop every process; keep_keys leaves the prefix's keys as a stopped cluster leaves them."""
         stop_processes(self.procs.values())
-        delete_keys(self.r, self.cfg.prefix)
+        if not keep_keys:
+            delete_keys(self.r, self.cfg.prefix)
         if self.redis_proc is not None:
             self.redis_proc.terminate()

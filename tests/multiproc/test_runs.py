@@ -1,0 +1,114 @@
+"""Pipeline runs (shared/membership.py) on real processes: restarts on a used Redis, two clusters on one Redis,
+a lost stage that fails only the in-flight requests and a pipeline that re-forms once it is back, a scheduler
+restart that loses no queued request. Every output is checked against plain decoding."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from shared.membership import current_run, not_joined
+from shared.messages import RequestMsg, StepMsg
+from shared.queue_client import collect, submit
+from shared.redis_io import publish
+from tests.cluster import Cluster
+from tests.multiproc.test_cluster import JOBS, _reference
+
+pytestmark = pytest.mark.multiproc
+
+
+@pytest.fixture
+def clusters(tmp_path, tiny_dir):
+    made: list[Cluster] = []
+
+    def make(**kw) -> Cluster:
+        cluster = Cluster(tmp_path, str(tiny_dir), **kw)
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.close()
+
+
+def _serves(cluster: Cluster, tiny_dir, request_id: str, job=JOBS[0]) -> None:
+    prompt, n, t, p, k, seed = job
+    submit(cluster.r, cluster.cfg, RequestMsg(request_id, prompt, n, temperature=t, top_p=p, top_k=k, seed=seed))
+    result = collect(cluster.r, cluster.cfg, request_id, timeout_s=120)
+    assert result.finished and result.error is None, (result, cluster.log("scheduler")[-2000:])
+    assert result.tokens == _reference(tiny_dir, *job)
+
+
+def _wait_formed(cluster: Cluster, timeout_s: float = 60) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = current_run(cluster.r, cluster.cfg)
+        if run is not None and not not_joined(cluster.r, cluster.cfg, cluster.stages, run.epoch):
+            return run.epoch
+        time.sleep(0.1)
+    raise TimeoutError("the pipeline did not re-form: " + cluster.log("scheduler")[-1500:])
+
+
+def _wait_output(cluster: Cluster, request_id: str) -> None:
+    deadline = time.monotonic() + 60
+    while not cluster.r.exists(cluster.cfg.out(request_id)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_restart_on_a_used_prefix_serves(clusters, tiny_dir, tmp_path) -> None:
+    first = clusters(policy="specpipe")
+    _serves(first, tiny_dir, "before")
+    prefix = first.cfg.prefix
+    for step in range(1, 2001):  # what a long-lived Redis holds: thousands of steps of runs long gone
+        publish(first.r, first.cfg.steps, StepMsg(step=step, batch_id=step, events=[], epoch=1))
+    first.close(keep_keys=True)
+    seen = {name: len(first.log(name)) for name in ("stage-0", "stage-1")}  # the logs go on in the same files
+    again = clusters(policy="specpipe", prefix=prefix)
+    _serves(again, tiny_dir, "after", JOBS[1])
+    for name, offset in seen.items():
+        new = again.log(name)[offset:]
+        assert "joined run" in new and "out of order" not in new and "refused" not in new, new[-1500:]
+    assert again.r.xlen(again.cfg.steps) < 100  # the old runs' steps were trimmed
+
+
+def test_two_clusters_share_one_redis(clusters, tiny_dir) -> None:
+    a, b = clusters(policy="pp"), clusters(policy="specpipe")
+    for i, cluster in enumerate((a, b)):
+        prompt, n, t, p, k, seed = JOBS[i]
+        submit(cluster.r, cluster.cfg, RequestMsg("same-id", prompt, n, temperature=t, top_p=p, top_k=k, seed=seed))
+    for i, cluster in enumerate((a, b)):
+        result = collect(cluster.r, cluster.cfg, "same-id", timeout_s=120)
+        assert result.tokens == _reference(tiny_dir, *JOBS[i]), cluster.log("scheduler")[-1500:]
+
+
+@pytest.mark.parametrize("lost", ["stage-0", "stage-1"])
+def test_lost_stage_fails_only_in_flight_requests_then_the_pipeline_reforms(clusters, tiny_dir, lost) -> None:
+    cluster = clusters(policy="pp")
+    epoch = _wait_formed(cluster)
+    submit(cluster.r, cluster.cfg, RequestMsg("long", [5, 6, 7], 1500))
+    _wait_output(cluster, "long")
+    cluster.kill(lost)
+    result = collect(cluster.r, cluster.cfg, "long", timeout_s=60)
+    assert result.finished and result.finish_reason == "error", result
+    assert f"pipeline stage {lost[-1]} is not running" in result.error, result.error
+    survivor = "stage-1" if lost == "stage-0" else "stage-0"
+    assert cluster.running()["scheduler"] and cluster.running()[survivor], cluster.log(survivor)[-2000:]
+    cluster.restart(lost)
+    assert _wait_formed(cluster) > epoch
+    _serves(cluster, tiny_dir, "after")
+    assert cluster.running()[survivor]  # the same process, never restarted
+
+
+def test_scheduler_restart_loses_no_queued_request(clusters, tiny_dir) -> None:
+    cluster = clusters(policy="specpipe")
+    epoch = _wait_formed(cluster)
+    cluster.kill("scheduler")
+    prompt, n, t, p, k, seed = JOBS[1]  # arrives while no scheduler runs: it waits in the queue
+    submit(cluster.r, cluster.cfg, RequestMsg("queued", prompt, n, temperature=t, top_p=p, top_k=k, seed=seed,
+                                              arrival=time.time()))
+    cluster.restart("scheduler")
+    result = collect(cluster.r, cluster.cfg, "queued", timeout_s=120)
+    assert result.tokens == _reference(tiny_dir, *JOBS[1]), cluster.log("scheduler")[-2000:]
+    assert _wait_formed(cluster) > epoch
+    assert all(cluster.running().values())
