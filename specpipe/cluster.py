@@ -32,6 +32,7 @@ class ServiceLimits:
     kv_slots: int = 1 << 16  # scheduler: KV slots per stage shared by admitted requests
     max_inflight: int = 256  # gateway: requests queued or running; past it 429 with Retry-After
     max_body_bytes: int = 1 << 20  # gateway: request bodies past it get 413
+    max_file_bytes: int = 64 << 20  # gateway: a batch input file (POST /v1/files) past it gets 413
     request_timeout_s: float = 600.0  # gateway: a request still running then ends with 504 (and is cancelled)
     max_model_len: int = 0  # gateway: prompt + max_tokens must fit (0: the model's own context)
 
@@ -40,7 +41,11 @@ class ServiceLimits:
 
     def gateway_args(self) -> list[str]:
         return ["--max-inflight", str(self.max_inflight), "--max-body-bytes", str(self.max_body_bytes),
-                "--request-timeout", str(self.request_timeout_s), "--max-model-len", str(self.max_model_len)]
+                "--max-file-bytes", str(self.max_file_bytes), *self.request_args()]
+
+    def request_args(self) -> list[str]:
+        """What bounds each request, the batch worker's lines too."""
+        return ["--request-timeout", str(self.request_timeout_s), "--max-model-len", str(self.max_model_len)]
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,8 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
                             "--model", cfg.model, "--host", cfg.host, "--port", str(cfg.port),
                             "--stages", str(cfg.stages), "--attention", cfg.attention.kind, *cfg.limits.gateway_args()]
         procs["batch-worker"] = [py, "-m", "gateway.batch_worker", "--redis-url", cfg.redis_url,  # Celery: /v1/batches
-                                 "--prefix", cfg.prefix, "--model", cfg.model, "--stages", str(cfg.stages)]
+                                 "--prefix", cfg.prefix, "--model", cfg.model, "--stages", str(cfg.stages),
+                                 "--attention", cfg.attention.kind, *cfg.limits.request_args()]
     return procs
 
 
@@ -181,7 +187,8 @@ def delete_keys(r, prefix: str) -> None:
 
 
 def up_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="specpipe up", description="start the local cluster")
+    p = argparse.ArgumentParser(prog="specpipe up", description="start the local cluster",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--draft", default="ngram", help="draft model name/path, or 'ngram'")
     p.add_argument("--policy", default="specpipe", choices=["pp", "tree", "specpipe"])
@@ -201,23 +208,29 @@ def up_main(argv: list[str]) -> int:
     g = p.add_argument_group("gateway")
     g.add_argument("--host", default="127.0.0.1", help="the gateway's address (loopback unless given)")
     g.add_argument("--port", type=int, default=8000, help="the gateway's port")
-    g.add_argument("--api-keys", default=os.environ.get("SPECPIPE_API_KEYS", ""),
+    g.add_argument("--api-keys", default=argparse.SUPPRESS,  # never shown by --help
                    help="comma-separated bearer keys (default: $SPECPIPE_API_KEYS; none: no authentication)")
     limits = ServiceLimits()
     g.add_argument("--max-inflight", type=int, default=limits.max_inflight, help="past it: 429 with Retry-After")
     g.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes, help="past it: 413")
+    g.add_argument("--max-file-bytes", type=int, default=limits.max_file_bytes,
+                   help="a batch input file past it: 413")
     g.add_argument("--request-timeout", type=float, default=limits.request_timeout_s, help="seconds before 504")
     g.add_argument("--max-model-len", type=int, default=limits.max_model_len, help="0: the model's context")
     sch = p.add_argument_group("scheduler")
     sch.add_argument("--max-queue", type=int, default=limits.max_queue, help="waiting requests; past it 429")
     sch.add_argument("--kv-slots", type=int, default=limits.kv_slots, help="KV slots per stage for admission")
+    sch.add_argument("--draft-wait-ms", type=float, default=1000.0,
+                     help="wait up to this long for the draft's proposals before each step (0: never wait)")
     a = p.parse_args(argv)
+    env_keys = os.environ.get("SPECPIPE_API_KEYS", "")
     cfg = ClusterConfig(
         a.model, a.draft, a.policy, a.stages, a.width, a.drafts, a.token_budget, a.redis_url, a.prefix,
         a.master_port, a.port, host=a.host, attention=attention_config(a), draft_dtype=a.draft_dtype,
-        limits=ServiceLimits(a.max_queue, a.kv_slots, a.max_inflight, a.max_body_bytes, a.request_timeout,
-                             a.max_model_len),
-        api_keys=tuple(k.strip() for k in a.api_keys.split(",") if k.strip()),
+        limits=ServiceLimits(a.max_queue, a.kv_slots, a.max_inflight, a.max_body_bytes, a.max_file_bytes,
+                             a.request_timeout, a.max_model_len),
+        extra=("--draft-wait-ms", str(a.draft_wait_ms)),
+        api_keys=tuple(k.strip() for k in getattr(a, "api_keys", env_keys).split(",") if k.strip()),
         restart=RestartPolicy(a.restart),
     )
     return up(cfg)
