@@ -29,9 +29,9 @@ from benchmarks.load_model import LoadModelConfig, compare
 from benchmarks.load_model import run_all as load_all
 from benchmarks.report_md import SECTIONS, render
 from benchmarks.transfer import measure_transfer
-from shared.config import DTYPES, ModelArch, SamplingParams
-from shared.errors import ConfigError
 from shared.model_store import load_tokenizer, resolve_model
+from shared.types.config import DTYPES, ModelArch, SamplingParams
+from shared.types.errors import ConfigError
 from specpipe.prompts import encode_chat, read_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,3 +257,15 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"prompt file not found: {missing[0]}")
     run(cfg)
     return 0
+
+
+if __name__ == "__main__":  # `specpipe bench ...` runs this
+    import sys
+
+    from shared.types.errors import SpecPipeError
+
+    try:
+        raise SystemExit(main(sys.argv[1:]))
+    except SpecPipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.costmodel import Table1D
-from shared.batch import MicroBatch, Row
+from shared.types.batch import MicroBatch, Row
 from specpipe.cluster import free_port
 from stage_worker.link import ActivationLink, LinkConfig, host_store, join_store
 

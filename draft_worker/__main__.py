@@ -6,11 +6,11 @@ import argparse
 
 import torch
 
+from draft_worker.load import load_draft
 from draft_worker.service import DraftService, DraftServiceConfig
-from shared.config import DTYPES, ModelArch
 from shared.model_store import resolve_model
 from shared.service_args import add_redis_args, redis_config, run_main, set_threads
-from specpipe.engine import load_draft
+from shared.types.config import DTYPES, ModelArch
 
 
 def parser() -> argparse.ArgumentParser:

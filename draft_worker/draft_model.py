@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from draft_worker.base import Proposals
-from scheduler.scheduler import ExpansionJob, NodeRef
-from shared.batch import MicroBatch, PipelineEvent, Row
-from shared.config import SamplingParams
-from stage_worker.runner import RequestInfo, StageRunner
+from shared.compute.runner import RequestInfo, StageRunner
+from shared.types.batch import MicroBatch, PipelineEvent, Row
+from shared.types.config import SamplingParams
+from shared.types.speculation import ExpansionJob, NodeRef, Proposals
 
 
 class DraftModelSource:
@@ -26,8 +25,6 @@ class DraftModelSource:
         if not (runner.is_first and runner.is_last):
             raise ValueError("the draft runner must hold the whole draft model")
         self.runner = runner
-        self.forwards = 0  # draft forward passes so far (for cost models)
-        self.rows_computed = 0
 
     def add_request(self, request_id: str, prompt: list[int], capacity: int) -> None:
         self.runner.add_request(request_id, RequestInfo(len(prompt), SamplingParams()), capacity)
@@ -42,8 +39,6 @@ class DraftModelSource:
         if not rows:
             return []
         hidden = self.runner.hidden(MicroBatch(-1, rows))  # [n, H]
-        self.forwards += 1
-        self.rows_computed += len(rows)
         picked = torch.tensor([i for _, _, i in asked])
         logprobs = torch.log_softmax(self.runner.logits(hidden[picked]).float(), dim=-1)  # [m, V], fp32 scores
         out = []

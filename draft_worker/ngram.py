@@ -12,9 +12,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from draft_worker.base import Proposals
-from scheduler.scheduler import ExpansionJob
-from shared.batch import PipelineEvent
+from shared.types.batch import PipelineEvent
+from shared.types.speculation import ExpansionJob, Proposals
 
 
 @dataclass

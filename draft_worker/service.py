@@ -12,12 +12,19 @@ import logging
 import socket
 from dataclasses import dataclass
 
-from draft_worker.base import SpeculativeSource
-from scheduler.scheduler import ExpansionJob, NodeRef
-from shared.errors import SpecPipeError
-from shared.messages import ExpansionJobMsg, ProposalsMsg, StepMsg
-from shared.redis_io import RedisConfig, connect, decode_or_log, ensure_group, publish, read, start_heartbeat, tail_id
-from stage_worker.service import events_of
+from shared.transport.redis_io import (
+    RedisConfig,
+    connect,
+    decode_or_log,
+    ensure_group,
+    publish,
+    read,
+    start_heartbeat,
+    tail_id,
+)
+from shared.types.errors import SpecPipeError
+from shared.types.speculation import ExpansionJob, SpeculativeSource
+from shared.wire.messages import ExpansionJobMsg, ProposalsMsg, StepMsg
 
 log = logging.getLogger("draft_worker")
 
@@ -81,7 +88,7 @@ class DraftService:
             for rid in list(self.known):
                 self._reset(rid)
         self.at = (msg.epoch, max(msg.step, self.at[1]) if msg.epoch == self.at[0] else msg.step)
-        events = [e for e in events_of(msg) if e.request_id in self.known]
+        events = [e for e in msg.events if e.request_id in self.known]
         if events:
             self.source.apply(events)
         self.known -= {e.request_id for e in events if e.kind == "finish"}
@@ -93,10 +100,10 @@ class DraftService:
         self._follow_steps(self.cfg.catch_up_ms, until=(job.epoch, job.as_of_step))
         if job.epoch < self.at[0]:
             return  # a job of a run that has ended: its request is gone
-        refs = [NodeRef(n[0], n[1], n[2], n[3], bool(n[4])) for n in job.nodes if len(n) == 5]
+        refs = job.nodes
         try:
             if job.request_id not in self.known:
-                self.source.add_request(job.request_id, job.text[: len(job.text)], job.capacity)
+                self.source.add_request(job.request_id, job.text, job.capacity)
                 self.known.add(job.request_id)
             proposals = self.source.expand([ExpansionJob(job.request_id, job.text, refs, job.top_k)])
         except (SpecPipeError, IndexError, KeyError) as exc:
@@ -108,7 +115,7 @@ class DraftService:
             publish(self.r, self.cfg.redis.proposals, msg)
 
     def _reset(self, request_id: str) -> None:
-        from shared.batch import PipelineEvent
+        from shared.types.batch import PipelineEvent
 
         self.source.apply([PipelineEvent(request_id, "finish")])
         self.known.discard(request_id)

@@ -22,12 +22,12 @@ from gateway.codec import TextCodec
 from gateway.config import GatewayConfig
 from gateway.errors import APIError
 from gateway.metrics import Metrics
-from gateway.prompts import GenerationSpec
 from gateway.outstreams import Subscription
+from gateway.prompts import GenerationSpec
 from gateway.queue import AsyncQueue, QueueError
 from gateway.records import FINISHED, QUEUED, RUNNING, RecordBook, RequestRecord
 from gateway.textstream import TextAssembler
-from shared.messages import RequestMsg, TokensMsg
+from shared.wire.messages import RequestMsg, SamplingFields, TokensMsg
 
 log = logging.getLogger("gateway")
 POLL_S = 0.25  # longest wait for out-stream entries: disconnects and deadlines are checked at least this often
@@ -81,8 +81,9 @@ class Engine:
                 raise APIError(503, f"the pipeline is not ready: no heartbeat from {', '.join(missing)}",
                                code="not_ready")
             await self.queue.submit(RequestMsg(
-                request_id, list(spec.prompt_ids), spec.max_tokens, spec.temperature, spec.top_p, spec.top_k,
-                spec.seed, list(self.codec.eos_ids), spec.policy, spec.width, arrival=time.time()))
+                request_id=request_id, prompt_ids=list(spec.prompt_ids), max_new_tokens=spec.max_tokens,
+                sampling=SamplingFields(spec.temperature, spec.top_p, spec.top_k, spec.seed),
+                stop_ids=list(self.codec.eos_ids), policy=spec.policy, width=spec.width, arrival=time.time()))
         except QueueError as exc:
             log.warning("submit %s: redis error: %s", request_id, exc)
             raise APIError(503, "the request queue is not reachable", code="queue_unavailable") from exc

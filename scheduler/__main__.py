@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from scheduler.admission import AdmissionConfig
 from scheduler.scheduler import Scheduler
 from scheduler.service import SchedulerService, SchedulerServiceConfig
-from shared.config import ModelArch
 from shared.model_store import resolve_model
 from shared.service_args import (
     add_model_args,
@@ -17,6 +17,7 @@ from shared.service_args import (
     redis_config,
     run_main,
 )
+from shared.types.config import ModelArch
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     def serve() -> None:
         arch = ModelArch.from_model_dir(resolve_model(args.model))
         scheduler = Scheduler(policy_config(args), engine_config(args), context_limit=arch.max_positions)
-        cfg = SchedulerServiceConfig(redis_config(args), args.stages, args.max_queue, args.kv_slots,
+        cfg = SchedulerServiceConfig(redis_config(args), args.stages, AdmissionConfig(args.max_queue, args.kv_slots),
                                      draft_wait_s=args.draft_wait_ms / 1000)
         SchedulerService(cfg, scheduler, frozenset(arch.eos_token_ids)).run(args.idle_exit)
 

@@ -6,7 +6,7 @@ step t - s, less the rows pruned by verifications before step t. A row's fate
 is known by the step it leaves the last stage (its parent's target token has
 arrived by then), so column t is final after step t + N - 1's verification.
 
-Fates (see shared/batch.py's glossary):
+Fates (see shared/types/batch.py's glossary):
   useful   a committed row (prompt, first token, bonus: the work plain PP does)
            or a speculative node that was later accepted
   wasted   a speculative node that was later pruned, or whose request finished first
@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from shared.batch import PipelineEvent, Row
+from shared.types.batch import PipelineEvent, Row
 
 Column = dict  # {"step": int, "stages": list[list[list]]}
 

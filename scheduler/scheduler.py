@@ -26,9 +26,10 @@ import enum
 from dataclasses import dataclass, field
 
 from scheduler.tree import Status, TokenTree
-from shared.batch import ROOT_PARENT, MicroBatch, PipelineEvent, Row, StageOutput
-from shared.config import EngineConfig, PolicyConfig, SamplingParams
-from shared.errors import RequestError
+from shared.types.batch import ROOT_PARENT, MicroBatch, PipelineEvent, Row, TargetTokens
+from shared.types.config import EngineConfig, PolicyConfig, SamplingParams
+from shared.types.errors import RequestError
+from shared.types.speculation import ExpansionJob, NodeRef
 
 
 @dataclass(frozen=True)
@@ -39,27 +40,6 @@ class Request:
     max_new_tokens: int = 128
     stop_ids: frozenset[int] = frozenset()
     policy: PolicyConfig | None = None  # per-request override of the scheduler's policy
-
-
-@dataclass(frozen=True)
-class NodeRef:
-    """A node handed to a draft source for expansion."""
-
-    node_id: int
-    parent_id: int
-    token: int
-    position: int
-    accepted: bool
-
-
-@dataclass
-class ExpansionJob:
-    """Propose children for `nodes`; `text` is the accepted sequence (prompt + output)."""
-
-    request_id: str
-    text: list[int]
-    nodes: list[NodeRef]
-    top_k: int
 
 
 class Phase(enum.Enum):
@@ -325,14 +305,14 @@ class Scheduler:
         return rows
 
     # ---- verification ----------------------------------------------------------------------------
-    def update_from_output(self, output: StageOutput) -> StepResult:
+    def update_from_output(self, output: TargetTokens) -> StepResult:
         for request_id in self._batch_members.pop(output.batch_id, set()):
             if request_id in self.requests:
                 self.requests[request_id].inflight -= 1
         targets: dict[str, dict[int, int]] = {}
-        for row, target in zip(output.rows, output.targets):
+        for request_id, node_id, target in zip(output.request_ids, output.node_ids, output.targets):
             if target >= 0:
-                targets.setdefault(row.request_id, {})[row.node_id] = target
+                targets.setdefault(request_id, {})[node_id] = target
         result = StepResult()
         for request_id, by_node in targets.items():
             state = self.requests.get(request_id)
@@ -410,3 +390,16 @@ class Scheduler:
         state.levels, state.expanding = [], set()
         result.events.append(PipelineEvent(state.request.request_id, "finish"))
         result.finished.append(state.request.request_id)
+
+    def abort(self, request_id: str, reason: str, result: StepResult) -> bool:
+        """End a running request now (cancelled, failed) and forget it; False if it was not running."""
+        state = self.requests.get(request_id)
+        if state is None or state.phase is Phase.DONE:
+            return False
+        self.finish(state, reason, result)
+        self.remove(request_id)
+        return True
+
+    def remove(self, request_id: str) -> None:
+        """Forget a finished request (its stats are already in `retired`)."""
+        del self.requests[request_id]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from scheduler.occupancy import Occupancy
 from scheduler.scheduler import Phase, Scheduler
-from shared.messages import SchedulerStatsMsg
+from shared.wire.messages import SchedulerStatsMsg
 
 MAX_LISTED = 100  # requests listed by name; the counts are always complete
 

@@ -2,7 +2,7 @@
 
 Each node has a token, a parent, a position and a cumulative score (the sum
 of draft log-probabilities along its path). The root of the live tree is the
-last accepted node; everything below it is speculation. See shared/batch.py
+last accepted node; everything below it is speculation. See shared/types/batch.py
 for the glossary (accepted, bonus, pruned, level).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from shared.batch import ROOT_PARENT
+from shared.types.batch import ROOT_PARENT
 
 
 class Status(enum.Enum):

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.errors import SpecPipeError
+from shared import environment
+from shared.types.errors import SpecPipeError
 
 MARKER = "specpipe_model.json"
 _CHUNK = 1 << 20
@@ -113,7 +114,7 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
 
 def default_cache_dir() -> Path:
     """``$SPECPIPE_CACHE`` if set (read now, not at import), else ``~/.cache/specpipe/models``."""
-    env = os.environ.get("SPECPIPE_CACHE")
+    env = environment.env("SPECPIPE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "specpipe" / "models"
 
 

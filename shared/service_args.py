@@ -1,25 +1,24 @@
 """Command-line arguments shared by the service entry points.
 
-Environment variables (read here, at start-up, never at import time):
-REDIS_URL, SPECPIPE_PREFIX, MASTER_ADDR, MASTER_PORT, SPECPIPE_CACHE.
+Environment variables: shared/environment.py (read when a parser is built, never at import time).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable
 
-from shared.config import ATTENTION_KINDS, DTYPES, POLICIES, AttentionConfig, EngineConfig, PolicyConfig
-from shared.errors import SpecPipeError
-from shared.redis_io import RedisConfig
+from shared.environment import env
+from shared.transport.redis_io import RedisConfig
+from shared.types.config import ATTENTION_KINDS, DTYPES, POLICIES, AttentionConfig, EngineConfig, PolicyConfig
+from shared.types.errors import SpecPipeError
 
 
 def add_redis_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    p.add_argument("--prefix", default=os.environ.get("SPECPIPE_PREFIX", "specpipe"), help="key prefix of this cluster")
+    p.add_argument("--redis-url", default=env("REDIS_URL"))
+    p.add_argument("--prefix", default=env("SPECPIPE_PREFIX"), help="key prefix of this cluster")
     p.add_argument("--log-level", default="INFO")
 
 

@@ -18,9 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.config import DTYPES, AttentionConfig
-from shared.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
+from shared.environment import env
 from shared.service_args import add_attention_args, attention_config
+from shared.transport.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
+from shared.types.config import DTYPES, AttentionConfig
 from specpipe.supervisor import RESTART_POLICIES, Child, RestartPolicy, Supervisor
 
 
@@ -197,10 +198,10 @@ def up_main(argv: list[str]) -> int:
     p.add_argument("--drafts", type=int, default=1, help="draft worker processes")
     p.add_argument("--draft-dtype", choices=DTYPES, default="float32", help="the draft model's dtype")
     p.add_argument("--token-budget", type=int, default=256, help="rows per pipeline step")
-    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    p.add_argument("--prefix", default=os.environ.get("SPECPIPE_PREFIX", "specpipe"),
+    p.add_argument("--redis-url", default=env("REDIS_URL"))
+    p.add_argument("--prefix", default=env("SPECPIPE_PREFIX"),
                    help="key prefix: clusters sharing a Redis need different ones")
-    p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", "0")),
+    p.add_argument("--master-port", type=int, default=int(env("MASTER_PORT")),
                    help="stage 0's rendezvous port (0: a free one per pipeline run)")
     p.add_argument("--restart", choices=RESTART_POLICIES, default="on-failure",
                    help="restart a child that exits (on-failure: a non-zero exit or a signal)")
@@ -223,7 +224,7 @@ def up_main(argv: list[str]) -> int:
     sch.add_argument("--draft-wait-ms", type=float, default=1000.0,
                      help="wait up to this long for the draft's proposals before each step (0: never wait)")
     a = p.parse_args(argv)
-    env_keys = os.environ.get("SPECPIPE_API_KEYS", "")
+    env_keys = env("SPECPIPE_API_KEYS")
     cfg = ClusterConfig(
         a.model, a.draft, a.policy, a.stages, a.width, a.drafts, a.token_budget, a.redis_url, a.prefix,
         a.master_port, a.port, host=a.host, attention=attention_config(a), draft_dtype=a.draft_dtype,

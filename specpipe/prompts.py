@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
+from shared.types.errors import ConfigError
 
 DEFAULT_PROMPTS = (
     "Explain pipeline parallelism in two sentences.",

@@ -8,9 +8,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from scheduler.scheduler import Request
-from shared.config import SamplingParams
-from shared.errors import RequestError
 from shared.model_store import load_tokenizer
+from shared.types.config import SamplingParams
+from shared.types.errors import RequestError
 from specpipe.engine import SimulationConfig, build_pipeline
 from specpipe.prompts import encode_chat, read_prompts
 

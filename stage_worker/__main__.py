@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
-from shared.config import ModelArch
+from shared.compute.runner import load_stage
+from shared.environment import env
 from shared.model_store import resolve_model
 from shared.service_args import (
     add_attention_args,
@@ -18,8 +18,9 @@ from shared.service_args import (
     run_main,
     set_threads,
 )
+from shared.types.config import ModelArch
 from stage_worker.link import LinkConfig
-from stage_worker.service import StageService, StageServiceConfig, build_runner
+from stage_worker.service import StageService, StageServiceConfig
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,8 +30,8 @@ def parser() -> argparse.ArgumentParser:
     add_attention_args(p)
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world", type=int, required=True, help="number of stages")
-    p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
-    p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", "0")),
+    p.add_argument("--master-addr", default=env("MASTER_ADDR"))
+    p.add_argument("--master-port", type=int, default=int(env("MASTER_PORT")),
                    help="stage 0's rendezvous port (0: a free one per pipeline run, shared through Redis)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds (tests)")
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = resolve_model(args.model)
         arch = ModelArch.from_model_dir(model_dir)
         dtype = getattr(torch, args.dtype)
-        runner = build_runner(model_dir, arch, args.rank, args.world, dtype, attention)
+        runner = load_stage(model_dir, arch, args.rank, args.world, dtype, attention)
         link = LinkConfig(args.rank, args.world, args.master_addr, args.master_port) if args.world > 1 else None
         cfg = StageServiceConfig(args.rank, args.world, redis_cfg, link, args.device)
         StageService(cfg, runner).run(args.idle_exit)

@@ -4,14 +4,14 @@ One code path: NCCL when the stage runs on CUDA, gloo on CPU. Every step,
 stage k sends exactly one message to stage k+1 (possibly empty), so the
 stages stay in lockstep without any other coordination:
 
-    header  int64[4]          step, batch_id, rows n, hidden size
-    meta    int64[n, 6]       request slot, node, parent, position, token, flags   (if n > 0)
-    hidden  dtype[n, hidden]  the stage's output states                            (if n > 0)
+    header  int64[4]          LinkHeader: step, batch_id, rows n, hidden size
+    meta    int64[n, 6]       LinkRow per row: request slot, node, parent, position, token, flags   (if n > 0)
+    hidden  dtype[n, hidden]  the stage's output states                                            (if n > 0)
 
 Request ids are strings; the header carries the integer slot the scheduler
 assigned when it admitted the request (StepMsg.admitted).
 
-The group is formed once per pipeline run (shared/membership.py): stage 0
+The group is formed once per pipeline run (shared/transport/membership.py): stage 0
 hosts the run's store, every stage waits there for the others, then joins. A
 lost peer surfaces as a RuntimeError from send/recv; the stage then leaves the
 group (close(broken=True)) and joins the next run.
@@ -23,19 +23,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 import torch
 import torch.distributed as dist
 
-from shared.batch import MicroBatch, Row
-from shared.errors import ProtocolError
+from shared.types.batch import MicroBatch
+from shared.types.errors import ProtocolError
+from shared.wire.messages import LinkHeader, LinkRow
 
-HEADER = 4
-META = 6
-COMMITTED, NEEDS_TARGET = 1, 2
-
-
-def pack_flags(row: Row) -> int:
-    return (COMMITTED if row.committed else 0) | (NEEDS_TARGET if row.needs_target else 0)
+HEADER = len(LinkHeader.__struct_fields__)
+META = len(LinkRow.__struct_fields__)
 
 
 @dataclass(frozen=True)
@@ -43,7 +40,7 @@ class LinkConfig:
     rank: int
     world: int
     master_addr: str = "127.0.0.1"  # stage 0's address, as the other stages reach it
-    master_port: int = 0  # stage 0's store port; 0: a free one, published per run (shared/membership.py)
+    master_port: int = 0  # stage 0's store port; 0: a free one, published per run (shared/transport/membership.py)
     timeout_s: float = 600.0  # one send/recv (a peer's compute included)
     rendezvous_s: float = 30.0  # connecting to stage 0's store
 
@@ -100,11 +97,12 @@ class ActivationLink:
         for work in self._pending:  # the previous step's sends must be done before buffers are reused
             work.wait()
         n = len(batch.rows)
-        header = torch.tensor([step, batch.batch_id, n, self.hidden], dtype=torch.int64, device=self.device)
-        tensors = [header]
+        header = msgspec.structs.astuple(LinkHeader(step, batch.batch_id, n, self.hidden))
+        tensors = [torch.tensor(header, dtype=torch.int64, device=self.device)]
         if n:
-            meta = [[slots[r.request_id], r.node_id, r.parent_id, r.position, r.token, pack_flags(r)] for r in batch.rows]
-            tensors += [torch.tensor(meta, dtype=torch.int64, device=self.device), batch.hidden.to(self.device, self.dtype).contiguous()]
+            meta = [LinkRow.of(r, slots[r.request_id]) for r in batch.rows]
+            tensors += [torch.tensor(meta, dtype=torch.int64, device=self.device),
+                        batch.hidden.to(self.device, self.dtype).contiguous()]
         self._pending = [dist.isend(t, self.cfg.rank + 1) for t in tensors]
 
     def recv(self, step: int, request_ids: dict[int, str]) -> MicroBatch:
@@ -112,20 +110,17 @@ class ActivationLink:
         src = self.cfg.rank - 1
         header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
         dist.recv(header, src)
-        sent_step, batch_id, n, hidden = header.tolist()
-        if sent_step != step - 1 or hidden != self.hidden:
-            raise ProtocolError(f"stage {self.cfg.rank}: got step {sent_step} (hidden {hidden}) while at step {step}")
-        if n == 0:
-            return MicroBatch(batch_id, [], torch.empty(0, self.hidden, dtype=self.dtype))
-        meta = torch.empty(n, META, dtype=torch.int64, device=self.device)
-        states = torch.empty(n, self.hidden, dtype=self.dtype, device=self.device)
+        h = LinkHeader(*header.tolist())
+        if h.step != step - 1 or h.hidden != self.hidden:
+            raise ProtocolError(f"stage {self.cfg.rank}: got step {h.step} (hidden {h.hidden}) while at step {step}")
+        if h.rows == 0:
+            return MicroBatch(h.batch_id, [], torch.empty(0, self.hidden, dtype=self.dtype))
+        meta = torch.empty(h.rows, META, dtype=torch.int64, device=self.device)
+        states = torch.empty(h.rows, self.hidden, dtype=self.dtype, device=self.device)
         dist.recv(meta, src)
         dist.recv(states, src)
-        rows = [
-            Row(request_ids[s], node, parent, pos, tok, bool(f & COMMITTED), bool(f & NEEDS_TARGET))
-            for s, node, parent, pos, tok, f in meta.tolist()
-        ]
-        return MicroBatch(batch_id, rows, states)
+        rows = [LinkRow(*m).row(request_ids[m[0]]) for m in meta.tolist()]
+        return MicroBatch(h.batch_id, rows, states)
 
     def close(self, broken: bool = False) -> None:
         """Leave the group; a broken link does not wait for its sends (their peer is gone)."""

@@ -16,12 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.batch import MicroBatch, PipelineEvent, Row
-from shared.config import AttentionConfig, SamplingParams
-from shared.errors import SpecPipeError
-from shared.membership import PipelineRun, current_run, mark_joined, publish_rendezvous, rendezvous_address
-from shared.messages import StageErrorMsg, StepMsg, VerifyMsg
-from shared.redis_io import (
+from shared.compute.runner import RequestInfo, StageRunner
+from shared.transport.membership import PipelineRun, current_run, mark_joined, publish_rendezvous, rendezvous_address
+from shared.transport.redis_io import (
     RedisConfig,
     connect,
     decode_or_log,
@@ -31,9 +28,10 @@ from shared.redis_io import (
     start_heartbeat,
     tail_id,
 )
+from shared.types.batch import MicroBatch
+from shared.types.errors import SpecPipeError
+from shared.wire.messages import AdmittedRequest, StageErrorMsg, StepMsg, VerifyMsg
 from stage_worker.link import (
-    COMMITTED,
-    NEEDS_TARGET,
     ActivationLink,
     LinkConfig,
     RendezvousAbandoned,
@@ -41,7 +39,6 @@ from stage_worker.link import (
     join_store,
     wait_for_peers,
 )
-from stage_worker.runner import RequestInfo, StageRunner
 
 log = logging.getLogger("stage_worker")
 
@@ -54,24 +51,6 @@ class StageServiceConfig:
     link: LinkConfig | None = None  # None: a one-stage pipeline (no peers)
     device: str = "cpu"  # where received activations land
     poll_ms: int = 250  # XREAD block per poll; an idle stage checks for a new run this often
-
-
-def events_of(msg: StepMsg) -> list[PipelineEvent]:
-    out = []
-    for item in msg.events:
-        if isinstance(item, list) and len(item) == 3 and isinstance(item[2], list):
-            out.append(PipelineEvent(str(item[0]), str(item[1]), tuple(int(n) for n in item[2])))
-    return out
-
-
-def stage0_batch(msg: StepMsg) -> MicroBatch:
-    rows = [
-        Row(rid, node, parent, pos, tok, bool(f & COMMITTED), bool(f & NEEDS_TARGET))
-        for rid, node, parent, pos, tok, f in zip(
-            msg.request_ids, msg.node_ids, msg.parent_ids, msg.positions, msg.tokens, msg.flags
-        )
-    ]
-    return MicroBatch(msg.batch_id, rows)
 
 
 class StageService:
@@ -200,7 +179,7 @@ class StageService:
 
     def step(self, msg: StepMsg) -> None:
         self._admit(msg.admitted)
-        events = events_of(msg)
+        events = msg.events
         self.runner.apply(events)
         pruned: dict[str, set[int]] = {}
         for e in events:
@@ -209,7 +188,7 @@ class StageService:
             elif e.kind == "finish":
                 self.finished.add(e.request_id)
         if self.cfg.rank == 0:
-            batch = stage0_batch(msg)
+            batch = MicroBatch(msg.batch_id, msg.rows())
         else:
             first = msg.step == self.run_.base_step + 1  # nothing was sent to this stage before the run began
             batch = MicroBatch(-1, []) if first else self.link.recv(msg.step, self.ids)
@@ -221,10 +200,9 @@ class StageService:
         if self.cfg.rank < self.cfg.world - 1:
             self.link.send(msg.step, out, self.slots)
         else:
-            verify = VerifyMsg(
-                msg.step, out.batch_id, [r.request_id for r in out.rows], [r.node_id for r in out.rows],
-                out.targets, self.compute_s, self.run_.epoch,
-            )
+            verify = VerifyMsg(step=msg.step, batch_id=out.batch_id, request_ids=[r.request_id for r in out.rows],
+                               node_ids=[r.node_id for r in out.rows], targets=out.targets,
+                               compute_s=self.compute_s, epoch=self.run_.epoch)
             publish(self.r, self.cfg.redis.verify, verify)
         if len(self.timings) >= 64 or not batch.rows:  # off the critical path: after this step's output
             self.flush_timings()
@@ -247,26 +225,12 @@ class StageService:
             self.r.rpush(self.cfg.redis.key("timings", self.name), *self.timings)
             self.timings = []
 
-    def _admit(self, admitted: list[dict]) -> None:
-        for item in admitted:
+    def _admit(self, admitted: list[AdmittedRequest]) -> None:
+        for a in admitted:
             try:
-                rid, slot = str(item["request_id"]), int(item["slot"])
-                sampling = SamplingParams(float(item["temperature"]), float(item["top_p"]), int(item["top_k"]), int(item["seed"]))
-                info = RequestInfo(int(item["prompt_len"]), sampling)
-                self.runner.add_request(rid, info, int(item["capacity"]))
-            except (KeyError, TypeError, ValueError) as exc:
-                log.warning("%s: bad admitted record %r: %s", self.name, item, exc)
+                self.runner.add_request(a.request_id, RequestInfo(a.prompt_len, a.sampling.params()), a.capacity)
+            except SpecPipeError as exc:
+                log.warning("%s: cannot admit %s: %s", self.name, a.request_id, exc)
                 continue
-            self.slots[rid], self.ids[slot] = slot, rid
-            self.finished.discard(rid)
-
-
-def build_runner(
-    model_dir, arch, rank: int, world: int, dtype: torch.dtype, attention: AttentionConfig = AttentionConfig()
-) -> StageRunner:
-    from shared.config import split_layers
-    from stage_worker.weights import load_stage_weights
-
-    attention.check_head_dim(arch.head_dim)  # before any weights are read
-    start, end = split_layers(arch.num_layers, world)[rank]
-    return StageRunner(arch, load_stage_weights(model_dir, arch, start, end, dtype), attention)
+            self.slots[a.request_id], self.ids[a.slot] = a.slot, a.request_id
+            self.finished.discard(a.request_id)

@@ -17,11 +17,11 @@ import torch
 
 from draft_worker.draft_model import DraftModelSource
 from draft_worker.ngram import NgramSource
-from scheduler.scheduler import ExpansionJob, NodeRef
-from shared.batch import PipelineEvent
-from shared.config import ModelArch
-from stage_worker.runner import StageRunner
-from stage_worker.weights import load_stage_weights
+from shared.compute.runner import StageRunner
+from shared.compute.weights import load_stage_weights
+from shared.types.batch import PipelineEvent
+from shared.types.config import ModelArch
+from shared.types.speculation import ExpansionJob, NodeRef
 from tests.helpers import generate, pipeline
 
 pytestmark = pytest.mark.unit

@@ -10,10 +10,10 @@ import time
 import msgpack
 import pytest
 
-from shared.config import SamplingParams
-from shared.messages import RequestMsg, StepMsg
-from shared.queue_client import collect, submit
-from shared.redis_io import publish
+from shared.transport.queue_client import collect, submit
+from shared.transport.redis_io import publish
+from shared.types.config import SamplingParams
+from shared.wire.messages import RequestMsg, SamplingFields, StepMsg
 from tests.cluster import Cluster
 from tests.helpers import pipeline
 
@@ -51,7 +51,7 @@ def cluster_factory(tmp_path, tiny_dir):
 
 def _submit(cluster: Cluster, i: int, job) -> None:
     prompt, n, t, p, k, seed = job
-    submit(cluster.r, cluster.cfg, RequestMsg(f"job{i}", prompt, n, temperature=t, top_p=p, top_k=k, seed=seed))
+    submit(cluster.r, cluster.cfg, RequestMsg(f"job{i}", prompt, n, sampling=SamplingFields(t, p, k, seed)))
 
 
 # label: (scheduler's --draft-wait-ms, whether levels must reach the pipe)
@@ -188,7 +188,7 @@ def test_killed_one_of_two_draft_workers_leaves_no_job_behind(cluster_factory, t
 
 
 def test_cancel_frees_a_running_request(cluster_factory, tiny_dir) -> None:
-    from shared.messages import CancelMsg
+    from shared.wire.messages import CancelMsg
 
     cluster = cluster_factory(draft="ngram")
     submit(cluster.r, cluster.cfg, RequestMsg("long", [5, 6, 7], 1500))

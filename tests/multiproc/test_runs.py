@@ -1,4 +1,4 @@
-"""Pipeline runs (shared/membership.py) on real processes: restarts on a used Redis, two clusters on one Redis,
+"""Pipeline runs (shared/transport/membership.py) on real processes: restarts on a used Redis, two clusters on one Redis,
 a lost stage that fails only the in-flight requests and a pipeline that re-forms once it is back, a scheduler
 restart that loses no queued request. Every output is checked against plain decoding."""
 
@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from shared.membership import current_run, not_joined
-from shared.messages import RequestMsg, StepMsg
-from shared.queue_client import collect, submit
-from shared.redis_io import publish
+from shared.transport.membership import current_run, not_joined
+from shared.transport.queue_client import collect, submit
+from shared.transport.redis_io import publish
+from shared.wire.messages import RequestMsg, SamplingFields, StepMsg
 from tests.cluster import Cluster
 from tests.multiproc.test_cluster import JOBS, _reference
 
@@ -34,7 +34,7 @@ def clusters(tmp_path, tiny_dir):
 
 def _serves(cluster: Cluster, tiny_dir, request_id: str, job=JOBS[0]) -> None:
     prompt, n, t, p, k, seed = job
-    submit(cluster.r, cluster.cfg, RequestMsg(request_id, prompt, n, temperature=t, top_p=p, top_k=k, seed=seed))
+    submit(cluster.r, cluster.cfg, RequestMsg(request_id, prompt, n, sampling=SamplingFields(t, p, k, seed)))
     result = collect(cluster.r, cluster.cfg, request_id, timeout_s=120)
     assert result.finished and result.error is None, (result, cluster.log("scheduler")[-2000:])
     assert result.tokens == _reference(tiny_dir, *job)
@@ -76,7 +76,7 @@ def test_two_clusters_share_one_redis(clusters, tiny_dir) -> None:
     a, b = clusters(policy="pp"), clusters(policy="specpipe")
     for i, cluster in enumerate((a, b)):
         prompt, n, t, p, k, seed = JOBS[i]
-        submit(cluster.r, cluster.cfg, RequestMsg("same-id", prompt, n, temperature=t, top_p=p, top_k=k, seed=seed))
+        submit(cluster.r, cluster.cfg, RequestMsg("same-id", prompt, n, sampling=SamplingFields(t, p, k, seed)))
     for i, cluster in enumerate((a, b)):
         result = collect(cluster.r, cluster.cfg, "same-id", timeout_s=120)
         assert result.tokens == _reference(tiny_dir, *JOBS[i]), cluster.log("scheduler")[-1500:]
@@ -105,7 +105,7 @@ def test_scheduler_restart_loses_no_queued_request(clusters, tiny_dir) -> None:
     epoch = _wait_formed(cluster)
     cluster.kill("scheduler")
     prompt, n, t, p, k, seed = JOBS[1]  # arrives while no scheduler runs: it waits in the queue
-    submit(cluster.r, cluster.cfg, RequestMsg("queued", prompt, n, temperature=t, top_p=p, top_k=k, seed=seed,
+    submit(cluster.r, cluster.cfg, RequestMsg("queued", prompt, n, sampling=SamplingFields(t, p, k, seed),
                                               arrival=time.time()))
     cluster.restart("scheduler")
     result = collect(cluster.r, cluster.cfg, "queued", timeout_s=120)

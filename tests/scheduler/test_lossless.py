@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from shared.config import ModelArch, SamplingParams
 from shared.model_store import load_tokenizer
+from shared.types.config import ModelArch, SamplingParams
 from specpipe.prompts import encode_chat
 from tests.conftest import PROMPTS_DIR
 from tests.helpers import generate, pipeline

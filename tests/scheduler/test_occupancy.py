@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from scheduler.occupancy import Occupancy
-from shared.batch import PipelineEvent, Row
-from shared.config import SamplingParams
+from shared.types.batch import PipelineEvent, Row
+from shared.types.config import SamplingParams
 from tests.helpers import generate, pipeline
 
 ROOT = -1

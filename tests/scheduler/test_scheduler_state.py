@@ -1,7 +1,7 @@
 """The scheduler as a pure state machine, driven by a fake pipeline on CPU.
 
 No models and no tensors: FakePipeline shifts micro-batches one stage per step
-exactly like scheduler.executor.InProcessPipeline, answers expansion jobs with a
+exactly like specpipe.executor.InProcessPipeline, answers expansion jobs with a
 made-up draft, and fabricates the last stage's output from an ORACLE target
 function of the full token prefix a row would attend to. The prefix is rebuilt
 by the test itself from the rows it saw (prompt rows by position, tree nodes by
@@ -26,10 +26,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler.scheduler import ExpansionJob, Phase, Request, Scheduler, StepResult
+from scheduler.scheduler import Phase, Request, Scheduler, StepResult
 from scheduler.tree import Status
-from shared.batch import ROOT_PARENT, MicroBatch, PipelineEvent, Row, StageOutput
-from shared.config import POLICIES, EngineConfig, PolicyConfig
+from shared.types.batch import ROOT_PARENT, MicroBatch, PipelineEvent, Row, StageOutput
+from shared.types.config import POLICIES, EngineConfig, PolicyConfig
+from shared.types.speculation import ExpansionJob
 
 pytestmark = pytest.mark.unit
 
@@ -257,7 +258,7 @@ class FakePipeline:
                 self.slots[s][row.request_id].place(row, f"step {self.sched.step} stage {s} {row.request_id}")
         self.in_flight = incoming[:-1]
         last = incoming[-1]
-        result = self.sched.update_from_output(self._last_stage(last)) if last is not None else StepResult()
+        result = self.sched.update_from_output(self._last_stage(last).target_tokens()) if last is not None else StepResult()
         self._apply(result)
         self.results.append(result)
         return result

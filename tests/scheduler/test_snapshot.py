@@ -6,8 +6,8 @@ import pytest
 
 from scheduler.occupancy import Occupancy
 from scheduler.snapshot import stats_message
-from shared.config import SamplingParams
-from shared.messages import SchedulerStatsMsg, decode
+from shared.types.config import SamplingParams
+from shared.wire.messages import SchedulerStatsMsg, decode
 from tests.helpers import generate, pipeline
 
 

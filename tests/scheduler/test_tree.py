@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from scheduler.tree import Status, TokenTree
-from shared.batch import ROOT_PARENT
+from shared.types.batch import ROOT_PARENT
 
 pytestmark = pytest.mark.unit
 

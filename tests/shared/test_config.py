@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from scheduler.service import SchedulerServiceConfig
-from shared.config import EngineConfig, PolicyConfig
-from shared.errors import ConfigError
-from shared.redis_io import RedisConfig
+from shared.transport.redis_io import RedisConfig
+from shared.types.config import EngineConfig, PolicyConfig
+from shared.types.errors import ConfigError
 
 pytestmark = pytest.mark.unit
 

@@ -15,12 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.batch import MicroBatch, Row
-from shared.config import AttentionConfig, ModelArch, SamplingParams
-from shared.errors import ConfigError
-from shared.model_store import load_tokenizer
-from specpipe.engine import load_stages
-from stage_worker.distr_attention import (
+from shared.compute.distr_attention import (
     distr_attention,
     distr_attention_reference,
     fuse_keys,
@@ -28,10 +23,14 @@ from stage_worker.distr_attention import (
     group_permutation,
     simhash_codes,
 )
-from stage_worker.runner import RequestInfo, StageRunner
-from stage_worker.weights import load_stage_weights
+from shared.compute.runner import RequestInfo, StageRunner, load_stage
+from shared.compute.weights import load_stage_weights
+from shared.model_store import load_tokenizer
+from shared.types.batch import MicroBatch, Row
+from shared.types.config import AttentionConfig, ModelArch, SamplingParams
+from shared.types.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TOL = 1e-5
 KERNELS = {"tiled": distr_attention, "reference": distr_attention_reference}
 
@@ -344,12 +343,12 @@ def test_runner_exact_kind_changes_nothing(tiny_dir) -> None:
 
 
 @pytest.mark.unit
-def test_load_stages_threads_the_config(tiny_dir) -> None:
+def test_load_stage_threads_the_config(tiny_dir) -> None:
     arch = ModelArch.from_model_dir(tiny_dir)
     cfg = AttentionConfig("distr", group_size=2, block_rows=16)
-    assert all(s.attention == cfg for s in load_stages(tiny_dir, arch, 2, torch.float32, cfg))
+    assert all(s.attention == cfg for s in (load_stage(tiny_dir, arch, k, 2, torch.float32, cfg) for k in range(2)))
     with pytest.raises(ConfigError, match="does not divide"):
-        load_stages(tiny_dir, arch, 2, torch.float32, AttentionConfig("distr", group_size=32))
+        load_stage(tiny_dir, arch, 0, 2, torch.float32, AttentionConfig("distr", group_size=32))
 
 
 @pytest.mark.slow

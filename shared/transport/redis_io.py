@@ -17,16 +17,17 @@ from urllib.parse import urlparse
 
 import redis
 
-from shared.errors import ConfigError, ProtocolError
-from shared.messages import Message, decode
+from shared.environment import DEFAULTS
+from shared.types.errors import ConfigError, ProtocolError
+from shared.wire.messages import Message, decode
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RedisConfig:
-    url: str = "redis://127.0.0.1:6379/0"
-    prefix: str = "specpipe"  # every key and stream starts with it: tests use their own
+    url: str = DEFAULTS["REDIS_URL"]
+    prefix: str = DEFAULTS["SPECPIPE_PREFIX"]  # every key and stream starts with it: tests use their own
     heartbeat_ttl_s: float = 5.0  # a component is lost when its heartbeat is older than this
 
     def key(self, *parts: str) -> str:
@@ -204,7 +205,7 @@ def ensure_redis(url: str, start: bool = True, daemonize: bool = False) -> subpr
     raise ConfigError(f"started redis-server on {host}:{port} but it does not answer")
 
 
-if __name__ == "__main__":  # `python -m shared.redis_io [URL]`: make sure a Redis answers (used by make)
+if __name__ == "__main__":  # `python -m shared.transport.redis_io [URL]`: make sure a Redis answers (used by make)
     import sys
 
     ensure_redis(sys.argv[1] if len(sys.argv) > 1 else "redis://127.0.0.1:6379/0", daemonize=True)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shared.batch import ROOT_PARENT, Row
-from shared.errors import ProtocolError, RequestError
+from shared.types.batch import ROOT_PARENT, Row
+from shared.types.errors import ProtocolError, RequestError
 
 
 @dataclass

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from shared.batch import MicroBatch, PipelineEvent, Row, StageOutput
-from shared.config import AttentionConfig, ModelArch, SamplingParams
-from shared.errors import ProtocolError
-from shared.sampling import target_token
-from stage_worker.distr_attention import distr_attention
-from stage_worker.kv_cache import RequestKV, RowContext, allocate
-from stage_worker.model import RowAttention, decoder_layer, linear, rms_norm, rope_table, tree_attention
-from stage_worker.weights import StageWeights
+from shared.compute.distr_attention import distr_attention
+from shared.compute.kv_cache import RequestKV, RowContext, allocate
+from shared.compute.model import RowAttention, decoder_layer, linear, rms_norm, rope_table, tree_attention
+from shared.compute.sampling import target_token
+from shared.compute.weights import StageWeights, load_stage_weights
+from shared.types.batch import MicroBatch, PipelineEvent, Row, StageOutput
+from shared.types.config import AttentionConfig, ModelArch, SamplingParams, split_layers
+from shared.types.errors import ProtocolError
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,6 @@ class StageRunner:
     def num_layers(self) -> int:
         return len(self.weights.layers)
 
-    def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.arch.num_kv_heads * self.arch.head_dim * self.dtype.itemsize
 
     # ---- request lifecycle -------------------------------------------------------------
     def add_request(self, request_id: str, info: RequestInfo, capacity: int) -> None:
@@ -200,3 +199,11 @@ def _row_attention(row: int, ctx: RowContext) -> RowAttention:
     if ctx.context[-1] == length - 1:  # slots 0..L-1 in order: the prefix slice itself, no gather
         return RowAttention(row, None, length)
     return RowAttention(row, torch.tensor(ctx.context), length)
+
+
+def load_stage(model_dir: Path, arch: ModelArch, rank: int, world: int, dtype: torch.dtype = torch.float32,
+               attention: AttentionConfig = AttentionConfig()) -> StageRunner:
+    """Stage `rank` of a `world`-stage split (0 of 1: the whole model); reads only its own layers."""
+    attention.check_head_dim(arch.head_dim)  # before any weights are read
+    start, end = split_layers(arch.num_layers, world)[rank]
+    return StageRunner(arch, load_stage_weights(model_dir, arch, start, end, dtype), attention)

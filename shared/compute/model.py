@@ -9,7 +9,7 @@ bit for bit in fp32:
   rows against 8), so every product has exactly GEMM_ROW_TILE rows: the
   rows are cut into tiles of that many, the last one zero-padded, and each
   row is computed the same way wherever it sits
-  (tests/stage_worker/test_invariance.py checks this on the machine at hand).
+  (tests/shared/compute/test_invariance.py checks this on the machine at hand).
 - Attention: each row attends to its context gathered in position order
   (prefix, ancestors, itself) with its own fixed-shape matmuls (batched
   matmuls are not row invariant), so the reduction is the one plain decoding
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from shared.config import ModelArch
+from shared.types.config import ModelArch
 
 GEMM_ROW_TILE = 8
 

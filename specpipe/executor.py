@@ -17,12 +17,12 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from draft_worker.base import SpeculativeSource
 from scheduler.occupancy import Occupancy
 from scheduler.scheduler import Phase, Request, RequestState, Scheduler, StepResult
-from shared.batch import MicroBatch, PipelineEvent
-from shared.errors import SpecPipeError
-from stage_worker.runner import RequestInfo, StageRunner
+from shared.compute.runner import RequestInfo, StageRunner
+from shared.types.batch import MicroBatch, PipelineEvent
+from shared.types.errors import SpecPipeError
+from shared.types.speculation import SpeculativeSource
 
 
 @dataclass
@@ -69,7 +69,7 @@ class InProcessPipeline:
         outputs = [stage.forward(batch) if batch is not None else None for stage, batch in zip(self.stages, incoming)]
         self.in_flight = outputs[:-1]
         last = outputs[-1]
-        result = self.scheduler.update_from_output(last) if last is not None else StepResult()
+        result = self.scheduler.update_from_output(last.target_tokens()) if last is not None else StepResult()
         self._apply(result.events)
         if self.trace_enabled:
             self._record(incoming, result, draft_rows)

@@ -8,14 +8,15 @@ time; ``from_hf_config`` and the validators only look at what they are given.
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from shared.errors import ConfigError
+from shared.types.errors import ConfigError
 
 Policy = Literal["pp", "tree", "specpipe"]
-POLICIES: tuple[str, ...] = ("pp", "tree", "specpipe")
+POLICIES: tuple[str, ...] = typing.get_args(Policy)
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ ATTENTION_KINDS: tuple[str, ...] = ("exact", "distr")
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """How a stage attends during long prefills (stage_worker/distr_attention.py).
+    """How a stage attends during long prefills (shared/compute/distr_attention.py).
 
     exact: every row attends with full-width Q·Kᵀ; outputs are bit-identical
            to plain decoding (the default, and the only choice that is lossless).

@@ -19,8 +19,12 @@ Glossary (used throughout the code):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
-import torch
+import msgspec
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT_PARENT = -1  # parent id of a node whose parent is the request's last committed token
 
@@ -69,11 +73,24 @@ class StageOutput:
     rows: list[Row]
     targets: list[int] = field(default_factory=list)  # -1 where the row did not ask
 
+    def target_tokens(self) -> "TargetTokens":
+        return TargetTokens(self.batch_id, [r.request_id for r in self.rows], [r.node_id for r in self.rows],
+                            list(self.targets))
+
 
 @dataclass(frozen=True)
-class PipelineEvent:
-    """A verification outcome that every stage and draft source must apply."""
+class TargetTokens:
+    """What verification needs of a stage output (in process, or a VerifyMsg): row identities and targets."""
+
+    batch_id: int  # the stage-0 batch these rows entered with
+    request_ids: list[str]
+    node_ids: list[int]
+    targets: list[int]  # -1 where the row did not ask
+
+
+class PipelineEvent(msgspec.Struct, frozen=True, array_like=True):
+    """A verification outcome that every stage and draft source must apply (on the wire: [request, kind, ids])."""
 
     request_id: str
-    kind: str  # "commit" (accepted nodes), "prune" (dropped nodes), "finish" (free everything)
+    kind: Literal["commit", "prune", "finish"]  # accepted nodes / dropped nodes / free everything
     node_ids: tuple[int, ...] = ()

@@ -11,11 +11,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.batch import MicroBatch, Row
-from shared.config import ModelArch, SamplingParams
-from stage_worker.model import linear
-from stage_worker.runner import RequestInfo, StageRunner
-from stage_worker.weights import load_stage_weights
+from shared.compute.model import linear
+from shared.compute.runner import RequestInfo, StageRunner
+from shared.compute.weights import load_stage_weights
+from shared.types.batch import MicroBatch, Row
+from shared.types.config import ModelArch, SamplingParams
 
 pytestmark = pytest.mark.unit
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from shared.batch import MicroBatch, Row
-from shared.config import ModelArch, SamplingParams, split_layers
-from stage_worker.runner import RequestInfo, StageRunner
-from stage_worker.weights import load_stage_weights
+from shared.compute.runner import RequestInfo, StageRunner
+from shared.compute.weights import load_stage_weights
+from shared.types.batch import MicroBatch, Row
+from shared.types.config import ModelArch, SamplingParams, split_layers
 
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2]
 

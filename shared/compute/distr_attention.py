@@ -34,7 +34,7 @@ from collections.abc import Iterator
 
 import torch
 
-from shared.config import AttentionConfig
+from shared.types.config import AttentionConfig
 
 
 def simhash_codes(columns: torch.Tensor, hash_bits: int, generator: torch.Generator) -> torch.Tensor:

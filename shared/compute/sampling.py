@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from shared.config import SamplingParams
+from shared.types.config import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import redis
 
-from shared.messages import RequestMsg, TokensMsg
-from shared.redis_io import RedisConfig, decode_or_log, publish, read
+from shared.transport.redis_io import RedisConfig, decode_or_log, publish, read
+from shared.wire.messages import RequestMsg, TokensMsg
 
 
 @dataclass

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.batch import MicroBatch, PipelineEvent, Row
-from shared.config import ModelArch, SamplingParams
-from shared.errors import ProtocolError
-from stage_worker.runner import RequestInfo, StageRunner
-from stage_worker.weights import load_stage_weights
+from shared.compute.runner import RequestInfo, StageRunner
+from shared.compute.weights import load_stage_weights
+from shared.types.batch import MicroBatch, PipelineEvent, Row
+from shared.types.config import ModelArch, SamplingParams
+from shared.types.errors import ProtocolError
 
 pytestmark = pytest.mark.unit
 PROMPT = [11, 42, 7, 300, 5, 9]

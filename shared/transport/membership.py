@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import redis
 
-from shared.redis_io import RedisConfig, alive, stage_name
+from shared.transport.redis_io import RedisConfig, alive, stage_name
 
 RENDEZVOUS_TTL_S = 24 * 3600  # a run's rendezvous address outlives any run; stale ones expire
 

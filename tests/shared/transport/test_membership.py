@@ -1,4 +1,4 @@
-"""Pipeline runs in Redis (shared/membership.py): epochs only grow, the current run, trimming what older runs
+"""Pipeline runs in Redis (shared/transport/membership.py): epochs only grow, the current run, trimming what older runs
 left, the rendezvous address, and who has joined which run."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from shared.membership import (
+from shared.transport.membership import (
     PipelineRun,
     begin_run,
     current_run,
@@ -18,7 +18,7 @@ from shared.membership import (
     rendezvous_address,
     trim_old_runs,
 )
-from shared.redis_io import RedisConfig, beat, connect, ensure_group
+from shared.transport.redis_io import RedisConfig, beat, connect, ensure_group
 from specpipe.cluster import delete_keys
 
 pytestmark = pytest.mark.unit

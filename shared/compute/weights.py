@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from shared.config import ModelArch
-from shared.errors import ConfigError
-from stage_worker.model import LayerWeights
+from shared.compute.model import LayerWeights
+from shared.types.config import ModelArch
+from shared.types.errors import ConfigError
 
 
 @dataclass

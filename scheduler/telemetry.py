@@ -1,0 +1,63 @@
+"""What the scheduler reports, off the algorithm: step timings, the occupancy grid, the stats snapshot.
+
+- timings: "step:rows:start:wait_start:wait_end:published:verified:end" (time.monotonic(),
+  one clock for every process on a host), pushed in batches; benchmarks.wire_overhead
+  splits each step into compute, scheduler work, draft wait and wire from these and
+  the stages' compute intervals.
+- occupancy: each step's column of the stage x step grid, final once the events of
+  its verification are known (the dashboard reads the `occupancy` stream).
+- stats: the SchedulerStatsMsg snapshot (metrics and dashboard), rewritten every `interval_s`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from scheduler.occupancy import Occupancy
+from scheduler.scheduler import Scheduler
+from scheduler.snapshot import stats_message
+from shared.transport.redis_io import RedisConfig, publish
+from shared.types.batch import PipelineEvent, Row
+from shared.wire.messages import OccupancyMsg
+
+TIMINGS_BATCH = 64  # step records pushed at once (and whenever the pipe drains)
+
+
+class Telemetry:
+    def __init__(self, r: redis.Redis, cfg: RedisConfig, stages: int, interval_s: float):
+        self.r, self.cfg, self.interval_s = r, cfg, interval_s
+        self.occupancy = Occupancy(stages)
+        self.timings: list[str] = []
+        self.sent: tuple[int, list[Row]] | None = None  # the step whose column awaits its events
+        self.stats_due = 0.0
+
+    def step_sent(self, step: int, rows: list[Row]) -> None:
+        self.sent = (step, rows)
+
+    def events_known(self, events: list[PipelineEvent], drained: bool) -> None:
+        """The last step's column gets the events every stage applies before the next compute."""
+        if self.sent is None:
+            return
+        columns = self.occupancy.record(*self.sent, events)
+        self.sent = None
+        if drained:  # the pipe is empty: its last columns are final
+            columns += self.occupancy.flush()
+        for c in columns:
+            publish(self.r, self.cfg.occupancy, OccupancyMsg(step=c["step"], stages=c["stages"]), maxlen=1024)
+
+    def step_timed(self, step: int, rows: int, stamps: tuple[float, ...], drained: bool) -> None:
+        self.timings.append(":".join([str(step), str(rows), *(f"{t:.6f}" for t in stamps)]))
+        if len(self.timings) >= TIMINGS_BATCH or drained:
+            self.r.rpush(self.cfg.key("timings", "scheduler"), *self.timings)
+            self.timings = []
+
+    def stats(self, scheduler: Scheduler, waiting_since: dict[str, float]) -> None:
+        """Rewrite the snapshot when it is due."""
+        now = time.monotonic()
+        if now < self.stats_due:
+            return
+        self.stats_due = now + self.interval_s
+        msg = stats_message(scheduler, waiting_since, self.occupancy, now, time.time())
+        self.r.set(self.cfg.stats, msg.encode(), ex=3600)

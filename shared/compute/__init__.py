@@ -1,0 +1,1 @@
+"""The model compute both stage and draft workers run: layers, KV cache, stage runner, sampling."""

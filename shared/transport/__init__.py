@@ -1,0 +1,1 @@
+"""Redis access: stream names, publish/read, heartbeats, pipeline runs, the blocking client."""

@@ -1,0 +1,1 @@
+"""Pure types every process shares: rows and micro-batches, configs, errors, speculation."""

@@ -1,0 +1,52 @@
+"""What the scheduler, the draft sources and the executors exchange about speculation.
+
+The scheduler asks for children of tree nodes (ExpansionJob of NodeRefs); a
+source answers with Proposals per node and follows verification events. The
+wire form of a job is shared.wire.messages.ExpansionJobMsg.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import msgspec
+
+from shared.types.batch import PipelineEvent
+
+Proposals = list[tuple[int, float]]  # (token, draft log-probability), best first
+
+
+class NodeRef(msgspec.Struct, frozen=True, array_like=True):
+    """A node handed to a draft source for expansion (on the wire: [node, parent, token, position, accepted])."""
+
+    node_id: int
+    parent_id: int
+    token: int
+    position: int
+    accepted: bool
+
+
+@dataclass
+class ExpansionJob:
+    """Propose children for `nodes`; `text` is the accepted sequence (prompt + output)."""
+
+    request_id: str
+    text: list[int]
+    nodes: list[NodeRef]
+    top_k: int
+
+
+class SpeculativeSource(Protocol):
+    """A draft: proposes children for tree nodes, follows prune/commit/finish; it never blocks the pipeline
+    (a source may propose nothing, and speculation then simply pauses)."""
+
+    name: str
+
+    def add_request(self, request_id: str, prompt: list[int], capacity: int) -> None: ...
+
+    def expand(self, jobs: list[ExpansionJob]) -> list[tuple[str, int, Proposals]]:
+        """Children for every node of every job: (request_id, node_id, proposals)."""
+        ...
+
+    def apply(self, events: list[PipelineEvent]) -> None: ...
