@@ -29,15 +29,15 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from shared.batch import MicroBatch, Row
-from shared.config import AttentionConfig, ModelArch, SamplingParams
-from shared.errors import SpecPipeError
+from shared.compute.distr_attention import distr_attention
+from shared.compute.model import RowAttention, tree_attention
+from shared.compute.runner import RequestInfo, StageRunner
+from shared.compute.weights import load_stage_weights
 from shared.model_store import load_tokenizer, resolve_model
 from shared.service_args import set_threads
-from stage_worker.distr_attention import distr_attention
-from stage_worker.model import RowAttention, tree_attention
-from stage_worker.runner import RequestInfo, StageRunner
-from stage_worker.weights import load_stage_weights
+from shared.types.batch import MicroBatch, Row
+from shared.types.config import AttentionConfig, ModelArch, SamplingParams
+from shared.types.errors import SpecPipeError
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
 MODEL = "smollm2-135m"
@@ -213,7 +213,7 @@ def markdown(results: dict) -> str:
         f"{m['platform']}, torch {m['torch']} with {m['torch_threads']} thread(s), fp32; 1-minute load average "
         f"{m['load_avg_start']:.1f} at the start and {m.get('load_avg_end', float('nan')):.1f} at the end. "
         f"Median of {results['reps']} runs, methods interleaved. No GPU and no Triton kernel: this is the "
-        "PyTorch reference of the method (stage_worker/distr_attention.py).",
+        "PyTorch reference of the method (shared/compute/distr_attention.py).",
         "",
         f"**block_rows** (G = 2; chosen: the fastest, l = {results['block_rows']}):",
         "",

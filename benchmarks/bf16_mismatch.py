@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from scheduler.scheduler import Request
-from shared.config import EngineConfig, PolicyConfig, SamplingParams
 from shared.model_store import load_tokenizer, resolve_model
+from shared.types.config import EngineConfig, PolicyConfig, SamplingParams
 from specpipe.engine import SimulationConfig, build_pipeline
 from specpipe.prompts import encode_chat, read_prompts
 

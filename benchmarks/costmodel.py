@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from shared.batch import ROOT_PARENT, MicroBatch, Row
-from shared.config import ModelArch, SamplingParams
-from stage_worker.model import LayerWeights
-from stage_worker.runner import RequestInfo, StageRunner
-from stage_worker.weights import StageWeights
+from shared.compute.model import LayerWeights
+from shared.compute.runner import RequestInfo, StageRunner
+from shared.compute.weights import StageWeights
+from shared.types.batch import ROOT_PARENT, MicroBatch, Row
+from shared.types.config import ModelArch, SamplingParams
 
 
 def _interp(xs: list[float], ys: list[float], x: float) -> float:

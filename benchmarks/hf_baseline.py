@@ -24,8 +24,8 @@ from contextlib import contextmanager
 
 import torch
 
-from shared.config import EngineConfig, ModelArch, PolicyConfig, SamplingParams
 from shared.model_store import resolve_model
+from shared.types.config import EngineConfig, ModelArch, PolicyConfig, SamplingParams
 
 
 @contextmanager

@@ -100,7 +100,7 @@ class LocalCluster:
     """The processes of specpipe.cluster.commands (without the batch worker), with a fresh prefix and ports."""
 
     def __init__(self, cfg: LoadConfig, log_dir: Path):
-        from shared.redis_io import ensure_redis
+        from shared.transport.redis_io import ensure_redis
         from specpipe.cluster import ClusterConfig, commands
 
         extra = [*(("--max-queue", str(cfg.max_queue)) if cfg.max_queue else ()),

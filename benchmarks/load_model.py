@@ -20,7 +20,7 @@ from benchmarks.costmodel import CostModel
 from benchmarks.tbt import digest
 from benchmarks.timeline import ModeledRun, StepClock, run_modeled
 from scheduler.scheduler import Request
-from shared.config import EngineConfig, PolicyConfig, SamplingParams
+from shared.types.config import EngineConfig, PolicyConfig, SamplingParams
 from specpipe.engine import SimulationConfig, build_pipeline
 
 

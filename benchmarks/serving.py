@@ -56,8 +56,8 @@ from benchmarks.serving_cluster import (
     dist,
     stage_weight_bytes,
 )
-from shared.errors import SpecPipeError
 from shared.model_store import load_tokenizer, resolve_model
+from shared.types.errors import SpecPipeError
 from specpipe.prompts import encode_chat, read_prompts
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"

@@ -25,11 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.wire_overhead import overhead, step_rows
-from shared.config import ModelArch, split_layers
-from shared.messages import RequestMsg, SchedulerStatsMsg, TokensMsg
 from shared.model_store import resolve_model
-from shared.queue_client import submit
-from shared.redis_io import RedisConfig, alive, connect, decode_or_log, ensure_redis, pipeline_components, stage_name
+from shared.transport.queue_client import submit
+from shared.transport.redis_io import (
+    RedisConfig,
+    alive,
+    connect,
+    decode_or_log,
+    ensure_redis,
+    pipeline_components,
+    stage_name,
+)
+from shared.types.config import ModelArch, split_layers
+from shared.wire.messages import RequestMsg, SchedulerStatsMsg, TokensMsg
 from specpipe.cluster import ClusterConfig, commands, delete_keys, stop_processes
 
 
@@ -310,7 +318,7 @@ def _tensor_shapes(model_dir: Path) -> dict[str, list[int]]:
 
 
 def stage_weight_bytes(model: str, stages: int, bytes_per_param: int = 4) -> dict:
-    """Parameter bytes of the whole model and of each stage as stage_worker/weights.py loads them (fp32):
+    """Parameter bytes of the whole model and of each stage as shared/compute/weights.py loads them (fp32):
     its layers, the embedding on the first stage, the final norm and the head on the last (a tied head is
     a second copy of the embedding there)."""
     model_dir = resolve_model(model)

@@ -19,7 +19,7 @@ from benchmarks.costmodel import CostModel
 from benchmarks.timeline import StepClock, StepRecord, replay, run_modeled
 from scheduler.occupancy import Occupancy
 from scheduler.scheduler import Request
-from shared.config import EngineConfig, PolicyConfig, SamplingParams
+from shared.types.config import EngineConfig, PolicyConfig, SamplingParams
 from specpipe.engine import SimulationConfig, build_pipeline
 
 POLICIES = ("pp", "tree", "specpipe")

@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from benchmarks.costmodel import CostModel
-from scheduler.executor import InProcessPipeline
 from scheduler.scheduler import Phase, Request
-from shared.config import split_layers
+from shared.types.config import split_layers
+from specpipe.executor import InProcessPipeline
 
 
 @dataclass

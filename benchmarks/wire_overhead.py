@@ -22,10 +22,10 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
-from shared.messages import RequestMsg
 from shared.model_store import load_tokenizer, resolve_model
-from shared.queue_client import collect, submit
-from shared.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
+from shared.transport.queue_client import collect, submit
+from shared.transport.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
+from shared.wire.messages import RequestMsg
 from specpipe.cluster import ClusterConfig, commands, delete_keys, stop_processes
 from specpipe.prompts import encode_chat, read_prompts
 

@@ -12,7 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-from shared.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
+from shared.transport.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
 from specpipe.cluster import delete_keys, free_port, stop_processes  # noqa: F401 (free_port: re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scheduler.executor import InProcessPipeline
 from scheduler.scheduler import Request, RequestState
-from shared.config import EngineConfig, PolicyConfig, SamplingParams
+from shared.types.config import EngineConfig, PolicyConfig, SamplingParams
 from specpipe.engine import SimulationConfig, build_pipeline
+from specpipe.executor import InProcessPipeline
 
 
 def pipeline(

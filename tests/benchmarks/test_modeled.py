@@ -8,7 +8,7 @@ from benchmarks.costmodel import CostModel, ModelCost, Table1D, Table2D
 from benchmarks.load_model import LoadModelConfig, compare
 from benchmarks.load_model import run_all as load_all
 from benchmarks.tbt import TbtConfig, Workload, occupancy_columns, run_all, summarize, timed
-from shared.config import SamplingParams
+from shared.types.config import SamplingParams
 
 LAYER_S, HEAD_S, XFER_S, DRAFT_LAYER_S = 0.010, 0.004, 0.001, 0.002
 PROMPT = [5, 17, 99, 3, 5, 17, 42, 7]

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.redis_io import RedisConfig, alive, connect
+from shared.transport.redis_io import RedisConfig, alive, connect
 from specpipe.cluster import delete_keys, free_port, stop_processes
 from tests.cluster import REDIS_URL, ROOT
 from tests.helpers import pipeline
