@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway.auth import APIKeyMiddleware
+from gateway.batches.routes import install_batches
 from gateway.codec import TextCodec
 from gateway.config import GatewayConfig
 from gateway.dashboard import router as dashboard_router
@@ -19,7 +20,6 @@ from gateway.metrics import Metrics
 from gateway.openapi import install_openapi
 from gateway.queue import AsyncQueue
 from gateway.records import QUEUED, RUNNING, RecordBook
-from gateway.routes_batches import install_batches
 from gateway.routes_openai import router as openai_router
 from gateway.routes_ops import router as ops_router
 from gateway.state import GatewayState

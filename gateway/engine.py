@@ -129,10 +129,15 @@ class Engine:
                 return
             for entry_id, msg in entries:
                 run.last_id = entry_id
+                self.entry_received(entry_id)
                 update = await self._apply(run, msg)
                 yield update
                 if update.finished:
                     return
+
+    def entry_received(self, entry_id: str) -> None:
+        """Called with each out-stream entry's stream id just before the entry is applied and its update
+        yielded (a hook: latency.TimedEngine times deliveries from it)."""
 
     async def _apply(self, run: _Run, msg: TokensMsg) -> Update:
         """Fold one TokensMsg into the run: record, metrics, text delta; end it on finish or a stop string."""

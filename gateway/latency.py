@@ -16,7 +16,7 @@ Both clocks are this host's (Redis runs on the same machine in every setup here)
 stream ids have millisecond resolution, so deliver reads 0.5 ms high on average.
 
 Wiring: TimingMiddleware puts a RequestTiming in a context variable; TimedEngine
-(an Engine) fills it in at submit and each time it applies an out-stream entry;
+(an Engine) fills it in at submit and each time an out-stream entry arrives (Engine.entry_received);
 the middleware's `send` wrapper closes the measurement when the body goes out.
 """
 
@@ -29,12 +29,12 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.engine import Engine, _Run
+from gateway.engine import Engine
 from gateway.metrics import Histogram, Metrics
 from gateway.prompts import GenerationSpec
 from gateway.records import RequestRecord
 from gateway.state import GatewayState
-from shared.messages import SchedulerStatsMsg, TokensMsg
+from shared.wire.messages import SchedulerStatsMsg
 
 NAME = "specpipe:gateway_added_latency_seconds"
 BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
@@ -99,11 +99,10 @@ class TimedEngine(Engine):
             self.added.observe("submit", timing.submit_s)
         return record
 
-    async def _apply(self, run: _Run, msg: TokensMsg):
+    def entry_received(self, entry_id: str) -> None:
         timing = CURRENT.get()
         if timing is not None:
-            timing.entry_ms = int(run.last_id.split("-", 1)[0])
-        return await super()._apply(run, msg)
+            timing.entry_ms = int(entry_id.split("-", 1)[0])
 
 
 class TimingMiddleware:

@@ -24,8 +24,8 @@ import uuid
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from shared.messages import TokensMsg
-from shared.redis_io import RedisConfig, decode_or_log
+from shared.transport.redis_io import RedisConfig, decode_or_log
+from shared.wire.messages import TokensMsg
 
 log = logging.getLogger("gateway")
 

@@ -1,6 +1,6 @@
 """The gateway's side of the Redis streams, with redis.asyncio (no blocking call in the event loop).
 
-Async equivalents of shared/redis_io.py's publish/read/alive for the streams the
+Async equivalents of shared/transport/redis_io.py's publish/read/alive for the streams the
 gateway uses: it writes `requests` and `cancel`, reads `out:{request}`, and checks
 the `hb:{component}` heartbeat keys.
 
@@ -19,8 +19,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.outstreams import OutStreams, Subscription, decode_entries
-from shared.messages import CancelMsg, Message, OccupancyMsg, RequestMsg, SchedulerStatsMsg, TokensMsg
-from shared.redis_io import RedisConfig, decode_or_log, pipeline_components
+from shared.transport.redis_io import RedisConfig, decode_or_log, pipeline_components
+from shared.wire.messages import CancelMsg, Message, OccupancyMsg, RequestMsg, SchedulerStatsMsg, TokensMsg
 
 log = logging.getLogger("gateway")
 

@@ -10,8 +10,9 @@ from contextlib import aclosing
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from gateway.completions import check_request, full_body
 from gateway.engine import Update, outcome_error
-from gateway.errors import APIError, bad_request
+from gateway.errors import APIError
 from gateway.prompts import generation_spec, prompt_ids
 from gateway.records import RequestRecord
 from gateway.responses import ResponseBuilder, sse
@@ -39,16 +40,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, gw: Ga
     return await generate(request, gw, body, ids, chat=True, prompt_field="messages")
 
 
-def check_request(body: SamplingRequest, gw: GatewayState) -> None:
-    """404 for another model, 400 for a field we do not implement."""
-    if body.model is not None and body.model != gw.cfg.model_name:
-        raise APIError(404, f"The model '{body.model}' does not exist (this server serves '{gw.cfg.model_name}')",
-                       param="model", code="model_not_found")
-    field = body.unsupported()
-    if field is not None:
-        raise bad_request(f"'{field}' is not supported by this server", field, "unsupported_parameter")
-
-
 async def generate(request: Request, gw: GatewayState, body: SamplingRequest, ids: list[int], chat: bool,
                    prompt_field: str):
     spec = generation_spec(body, ids, gw.cfg, prompt_field)
@@ -59,23 +50,8 @@ async def generate(request: Request, gw: GatewayState, body: SamplingRequest, id
     updates = gw.engine.updates(record, spec, watch)
     if body.stream:
         return await _stream_reply(gw, updates, record, build, watch, body.include_usage())
-    return await _full_reply(gw, updates, record, build)
-
-
-async def _full_reply(gw: GatewayState, updates: AsyncIterator[Update], record: RequestRecord,
-                      build: ResponseBuilder) -> JSONResponse:
-    parts, last = [], None
-    async with aclosing(updates) as it:
-        async for update in it:
-            parts.append(update.delta)
-            last = update
-    if last is None:  # the client went away; nobody reads this
-        raise APIError(499, "client closed the request", code="client_closed_request")
-    error = outcome_error(last, gw.cfg, record.request_id)
-    if error is not None:
-        raise error
-    body = build.full("".join(parts), last.finish_reason, record.prompt_tokens, len(record.tokens))
-    return JSONResponse(body, headers={"X-Request-Id": record.request_id})
+    reply = await full_body(gw, updates, record, build)
+    return JSONResponse(reply, headers={"X-Request-Id": record.request_id})
 
 
 async def _stream_reply(gw: GatewayState, updates: AsyncIterator[Update], record: RequestRecord,

@@ -37,7 +37,8 @@ async def ready(gw: GatewayState = Depends(get_state)) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(gw: GatewayState = Depends(get_state)) -> PlainTextResponse:
     """Prometheus text format, vLLM's metric names."""
-    return PlainTextResponse(gw.metrics.render(await fresh_stats(gw)), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return PlainTextResponse(gw.metrics.render(await fresh_stats(gw)),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def _model_card(gw: GatewayState) -> dict:

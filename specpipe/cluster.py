@@ -98,7 +98,7 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
         procs["gateway"] = [py, "-m", "gateway", "--redis-url", cfg.redis_url, "--prefix", cfg.prefix,
                             "--model", cfg.model, "--host", cfg.host, "--port", str(cfg.port),
                             "--stages", str(cfg.stages), "--attention", cfg.attention.kind, *cfg.limits.gateway_args()]
-        procs["batch-worker"] = [py, "-m", "gateway.batch_worker", "--redis-url", cfg.redis_url,  # Celery: /v1/batches
+        procs["batch-worker"] = [py, "-m", "gateway.batches.worker", "--redis-url", cfg.redis_url,  # Celery /v1/batches
                                  "--prefix", cfg.prefix, "--model", cfg.model, "--stages", str(cfg.stages),
                                  "--attention", cfg.attention.kind, *cfg.limits.request_args()]
     return procs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from shared.queue_client import collect
+from shared.transport.queue_client import collect
 from tests.cluster import Cluster
 from tests.gateway.conftest import MODEL_NAME, Gateway
 

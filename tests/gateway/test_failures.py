@@ -20,8 +20,8 @@ import redis.asyncio as aioredis
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
-from shared.messages import RequestMsg, TokensMsg, decode
-from shared.redis_io import pipeline_components
+from shared.transport.redis_io import pipeline_components
+from shared.wire.messages import RequestMsg, TokensMsg, decode
 from specpipe.cluster import delete_keys
 from tests.cluster import REDIS_URL
 from tests.gateway.conftest import MODEL_NAME

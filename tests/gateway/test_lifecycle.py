@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
-from shared.messages import RequestMsg
-from shared.queue_client import collect, submit
+from shared.transport.queue_client import collect, submit
+from shared.wire.messages import RequestMsg
 from tests.gateway.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.multiproc

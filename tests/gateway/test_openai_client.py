@@ -12,7 +12,7 @@ import pytest
 from openai import OpenAI
 
 from gateway.codec import TextCodec
-from shared.config import SamplingParams
+from shared.types.config import SamplingParams
 from tests.gateway.conftest import MODEL_NAME
 from tests.helpers import pipeline
 

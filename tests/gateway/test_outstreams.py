@@ -16,8 +16,8 @@ import pytest
 import redis
 
 from gateway.queue import AsyncQueue, QueueError
-from shared.messages import TokensMsg
-from shared.redis_io import RedisConfig
+from shared.transport.redis_io import RedisConfig
+from shared.wire.messages import TokensMsg
 from specpipe.cluster import delete_keys
 from tests.cluster import REDIS_URL
 

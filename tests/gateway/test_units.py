@@ -1,4 +1,5 @@
-"""Small pure pieces: no torch in the gateway, metrics format, API-key check, error shapes, prompts."""
+"""Small pure pieces: no torch in the gateway, metrics format, API-key check, error shapes, prompts, the OpenAPI
+patch, the added-latency histogram."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 from gateway.auth import key_matches, protected
 from gateway.config import GatewayConfig
 from gateway.errors import APIError
+from gateway.latency import NAME, AddedLatency, InstrumentedMetrics
 from gateway.metrics import Metrics
+from gateway.openapi import patch
 from gateway.prompts import generation_spec
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from tests.cluster import ROOT
@@ -86,3 +89,30 @@ def test_unknown_model_is_a_clean_exit() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.startswith("error: unknown model")
     assert "Traceback" not in result.stderr
+
+
+def test_openapi_patch_standardizes_bounds_and_drops_422() -> None:
+    doc = {"paths": {"/v1/completions": {"post": {
+        "requestBody": {"content": {"application/json": {"schema": {}}}},
+        "responses": {"200": {"description": "ok", "content": {"application/json": {"schema": {}}}},
+                      "422": {"description": "x"}}}}},
+        "components": {"schemas": {"R": {"properties": {"t": {"anyOf": [{"type": "number"}], "ge": 0, "le": 2}}}}}}
+    patch(doc)
+    responses = doc["paths"]["/v1/completions"]["post"]["responses"]
+    assert "422" not in responses and {"400", "401", "404", "429", "503", "504"} <= set(responses)
+    assert doc["components"]["schemas"]["R"]["properties"]["t"] == {"anyOf": [{"type": "number"}], "minimum": 0,
+                                                                     "maximum": 2}
+    assert "ErrorResponse" in doc["components"]["schemas"] and "ErrorDetail" in doc["components"]["schemas"]
+    assert responses["429"]["headers"]["Retry-After"]
+
+
+def test_added_latency_is_one_prometheus_family() -> None:
+    metrics = InstrumentedMetrics(Metrics("m", lambda: 0, lambda: 0))
+    metrics.added.observe("submit", 0.0012)
+    metrics.added.observe("deliver", -0.0001)  # clock rounding: clamped to 0
+    text = metrics.render()
+    assert text.count(f"# TYPE {NAME} histogram") == 1 and "vllm:e2e_request_latency_seconds" in text
+    assert f'{NAME}_count{{model_name="m",component="submit"}} 1' in text
+    assert f'{NAME}_bucket{{model_name="m",component="deliver",le="0.0005"}} 1' in text
+    assert f'{NAME}_count{{model_name="m",component="round_trip"}} 0' in text
+    assert AddedLatency().render({})[0].startswith(f"# HELP {NAME}")

@@ -1,4 +1,4 @@
-"""Batch jobs on Celery against a real cluster, gateway and `python -m gateway.batch_worker` (tiny-random).
+"""Batch jobs on Celery against a real cluster, gateway and `python -m gateway.batches.worker` (tiny-random).
 
 A batch's results equal the HTTP endpoint's answers for the same bodies (greedy and
 seeded sampling); a worker SIGKILLed mid-batch leaves it resumable by a new worker,
@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from shared.messages import RequestMsg, decode
+from shared.wire.messages import RequestMsg, decode
 from tests.cluster import Cluster
-from tests.gateway.batch_helpers import BatchWorker, create_batch, jsonl, output_lines, upload, wait_batch
+from tests.gateway.batches.helpers import BatchWorker, create_batch, jsonl, output_lines, upload, wait_batch
 from tests.gateway.conftest import MODEL_NAME, Gateway
 
 pytestmark = pytest.mark.multiproc

@@ -4,8 +4,8 @@ POST /v1/files (multipart: file, purpose=batch; every line checked, 400 naming t
 first bad one), GET /v1/files, GET/DELETE /v1/files/{id}, GET /v1/files/{id}/content;
 POST /v1/batches (input_file_id, endpoint, completion_window=24h) enqueues the job,
 GET /v1/batches, GET /v1/batches/{id}, POST /v1/batches/{id}/cancel.
-Files and batches live in Redis under the cluster's prefix (gateway/batch_store.py);
-the work runs in `python -m gateway.batch_worker` (gateway/batch_runner.py).
+Files and batches live in Redis under the cluster's prefix (gateway/batches/store.py);
+the work runs in `python -m gateway.batches.worker` (gateway/batches/runner.py).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import anyio
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import Response
 
-from gateway.batch_input import MAX_FILE_BYTES, BatchLine, check_endpoint, parse_jsonl
-from gateway.batch_schemas import Batch, BatchList, CreateBatchRequest, FileDeleted, FileList, FileObject
-from gateway.batch_store import BatchStore, StoredFile
+from gateway.batches.input import MAX_FILE_BYTES, BatchLine, check_endpoint, parse_jsonl
+from gateway.batches.schemas import Batch, BatchList, CreateBatchRequest, FileDeleted, FileList, FileObject
+from gateway.batches.store import BatchStore, StoredFile
+from gateway.batches.tasks import enqueue, make_celery
 from gateway.config import GatewayConfig
 from gateway.errors import APIError
 from gateway.queue import QueueError
@@ -37,17 +38,13 @@ class BatchService:
     """The Files/Batches state of one gateway: the store (the gateway's Redis client) and a Celery app."""
 
     def __init__(self, cfg: GatewayConfig, r):
-        from gateway.batch_tasks import make_celery
-
         self.cfg, self.store = cfg, BatchStore(r, cfg.prefix)
-        self.celery = make_celery(cfg.redis_url, cfg.prefix)
+        self.celery = make_celery(cfg)
 
     async def enqueue(self, batch_id: str) -> None:
-        from gateway.batch_tasks import TASK, queue_name
-
         def send() -> None:
-            self.celery.send_task(TASK, args=[batch_id], queue=queue_name(self.cfg.prefix), retry=True,
-                                  retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+            enqueue(self.celery, batch_id, retry=True,
+                    retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
 
         await anyio.to_thread.run_sync(send)
 

@@ -30,9 +30,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.batch_input import BatchLine, check_body, parse_jsonl
-from gateway.batch_store import ACTIVE, TERMINAL, BatchStore, StoredFile
+from gateway.batches.input import BatchLine, check_body, parse_jsonl
+from gateway.batches.store import ACTIVE, TERMINAL, BatchStore, StoredFile
 from gateway.codec import TextCodec
+from gateway.completions import check_request, full_body
 from gateway.config import GatewayConfig
 from gateway.engine import Engine
 from gateway.errors import APIError, error_body
@@ -41,10 +42,9 @@ from gateway.prompts import generation_spec, prompt_ids
 from gateway.queue import AsyncQueue
 from gateway.records import RecordBook, RequestRecord
 from gateway.responses import ResponseBuilder
-from gateway.routes_openai import _full_reply, check_request
 from gateway.state import GatewayState
-from shared.messages import RequestMsg
 from shared.model_store import resolve_model
+from shared.wire.messages import RequestMsg
 
 log = logging.getLogger("gateway.batch")
 RETRYABLE = (429, 503, 504)
@@ -246,8 +246,7 @@ class BatchRunner:
             else:
                 record = await gw.engine.submit(rid, spec)
             build = ResponseBuilder(rid, gw.cfg.model_name, chat)
-            reply = await _full_reply(gw, gw.engine.updates(record, spec), record, build)
-            return 200, json.loads(reply.body)
+            return 200, await full_body(gw, gw.engine.updates(record, spec), record, build)
         except APIError as exc:
             return exc.status, error_body(exc.message, exc.type, exc.param, exc.code)
 

@@ -1,4 +1,4 @@
-"""Pieces of batch jobs, the OpenAPI patch and the added-latency histogram, one at a time."""
+"""Pieces of batch jobs, one at a time: the JSONL input, request ids, the Redis store."""
 
 from __future__ import annotations
 
@@ -9,14 +9,11 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.batch_input import BatchLine, check_endpoint, parse_jsonl
-from gateway.batch_runner import request_id
-from gateway.batch_store import BatchStore
+from gateway.batches.input import BatchLine, check_endpoint, parse_jsonl
+from gateway.batches.runner import request_id
+from gateway.batches.store import BatchStore
 from gateway.errors import APIError
-from gateway.latency import NAME, AddedLatency, InstrumentedMetrics
-from gateway.metrics import Metrics
-from gateway.openapi import patch
-from shared.messages import RequestMsg, decode
+from shared.wire.messages import RequestMsg, decode
 from tests.cluster import REDIS_URL
 
 CHAT = "/v1/chat/completions"
@@ -68,35 +65,6 @@ def test_request_ids_are_deterministic_per_line_and_attempt() -> None:
     assert request_id(line, "batch_ab", 0) == "chatcmpl-batch_ab-7" == request_id(line, "batch_ab", 0)
     assert request_id(line, "batch_ab", 2) == "chatcmpl-batch_ab-7-2"
     assert request_id(BatchLine(7, 9, "x", "/v1/completions", {}), "batch_ab", 0) == "cmpl-batch_ab-7"
-
-
-@pytest.mark.unit
-def test_openapi_patch_standardizes_bounds_and_drops_422() -> None:
-    doc = {"paths": {"/v1/completions": {"post": {
-        "requestBody": {"content": {"application/json": {"schema": {}}}},
-        "responses": {"200": {"description": "ok", "content": {"application/json": {"schema": {}}}},
-                      "422": {"description": "x"}}}}},
-        "components": {"schemas": {"R": {"properties": {"t": {"anyOf": [{"type": "number"}], "ge": 0, "le": 2}}}}}}
-    patch(doc)
-    responses = doc["paths"]["/v1/completions"]["post"]["responses"]
-    assert "422" not in responses and {"400", "401", "404", "429", "503", "504"} <= set(responses)
-    assert doc["components"]["schemas"]["R"]["properties"]["t"] == {"anyOf": [{"type": "number"}], "minimum": 0,
-                                                                     "maximum": 2}
-    assert "ErrorResponse" in doc["components"]["schemas"] and "ErrorDetail" in doc["components"]["schemas"]
-    assert responses["429"]["headers"]["Retry-After"]
-
-
-@pytest.mark.unit
-def test_added_latency_is_one_prometheus_family() -> None:
-    metrics = InstrumentedMetrics(Metrics("m", lambda: 0, lambda: 0))
-    metrics.added.observe("submit", 0.0012)
-    metrics.added.observe("deliver", -0.0001)  # clock rounding: clamped to 0
-    text = metrics.render()
-    assert text.count(f"# TYPE {NAME} histogram") == 1 and "vllm:e2e_request_latency_seconds" in text
-    assert f'{NAME}_count{{model_name="m",component="submit"}} 1' in text
-    assert f'{NAME}_bucket{{model_name="m",component="deliver",le="0.0005"}} 1' in text
-    assert f'{NAME}_count{{model_name="m",component="round_trip"}} 0' in text
-    assert AddedLatency().render({})[0].startswith(f"# HELP {NAME}")
 
 
 @pytest.mark.multiproc

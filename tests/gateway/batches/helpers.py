@@ -1,4 +1,4 @@
-"""Batch-job test helpers: a real `python -m gateway.batch_worker` process, uploads, polling."""
+"""Batch-job test helpers: a real `python -m gateway.batches.worker` process, uploads, polling."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class BatchWorker:
     def start(self, timeout: float = 60) -> None:
         self.starts += 1
         self.log_path = self.tmp / f"batch-worker-{self.prefix}-{self.starts}.log"
-        cmd = [sys.executable, "-m", "gateway.batch_worker", "--redis-url", REDIS_URL, "--prefix", self.prefix,
+        cmd = [sys.executable, "-m", "gateway.batches.worker", "--redis-url", REDIS_URL, "--prefix", self.prefix,
                "--model", str(self.model), "--served-model-name", MODEL_NAME, "--stages", "2", *self.args]
         with self.log_path.open("w") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from shared.messages import RequestMsg
+from shared.wire.messages import RequestMsg
 
 TERMINAL = ("completed", "failed", "cancelled", "expired")
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
