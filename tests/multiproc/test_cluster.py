@@ -12,46 +12,14 @@ import pytest
 
 from shared.transport.queue_client import collect, submit
 from shared.transport.redis_io import publish
-from shared.types.config import SamplingParams
-from shared.wire.messages import RequestMsg, SamplingFields, StepMsg
+from shared.wire.messages import RequestMsg, StepMsg
 from tests.cluster import Cluster
-from tests.helpers import pipeline
+from tests.multiproc.conftest import JOBS, reference, submit_job
 
 pytestmark = pytest.mark.multiproc
 
-JOBS = [  # prompt, new tokens, temperature, top_p, top_k, seed
-    ([5, 17, 99, 3, 5, 17, 42, 7], 14, 0.0, 1.0, 0, 0),
-    ([7, 7, 8, 9, 7, 7, 8], 9, 0.8, 0.9, 50, 7),
-    (list(range(40, 90)), 11, 1.5, 1.0, 0, 123),
-    ([300, 301, 300, 301, 300], 6, 0.0, 1.0, 0, 0),
-    ([11, 12, 13, 11, 12, 13, 11], 16, 1.0, 0.95, 20, 99),
-    ([2000, 2001], 5, 0.0, 1.0, 0, 0),
-]
-
-
-def _reference(tiny_dir, prompt, n, t, p, k, seed) -> list[int]:
-    from scheduler.scheduler import Request
-
-    return pipeline(tiny_dir, "pp", 1).generate(Request("ref", tuple(prompt), SamplingParams(t, p, k, seed), n)).output
-
-
-@pytest.fixture
-def cluster_factory(tmp_path, tiny_dir):
-    made = []
-
-    def make(**kw) -> Cluster:
-        cluster = Cluster(tmp_path, str(tiny_dir), **kw)
-        made.append(cluster)
-        return cluster
-
-    yield make
-    for cluster in made:
-        cluster.close()
-
-
 def _submit(cluster: Cluster, i: int, job) -> None:
-    prompt, n, t, p, k, seed = job
-    submit(cluster.r, cluster.cfg, RequestMsg(f"job{i}", prompt, n, sampling=SamplingFields(t, p, k, seed)))
+    submit_job(cluster, f"job{i}", job)
 
 
 # label: (scheduler's --draft-wait-ms, whether levels must reach the pipe)
@@ -68,7 +36,7 @@ def test_services_speculate_with_a_draft_model(cluster_factory, tiny_dir, case) 
     prompt, n = [5, 17, 99, 3, 5, 17, 42, 7], 24
     submit(cluster.r, cluster.cfg, RequestMsg("solo", prompt, n))
     result = collect(cluster.r, cluster.cfg, "solo", timeout_s=120)
-    assert result.tokens == _reference(tiny_dir, prompt, n, 0.0, 1.0, 0, 0)
+    assert result.tokens == reference(tiny_dir, prompt, n, 0.0, 1.0, 0, 0)
     for name in cluster.procs:  # each service says what it runs as it starts (its log, not only its failures)
         assert f"{name} ready: " in cluster.log(name), cluster.log(name)
     stats = msgpack.unpackb(cluster.r.get(cluster.cfg.stats) or b"\x80")
@@ -83,7 +51,7 @@ def test_services_speculate_with_a_draft_model(cluster_factory, tiny_dir, case) 
 
 @pytest.mark.parametrize("policy,draft", [("specpipe", "model"), ("specpipe", "ngram"), ("pp", "ngram")],
                          ids=["specpipe-draft-model", "specpipe-ngram", "pp"])
-def test_concurrent_requests_match_in_process_reference(cluster_factory, tiny_dir, policy, draft) -> None:
+def test_concurrent_requests_match_in_processreference(cluster_factory, tiny_dir, policy, draft) -> None:
     cluster = cluster_factory(policy=policy, draft=str(tiny_dir) if draft == "model" else "ngram")
     for i, job in enumerate(JOBS[:3]):
         _submit(cluster, i, job)
@@ -93,7 +61,7 @@ def test_concurrent_requests_match_in_process_reference(cluster_factory, tiny_di
     results = [first] + [collect(cluster.r, cluster.cfg, f"job{i}", timeout_s=120) for i in range(1, len(JOBS))]
     for i, (job, result) in enumerate(zip(JOBS, results)):
         assert result.finished and result.error is None, (i, result, cluster.log("scheduler")[-2000:])
-        assert result.tokens == _reference(tiny_dir, *job), f"request {i} differs from the reference"
+        assert result.tokens == reference(tiny_dir, *job), f"request {i} differs from the reference"
 
 
 def test_killed_draft_worker_keeps_outputs_identical(cluster_factory, tiny_dir) -> None:
@@ -108,7 +76,7 @@ def test_killed_draft_worker_keeps_outputs_identical(cluster_factory, tiny_dir) 
     results = [collect(cluster.r, cluster.cfg, f"job{i}", timeout_s=120) for i in range(len(jobs))]
     for job, result in zip(jobs, results):
         assert result.finished and result.error is None
-        assert result.tokens == _reference(tiny_dir, *job)
+        assert result.tokens == reference(tiny_dir, *job)
     assert cluster.running()["scheduler"] and cluster.running()["stage-0"] and cluster.running()["stage-1"]
 
 
@@ -124,7 +92,7 @@ def test_malformed_messages_on_every_stream_are_dropped(cluster_factory, tiny_di
     publish(r, cfg.steps, StepMsg(step=10_000, batch_id=1, events=[["x", "prune", [1]]]))  # out of order
     _submit(cluster, 0, JOBS[0])
     result = collect(r, cfg, "job0", timeout_s=120)
-    assert result.finished and result.tokens == _reference(tiny_dir, *JOBS[0])
+    assert result.finished and result.tokens == reference(tiny_dir, *JOBS[0])
     assert all(cluster.running().values()), cluster.running()
 
 
@@ -164,7 +132,7 @@ def test_admission_waits_for_kv_and_queue_limit_refuses(cluster_factory, tiny_di
     refused = [r for r in results if r.finish_reason == "queue_full"]
     assert len(served) == 2 and len(refused) == 2, results
     for result in served:
-        assert result.tokens == _reference(tiny_dir, *jobs[0])
+        assert result.tokens == reference(tiny_dir, *jobs[0])
 
 
 def test_killed_one_of_two_draft_workers_leaves_no_job_behind(cluster_factory, tiny_dir) -> None:
@@ -177,7 +145,7 @@ def test_killed_one_of_two_draft_workers_leaves_no_job_behind(cluster_factory, t
     results = [collect(cluster.r, cluster.cfg, f"job{i}", timeout_s=120) for i in range(len(jobs))]
     for job, result in zip(jobs, results):
         assert result.finished and result.error is None
-        assert result.tokens == _reference(tiny_dir, *job)
+        assert result.tokens == reference(tiny_dir, *job)
     deadline = time.monotonic() + 30  # the survivor claims whatever the dead worker had taken
     while time.monotonic() < deadline:
         pending = cluster.r.xpending_range(cluster.cfg.draft_jobs, "drafts", "-", "+", 100, consumername="draft-1")
@@ -200,7 +168,7 @@ def test_cancel_frees_a_running_request(cluster_factory, tiny_dir) -> None:
     assert result.finished and result.finish_reason == "cancelled" and len(result.tokens) < 1500
     _submit(cluster, 0, JOBS[0])  # the pipeline goes on serving
     after = collect(cluster.r, cluster.cfg, "job0", timeout_s=60)
-    assert after.tokens == _reference(tiny_dir, *JOBS[0])
+    assert after.tokens == reference(tiny_dir, *JOBS[0])
 
 
 def test_per_request_policy_override(cluster_factory, tiny_dir) -> None:
@@ -212,6 +180,6 @@ def test_per_request_policy_override(cluster_factory, tiny_dir) -> None:
     submit(cluster.r, cluster.cfg, RequestMsg("bad", JOBS[0][0], 12, policy="warp-drive"))
     for i in range(len(overrides)):
         result = collect(cluster.r, cluster.cfg, f"o{i}", timeout_s=120)
-        assert result.tokens == _reference(tiny_dir, JOBS[0][0], 12, 0.0, 1.0, 0, 0)
+        assert result.tokens == reference(tiny_dir, JOBS[0][0], 12, 0.0, 1.0, 0, 0)
     bad = collect(cluster.r, cluster.cfg, "bad", timeout_s=60)
     assert bad.finish_reason == "error" and "unknown policy" in bad.error

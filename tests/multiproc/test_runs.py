@@ -11,33 +11,18 @@ import pytest
 from shared.transport.membership import current_run, not_joined
 from shared.transport.queue_client import collect, submit
 from shared.transport.redis_io import publish
-from shared.wire.messages import RequestMsg, SamplingFields, StepMsg
+from shared.wire.messages import RequestMsg, StepMsg
 from tests.cluster import Cluster
-from tests.multiproc.test_cluster import JOBS, _reference
+from tests.multiproc.conftest import JOBS, reference, submit_job
 
 pytestmark = pytest.mark.multiproc
 
 
-@pytest.fixture
-def clusters(tmp_path, tiny_dir):
-    made: list[Cluster] = []
-
-    def make(**kw) -> Cluster:
-        cluster = Cluster(tmp_path, str(tiny_dir), **kw)
-        made.append(cluster)
-        return cluster
-
-    yield make
-    for cluster in made:
-        cluster.close()
-
-
 def _serves(cluster: Cluster, tiny_dir, request_id: str, job=JOBS[0]) -> None:
-    prompt, n, t, p, k, seed = job
-    submit(cluster.r, cluster.cfg, RequestMsg(request_id, prompt, n, sampling=SamplingFields(t, p, k, seed)))
+    submit_job(cluster, request_id, job)
     result = collect(cluster.r, cluster.cfg, request_id, timeout_s=120)
     assert result.finished and result.error is None, (result, cluster.log("scheduler")[-2000:])
-    assert result.tokens == _reference(tiny_dir, *job)
+    assert result.tokens == reference(tiny_dir, *job)
 
 
 def _wait_formed(cluster: Cluster, timeout_s: float = 60) -> int:
@@ -56,15 +41,15 @@ def _wait_output(cluster: Cluster, request_id: str) -> None:
         time.sleep(0.05)
 
 
-def test_restart_on_a_used_prefix_serves(clusters, tiny_dir, tmp_path) -> None:
-    first = clusters(policy="specpipe")
+def test_restart_on_a_used_prefix_serves(cluster_factory, tiny_dir, tmp_path) -> None:
+    first = cluster_factory(policy="specpipe")
     _serves(first, tiny_dir, "before")
     prefix = first.cfg.prefix
     for step in range(1, 2001):  # what a long-lived Redis holds: thousands of steps of runs long gone
         publish(first.r, first.cfg.steps, StepMsg(step=step, batch_id=step, events=[], epoch=1))
     first.close(keep_keys=True)
     seen = {name: len(first.log(name)) for name in ("stage-0", "stage-1")}  # the logs go on in the same files
-    again = clusters(policy="specpipe", prefix=prefix)
+    again = cluster_factory(policy="specpipe", prefix=prefix)
     _serves(again, tiny_dir, "after", JOBS[1])
     for name, offset in seen.items():
         new = again.log(name)[offset:]
@@ -72,19 +57,18 @@ def test_restart_on_a_used_prefix_serves(clusters, tiny_dir, tmp_path) -> None:
     assert again.r.xlen(again.cfg.steps) < 100  # the old runs' steps were trimmed
 
 
-def test_two_clusters_share_one_redis(clusters, tiny_dir) -> None:
-    a, b = clusters(policy="pp"), clusters(policy="specpipe")
+def test_two_clusters_share_one_redis(cluster_factory, tiny_dir) -> None:
+    a, b = cluster_factory(policy="pp"), cluster_factory(policy="specpipe")
     for i, cluster in enumerate((a, b)):
-        prompt, n, t, p, k, seed = JOBS[i]
-        submit(cluster.r, cluster.cfg, RequestMsg("same-id", prompt, n, sampling=SamplingFields(t, p, k, seed)))
+        submit_job(cluster, "same-id", JOBS[i])
     for i, cluster in enumerate((a, b)):
         result = collect(cluster.r, cluster.cfg, "same-id", timeout_s=120)
-        assert result.tokens == _reference(tiny_dir, *JOBS[i]), cluster.log("scheduler")[-1500:]
+        assert result.tokens == reference(tiny_dir, *JOBS[i]), cluster.log("scheduler")[-1500:]
 
 
 @pytest.mark.parametrize("lost", ["stage-0", "stage-1"])
-def test_lost_stage_fails_only_in_flight_requests_then_the_pipeline_reforms(clusters, tiny_dir, lost) -> None:
-    cluster = clusters(policy="pp")
+def test_lost_stage_fails_only_in_flight_requests_then_the_pipeline_reforms(cluster_factory, tiny_dir, lost) -> None:
+    cluster = cluster_factory(policy="pp")
     epoch = _wait_formed(cluster)
     submit(cluster.r, cluster.cfg, RequestMsg("long", [5, 6, 7], 1500))
     _wait_output(cluster, "long")
@@ -100,15 +84,13 @@ def test_lost_stage_fails_only_in_flight_requests_then_the_pipeline_reforms(clus
     assert cluster.running()[survivor]  # the same process, never restarted
 
 
-def test_scheduler_restart_loses_no_queued_request(clusters, tiny_dir) -> None:
-    cluster = clusters(policy="specpipe")
+def test_scheduler_restart_loses_no_queued_request(cluster_factory, tiny_dir) -> None:
+    cluster = cluster_factory(policy="specpipe")
     epoch = _wait_formed(cluster)
     cluster.kill("scheduler")
-    prompt, n, t, p, k, seed = JOBS[1]  # arrives while no scheduler runs: it waits in the queue
-    submit(cluster.r, cluster.cfg, RequestMsg("queued", prompt, n, sampling=SamplingFields(t, p, k, seed),
-                                              arrival=time.time()))
+    submit_job(cluster, "queued", JOBS[1], arrival=time.time())  # no scheduler runs: it waits in the queue
     cluster.restart("scheduler")
     result = collect(cluster.r, cluster.cfg, "queued", timeout_s=120)
-    assert result.tokens == _reference(tiny_dir, *JOBS[1]), cluster.log("scheduler")[-2000:]
+    assert result.tokens == reference(tiny_dir, *JOBS[1]), cluster.log("scheduler")[-2000:]
     assert _wait_formed(cluster) > epoch
     assert all(cluster.running().values())
