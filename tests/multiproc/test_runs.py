@@ -1,5 +1,5 @@
-"""Pipeline runs (shared/transport/membership.py) on real processes: restarts on a used Redis, two clusters on one Redis,
-a lost stage that fails only the in-flight requests and a pipeline that re-forms once it is back, a scheduler
+"""Pipeline runs (shared/transport/membership.py) on real processes: restarts on a used Redis, two clusters on one
+Redis, a lost stage that fails only the in-flight requests and a pipeline that re-forms once it is back, a scheduler
 restart that loses no queued request. Every output is checked against plain decoding."""
 
 from __future__ import annotations
