@@ -5,29 +5,20 @@ Flags and their environment defaults: gateway/config.py.
 
 from __future__ import annotations
 
-import logging
-import sys
-
-from gateway.config import config_from_args, parser
-from shared.types.errors import SpecPipeError
-
-__all__ = ["main", "parser"]
+from gateway.config import STARTUP_ERRORS, parser, start, startup_failed
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    cfg, log_level = config_from_args(args), args.log_level
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args, cfg = start(parser(), argv)
     import uvicorn
 
     from gateway.app import create_app
 
     try:
         app = create_app(cfg)
-    except (SpecPipeError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
+    except STARTUP_ERRORS as exc:
+        return startup_failed(exc)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
     return 0
 
 

@@ -10,11 +10,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.environment import env
 from shared.transport.redis_io import RedisConfig
+from shared.types.errors import SpecPipeError
+
+STARTUP_ERRORS = (SpecPipeError, OSError, ValueError)  # e.g. a model not in the cache: one line, exit status 2
 
 
 @dataclass(frozen=True)
@@ -120,3 +125,16 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         attention=args.attention, max_inflight=args.max_inflight, max_body_bytes=args.max_body_bytes,
         max_file_bytes=args.max_file_bytes,
     )
+
+
+def start(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, GatewayConfig]:
+    """How both entry points (gateway, batch worker) begin: parse the flags, set up logging."""
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return args, config_from_args(args)
+
+
+def startup_failed(exc: Exception) -> int:
+    """One of STARTUP_ERRORS: its message on stderr, no traceback; the exit status."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2

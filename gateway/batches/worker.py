@@ -9,12 +9,10 @@ of gateway/batches/tasks.py as `worker --pool solo --concurrency 1 -Q {prefix}-b
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
-import sys
 
-from gateway.config import config_from_args
+from gateway.config import STARTUP_ERRORS, start, startup_failed
 from gateway.config import parser as gateway_parser
 from shared.environment import env
 
@@ -34,24 +32,20 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    cfg, log_level = config_from_args(args), args.log_level
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args, cfg = start(parser(), argv)
     from gateway.batches.runner import RunnerConfig
     from gateway.batches.tasks import add_worker_tasks, make_celery, queue_name
     from shared.model_store import resolve_model
-    from shared.types.errors import SpecPipeError
 
     try:
         resolve_model(cfg.model, fetch=False)  # the tokenizer must be there: fail now, not in the first task
-    except (SpecPipeError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except STARTUP_ERRORS as exc:
+        return startup_failed(exc)
     runner = RunnerConfig(cfg, inflight=args.inflight, lease_ttl_s=args.lease_ttl, max_attempts=args.max_attempts)
     app = add_worker_tasks(make_celery(cfg), runner)
     name = args.name or f"batch-{os.getpid()}@{socket.gethostname()}"
     app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "-Q", queue_name(cfg.prefix), "-n", name,
-                     "--loglevel", log_level.upper(), "--without-gossip", "--without-mingle"])
+                     "--loglevel", args.log_level.upper(), "--without-gossip", "--without-mingle"])
     return 0
 
 
