@@ -19,14 +19,14 @@ def services() -> dict:
 def _parsed(service: dict):
     import draft_worker.__main__ as draft_main
     import gateway.__main__ as gateway_main
-    import gateway.batch_worker as batch_worker_main
+    import gateway.batches.worker as batch_worker_main
     import scheduler.__main__ as scheduler_main
     import stage_worker.__main__ as stage_main
 
     cmd = service["command"]
     assert cmd[:2] == ["python", "-m"]
     parsers = {"scheduler": scheduler_main, "stage_worker": stage_main, "draft_worker": draft_main,
-               "gateway": gateway_main, "gateway.batch_worker": batch_worker_main}
+               "gateway": gateway_main, "gateway.batches.worker": batch_worker_main}
     return cmd[2], parsers[cmd[2]].parser().parse_args(cmd[3:])  # argparse exits on unknown flags
 
 
@@ -46,7 +46,7 @@ def test_stages_form_one_world(services) -> None:
 def test_celery_worker_serves_the_gateways_cluster(services) -> None:
     module, args = _parsed(services["celery-worker"])
     _, gateway = _parsed(services["gateway"])
-    assert module == "gateway.batch_worker"
+    assert module == "gateway.batches.worker"
     assert (args.model, args.stages, args.prefix) == (gateway.model, gateway.stages, gateway.prefix)
 
 
