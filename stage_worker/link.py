@@ -49,6 +49,10 @@ class RendezvousAbandoned(Exception):
     """The run being joined is no longer current: join the new one instead."""
 
 
+class LinkLost(Exception):
+    """A send or receive failed: a peer is gone (or the group broke). The stage leaves and joins the next run."""
+
+
 def host_store(cfg: LinkConfig) -> dist.TCPStore:
     """Stage 0's side of a run's rendezvous: a store on master_port (0: any free port, see .port)."""
     from datetime import timedelta
@@ -94,6 +98,19 @@ class ActivationLink:
 
     def send(self, step: int, batch: MicroBatch, slots: dict[str, int]) -> None:
         """Post this step's output to the next stage without waiting for it."""
+        try:
+            self._send(step, batch, slots)
+        except RuntimeError as exc:  # torch.distributed's errors (DistError) are RuntimeErrors
+            raise LinkLost(f"sending step {step} to stage {self.cfg.rank + 1}: {exc}") from exc
+
+    def recv(self, step: int, request_ids: dict[int, str]) -> MicroBatch:
+        """The previous stage's output of step - 1."""
+        try:
+            return self._recv(step, request_ids)
+        except RuntimeError as exc:
+            raise LinkLost(f"receiving step {step - 1} from stage {self.cfg.rank - 1}: {exc}") from exc
+
+    def _send(self, step: int, batch: MicroBatch, slots: dict[str, int]) -> None:
         for work in self._pending:  # the previous step's sends must be done before buffers are reused
             work.wait()
         n = len(batch.rows)
@@ -105,8 +122,7 @@ class ActivationLink:
                         batch.hidden.to(self.device, self.dtype).contiguous()]
         self._pending = [dist.isend(t, self.cfg.rank + 1) for t in tensors]
 
-    def recv(self, step: int, request_ids: dict[int, str]) -> MicroBatch:
-        """The previous stage's output of step - 1."""
+    def _recv(self, step: int, request_ids: dict[int, str]) -> MicroBatch:
         src = self.cfg.rank - 1
         header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
         dist.recv(header, src)

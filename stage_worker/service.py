@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from shared.compute.runner import RequestInfo, StageRunner
-from shared.transport.membership import PipelineRun, current_run, mark_joined, publish_rendezvous, rendezvous_address
+from shared.transport.membership import (
+    PipelineRun,
+    close_rendezvous,
+    current_run,
+    mark_joined,
+    publish_rendezvous,
+    rendezvous_address,
+)
 from shared.transport.redis_io import (
     RedisConfig,
     connect,
@@ -34,6 +41,7 @@ from shared.wire.messages import AdmittedRequest, StageErrorMsg, StepMsg, Verify
 from stage_worker.link import (
     ActivationLink,
     LinkConfig,
+    LinkLost,
     RendezvousAbandoned,
     host_store,
     join_store,
@@ -130,6 +138,8 @@ class StageService:
                 time.sleep(0.1)
             self.store = join_store(lc, *address)
         wait_for_peers(self.store, lc.world, still_current)
+        if lc.rank == 0:  # formed: a stage that starts later waits for the next run instead of this store
+            close_rendezvous(self.r, redis_cfg, run.epoch)
         self.link = ActivationLink(lc, torch.device(self.cfg.device), self.runner.dtype,
                                    self.runner.arch.hidden_size, self.store, tag=f"run{run.epoch}")
 
@@ -170,7 +180,7 @@ class StageService:
         self.step_no = msg.step
         try:
             self.step(msg)
-        except RuntimeError as exc:  # gloo/NCCL: "Connection closed by peer", timeouts, ...
+        except LinkLost as exc:  # gloo/NCCL: "Connection closed by peer", timeouts, ...
             log.error("%s: link lost at step %d of run %d: %s", self.name, msg.step, msg.epoch, exc)
             lost = StageErrorMsg(self.cfg.rank, msg.step, [], f"link lost: {exc}", link_lost=True)
             publish(self.r, self.cfg.redis.errors, lost)

@@ -9,8 +9,10 @@ The current run is the hash `{prefix}:pipeline`:
 
 A stage joins a run by forming the torch.distributed group of that run: stage 0
 hosts the group's store on a port it picks (or the fixed --master-port) and
-publishes "host:port" under `{prefix}:rdzv:{epoch}`; the other stages read it
-there, so a restart never waits for a port held by the previous run. Once in
+publishes "host:port" under `{prefix}:rdzv:{epoch}` until every stage has
+arrived; the other stages read it there, so a restart never waits for a port
+held by the previous run, and a stage that starts after the group formed waits
+for the next run. Once in
 the group, a stage writes the run's epoch under `{prefix}:joined:{stage}`. The
 scheduler steps a run only when every stage is alive and has joined it, so no
 stage ever sees a step of a run it has not joined; a step of another run is
@@ -78,6 +80,11 @@ def rendezvous_address(r: redis.Redis, cfg: RedisConfig, epoch: int) -> tuple[st
         return None
     host, _, port = raw.decode().rpartition(":")
     return host, int(port)
+
+
+def close_rendezvous(r: redis.Redis, cfg: RedisConfig, epoch: int) -> None:
+    """Every stage is in the run's group: nobody else may try to join it."""
+    r.delete(cfg.rendezvous(epoch))
 
 
 def mark_joined(r: redis.Redis, cfg: RedisConfig, component: str, epoch: int) -> None:

@@ -10,6 +10,7 @@ import pytest
 from shared.transport.membership import (
     PipelineRun,
     begin_run,
+    close_rendezvous,
     current_run,
     end_run,
     mark_joined,
@@ -61,6 +62,8 @@ def test_rendezvous_address_is_per_run(redis_cfg) -> None:
     publish_rendezvous(r, cfg, 3, "10.0.0.7", 41234)
     assert rendezvous_address(r, cfg, 3) == ("10.0.0.7", 41234)
     assert rendezvous_address(r, cfg, 4) is None
+    close_rendezvous(r, cfg, 3)  # formed: a stage starting later must wait for the next run
+    assert rendezvous_address(r, cfg, 3) is None
 
 
 # label: (stages alive, the epoch each stage joined) -> stages not serving run 2
