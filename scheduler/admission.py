@@ -71,9 +71,6 @@ class Admission:
         """A running request left: its KV is free."""
         self.capacity.pop(request_id, None)
 
-    def knows(self, request_id: str) -> bool:
-        return request_id in self.capacity or any(r.request_id == request_id for r, _ in self.waiting)
-
     def waiting_since(self) -> dict[str, float]:
         """Waiting request -> arrival time, oldest first (queue time for metrics and the dashboard)."""
         return {r.request_id: t for r, t in self.waiting}
