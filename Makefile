@@ -29,7 +29,7 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 redis: install
 	$(BIN)/python -m shared.redis_io $(REDIS_URL)
 
-# BENCHMARKS.md and bench/*.png from scratch (hours here: the Qwen pair on 2 CPU cores; resumable with
+# BENCHMARKS.md and benchmarks/results/*.png from scratch (hours here: the Qwen pair on 2 CPU cores; resumable with
 # `specpipe bench --resume`). bench-quick: a few minutes, into ./bench-quick.
 bench: install redis
 	$(BIN)/pip install -q -e '.[bench]'

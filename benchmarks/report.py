@@ -9,7 +9,9 @@ Sections (each a module of this package):
      (load_model.py) and on the real services (serving.py)
   4  resources: peak memory per stage process, wire overhead share (serving.py)
   5  DistrAttention (attention.py)
-Runs are cached under OUT/bench/runs (an interrupted run resumes with --resume).
+BENCHMARKS.md goes to OUT; its runs, plots, results.json and logs to the results folder: benchmarks/results/ for
+the repository's own report, OUT itself for any other. Runs are cached under its runs/ (an interrupted run resumes
+with --resume).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from specpipe.prompts import encode_chat, read_prompts
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT.parent / "shared" / "data" / "prompts"
 COSTS = Path(__file__).resolve().parent / "costs"
+RESULTS = Path(__file__).resolve().parent / "results"  # the repository's report: its runs, plots, results.json
 SAMPLINGS = {"greedy": SamplingParams(), "t1": SamplingParams(temperature=1.0, seed=0)}
 
 
@@ -65,6 +68,26 @@ class BenchConfig:
     draft_dtype: str = "float32"  # the draft model's dtype in sections 1 and 3 (bfloat16 stays lossless)
     sampled_stages: tuple[int, ...] | None = None  # section 1's stage counts for non-greedy sampling; None: `stages`
 
+    @property
+    def results(self) -> Path:
+        """Where the runs, plots, results.json and logs go (BENCHMARKS.md goes to `out`)."""
+        return results_dir(self.out)
+
+    @property
+    def runs(self) -> Path:
+        """The cached runs (`--resume` keeps them)."""
+        return self.results / "runs"
+
+    def link(self, name: str) -> str:
+        """`name` in the results folder, relative to BENCHMARKS.md (what its links say)."""
+        return (self.results.resolve().relative_to(self.out.resolve()) / name).as_posix()
+
+
+def results_dir(out: Path) -> Path:
+    """The results folder of a report written to `out`: benchmarks/results/ when `out` is the repository
+    (BENCHMARKS.md at its root), `out` itself for any other folder."""
+    return RESULTS if out.resolve() == ROOT else out
+
 
 def quick_config(out: Path) -> BenchConfig:
     """A few minutes on 2 cores: smollm2-135m with n-gram drafts, short outputs."""
@@ -72,7 +95,7 @@ def quick_config(out: Path) -> BenchConfig:
         out=out, quick=True, model="smollm2-135m", draft="ngram",
         workloads=tuple(PROMPTS / f for f in ("mt_bench.jsonl", "alpaca.jsonl", "sum.jsonl")),
         prompts_per_workload=1, max_new_tokens=24, stages=(2, 4), samplings=("greedy",), width=4, depth=3,
-        refill_depth=3, cost_models=(out / "bench" / "runs" / "cpu-smollm2-135m.json",),
+        refill_depth=3, cost_models=(results_dir(out) / "runs" / "cpu-smollm2-135m.json",),
         measure=MeasureConfig(rows=(1, 8, 64), context=(128, 1024), repeats=3),
         load_stages=4, load_requests=8, load_tokens=16, load_concurrency=(1, 4), load_rate_fractions=(0.5,))
 
@@ -157,7 +180,7 @@ def workloads(cfg: BenchConfig) -> list[tbt.Workload]:
 
 def run_tbt(cfg: BenchConfig, costs: list[CostModel], work: list[tbt.Workload], log) -> dict:
     tcfg = tbt.TbtConfig(cfg.model, cfg.draft, cfg.stages, {s: SAMPLINGS[s] for s in cfg.samplings},
-                         cfg.max_new_tokens, cfg.width, cfg.depth, cfg.refill_depth, cfg.out / "bench" / "runs",
+                         cfg.max_new_tokens, cfg.width, cfg.depth, cfg.refill_depth, cfg.runs,
                          cfg.draft_dtype, cfg.sampled_stages)
     rows = tbt.run_all(tcfg, work, log)
     layers = rows[0]["layers"]
@@ -167,20 +190,20 @@ def run_tbt(cfg: BenchConfig, costs: list[CostModel], work: list[tbt.Workload], 
                key=lambda x: x["tokens_per_step"]["specpipe"])  # the workload where speculation shows most
     prompt = next(w for w in work if w.name == best["workload"]).prompts[0]
     grids = tbt.occupancy_columns(tcfg, prompt[1], max(cfg.stages), cache=tcfg.runs_dir)
-    plots.tbt_plot(summaries[0]["summary"], cfg.out / "bench" / "tbt.png", f"time between tokens, one request "
+    plots.tbt_plot(summaries[0]["summary"], cfg.results / "tbt.png", f"time between tokens, one request "
                    f"({cfg.model}, cost model: {costs[0].provenance['what']})")
-    plots.occupancy_plot(grids, cfg.out / "bench" / "occupancy.png",
+    plots.occupancy_plot(grids, cfg.results / "occupancy.png",
                          f"stage x step occupancy, one request, N={max(cfg.stages)} ({cfg.model})")
     return {"summaries": summaries, "occupancy": f"{best['workload']} prompt {prompt[0]}"}
 
 
 def run_load(cfg: BenchConfig, costs: list[CostModel], work: list[tbt.Workload], log) -> dict:
     lcfg = LoadModelConfig(cfg.model, cfg.draft, cfg.load_stages, cfg.width, cfg.refill_depth, cfg.load_tokens,
-                           cfg.load_requests, cfg.load_concurrency, cfg.load_rate_fractions, cfg.out / "bench" / "runs",
+                           cfg.load_requests, cfg.load_concurrency, cfg.load_rate_fractions, cfg.runs,
                            draft_dtype=cfg.draft_dtype)
     prompts = [ids for w in work for _, ids in w.prompts]
     rows = compare(load_all(lcfg, costs[0], prompts, log))
-    plots.throughput_plot(rows, cfg.out / "bench" / "throughput.png",
+    plots.throughput_plot(rows, cfg.results / "throughput.png",
                           f"many requests, modeled at {cfg.load_stages} stages ({cfg.model})")
     return {"rows": rows, "stages": cfg.load_stages, "requests": cfg.load_requests, "tokens": cfg.load_tokens,
             "cost": costs[0].provenance}
@@ -189,11 +212,11 @@ def run_load(cfg: BenchConfig, costs: list[CostModel], work: list[tbt.Workload],
 def run_serving(cfg: BenchConfig) -> dict:
     """Sections 1 (real), 2, 3 (real) and 4 on the distributed services (benchmarks/serving.py)."""
     scfg = serving.quick_config() if cfg.quick else serving.full_config()
-    return serving.run_all(replace(scfg, log_dir=str(cfg.out / "bench" / "logs")), progress=True)
+    return serving.run_all(replace(scfg, log_dir=str(cfg.results / "logs")), progress=True)
 
 
 def run(cfg: BenchConfig, log=print) -> Path:
-    (cfg.out / "bench").mkdir(parents=True, exist_ok=True)
+    cfg.results.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results: dict = {"quick": cfg.quick, "model": cfg.model, "draft": cfg.draft}
     costs = cost_models(cfg, log) if {"tbt", "load"} & set(cfg.sections) else []
@@ -202,7 +225,7 @@ def run(cfg: BenchConfig, log=print) -> Path:
              "serving": lambda: run_serving(cfg), "attention": lambda: attention.run(cfg.quick)}
     for name in cfg.sections:
         # tbt and load are assembled from their own cached runs; the other sections are cached whole
-        cached = cfg.out / "bench" / "runs" / f"section-{name}.json" if name in ("serving", "attention") else None
+        cached = cfg.runs / f"section-{name}.json" if name in ("serving", "attention") else None
         if cached and cached.exists():
             log(f"section {name}: from {cached}")
             results[name] = json.loads(cached.read_text())
@@ -213,7 +236,7 @@ def run(cfg: BenchConfig, log=print) -> Path:
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(results[name], default=str))
     results["seconds"] = time.time() - started
-    (cfg.out / "bench" / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (cfg.results / "results.json").write_text(json.dumps(results, indent=1, default=str))
     path = cfg.out / "BENCHMARKS.md"
     path.write_text(render(results, cfg))
     log(f"wrote {path} in {results['seconds'] / 60:.1f} min")
@@ -227,10 +250,12 @@ def main(argv: list[str]) -> int:
         return costs_main(argv[1:])
     p = argparse.ArgumentParser(prog="specpipe bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a few minutes: smollm2-135m, short outputs")
-    p.add_argument("--out", type=Path, help="BENCHMARKS.md goes here, plots and runs under OUT/bench "
-                   "(default: the repository for the full report, ./bench-quick with --quick)")
+    p.add_argument("--out", type=Path, help="BENCHMARKS.md goes here, and the plots and runs too unless OUT is the "
+                   "repository (then under benchmarks/results; default: the repository for the full report, "
+                   "./bench-quick with --quick)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    p.add_argument("--resume", action="store_true", help="keep OUT/runs from an interrupted run")
+    p.add_argument("--resume", action="store_true", help="keep the cached runs (runs/ of the results folder) "
+                   "from an interrupted run")
     p.add_argument("--prompts", type=Path, nargs="+", help="JSONL prompt files ('turns' lists) instead of the "
                    "three default workloads")
     p.add_argument("--prompts-per-workload", type=int, help="first K prompts of each file")
@@ -240,8 +265,6 @@ def main(argv: list[str]) -> int:
                    help="the draft model's dtype in sections 1 and 3, timed with a cost model measured so")
     a = p.parse_args(argv)
     out = a.out or (Path("bench-quick") if a.quick else ROOT)
-    if not a.resume and (out / "bench" / "runs").exists():
-        shutil.rmtree(out / "bench" / "runs")  # from scratch unless asked
     cfg = (quick_config if a.quick else full_config)(out)
     cfg = replace(cfg, sections=tuple(s for s in SECTIONS if s in a.sections),
                   workloads=tuple(a.prompts or cfg.workloads),
@@ -255,6 +278,8 @@ def main(argv: list[str]) -> int:
     missing = [w for w in cfg.workloads if not w.exists()]
     if missing:
         raise ConfigError(f"prompt file not found: {missing[0]}")
+    if not a.resume and cfg.runs.exists():
+        shutil.rmtree(cfg.runs)  # from scratch unless asked; only once the arguments are known to be good
     run(cfg)
     return 0
 

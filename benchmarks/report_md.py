@@ -49,7 +49,7 @@ def header(results: dict, cfg) -> list[str]:
     command = "`specpipe bench --quick`" if cfg.quick else "`specpipe bench` (`make bench`)"
     return [
         "# SpecPipe Serve benchmarks", "",
-        f"Regenerate: {command}; `--resume` keeps the runs under bench/runs. Written "
+        f"Regenerate: {command}; `--resume` keeps the runs under {cfg.link('runs')}. Written "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, torch {torch.__version__}"
         f"{_gpu_note(results)}", "",
         f"Sections in this report: {', '.join(s for s in cfg.sections if s in results)}"
@@ -64,7 +64,7 @@ def header(results: dict, cfg) -> list[str]:
         f"{cfg.refill_depth} levels.", ""] if {"tbt", "load"} & set(results) else [])
 
 
-def tbt_section(r: dict) -> list[str]:
+def tbt_section(r: dict, cfg) -> list[str]:
     lines = ["## 1. One request: time between tokens (TBT)", "",
              "Steps are counted with the real models (in-process executor, lossless: the `identical` column checks "
              "that pp, tree and specpipe gave the same tokens) and timed with a cost model measured on hardware "
@@ -93,11 +93,11 @@ def tbt_section(r: dict) -> list[str]:
                       f"{max(s['speedup_vs_tree'] for s in eight):.2f}× lower than tree (paper "
                       f"{_range(PAPER['vs_tree'])})."]
         lines += ["", _pace_note(block["pace"]), ""]
-    lines += ["![TBT per policy and stage count](bench/tbt.png)", "",
+    lines += [f"![TBT per policy and stage count]({cfg.link('tbt.png')})", "",
               f"Stage × step occupancy of one request ({r['occupancy']}) at the largest N, from its first decode "
               "step (pp keeps one stage busy; specpipe fills the pipe with tree levels while the draft has "
               "proposals, red where verification pruned them):", "",
-              "![occupancy](bench/occupancy.png)", ""]
+              f"![occupancy]({cfg.link('occupancy.png')})", ""]
     return lines
 
 
@@ -115,7 +115,7 @@ def _pace_note(pace: list[dict]) -> str:
     return "Draft pace on this cost model (context 512): " + "; ".join(parts) + ". " + verdict
 
 
-def load_section(r: dict) -> list[str]:
+def load_section(r: dict, cfg) -> list[str]:
     lines = [f"## 3. Many requests, modeled at {r['stages']} stages: SpecPipe-DB vs PP with continuous batching", "",
              f"{r['requests']} requests of {r['tokens']} new tokens per load point, both policies through the same "
              "scheduler (a micro-batch mixes requests up to the token budget; SpecPipe-DB narrows its tree as the "
@@ -137,17 +137,17 @@ def load_section(r: dict) -> list[str]:
         lines += ["", f"Throughput specpipe / pp: {min(ratios):.2f}×–{max(ratios):.2f}× (paper, SpecPipe-DB over "
                   f"vLLM: {_range(PAPER['throughput'])}); TBT pp / specpipe: {min(tbts):.2f}×–{max(tbts):.2f}× "
                   f"(paper: {_range(PAPER['tbt_load'])})."]
-    return [*lines, "", "![throughput vs load](bench/throughput.png)", ""]
+    return [*lines, "", f"![throughput vs load]({cfg.link('throughput.png')})", ""]
 
 
 def render(results: dict, cfg) -> str:
     lines = header(results, cfg)
     if "tbt" in results:
-        lines += tbt_section(results["tbt"])
+        lines += tbt_section(results["tbt"], cfg)
     if "serving" in results:
         lines += [serving.markdown(results["serving"]), ""]
     if "load" in results:
-        lines += load_section(results["load"])
+        lines += load_section(results["load"], cfg)
     if "attention" in results:
         lines += [attention.markdown(results["attention"]), ""]
     return "\n".join(lines) + "\n"

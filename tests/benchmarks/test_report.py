@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks import attention, report
 from benchmarks.costmodel import CostModel, MeasureConfig
+from shared.types.errors import ConfigError
 
 pytestmark = pytest.mark.unit
 
@@ -39,9 +40,31 @@ def test_report_runs_end_to_end_on_tiny_models(tiny_dir, prompts, tmp_path) -> N
         assert part in text
     assert "**NO**" not in text  # every identity check passed
     for png in ("tbt.png", "occupancy.png", "throughput.png"):
-        assert (tmp_path / "bench" / png).stat().st_size > 5_000
-    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+        assert (tmp_path / png).stat().st_size > 5_000  # OUT is not the repository: the results lie in OUT
+        assert f"]({png})" in text  # linked from BENCHMARKS.md beside them
+    results = json.loads((tmp_path / "results.json").read_text())
     assert {s["workload"] for b in results["tbt"]["summaries"] for s in b["summary"]} == {"tiny"}
+
+
+def test_a_bad_argument_deletes_no_cached_run(tmp_path) -> None:
+    cached = tmp_path / "runs" / "tbt-pp-N2-greedy-0123456789.json"
+    cached.parent.mkdir()
+    cached.write_text("[]")
+    with pytest.raises(ConfigError, match="prompt file not found"):
+        report.main(["--out", str(tmp_path), "--prompts", str(tmp_path / "missing.jsonl")])
+    assert cached.exists()
+
+
+def test_resume_finds_the_committed_runs() -> None:
+    """The repository's report keeps its runs under benchmarks/results/runs; docs/measurements.md renders the
+    bf16-draft runs with `--out benchmarks/results/bf16-draft`, whose runs lie in its runs/."""
+    full = report.full_config(report.ROOT)
+    assert full.runs == report.RESULTS / "runs" and full.link("tbt.png") == "benchmarks/results/tbt.png"
+    for kind in ("tbt-*.json", "load-*.json", "section-serving.json", "section-attention.json"):
+        assert list(full.runs.glob(kind)), kind
+    bf16 = report.full_config(report.RESULTS / "bf16-draft")
+    assert bf16.runs == report.RESULTS / "bf16-draft" / "runs" and bf16.link("tbt.png") == "tbt.png"
+    assert list(bf16.runs.glob("tbt-specpipe-N8-greedy-*.json"))
 
 
 def test_attention_benchmark_measures_both_kernels() -> None:
