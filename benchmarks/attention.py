@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +27,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from benchmarks.provenance import load_average, machine_fields
 from shared.compute.distr_attention import distr_attention
 from shared.compute.model import RowAttention, tree_attention
 from shared.compute.runner import RequestInfo, StageRunner
@@ -45,22 +44,6 @@ GROUPS = (1, 2, 4)
 HEADS = {1024: 8, 2048: 8, 4096: 8, 8192: 4, 16384: 2}  # fewer heads at the longest lengths keep the run ~10 min
 RUNNER_EXACT_MAX = 4096  # the per-row exact path reads all of K/V once per query row: too slow beyond
 BLOCK_ROWS = (32, 64, 128, 256)
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "")
-    return {
-        "platform": platform.platform(), "cpu": cpu or platform.processor() or platform.machine(),
-        "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "load_avg_start": os.getloadavg()[0],
-    }
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
 
 
 def _median_ms(fns: dict, reps: int) -> dict[str, float]:
@@ -103,10 +86,10 @@ def sweep_block_rows(length: int, reps: int) -> list[dict]:
     for d in (64, 128):
         q, k, v = _qkv(length, HEADS[length], d)
         ref = sdpa(q, k, v)
-        cfgs = {l: AttentionConfig("distr", group_size=2, block_rows=l) for l in BLOCK_ROWS}
-        ms = _median_ms({l: (lambda c=c: distr_attention(q, k, v, c)) for l, c in cfgs.items()}, reps)
-        rows += [{"length": length, "d": d, "block_rows": l, "ms": ms[l],
-                  "rel_err": _rel_err(distr_attention(q, k, v, c), ref)} for l, c in cfgs.items()]
+        cfgs = {b: AttentionConfig("distr", group_size=2, block_rows=b) for b in BLOCK_ROWS}
+        ms = _median_ms({b: (lambda c=c: distr_attention(q, k, v, c)) for b, c in cfgs.items()}, reps)
+        rows += [{"length": length, "d": d, "block_rows": b, "ms": ms[b],
+                  "rel_err": _rel_err(distr_attention(q, k, v, c), ref)} for b, c in cfgs.items()]
     return rows
 
 
@@ -190,17 +173,18 @@ def perplexity(segments: int, segment_len: int, block_rows: int) -> dict:
 
 def run(quick: bool) -> dict:
     reps = 3
-    results: dict = {"quick": quick, "machine": machine(), "reps": reps, "heads": {str(k): v for k, v in HEADS.items()}}
+    results: dict = {"quick": quick, "machine": machine_fields(), "reps": reps,
+                     "heads": {str(k): v for k, v in HEADS.items()}}
     print("block_rows sweep", file=sys.stderr)
     results["block_rows_sweep"] = sweep_block_rows(1024 if quick else 4096, reps)
-    fastest = min(BLOCK_ROWS, key=lambda l: sum(r["ms"] for r in results["block_rows_sweep"] if r["block_rows"] == l))
+    fastest = min(BLOCK_ROWS, key=lambda b: sum(r["ms"] for r in results["block_rows_sweep"] if r["block_rows"] == b))
     results["block_rows"] = fastest
     print(f"attention only (block_rows {fastest})", file=sys.stderr)
     lengths = [1024, 2048] if quick else [1024, 2048, 4096, 8192, 16384]
     results["attention"] = attention_only(lengths, fastest, reps)
     print("perplexity", file=sys.stderr)
     results["perplexity"] = perplexity(1 if quick else 2, 256 if quick else 2048, fastest)
-    results["machine"]["load_avg_end"] = os.getloadavg()[0]
+    results["machine"]["load_avg_end"] = load_average()
     return results
 
 

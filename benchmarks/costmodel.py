@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.provenance import measuring_machine
 from shared.compute.model import LayerWeights
 from shared.compute.runner import RequestInfo, StageRunner
 from shared.compute.weights import StageWeights
@@ -129,7 +130,7 @@ SHAPES = {  # the paper's deployment shapes, for a GPU cost model (random weight
 def random_stage(arch: ModelArch, layers: int, head: bool, device: str, dtype: torch.dtype) -> StageRunner:
     """A StageRunner of `layers` layers of arch's shape with random weights (timing only)."""
     g = torch.Generator().manual_seed(0)
-    H, I, h, kv, d = arch.hidden_size, arch.intermediate_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
+    H, I, h, kv, d = arch.hidden_size, arch.intermediate_size, arch.num_heads, arch.num_kv_heads, arch.head_dim  # noqa: E741
 
     def w(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * 0.02).to(device=device, dtype=dtype)
@@ -196,13 +197,10 @@ def measure_model(name: str, arch: ModelArch, cfg: MeasureConfig) -> ModelCost:
 
 
 def provenance(cfg: MeasureConfig, what: str) -> dict:
-    from benchmarks.load_gateway import machine
-
-    gpu = f", {torch.cuda.get_device_name()}" if cfg.device.startswith("cuda") else ""
     return {
         "what": what,
         "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{machine()}{gpu}, {torch.get_num_threads()} torch threads",
+        "machine": measuring_machine(cfg.device),
         "torch": torch.__version__, "device": cfg.device, "dtype": cfg.dtype, "draft_dtype": cfg.draft.dtype,
         "method": (f"random weights of the real shapes; {cfg.layers} layers built and timed, per-layer time = "
                    f"total / {cfg.layers}; median of {cfg.repeats} forwards after a warm-up; "

@@ -6,7 +6,7 @@
 
 Without --url it starts the default local cluster itself (specpipe.cluster.commands: scheduler, 2 stages,
 n-gram draft worker, gateway; its own key prefix and ports), and stops it and deletes its keys at the end;
---max-inflight (and LoadConfig.gateway_args) go to its gateway command.
+--max-queue, --kv-slots and --max-inflight are its service limits, LoadConfig.gateway_args more gateway flags.
 `--clients` asyncio clients (httpx, one connection each: `--clients 512` is 512 concurrent streams) each send
 streaming chat completions one after another until `--requests` have been sent in all or `--duration`
 seconds have passed; a 429 is counted and its Retry-After honoured. Every request must either complete in
@@ -28,11 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +40,11 @@ from urllib.parse import urlparse
 
 import httpx
 
-from specpipe.cluster import delete_keys, free_port, stop_processes
+from benchmarks.provenance import machine
+from benchmarks.stats import pct
+from shared.environment import DEFAULTS
+from shared.transport.redis_io import ensure_redis
+from specpipe.cluster import ClusterConfig, ServiceLimits, commands, delete_keys, free_port, spawn, stop_processes
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about pipelines.", "Explain speculative decoding.",
            "List three prime numbers.", "What does Redis do?", "Summarize the plot of Hamlet in one line."]
@@ -64,7 +65,7 @@ class LoadConfig:
     request_timeout_s: float = 120.0  # a request with no end within this is counted as hung
     threads: int | None = 1  # OMP/MKL threads per cluster process (None: torch's default, one per core)
     url: str | None = None
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = DEFAULTS["REDIS_URL"]
     max_inflight: int | None = None  # the gateway's --max-inflight (None: its default)
     gateway_args: tuple[str, ...] = ()  # more flags for the started gateway
 
@@ -100,25 +101,18 @@ class LocalCluster:
     """The processes of specpipe.cluster.commands (without the batch worker), with a fresh prefix and ports."""
 
     def __init__(self, cfg: LoadConfig, log_dir: Path):
-        from shared.transport.redis_io import ensure_redis
-        from specpipe.cluster import ClusterConfig, commands
-
-        extra = [*(("--max-queue", str(cfg.max_queue)) if cfg.max_queue else ()),
-                 *(("--kv-slots", str(cfg.kv_slots)) if cfg.kv_slots else ())]
-        gateway_args = [*(("--max-inflight", str(cfg.max_inflight)) if cfg.max_inflight else ()), *cfg.gateway_args]
+        limits = {k: v for k, v in (("max_queue", cfg.max_queue), ("kv_slots", cfg.kv_slots),
+                                    ("max_inflight", cfg.max_inflight)) if v}  # None or 0: the service's default
         self.prefix, self.port = f"load-{uuid.uuid4().hex[:8]}", free_port()
         ccfg = ClusterConfig(model=cfg.model, stages=cfg.stages, redis_url=cfg.redis_url, prefix=self.prefix,
-                             master_port=free_port(), port=self.port, extra=tuple(extra))
+                             master_port=free_port(), port=self.port, limits=ServiceLimits(**limits))
         self.redis_url, self.url, self.log_dir = cfg.redis_url, f"http://127.0.0.1:{self.port}", log_dir
         self.redis_proc = ensure_redis(cfg.redis_url)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if cfg.threads:  # every stage at the default (a thread per core) oversubscribes a small host badly
-            env.update(OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
+        # every stage at the default (a thread per core) oversubscribes a small host badly
+        env = {"OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads)} if cfg.threads else {}
         cmds = {name: cmd for name, cmd in commands(ccfg).items() if name != "batch-worker"}
-        cmds["gateway"] = [*cmds["gateway"], *gateway_args]  # argparse: a later flag wins
-        self.logs = {name: (log_dir / f"{name}.log").open("w") for name in cmds}
-        self.procs = {name: subprocess.Popen(cmd, stdout=self.logs[name], stderr=subprocess.STDOUT, env=env)
-                      for name, cmd in cmds.items()}
+        cmds["gateway"] = [*cmds["gateway"], *cfg.gateway_args]  # argparse: a later flag wins
+        self.procs = {name: spawn(cmd, log_dir / f"{name}.log", **env) for name, cmd in cmds.items()}
 
     def wait_ready(self, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
@@ -138,8 +132,6 @@ class LocalCluster:
         import redis
 
         stop_processes(self.procs.values())
-        for log in self.logs.values():
-            log.close()
         delete_keys(redis.Redis.from_url(self.redis_url), self.prefix)
         if self.redis_proc is not None:
             self.redis_proc.terminate()
@@ -266,17 +258,6 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
 
 
 # ---- the report --------------------------------------------------------------------------------------------
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores{load}"
-
-
 def _ms(v: float | None) -> str:
     return "n/a" if v is None else f"{v * 1000:.1f} ms"
 
@@ -295,7 +276,7 @@ def summarize(cfg: LoadConfig, tally: Tally, wall_s: float, hist: dict) -> dict:
         "tokens_per_s": tally.tokens / wall_s if wall_s else 0.0, "added": q,
         "samples": {c: int(b[-1][1]) if b else 0 for c, b in hist.items()},
         "ttft_p50_s": statistics.median(ttft) if ttft else None,
-        "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] if ttft else None,
+        "ttft_p99_s": pct(ttft, 99),
     }
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.costmodel import CostModel
+from benchmarks.stats import pct
 from benchmarks.tbt import digest
 from benchmarks.timeline import ModeledRun, StepClock, run_modeled
 from scheduler.scheduler import Request
@@ -38,13 +39,6 @@ class LoadModelConfig:
     runs_dir: Path
     seed: int = 0
     draft_dtype: str = "float32"
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
 def _summary(run: ModeledRun) -> dict:

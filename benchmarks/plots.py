@@ -14,6 +14,13 @@ from benchmarks.tbt import POLICIES  # noqa: E402
 COLORS = {"pp": "#8c8c8c", "tree": "#4c72b0", "specpipe": "#dd8452"}
 
 
+def _save(fig, path: Path, title: str) -> None:
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def tbt_plot(summary: list[dict], path: Path, title: str) -> None:
     """TBT per policy (bars) for each stage count, one panel per workload/sampling."""
     panels = sorted({(s["workload"], s["sampling"]) for s in summary})
@@ -28,10 +35,7 @@ def tbt_plot(summary: list[dict], path: Path, title: str) -> None:
         ax.set_title(f"{workload} ({sampling})", fontsize=10)
         ax.set_ylabel("time between tokens (ms)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, title)
 
 
 def throughput_plot(rows: list[dict], path: Path, title: str) -> None:
@@ -48,10 +52,7 @@ def throughput_plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("concurrent requests")
         ax.set_ylabel(label)
     a.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, title)
 
 
 def occupancy_plot(grids: dict[str, list[dict]], path: Path, title: str) -> None:
@@ -77,7 +78,4 @@ def occupancy_plot(grids: dict[str, list[dict]], path: Path, title: str) -> None
         busy = sum(bool(cells) for c in columns for cells in c["stages"])
         ax.set_title(f"{policy}: {busy} of {stages * len(columns)} stage-steps busy (numbers: rows computed; "
                      "green useful, red pruned, white idle)", fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, title)

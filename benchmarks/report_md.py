@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from benchmarks import attention, serving
-from benchmarks.load_gateway import machine
+from benchmarks.provenance import has_gpu, machine, torch_version
 from benchmarks.tbt import POLICIES
 
 SECTIONS = ("tbt", "load", "serving", "attention")  # in the order benchmarks.report runs them
@@ -40,7 +38,7 @@ def _gpu_note(results: dict) -> str:
     devices = {x["cost"].get("device") for x in results.get("tbt", {}).get("summaries", [])}
     if "cuda" in devices:
         return "; the GPU cost model's rows were measured on the GPU its provenance names."
-    return (f"{'' if torch.cuda.is_available() else ', no GPU'}. No GPU cost model is stored in benchmarks/costs/ "
+    return (f"{'' if has_gpu() else ', no GPU'}. No GPU cost model is stored in benchmarks/costs/ "
             "(measuring one needs a GPU: `specpipe bench costs --device cuda ...`), so the GPU rows are missing, "
             "not estimated.")
 
@@ -50,7 +48,7 @@ def header(results: dict, cfg) -> list[str]:
     return [
         "# SpecPipe Serve benchmarks", "",
         f"Regenerate: {command}; `--resume` keeps the runs under {cfg.link('runs')}. Written "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, torch {torch.__version__}"
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, torch {torch_version()}"
         f"{_gpu_note(results)}", "",
         f"Sections in this report: {', '.join(s for s in cfg.sections if s in results)}"
         + (f"; not run for it: {', '.join(s for s in SECTIONS if s not in results)}" if set(SECTIONS) - set(results)
@@ -130,7 +128,8 @@ def load_section(r: dict, cfg) -> list[str]:
             f"{x['throughput_ratio']:.2f}× | {x['tokens_per_step']['pp']:.2f} → {x['tokens_per_step']['specpipe']:.2f} "
             f"| {_ms(x['tbt_mean']['pp'])} → {_ms(x['tbt_mean']['specpipe'])} | {x['tbt_ratio']:.2f}× | "
             f"{_ms(x['tbt_p99']['pp'])} → {_ms(x['tbt_p99']['specpipe'])} | "
-            f"{_ms(x['ttft_p50']['pp'])} → {_ms(x['ttft_p50']['specpipe'])} | {'yes' if x['identical'] else '**NO**'} |")
+            f"{_ms(x['ttft_p50']['pp'])} → {_ms(x['ttft_p50']['specpipe'])} | "
+            f"{'yes' if x['identical'] else '**NO**'} |")
     ratios = [x["throughput_ratio"] for x in r["rows"] if x["throughput_ratio"]]
     tbts = [x["tbt_ratio"] for x in r["rows"] if x["tbt_ratio"]]
     if ratios:

@@ -45,7 +45,7 @@ from pathlib import Path
 import redis
 
 from benchmarks.hf_baseline import hf_generate, inprocess
-from benchmarks.load_gateway import machine
+from benchmarks.provenance import machine
 from benchmarks.serving_cluster import (
     ClusterError,
     ClusterPool,
@@ -53,9 +53,10 @@ from benchmarks.serving_cluster import (
     ServiceCluster,
     StreamReader,
     Trace,
-    dist,
     stage_weight_bytes,
 )
+from benchmarks.stats import dist
+from shared.environment import DEFAULTS
 from shared.model_store import load_tokenizer, resolve_model
 from shared.types.errors import SpecPipeError
 from specpipe.prompts import encode_chat, read_prompts
@@ -91,7 +92,7 @@ class ServingConfig:
     seed: int = 0
     threads: int | None = None  # torch threads per cluster process; None: specpipe.cluster's share of the cores
     hf_threads: int | None = None  # torch threads in this process (HF, in-process); None: one per core
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = DEFAULTS["REDIS_URL"]
     start_timeout_s: float = 300.0
     request_timeout_s: float = 900.0  # a whole sequential run or load point
     log_dir: str | None = None
@@ -103,8 +104,9 @@ class ServingConfig:
     def spec(self, policy: str, load: bool = False) -> ClusterSpec:
         model = self.load_model or self.model if load else self.model
         draft = self.load_draft or self.draft if load else self.draft
-        return ClusterSpec(model, draft, policy, self.stages, self.width, self.refill_depth, self.threads,
-                           self.redis_url, self.start_timeout_s, self.log_dir, self.draft_dtype)
+        return ClusterSpec(model=model, draft=draft, policy=policy, stages=self.stages, width=self.width,
+                           refill_depth=self.refill_depth, threads=self.threads, redis_url=self.redis_url,
+                           start_timeout_s=self.start_timeout_s, log_dir=self.log_dir, draft_dtype=self.draft_dtype)
 
 
 def quick_config() -> ServingConfig:

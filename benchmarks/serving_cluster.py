@@ -1,7 +1,7 @@
 """A local SpecPipe cluster for benchmarks, and a client that timestamps every token at the Redis queue.
 
-`ServiceCluster` starts the processes of `specpipe.cluster.commands` (scheduler, N stage workers, the draft
-worker unless the policy is pp; no gateway: requests go straight into the `requests` stream) under a fresh
+`ServiceCluster` starts the processes of `specpipe.cluster.pipeline_commands` (scheduler, N stage workers, the
+draft worker unless the policy is pp; no gateway: requests go straight into the `requests` stream) under a fresh
 key prefix and gloo port, loopback only, and stops them and deletes their keys on `close()`. A dead process
 or a missed deadline raises `ClusterError` with the tail of that process's log, never hangs.
 
@@ -14,9 +14,6 @@ the same time).
 from __future__ import annotations
 
 import json
-import os
-import socket
-import statistics
 import subprocess
 import tempfile
 import time
@@ -25,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.wire_overhead import overhead, step_rows
+from shared.environment import DEFAULTS
 from shared.model_store import resolve_model
 from shared.transport.queue_client import submit
 from shared.transport.redis_io import (
@@ -38,26 +36,13 @@ from shared.transport.redis_io import (
 )
 from shared.types.config import ModelArch, split_layers
 from shared.wire.messages import RequestMsg, SchedulerStatsMsg, TokensMsg
-from specpipe.cluster import ClusterConfig, commands, delete_keys, stop_processes
+from specpipe.cluster import ClusterConfig, delete_keys, free_port, pipeline_commands, spawn, stop_processes
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class ClusterError(RuntimeError):
     """A cluster process died, or the cluster missed a deadline."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def dist(values: list[float]) -> dict:
-    """mean / p50 / p99 (nearest rank) / n of a sample; None entries when it is empty."""
-    v = sorted(values)
-    if not v:
-        return {"n": 0, "mean": None, "p50": None, "p99": None}
-    return {"n": len(v), "mean": statistics.fmean(v), "p50": statistics.median(v),
-            "p99": v[min(len(v) - 1, max(0, -(-99 * len(v) // 100) - 1))]}
 
 
 # ---- one request's token arrivals ---------------------------------------------------------------------------
@@ -109,10 +94,18 @@ class ClusterSpec:
     width: int = 4
     refill_depth: int | None = None
     threads: int | None = None  # torch threads per compute process; None: specpipe.cluster's share of the cores
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = DEFAULTS["REDIS_URL"]
     start_timeout_s: float = 300.0
     log_dir: str | None = None
     draft_dtype: str = "float32"
+
+    def config(self, prefix: str) -> ClusterConfig:
+        """The cluster's ClusterConfig under `prefix` (one draft worker, a fresh rendezvous port)."""
+        extra = ("--refill-depth", str(self.refill_depth)) if self.refill_depth is not None else ()
+        return ClusterConfig(model=self.model, draft=self.draft, policy=self.policy, stages=self.stages,
+                             width=self.width, drafts=1, redis_url=self.redis_url, prefix=prefix,
+                             master_port=free_port(), extra=extra, draft_dtype=self.draft_dtype,
+                             threads=self.threads or 0)
 
 
 class ServiceCluster:
@@ -130,8 +123,8 @@ class ServiceCluster:
         self.log_dir = Path(spec.log_dir or Path(tempfile.gettempdir()) / "serving-bench-logs") / self.prefix
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
-        self.logs: list = []
-        self.cmds = self.command_lines()
+        self.config = spec.config(self.prefix)
+        self.cmds = pipeline_commands(self.config)
         self.started, self.start_s = time.perf_counter(), None
 
     def __enter__(self) -> "ServiceCluster":
@@ -145,32 +138,16 @@ class ServiceCluster:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def command_lines(self) -> dict[str, list[str]]:
-        s = self.spec
-        extra = ("--refill-depth", str(s.refill_depth)) if s.refill_depth is not None else ()
-        ccfg = ClusterConfig(s.model, s.draft, s.policy, s.stages, s.width, 1, 256, s.redis_url, self.prefix,
-                             free_port(), free_port(), tuple(extra), draft_dtype=s.draft_dtype)
-        cmds = {n: c for n, c in commands(ccfg).items() if n not in ("gateway", "batch-worker")}
-        if s.threads:
-            for cmd in cmds.values():
-                if "--threads" in cmd:
-                    cmd[cmd.index("--threads") + 1] = str(s.threads)
-        return cmds
-
     @property
     def threads(self) -> int:
-        """Torch threads of each stage process (what `command_lines` passes)."""
-        cmd = self.cmds[stage_name(0)]
-        return int(cmd[cmd.index("--threads") + 1])
+        """Torch threads of each stage and draft process (what their command lines pass)."""
+        return self.config.compute_threads()
 
     def start(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(self.threads),
-                   MKL_NUM_THREADS=str(self.threads))
+        threads = str(self.threads)
         for name, cmd in self.cmds.items():
-            log = (self.log_dir / f"{name}.log").open("w")
-            self.logs.append(log)
-            self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                cwd=Path(__file__).resolve().parents[1])
+            self.procs[name] = spawn(cmd, self.log_dir / f"{name}.log", cwd=ROOT, OMP_NUM_THREADS=threads,
+                                     MKL_NUM_THREADS=threads)
         self.wait_ready()
         self.start_s = time.perf_counter() - self.started
 
@@ -196,8 +173,6 @@ class ServiceCluster:
 
     def close(self) -> None:
         stop_processes(self.procs.values())
-        for log in self.logs:
-            log.close()
         delete_keys(self.r, self.prefix)
         if self.redis_proc is not None:
             self.redis_proc.terminate()

@@ -126,7 +126,8 @@ def section_2(d: dict) -> str:
         "### 2. Against what a user would run instead (Hugging Face transformers)",
         "",
         f"Target {d['model']}, SpecPipe draft `{d['draft']}`, assistant `{d['assistant']}`, greedy "
-        f"(`do_sample=False`), fp32, up to {d['max_new_tokens']} new tokens, stopping at the model's EOS ids, {_prompts(d)}, one "
+        f"(`do_sample=False`), fp32, up to {d['max_new_tokens']} new tokens, stopping at the model's EOS ids, "
+        f"{_prompts(d)}, one "
         f"request at a time; machine: {d['machine']}. Wall clock per prompt (prefill included, model loading "
         "excluded); transformers and the in-process executor run in the benchmark process, the services rows "
         f"are section 1's run (timed at the Redis queue; its draft worker in {d.get('draft_dtype', 'float32')}, the "
@@ -169,7 +170,8 @@ def section_3(d: dict, single_model: str | None = None) -> str:
     for p in points:
         load = f"concurrency {p['value']}" if p["mode"] == "concurrency" else f"Poisson {p['value']:g} req/s"
         lines.append(f"| {load} | {p['policy']} | {p['requests']} | {p['tokens']} | "
-                     f"{_num(p['tokens_per_step'], '.3f')} | {_num(p['tokens_per_s'], '.1f')} | {_dist(p['ttft_s'])} | {_dist(p['tbt_s'])} | {p['failed']} |")
+                     f"{_num(p['tokens_per_step'], '.3f')} | {_num(p['tokens_per_s'], '.1f')} | "
+                     f"{_dist(p['ttft_s'])} | {_dist(p['tbt_s'])} | {p['failed']} |")
     ll = d["lossless"]
     lines += [""]
     if ll.get("identical"):

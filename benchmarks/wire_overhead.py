@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
-import platform
 import statistics
 import subprocess
 import time
@@ -22,23 +21,25 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
+from benchmarks.provenance import machine
+from shared.environment import env
 from shared.model_store import load_tokenizer, resolve_model
 from shared.transport.queue_client import collect, submit
 from shared.transport.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
 from shared.wire.messages import RequestMsg
-from specpipe.cluster import ClusterConfig, commands, delete_keys, stop_processes
+from specpipe.cluster import ClusterConfig, delete_keys, pipeline_commands, stop_processes
 from specpipe.prompts import encode_chat, read_prompts
 
 
 def run(args: argparse.Namespace) -> dict:
     redis_proc = ensure_redis(args.redis_url)
     prefix = f"bench-{uuid.uuid4().hex[:6]}"
-    cfg = ClusterConfig(args.model, "ngram", args.policy, args.stages, args.width, 1, 256, args.redis_url, prefix,
-                        args.master_port)
+    cfg = ClusterConfig(model=args.model, draft="ngram", policy=args.policy, stages=args.stages, width=args.width,
+                        redis_url=args.redis_url, prefix=prefix, master_port=args.master_port)
     rcfg = RedisConfig(args.redis_url, prefix)
     r = connect(rcfg)
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for name, cmd in commands(cfg).items() if name != "gateway"]
+             for cmd in pipeline_commands(cfg).values()]
     try:
         while not all(alive(r, rcfg, n) for n in pipeline_components(args.stages)):
             time.sleep(0.2)
@@ -149,7 +150,7 @@ def overhead(rows: list[StepTimes]) -> dict:
 
 def summarize(r, rcfg: RedisConfig, args: argparse.Namespace) -> dict:
     return {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {__import__('os').cpu_count()} cores",
+        "machine": machine(),
         "model": args.model, "stages": args.stages, "policy": args.policy,
         **overhead(step_rows(r, rcfg, args.stages)),
     }
@@ -165,7 +166,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--prompts", default=None)
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--redis-url", default=env("REDIS_URL"))
     p.add_argument("--master-port", type=int, default=29571)
     p.add_argument("--out", default=None, help="write the JSON result here")
     args = p.parse_args()

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.environment import env
+from shared.environment import DEFAULTS, env
 from shared.service_args import add_attention_args, attention_config
 from shared.transport.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
 from shared.types.config import DTYPES, AttentionConfig
@@ -58,41 +58,54 @@ class ClusterConfig:
     width: int = 4
     drafts: int = 1
     token_budget: int = 256
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    prefix: str = "specpipe"
+    redis_url: str = DEFAULTS["REDIS_URL"]
+    prefix: str = DEFAULTS["SPECPIPE_PREFIX"]
     master_port: int = 0  # stage 0's rendezvous port; 0: a free one per pipeline run, shared through Redis
     port: int = 8000  # gateway
-    extra: tuple[str, ...] = field(default_factory=tuple)
+    extra: tuple[str, ...] = field(default_factory=tuple)  # more scheduler flags (after the others: they win)
     attention: AttentionConfig = AttentionConfig()  # the stages' prefill attention; the gateway reports it
     draft_dtype: str = "float32"  # the draft workers' model dtype (bfloat16 stays lossless)
     limits: ServiceLimits = ServiceLimits()
     api_keys: tuple[str, ...] = ()  # handed to the gateway through its environment, never on a command line
     restart: RestartPolicy = RestartPolicy()
     host: str = "127.0.0.1"  # the gateway's address: loopback unless given deliberately
+    threads: int = 0  # torch threads of each stage and draft process; 0: the host's cores shared among them
 
     def attention_args(self) -> list[str]:
         a = self.attention
         return ["--attention", a.kind, "--group-size", str(a.group_size), "--block-rows", str(a.block_rows)]
 
+    @property
+    def draft_workers(self) -> int:
+        """Draft worker processes: `drafts`, none under pp."""
+        return self.drafts if self.policy != "pp" else 0
+
+    def compute_threads(self) -> int:
+        """Torch threads of each stage and draft process: `threads`, or the cores shared (not oversubscribed)."""
+        return self.threads or max(1, (os.cpu_count() or 1) // (self.stages + self.draft_workers))
+
+    def common_args(self) -> list[str]:
+        return ["--redis-url", self.redis_url, "--prefix", self.prefix, "--model", self.model]
+
+
+HTTP = ("gateway", "batch-worker")  # the cluster's HTTP front, in commands() once the gateway exists
+
 
 def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
-    """Every process of the cluster and its command line (also what docker-compose runs)."""
+    """Every process of the cluster and its command line (also what docker-compose runs): the one definition
+    that `specpipe up`, the benchmarks and the tests' clusters start."""
     py = sys.executable
-    common = ["--redis-url", cfg.redis_url, "--prefix", cfg.prefix, "--model", cfg.model]
-    compute = cfg.stages + (cfg.drafts if cfg.policy != "pp" else 0)
-    threads = ["--threads", str(max(1, (os.cpu_count() or 1) // compute))]  # share the cores, don't oversubscribe
     procs = {
-        "scheduler": [py, "-m", "scheduler", *common, "--policy", cfg.policy, "--stages", str(cfg.stages),
+        "scheduler": [py, "-m", "scheduler", *cfg.common_args(), "--policy", cfg.policy, "--stages", str(cfg.stages),
                       "--width", str(cfg.width), "--token-budget", str(cfg.token_budget),
                       *cfg.limits.scheduler_args(), *cfg.extra],
     }
     for k in range(cfg.stages):
-        procs[stage_name(k)] = [py, "-m", "stage_worker", *common, *threads, "--rank", str(k),
-                                "--world", str(cfg.stages), "--master-port", str(cfg.master_port),
+        procs[stage_name(k)] = [py, "-m", "stage_worker", *cfg.common_args(), "--threads", str(cfg.compute_threads()),
+                                "--rank", str(k), "--world", str(cfg.stages), "--master-port", str(cfg.master_port),
                                 *cfg.attention_args()]
-    for i in range(cfg.drafts if cfg.policy != "pp" else 0):
-        procs[f"draft-{i}"] = [py, "-m", "draft_worker", *common, *threads, "--draft", cfg.draft,
-                               "--name", f"draft-{i}", "--dtype", cfg.draft_dtype]
+    for i in range(cfg.draft_workers):
+        procs[f"draft-{i}"] = draft_command(cfg, f"draft-{i}")
     gateway = Path(__file__).resolve().parents[1] / "gateway" / "__main__.py"
     if gateway.exists():
         procs["gateway"] = [py, "-m", "gateway", "--redis-url", cfg.redis_url, "--prefix", cfg.prefix,
@@ -102,6 +115,25 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
                                  "--prefix", cfg.prefix, "--model", cfg.model, "--stages", str(cfg.stages),
                                  "--attention", cfg.attention.kind, *cfg.limits.request_args()]
     return procs
+
+
+def draft_command(cfg: ClusterConfig, name: str) -> list[str]:
+    """One draft worker's command line (commands() names them draft-0, draft-1, ...)."""
+    return [sys.executable, "-m", "draft_worker", *cfg.common_args(), "--threads", str(cfg.compute_threads()),
+            "--draft", cfg.draft, "--name", name, "--dtype", cfg.draft_dtype]
+
+
+def pipeline_commands(cfg: ClusterConfig) -> dict[str, list[str]]:
+    """commands() without the HTTP front: scheduler, stages and draft workers (requests go straight into the
+    `requests` stream)."""
+    return {name: cmd for name, cmd in commands(cfg).items() if name not in HTTP}
+
+
+def spawn(cmd: list[str], log: Path, cwd: Path | None = None, **env: str) -> subprocess.Popen:
+    """Start one child, its output (stdout and stderr, unbuffered) appended to `log`; `env` adds variables."""
+    with open(log, "a") as out:  # the child holds its own copy of the file
+        return subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1", **env))
 
 
 def up(cfg: ClusterConfig) -> int:
@@ -226,10 +258,12 @@ def up_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     env_keys = env("SPECPIPE_API_KEYS")
     cfg = ClusterConfig(
-        a.model, a.draft, a.policy, a.stages, a.width, a.drafts, a.token_budget, a.redis_url, a.prefix,
-        a.master_port, a.port, host=a.host, attention=attention_config(a), draft_dtype=a.draft_dtype,
-        limits=ServiceLimits(a.max_queue, a.kv_slots, a.max_inflight, a.max_body_bytes, a.max_file_bytes,
-                             a.request_timeout, a.max_model_len),
+        model=a.model, draft=a.draft, policy=a.policy, stages=a.stages, width=a.width, drafts=a.drafts,
+        token_budget=a.token_budget, redis_url=a.redis_url, prefix=a.prefix, master_port=a.master_port, port=a.port,
+        host=a.host, attention=attention_config(a), draft_dtype=a.draft_dtype,
+        limits=ServiceLimits(max_queue=a.max_queue, kv_slots=a.kv_slots, max_inflight=a.max_inflight,
+                             max_body_bytes=a.max_body_bytes, max_file_bytes=a.max_file_bytes,
+                             request_timeout_s=a.request_timeout, max_model_len=a.max_model_len),
         extra=("--draft-wait-ms", str(a.draft_wait_ms)),
         api_keys=tuple(k.strip() for k in getattr(a, "api_keys", env_keys).split(",") if k.strip()),
         restart=RestartPolicy(a.restart),

@@ -5,53 +5,57 @@ Every cluster uses its own key prefix and master port, and deletes its keys at t
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
-from shared.transport.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
-from specpipe.cluster import delete_keys, free_port, stop_processes  # noqa: F401 (free_port: re-exported)
+from shared.environment import DEFAULTS
+from shared.transport.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components
+from specpipe.cluster import (  # noqa: F401 (free_port: re-exported)
+    ClusterConfig,
+    delete_keys,
+    draft_command,
+    free_port,
+    pipeline_commands,
+    spawn,
+    stop_processes,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = DEFAULTS["REDIS_URL"]
 
 
 class Cluster:
+    """specpipe.cluster's processes without the HTTP front (scheduler, stages, draft workers), one torch thread
+    each; `cfg` is the cluster's RedisConfig, `config` its ClusterConfig."""
+
     def __init__(self, tmp: Path, model: str, stages: int = 2, policy: str = "specpipe", draft: str = "ngram",
                  drafts: int = 1, extra: tuple[str, ...] = (), prefix: str | None = None):
         self.redis_proc = ensure_redis(REDIS_URL)
         self.cfg = RedisConfig(url=REDIS_URL, prefix=prefix or f"test-{uuid.uuid4().hex[:8]}")
         self.r = connect(self.cfg)
         self.tmp, self.model, self.stages, self.draft = tmp, model, stages, draft
+        # stage 0 picks its rendezvous port per run (master port 0, shared through Redis)
+        self.config = ClusterConfig(model=model, draft=draft, policy=policy, stages=stages, drafts=drafts,
+                                    redis_url=REDIS_URL, prefix=self.cfg.prefix, extra=tuple(extra), threads=1)
         self.procs: dict[str, subprocess.Popen] = {}
-        self.commands: dict[str, tuple[str, ...]] = {}
-        common = ["--redis-url", REDIS_URL, "--prefix", self.cfg.prefix, "--model", model]
-        self._spawn("scheduler", "scheduler", *common, "--stages", str(stages), "--policy", policy, *extra)
-        for k in range(stages):  # stage 0 picks its rendezvous port per run (shared through Redis)
-            self._spawn(stage_name(k), "stage_worker", *common, "--threads", "1", "--rank", str(k),
-                        "--world", str(stages))
-        for i in range(drafts if policy != "pp" else 0):
-            self.add_draft_worker(f"draft-{i}")
+        self.commands = pipeline_commands(self.config)
+        for name in self.commands:
+            self._spawn(name)
         self.wait_ready()
 
-    def _spawn(self, name: str, module: str, *args: str) -> None:
-        log = open(self.tmp / f"{self.cfg.prefix}-{name}.log", "a")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.commands[name] = (module, *args)
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=log,
-                                            stderr=subprocess.STDOUT, env=env)
+    def _spawn(self, name: str) -> None:
+        self.procs[name] = spawn(self.commands[name], self.tmp / f"{self.cfg.prefix}-{name}.log", cwd=ROOT)
 
     def restart(self, name: str) -> None:
         """Start a process again with its command line (what a supervisor does); its log goes on."""
         assert self.procs[name].poll() is not None, f"{name} is still running"
-        self._spawn(name, *self.commands[name])
+        self._spawn(name)
 
     def add_draft_worker(self, name: str) -> None:
-        self._spawn(name, "draft_worker", "--redis-url", REDIS_URL, "--prefix", self.cfg.prefix,
-                    "--model", self.model, "--draft", self.draft, "--name", name, "--threads", "1")
+        self.commands[name] = draft_command(self.config, name)
+        self._spawn(name)
 
     def wait_ready(self, timeout: float = 120) -> None:
         names = pipeline_components(self.stages)
