@@ -44,7 +44,16 @@ from benchmarks.provenance import machine
 from benchmarks.stats import pct
 from shared.environment import DEFAULTS
 from shared.transport.redis_io import ensure_redis
-from specpipe.cluster import ClusterConfig, ServiceLimits, commands, delete_keys, free_port, spawn, stop_processes
+from specpipe.cluster import (
+    ClusterConfig,
+    ServiceLimits,
+    commands,
+    delete_keys,
+    free_port,
+    spawn,
+    stop_processes,
+    wait_until_answering,
+)
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about pipelines.", "Explain speculative decoding.",
            "List three prime numbers.", "What does Redis do?", "Summarize the plot of Hamlet in one line."]
@@ -115,18 +124,10 @@ class LocalCluster:
         self.procs = {name: spawn(cmd, log_dir / f"{name}.log", **env) for name, cmd in cmds.items()}
 
     def wait_ready(self, timeout_s: float = 300) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            dead = [n for n, p in self.procs.items() if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"{', '.join(dead)} exited; logs in {self.log_dir}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"the cluster was not ready within {timeout_s:.0f} s; logs in {self.log_dir}")
+        try:
+            wait_until_answering(self.url + "/ready", self.procs, timeout_s)
+        except (RuntimeError, TimeoutError) as exc:
+            raise type(exc)(f"{exc}; logs in {self.log_dir}") from exc
 
     def close(self) -> None:
         import redis

@@ -197,6 +197,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_answering(url: str, procs: dict[str, subprocess.Popen], timeout_s: float,
+                         poll_s: float = 0.2) -> None:
+    """GET `url` until it answers 200 (a gateway's /health or /ready). RuntimeError as soon as one of `procs`
+    exits, TimeoutError after timeout_s."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        dead = [name for name, p in procs.items() if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"{', '.join(dead)} exited")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass  # not up yet, or not ready (503)
+        time.sleep(poll_s)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
 def stop_processes(procs: Iterable[subprocess.Popen], sig: int = signal.SIGTERM, grace_s: float = 10) -> None:
     """Signal every live process, wait up to grace_s in total, then kill what is left."""
     procs = list(procs)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
-from specpipe.cluster import stop_processes
+from specpipe.cluster import stop_processes, wait_until_answering
 from tests.cluster import REDIS_URL, ROOT, Cluster, free_port
 
 MODEL_NAME = "tiny-random"
@@ -33,16 +32,10 @@ class Gateway:
         self._wait_healthy()
 
     def _wait_healthy(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"gateway exited: {self.log()}"
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"gateway did not answer /health: {self.log()}")
+        try:
+            wait_until_answering(self.url + "/health", {"gateway": self.proc}, timeout, poll_s=0.1)
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}: {self.log()}") from exc
 
     def log(self) -> str:
         return self.log_path.read_text()

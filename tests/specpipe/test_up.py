@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from shared.transport.redis_io import RedisConfig, alive, connect
-from specpipe.cluster import delete_keys, free_port, stop_processes
+from specpipe.cluster import delete_keys, free_port, stop_processes, wait_until_answering
 from tests.cluster import REDIS_URL, ROOT
 from tests.helpers import pipeline
 
@@ -43,16 +43,10 @@ class Up:
         return self.log_path.read_text()
 
     def wait_ready(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log()[-3000:]
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(self.log()[-3000:])
+        try:
+            wait_until_answering(self.url + "/ready", {"specpipe up": self.proc}, timeout_s, poll_s=0.3)
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}: {self.log()[-3000:]}") from exc
 
     def pid(self, name: str) -> int:
         """The pid of the child named `name` (stage-k, draft-i, scheduler) of this cluster."""
