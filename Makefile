@@ -27,7 +27,7 @@ up: install
 REDIS_URL ?= redis://127.0.0.1:6379/0
 
 redis: install
-	$(BIN)/python -m shared.redis_io $(REDIS_URL)
+	$(BIN)/python -m shared.transport.redis_io $(REDIS_URL)
 
 # BENCHMARKS.md and benchmarks/results/*.png from scratch (hours here: the Qwen pair on 2 CPU cores; resumable with
 # `specpipe bench --resume`). bench-quick: a few minutes, into ./bench-quick.

@@ -107,3 +107,18 @@ CYCLES = {
 def test_cycle_finder(case) -> None:
     graph, has_cycle = CYCLES[case]
     assert (_cycle(graph) is not None) == has_cycle
+
+
+def test_every_python_m_in_the_docs_and_build_files_exists() -> None:
+    """`python -m X` in the Makefile, compose file, Dockerfile and README names a module that is there."""
+    import importlib.util
+    import re
+
+    named = set()
+    for name in ("Makefile", "docker-compose.yml", "Dockerfile", "README.md", ".ci/run"):
+        text = (ROOT / name).read_text()
+        named.update(re.findall(r'python"?,? +"?-m"?,? +"?([A-Za-z_][\w.]*)', text))
+    project = sorted(m for m in named if m.split(".")[0] in PACKAGES)
+    assert project, "no `python -m` found: the pattern no longer matches"
+    missing = [m for m in project if importlib.util.find_spec(m) is None]
+    assert not missing, missing
