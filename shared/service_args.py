@@ -12,7 +12,16 @@ from collections.abc import Callable
 
 from shared.environment import env
 from shared.transport.redis_io import RedisConfig
-from shared.types.config import ATTENTION_KINDS, DTYPES, POLICIES, AttentionConfig, EngineConfig, PolicyConfig
+from shared.types.config import (
+    ATTENTION_KINDS,
+    DTYPES,
+    NUMERICS,
+    NUMERICS_HELP,
+    POLICIES,
+    AttentionConfig,
+    EngineConfig,
+    PolicyConfig,
+)
 from shared.types.errors import SpecPipeError
 
 
@@ -25,6 +34,8 @@ def add_redis_args(p: argparse.ArgumentParser) -> None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model name or local Hugging Face folder")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--numerics", default="exact", choices=NUMERICS,
+                   help=NUMERICS_HELP)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core)")
 
 
@@ -70,7 +81,8 @@ def policy_config(args: argparse.Namespace) -> PolicyConfig:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(prefill_chunk=args.prefill_chunk, token_budget=args.token_budget, dtype=args.dtype)
+    return EngineConfig(prefill_chunk=args.prefill_chunk, token_budget=args.token_budget, dtype=args.dtype,
+                        numerics=args.numerics)
 
 
 def run_main(body: Callable[[], None]) -> int:

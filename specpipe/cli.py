@@ -13,7 +13,15 @@ import sys
 from pathlib import Path
 
 from shared.service_args import add_attention_args, attention_config
-from shared.types.config import DTYPES, POLICIES, EngineConfig, PolicyConfig, SamplingParams
+from shared.types.config import (
+    DTYPES,
+    NUMERICS,
+    NUMERICS_HELP,
+    POLICIES,
+    EngineConfig,
+    PolicyConfig,
+    SamplingParams,
+)
 from shared.types.errors import SpecPipeError
 
 
@@ -29,6 +37,8 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--branch", type=int, default=4, help="draft proposals per expanded node")
     p.add_argument("--draft-dtype", choices=DTYPES, default="float32",
                    help="the draft model's dtype (bfloat16 stays lossless: the fp32 target verifies)")
+    p.add_argument("--numerics", choices=NUMERICS, default="exact",
+                   help=NUMERICS_HELP)
     p.add_argument("--prompts", type=Path, help="JSONL file with a 'turns' list per line")
     p.add_argument("--limit", type=int)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -86,7 +96,7 @@ def _simulate(args: argparse.Namespace) -> int:
         draft=args.draft,
         policy=PolicyConfig(args.policy, args.stages, args.width, args.depth, args.refill_depth, args.branch),
         engine=EngineConfig(prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens,
-                            draft_dtype=args.draft_dtype),
+                            draft_dtype=args.draft_dtype, numerics=args.numerics),
         cache_dir=args.cache_dir,
         attention=attention_config(args),
     )

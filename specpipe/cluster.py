@@ -21,7 +21,7 @@ from pathlib import Path
 from shared.environment import DEFAULTS, env
 from shared.service_args import add_attention_args, attention_config
 from shared.transport.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
-from shared.types.config import DTYPES, AttentionConfig
+from shared.types.config import DTYPES, NUMERICS, NUMERICS_HELP, AttentionConfig
 from specpipe.supervisor import RESTART_POLICIES, Child, RestartPolicy, Supervisor
 
 
@@ -65,6 +65,7 @@ class ClusterConfig:
     extra: tuple[str, ...] = field(default_factory=tuple)  # more scheduler flags (after the others: they win)
     attention: AttentionConfig = AttentionConfig()  # the stages' prefill attention; the gateway reports it
     draft_dtype: str = "float32"  # the draft workers' model dtype (bfloat16 stays lossless)
+    numerics: str = "exact"  # the stages' and drafts' kernels (shared.types.config.NUMERICS)
     limits: ServiceLimits = ServiceLimits()
     api_keys: tuple[str, ...] = ()  # handed to the gateway through its environment, never on a command line
     restart: RestartPolicy = RestartPolicy()
@@ -103,7 +104,7 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
     for k in range(cfg.stages):
         procs[stage_name(k)] = [py, "-m", "stage_worker", *cfg.common_args(), "--threads", str(cfg.compute_threads()),
                                 "--rank", str(k), "--world", str(cfg.stages), "--master-port", str(cfg.master_port),
-                                *cfg.attention_args()]
+                                "--numerics", cfg.numerics, *cfg.attention_args()]
     for i in range(cfg.draft_workers):
         procs[f"draft-{i}"] = draft_command(cfg, f"draft-{i}")
     gateway = Path(__file__).resolve().parents[1] / "gateway" / "__main__.py"
@@ -120,7 +121,7 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
 def draft_command(cfg: ClusterConfig, name: str) -> list[str]:
     """One draft worker's command line (commands() names them draft-0, draft-1, ...)."""
     return [sys.executable, "-m", "draft_worker", *cfg.common_args(), "--threads", str(cfg.compute_threads()),
-            "--draft", cfg.draft, "--name", name, "--dtype", cfg.draft_dtype]
+            "--draft", cfg.draft, "--name", name, "--dtype", cfg.draft_dtype, "--numerics", cfg.numerics]
 
 
 def pipeline_commands(cfg: ClusterConfig) -> dict[str, list[str]]:
@@ -251,6 +252,8 @@ def up_main(argv: list[str]) -> int:
     p.add_argument("--width", type=int, default=4)
     p.add_argument("--drafts", type=int, default=1, help="draft worker processes")
     p.add_argument("--draft-dtype", choices=DTYPES, default="float32", help="the draft model's dtype")
+    p.add_argument("--numerics", choices=NUMERICS, default="exact",
+                   help=NUMERICS_HELP)
     p.add_argument("--token-budget", type=int, default=256, help="rows per pipeline step")
     p.add_argument("--redis-url", default=env("REDIS_URL"))
     p.add_argument("--prefix", default=env("SPECPIPE_PREFIX"),
@@ -282,7 +285,7 @@ def up_main(argv: list[str]) -> int:
     cfg = ClusterConfig(
         model=a.model, draft=a.draft, policy=a.policy, stages=a.stages, width=a.width, drafts=a.drafts,
         token_budget=a.token_budget, redis_url=a.redis_url, prefix=a.prefix, master_port=a.master_port, port=a.port,
-        host=a.host, attention=attention_config(a), draft_dtype=a.draft_dtype,
+        host=a.host, attention=attention_config(a), draft_dtype=a.draft_dtype, numerics=a.numerics,
         limits=ServiceLimits(max_queue=a.max_queue, kv_slots=a.kv_slots, max_inflight=a.max_inflight,
                              max_body_bytes=a.max_body_bytes, max_file_bytes=a.max_file_bytes,
                              request_timeout_s=a.request_timeout, max_model_len=a.max_model_len),

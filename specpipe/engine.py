@@ -31,8 +31,9 @@ def build_pipeline(cfg: SimulationConfig, trace_limit: int = 0) -> tuple[InProce
     dtype = getattr(torch, cfg.engine.dtype)
     model_dir = resolve_model(cfg.model, cfg.cache_dir)
     arch = ModelArch.from_model_dir(model_dir)
-    stages = [load_stage(model_dir, arch, k, cfg.policy.stages, dtype, cfg.attention) for k in range(cfg.policy.stages)]
+    n, numerics = cfg.policy.stages, cfg.engine.numerics
+    stages = [load_stage(model_dir, arch, k, n, dtype, cfg.attention, numerics) for k in range(n)]
     draft_dtype = getattr(torch, cfg.engine.draft_dtype)
-    draft = None if cfg.policy.name == "pp" else load_draft(cfg.draft, arch, cfg.cache_dir, draft_dtype)
+    draft = None if cfg.policy.name == "pp" else load_draft(cfg.draft, arch, cfg.cache_dir, draft_dtype, numerics)
     scheduler = Scheduler(cfg.policy, cfg.engine, context_limit=arch.max_positions)
     return InProcessPipeline(stages, scheduler, draft, trace_limit), model_dir, arch

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = resolve_model(args.model)
         arch = ModelArch.from_model_dir(model_dir)
         dtype = getattr(torch, args.dtype)
-        runner = load_stage(model_dir, arch, args.rank, args.world, dtype, attention)
+        runner = load_stage(model_dir, arch, args.rank, args.world, dtype, attention, args.numerics)
         link = LinkConfig(args.rank, args.world, args.master_addr, args.master_port) if args.world > 1 else None
         cfg = StageServiceConfig(args.rank, args.world, redis_cfg, link, args.device)
         StageService(cfg, runner).run(args.idle_exit)

@@ -16,6 +16,12 @@ bit for bit in fp32:
   does at that position.
 - RoPE: one precomputed table indexed by position.
 
+Numerics `fast` (opt-in, `--numerics fast`) gives up row invariance for speed:
+one GEMM per micro-batch and one masked SDPA call per request and layer
+(`masked_attention`). Every token is still the target's own choice from logits
+computed for exactly its context; tokens can differ from plain decoding only
+where floating-point rounding flips a near-tie.
+
 Notation: n = rows in the micro-batch, H = hidden size, h = query heads,
 g = kv heads, r = h // g, d = head dim, L = context length.
 """
@@ -109,6 +115,16 @@ def tree_attention(
         out[row.row] = torch.matmul(probs, values.permute(1, 0, 2))  # [g, r, d]
 
 
+def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One request's rows in one SDPA call (numerics fast). q: [m, h, d]; keys/values: [L, g, d] (the cache's
+    first L slots); mask: [m, L], True where the row attends. Returns [m, h, d]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],  # [1, h|g, m|L, d]
+        attn_mask=mask[None, None], enable_gqa=q.shape[1] != keys.shape[1],
+    )  # [1, h, m, d]
+    return out[0].transpose(0, 1)
+
+
 def decoder_layer(
     x: torch.Tensor,
     w: LayerWeights,
@@ -117,18 +133,20 @@ def decoder_layer(
     sin: torch.Tensor,
     write_kv,
     attend,
+    lin=linear,
 ) -> torch.Tensor:
     """One pre-norm decoder layer. x: [n, H]; cos/sin: [n, d].
 
     write_kv(k, v) stores the rows' keys/values ([n, g, d]) in the cache;
-    attend(q) runs tree attention for q: [n, h, d] and returns [n, h * d].
+    attend(q) runs tree attention for q: [n, h, d] and returns [n, h * d];
+    lin is the GEMM (`linear`, row invariant, or F.linear for numerics fast).
     """
     n, h, g, d = x.shape[0], arch.num_heads, arch.num_kv_heads, arch.head_dim
-    qkv = linear(rms_norm(x, w.attn_norm, arch.rms_eps), w.qkv, w.qkv_bias)  # [n, (h + 2g) * d]
+    qkv = lin(rms_norm(x, w.attn_norm, arch.rms_eps), w.qkv, w.qkv_bias)  # [n, (h + 2g) * d]
     q, k, v = qkv.split([h * d, g * d, g * d], dim=-1)
     q = apply_rope(q.reshape(n, h, d), cos, sin)
     k = apply_rope(k.reshape(n, g, d), cos, sin)
     write_kv(k, v.reshape(n, g, d))
-    x = x + linear(attend(q), w.o)
-    gate, up = linear(rms_norm(x, w.mlp_norm, arch.rms_eps), w.gate_up).chunk(2, dim=-1)  # [n, I] each
-    return x + linear(F.silu(gate) * up, w.down)
+    x = x + lin(attend(q), w.o)
+    gate, up = lin(rms_norm(x, w.mlp_norm, arch.rms_eps), w.gate_up).chunk(2, dim=-1)  # [n, I] each
+    return x + lin(F.silu(gate) * up, w.down)

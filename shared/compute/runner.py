@@ -12,15 +12,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from shared.compute.distr_attention import distr_attention
 from shared.compute.kv_cache import RequestKV, RowContext, allocate
-from shared.compute.model import RowAttention, decoder_layer, linear, rms_norm, rope_table, tree_attention
+from shared.compute.model import (
+    RowAttention,
+    decoder_layer,
+    linear,
+    masked_attention,
+    rms_norm,
+    rope_table,
+    tree_attention,
+)
 from shared.compute.sampling import target_token
 from shared.compute.weights import StageWeights, load_stage_weights
 from shared.types.batch import MicroBatch, PipelineEvent, Row, StageOutput
-from shared.types.config import AttentionConfig, ModelArch, SamplingParams, split_layers
-from shared.types.errors import ProtocolError
+from shared.types.config import NUMERICS, AttentionConfig, ModelArch, SamplingParams, split_layers
+from shared.types.errors import ConfigError, ProtocolError
 
 
 @dataclass(frozen=True)
@@ -38,12 +47,18 @@ class _RequestPlan:
     rows: torch.Tensor  # [m] row indices
     slots: torch.Tensor  # [m] KV slots the rows write
     attention: list[RowAttention]
+    mask: torch.Tensor | None  # numerics fast: [m, L] what each row attends to in the cache's first L slots
     prefill_start: int | None  # first position if the rows are a prefill chunk (see _prefill_start), else None
 
 
 class StageRunner:
-    def __init__(self, arch: ModelArch, weights: StageWeights, attention: AttentionConfig = AttentionConfig()):
+    def __init__(self, arch: ModelArch, weights: StageWeights, attention: AttentionConfig = AttentionConfig(),
+                 numerics: str = "exact"):
         attention.check_head_dim(arch.head_dim)
+        if numerics not in NUMERICS:
+            raise ConfigError(f"unknown numerics '{numerics}': choose one of {', '.join(NUMERICS)}")
+        self.fast = numerics == "fast"
+        self.lin = F.linear if self.fast else linear  # one GEMM per micro-batch, or row-invariant tiles
         self.arch = arch
         self.weights = weights
         self.attention = attention
@@ -102,7 +117,8 @@ class StageRunner:
         positions = torch.tensor([r.position for r in rows])
         cos, sin = self.cos[positions], self.sin[positions]  # [n, d]
         for li, layer in enumerate(self.weights.layers):
-            x = decoder_layer(x, layer, self.arch, cos, sin, self._writer(plans, li), self._attender(plans, li))
+            x = decoder_layer(x, layer, self.arch, cos, sin, self._writer(plans, li), self._attender(plans, li),
+                              self.lin)
         return x
 
     def _empty(self, batch: MicroBatch) -> MicroBatch | StageOutput:
@@ -130,6 +146,7 @@ class StageRunner:
                 rows=torch.tensor([i for i, _ in placed]),
                 slots=torch.tensor([ctx.slot for _, ctx in placed]),
                 attention=attention,
+                mask=_attention_mask([ctx for _, ctx in placed]) if self.fast else None,
                 prefill_start=_prefill_start([rows[i] for i, _ in placed], attention),
             )
         return plans
@@ -155,6 +172,10 @@ class StageRunner:
                     chunk = distr_attention(q[plan.rows], cache.k[layer, :end], cache.v[layer, :end], self.attention,
                                             causal=True, q_offset=plan.prefill_start)  # [m, h, d]
                     out[plan.rows] = chunk.view(-1, a.num_kv_heads, a.rep, a.head_dim)
+                elif plan.mask is not None:
+                    end = plan.mask.shape[1]
+                    chunk = masked_attention(q[plan.rows], cache.k[layer, :end], cache.v[layer, :end], plan.mask)
+                    out[plan.rows] = chunk.reshape(-1, a.num_kv_heads, a.rep, a.head_dim)
                 else:
                     tree_attention(q, cache.k[layer], cache.v[layer], plan.attention, a, out)
             return out.view(q.shape[0], -1)
@@ -180,7 +201,7 @@ class StageRunner:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head for hidden states [n, H] -> [n, V] (last stage only)."""
-        return linear(rms_norm(x, self.weights.final_norm, self.arch.rms_eps), self.weights.lm_head)
+        return self.lin(rms_norm(x, self.weights.final_norm, self.arch.rms_eps), self.weights.lm_head)
 
 
 def _prefill_start(rows: list[Row], attention: list[RowAttention]) -> int | None:
@@ -194,6 +215,15 @@ def _prefill_start(rows: list[Row], attention: list[RowAttention]) -> int | None
     return start if chunk else None
 
 
+def _attention_mask(placed: list[RowContext]) -> torch.Tensor:
+    """[m, L]: row i attends to the slots of its context (L: one past the highest slot any row attends)."""
+    end = max(ctx.slot for ctx in placed) + 1  # a row's own slot is the highest of its context
+    mask = torch.zeros(len(placed), end, dtype=torch.bool)
+    for i, ctx in enumerate(placed):
+        mask[i, ctx.context] = True
+    return mask
+
+
 def _row_attention(row: int, ctx: RowContext) -> RowAttention:
     length = len(ctx.context)
     if ctx.context[-1] == length - 1:  # slots 0..L-1 in order: the prefix slice itself, no gather
@@ -202,8 +232,8 @@ def _row_attention(row: int, ctx: RowContext) -> RowAttention:
 
 
 def load_stage(model_dir: Path, arch: ModelArch, rank: int, world: int, dtype: torch.dtype = torch.float32,
-               attention: AttentionConfig = AttentionConfig()) -> StageRunner:
+               attention: AttentionConfig = AttentionConfig(), numerics: str = "exact") -> StageRunner:
     """Stage `rank` of a `world`-stage split (0 of 1: the whole model); reads only its own layers."""
     attention.check_head_dim(arch.head_dim)  # before any weights are read
     start, end = split_layers(arch.num_layers, world)[rank]
-    return StageRunner(arch, load_stage_weights(model_dir, arch, start, end, dtype), attention)
+    return StageRunner(arch, load_stage_weights(model_dir, arch, start, end, dtype), attention, numerics)

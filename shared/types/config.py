@@ -15,6 +15,10 @@ from typing import Any, Literal
 
 from shared.types.errors import ConfigError
 
+# exact: bit-identical to plain decoding whatever the batch (row-invariant GEMM tiles, per-row attention);
+# fast: one GEMM per micro-batch and one masked SDPA call per request (tokens may differ at near-ties)
+NUMERICS = ("exact", "fast")
+NUMERICS_HELP = "exact: bit-identical to plain decoding; fast: batched GEMMs and attention (near-ties may differ)"
 Policy = Literal["pp", "tree", "specpipe"]
 POLICIES: tuple[str, ...] = typing.get_args(Policy)
 
@@ -173,11 +177,14 @@ class EngineConfig:
     # The draft only proposes, the target verifies: a bf16 draft stays lossless and halves the draft's memory
     # traffic (a memory-bound draft is what paces SpecPipe when its forward is slower than a pipeline step).
     draft_dtype: str = "float32"
+    numerics: str = "exact"  # NUMERICS: the target's and the draft's kernels
 
     def __post_init__(self) -> None:
         for name in ("dtype", "draft_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} '{getattr(self, name)}': choose one of {', '.join(DTYPES)}")
+        if self.numerics not in NUMERICS:
+            raise ConfigError(f"unknown numerics '{self.numerics}': choose one of {', '.join(NUMERICS)}")
         if self.prefill_chunk < 1:
             raise ConfigError("prefill_chunk must be >= 1")
         if self.token_budget < 1:
