@@ -90,14 +90,15 @@ def hf_generate(model: str, assistant: str | None, prompts: Sequence[Sequence[in
 
 
 def inprocess(model: str, draft: str, policy: str, stages: int, width: int, refill_depth: int | None,
-              prompts: Sequence[Sequence[int]], max_new_tokens: int, threads: int | None = None) -> dict:
+              prompts: Sequence[Sequence[int]], max_new_tokens: int, threads: int | None = None,
+              numerics: str = "exact") -> dict:
     """SpecPipe's in-process executor serving the prompts one at a time (greedy, the model's EOS ids stop)."""
     from scheduler.scheduler import Request
     from specpipe.engine import SimulationConfig, build_pipeline
 
     refill = refill_depth if refill_depth is not None else max(stages - 1, 1)
     cfg = SimulationConfig(model, draft, PolicyConfig(policy, stages, width, refill_depth=refill),
-                           EngineConfig(max_new_tokens=max_new_tokens))
+                           EngineConfig(max_new_tokens=max_new_tokens, numerics=numerics))
     with torch_threads(threads) as n_threads:
         start = time.perf_counter()
         pipe, _, arch = build_pipeline(cfg)
@@ -113,6 +114,8 @@ def inprocess(model: str, draft: str, policy: str, stages: int, width: int, refi
         del pipe
         gc.collect()
     tokens = sum(len(o) for o in outputs)
-    return _timed(f"inprocess_{policy}_N{stages}", outputs, walls, threads=n_threads, load_s=load_s, stages=stages,
+    suffix = "" if numerics == "exact" else f"_{numerics}"
+    return _timed(f"inprocess_{policy}_N{stages}{suffix}", outputs, walls, threads=n_threads, load_s=load_s,
+                  stages=stages, numerics=numerics,
                   policy=policy, draft=draft if policy != "pp" else None, steps=sum(steps),
                   tokens_per_step=tokens / sum(steps) if sum(steps) else None)

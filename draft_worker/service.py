@@ -9,6 +9,7 @@ the worker has not caught up with), and pushes proposals back.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from shared.transport.redis_io import (
     start_heartbeat,
     tail_id,
 )
+from shared.types.batch import PipelineEvent
 from shared.types.errors import SpecPipeError
 from shared.types.speculation import ExpansionJob, SpeculativeSource
 from shared.wire.messages import ExpansionJobMsg, ProposalsMsg, StepMsg
@@ -39,8 +41,6 @@ class DraftServiceConfig:
 
 class DraftService:
     def __init__(self, cfg: DraftServiceConfig, source: SpeculativeSource):
-        import os
-
         self.cfg, self.source = cfg, source
         self.name = cfg.name or f"draft-{socket.gethostname()}-{os.getpid()}"
         self.r = connect(cfg.redis)
@@ -100,7 +100,7 @@ class DraftService:
         self._follow_steps(self.cfg.catch_up_ms, until=(job.epoch, job.as_of_step))
         if job.epoch < self.at[0]:
             return  # a job of a run that has ended: its request is gone
-        refs = job.nodes
+        refs = job.nodes  # [NodeRef]
         try:
             if job.request_id not in self.known:
                 self.source.add_request(job.request_id, job.text, job.capacity)
@@ -115,7 +115,5 @@ class DraftService:
             publish(self.r, self.cfg.redis.proposals, msg)
 
     def _reset(self, request_id: str) -> None:
-        from shared.types.batch import PipelineEvent
-
         self.source.apply([PipelineEvent(request_id, "finish")])
         self.known.discard(request_id)
