@@ -28,6 +28,7 @@ g = kv heads, r = h // g, d = head dim, L = context length.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,10 +57,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(variance + eps))
 
 
-def rope_table(arch: ModelArch, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [max_positions, d], the Hugging Face (rotate-half) convention."""
+def rope_frequencies(arch: ModelArch) -> torch.Tensor:
+    """inv_freq: [d/2], scaled as Llama 3 does when the model says so."""
     d = arch.head_dim
     inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))  # [d/2]
+    s = arch.rope_scaling
+    if s is None:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_max_positions / s.low_freq_factor  # longer: slowed down by `factor`
+    high_wavelen = s.original_max_positions / s.high_freq_factor  # shorter: kept
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_positions / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_table(arch: ModelArch, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_positions, d], the Hugging Face (rotate-half) convention."""
+    inv_freq = rope_frequencies(arch)  # [d/2]
     freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq  # [P, d/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [P, d]
     return emb.cos(), emb.sin()

@@ -24,8 +24,25 @@ POLICIES: tuple[str, ...] = typing.get_args(Policy)
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3's RoPE frequency scaling (`rope_type: llama3`), as transformers computes it: wavelengths past
+    original_max_positions / low_freq_factor are divided by `factor`, those below
+    original_max_positions / high_freq_factor are kept, the band between is interpolated."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_positions: int
+
+    @classmethod
+    def from_hf(cls, rope: dict[str, Any]) -> "RopeScaling":
+        return cls(float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
+                   int(rope["original_max_position_embeddings"]))
+
+
+@dataclass(frozen=True)
 class ModelArch:
-    """Shape of a Llama-family decoder (Llama, Qwen2, SmolLM2)."""
+    """Shape of a Llama-family decoder (Llama 2/3, Qwen2, SmolLM2)."""
 
     vocab_size: int
     hidden_size: int
@@ -40,6 +57,7 @@ class ModelArch:
     qkv_bias: bool  # Qwen2 has a bias on q/k/v projections, Llama does not
     max_positions: int
     eos_token_ids: tuple[int, ...]
+    rope_scaling: RopeScaling | None = None  # Llama 3.x
 
     @property
     def rep(self) -> int:
@@ -58,11 +76,10 @@ class ModelArch:
         model_type = cfg.get("model_type", "llama")
         if model_type not in ("llama", "qwen2", "mistral"):
             raise ConfigError(f"unsupported model_type '{model_type}': this engine runs Llama-family decoders")
-        rope = cfg.get("rope_parameters") or {}
-        scaling = cfg.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-        if rope_type != "default":
-            raise ConfigError(f"unsupported rope type '{rope_type}' (only default RoPE is implemented)")
+        rope = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}  # transformers 4.x / 5.x
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        if rope_type not in ("default", "llama3"):
+            raise ConfigError(f"unsupported rope type '{rope_type}' (default and llama3 RoPE are implemented)")
         heads = int(cfg["num_attention_heads"])
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
@@ -80,6 +97,7 @@ class ModelArch:
             qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
             max_positions=int(cfg.get("max_position_embeddings", 2048)),
             eos_token_ids=tuple(int(e) for e in eos_ids),
+            rope_scaling=RopeScaling.from_hf(rope) if rope_type == "llama3" else None,
         )
 
     @classmethod

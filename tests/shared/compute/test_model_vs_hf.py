@@ -45,3 +45,40 @@ def test_smollm2_logits_match_transformers(smollm2_dir) -> None:
     # fp32 through 30 layers with other kernels: measured max abs diff ~1e-4 on logits of scale ~20
     assert (ours - theirs).abs().max().item() < 2e-3
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def _random_model_dir(tmp_path, config) -> "Path":
+    """A small model of `config`'s family with random weights (seeded), saved as transformers saves it."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # non-zero q/k/v biases, so a model that ignored them would not match
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(0, 0.5)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    return tmp_path
+
+
+# label: the config of a small random model of each family the engine runs
+FAMILIES = {
+    "Qwen2 (q/k/v biases)": lambda: __import__("transformers").Qwen2Config(
+        vocab_size=40000, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
+    "Llama 3 (llama3 RoPE scaling)": lambda: __import__("transformers").LlamaConfig(
+        vocab_size=40000, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8}),
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_logits_match_transformers(tmp_path, family) -> None:
+    model_dir = _random_model_dir(tmp_path, FAMILIES[family]())
+    ours, theirs = _our_logits(model_dir, 2), _hf_logits(model_dir)
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
