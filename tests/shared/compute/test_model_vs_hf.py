@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from shared.compute.runner import RequestInfo, StageRunner
 from shared.compute.weights import load_stage_weights
@@ -47,10 +49,8 @@ def test_smollm2_logits_match_transformers(smollm2_dir) -> None:
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
-def _random_model_dir(tmp_path, config) -> "Path":
+def _random_model_dir(tmp_path: Path, config) -> Path:
     """A small model of `config`'s family with random weights (seeded), saved as transformers saves it."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # non-zero q/k/v biases, so a model that ignored them would not match
@@ -64,10 +64,10 @@ def _random_model_dir(tmp_path, config) -> "Path":
 
 # label: the config of a small random model of each family the engine runs
 FAMILIES = {
-    "Qwen2 (q/k/v biases)": lambda: __import__("transformers").Qwen2Config(
+    "Qwen2 (q/k/v biases)": lambda: Qwen2Config(
         vocab_size=40000, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
-    "Llama 3 (llama3 RoPE scaling)": lambda: __import__("transformers").LlamaConfig(
+    "Llama 3 (llama3 RoPE scaling)": lambda: LlamaConfig(
         vocab_size=40000, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rope_theta=500000.0,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
