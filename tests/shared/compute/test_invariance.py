@@ -12,10 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.compute.model import linear
-from shared.compute.runner import RequestInfo, StageRunner
+from shared.compute.runner import StageRunner
 from shared.compute.weights import load_stage_weights
 from shared.types.batch import MicroBatch, Row
-from shared.types.config import ModelArch, SamplingParams
+from shared.types.config import ModelArch
+from tests.shared.compute.trees import prefill, random_tree, tree_rows
 
 pytestmark = pytest.mark.unit
 
@@ -38,12 +39,6 @@ def _runner(model_dir, start=0, end=None) -> StageRunner:
     return StageRunner(arch, load_stage_weights(model_dir, arch, start, end or arch.num_layers))
 
 
-def _prefill(runner: StageRunner, rid: str, prompt: list[int]) -> None:
-    runner.add_request(rid, RequestInfo(len(prompt), SamplingParams()), 256)
-    rows = [Row(rid, -(p + 2), -(p + 1), p, t, True, False) for p, t in enumerate(prompt)]
-    runner.hidden(MicroBatch(0, rows))
-
-
 @settings(max_examples=15, deadline=None)
 @given(
     prompt=st.lists(st.integers(3, 400), min_size=1, max_size=12),
@@ -53,22 +48,15 @@ def _prefill(runner: StageRunner, rid: str, prompt: list[int]) -> None:
 def test_tree_rows_equal_plain_path(tiny_dir, prompt, parents, seed) -> None:
     """A random tree in one micro-batch: each node's output equals decoding its path alone."""
     runner = _runner(tiny_dir)
-    rng = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(3, 400, (len(parents),), generator=rng).tolist()
-    # node i's parent is an earlier node (or the prompt): a random tree in topological order
-    par = [-1 if p >= i or p == 0 else p - 1 for i, p in enumerate(parents)]
-    depth = []
-    for i, p in enumerate(par):
-        depth.append(0 if p == -1 else depth[p] + 1)
-    _prefill(runner, "tree", prompt)
-    rows = [Row("tree", i, p, len(prompt) + depth[i], tokens[i], False, True) for i, p in enumerate(par)]
-    tree_out = runner.hidden(MicroBatch(1, rows))
+    par, depth, tokens = random_tree(parents, seed)
+    prefill(runner, "tree", prompt)
+    tree_out = runner.hidden(MicroBatch(1, tree_rows("tree", len(prompt), par, depth, tokens)))
     for i in range(len(par)):
         path, node = [], i
         while node != -1:
             path.append(tokens[node])
             node = par[node]
         plain = _runner(tiny_dir)
-        _prefill(plain, "plain", prompt + path[::-1][:-1])
+        prefill(plain, "plain", prompt + path[::-1][:-1])
         last = Row("plain", 0, -1, len(prompt) + depth[i], tokens[i], True, True)
         assert torch.equal(plain.hidden(MicroBatch(2, [last]))[0], tree_out[i]), f"node {i} differs"

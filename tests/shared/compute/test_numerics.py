@@ -12,10 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.compute.runner import RequestInfo, StageRunner, load_stage
-from shared.types.batch import MicroBatch, Row
+from shared.compute.runner import StageRunner, load_stage
+from shared.types.batch import MicroBatch
 from shared.types.config import ModelArch, SamplingParams
 from shared.types.errors import ConfigError
+from tests.shared.compute.trees import prefill, random_tree, tree_rows
 
 pytestmark = pytest.mark.unit
 
@@ -24,14 +25,9 @@ def _runner(model_dir, numerics: str) -> StageRunner:
     return load_stage(model_dir, ModelArch.from_model_dir(model_dir), 0, 1, numerics=numerics)
 
 
-def _tree_states(runner: StageRunner, prompt: list[int], par: list[int], tokens: list[int]) -> torch.Tensor:
-    runner.add_request("r", RequestInfo(len(prompt), SamplingParams()), 256)
-    runner.hidden(MicroBatch(0, [Row("r", -(p + 2), -(p + 1), p, t, True, False) for p, t in enumerate(prompt)]))
-    depth: list[int] = []
-    for p in par:
-        depth.append(0 if p == -1 else depth[p] + 1)
-    rows = [Row("r", i, p, len(prompt) + depth[i], tokens[i], False, True) for i, p in enumerate(par)]
-    return runner.hidden(MicroBatch(1, rows))
+def _tree_states(runner: StageRunner, prompt: list[int], tree: tuple[list[int], list[int], list[int]]):
+    prefill(runner, "r", prompt)
+    return runner.hidden(MicroBatch(1, tree_rows("r", len(prompt), *tree)))
 
 
 @settings(max_examples=15, deadline=None)
@@ -41,10 +37,9 @@ def _tree_states(runner: StageRunner, prompt: list[int], par: list[int], tokens:
     seed=st.integers(0, 1000),
 )
 def test_fast_tree_matches_exact_within_rounding(tiny_dir, prompt, parents, seed) -> None:
-    tokens = torch.randint(3, 400, (len(parents),), generator=torch.Generator().manual_seed(seed)).tolist()
-    par = [-1 if p >= i or p == 0 else p - 1 for i, p in enumerate(parents)]  # a random tree, topological order
+    tree = random_tree(parents, seed)
     exact, fast = _runner(tiny_dir, "exact"), _runner(tiny_dir, "fast")
-    a, b = _tree_states(exact, prompt, par, tokens), _tree_states(fast, prompt, par, tokens)
+    a, b = _tree_states(exact, prompt, tree), _tree_states(fast, prompt, tree)
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast.logits(b), exact.logits(a), rtol=1e-4, atol=1e-4)
 
