@@ -27,7 +27,9 @@ class DraftModelSource:
         self.runner = runner
 
     def add_request(self, request_id: str, prompt: list[int], capacity: int) -> None:
-        self.runner.add_request(request_id, RequestInfo(len(prompt), SamplingParams()), capacity)
+        # prompt_len 0: every row in the same GEMM tiles, whatever text the draft first saw (a cache and a
+        # recompute from scratch then give the same proposals); the draft never draws seeded targets
+        self.runner.add_request(request_id, RequestInfo(0, SamplingParams()), capacity)
 
     def expand(self, jobs: list[ExpansionJob]) -> list[tuple[str, int, Proposals]]:
         rows, asked, top_k = [], [], {}

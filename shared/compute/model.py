@@ -40,19 +40,36 @@ import torch.nn.functional as F
 from shared.types.config import ModelArch
 
 GEMM_ROW_TILE = 4
+PROMPT_ROW_TILE = 64  # prompt rows (positions below the prompt length, the same in every policy) use bigger tiles
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T + b, each row computed the same way whatever the row count: one GEMM of GEMM_ROW_TILE rows per
-    tile (a single GEMM over all rows is faster on many rows but not row invariant everywhere).
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, tile: int = GEMM_ROW_TILE) -> torch.Tensor:
+    """x @ w.T + b, each row computed the same way whatever the row count: one GEMM of `tile` rows per tile
+    (a single GEMM over all rows is faster on many rows but not row invariant everywhere).
     x: [n, in] -> [n, out]."""
-    n, t = x.shape[0], GEMM_ROW_TILE
+    n, t = x.shape[0], tile
     padded = -(-n // t) * t
     if padded != n:
         x = F.pad(x, (0, 0, 0, padded - n))  # [padded, in]
     if padded == t:
         return F.linear(x, w, b)[:n]
     return torch.cat([F.linear(x[i : i + t], w, b) for i in range(0, padded, t)])[:n]
+
+
+def tiled_linear(groups: list[tuple[torch.Tensor, int]]):
+    """The exact GEMM for a micro-batch whose rows fall in groups of one tile size each: [(row indices, tile)].
+    A row's group must not depend on the batch (prompt rows and generated rows, say)."""
+    if len(groups) == 1:
+        tile = groups[0][1]
+        return lambda x, w, b=None: linear(x, w, b, tile)
+
+    def lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        out = x.new_empty(x.shape[0], w.shape[0])  # [n, out]
+        for rows, tile in groups:
+            out[rows] = linear(x[rows], w, b, tile)
+        return out
+
+    return lin
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -17,12 +17,15 @@ import torch.nn.functional as F
 from shared.compute.distr_attention import distr_attention
 from shared.compute.kv_cache import RequestKV, RowContext, allocate
 from shared.compute.model import (
+    GEMM_ROW_TILE,
+    PROMPT_ROW_TILE,
     RowAttention,
     decoder_layer,
     linear,
     masked_attention,
     rms_norm,
     rope_table,
+    tiled_linear,
     tree_attention,
 )
 from shared.compute.sampling import target_token
@@ -116,10 +119,19 @@ class StageRunner:
         plans = self._plan(rows)
         positions = torch.tensor([r.position for r in rows])
         cos, sin = self.cos[positions], self.sin[positions]  # [n, d]
+        lin = self.lin if self.fast else self._exact_gemm(rows)
         for li, layer in enumerate(self.weights.layers):
-            x = decoder_layer(x, layer, self.arch, cos, sin, self._writer(plans, li), self._attender(plans, li),
-                              self.lin)
+            x = decoder_layer(x, layer, self.arch, cos, sin, self._writer(plans, li), self._attender(plans, li), lin)
         return x
+
+    def _exact_gemm(self, rows: list[Row]):
+        """Prompt rows in PROMPT_ROW_TILE-row GEMMs, generated rows in GEMM_ROW_TILE-row ones: a row's tile size
+        depends only on its position, so every policy computes it alike."""
+        prompt = [i for i, r in enumerate(rows) if r.position < self.info[r.request_id].prompt_len]
+        if not prompt or len(prompt) == len(rows):
+            return tiled_linear([(None, PROMPT_ROW_TILE if prompt else GEMM_ROW_TILE)])
+        generated = sorted(set(range(len(rows))) - set(prompt))
+        return tiled_linear([(torch.tensor(prompt), PROMPT_ROW_TILE), (torch.tensor(generated), GEMM_ROW_TILE)])
 
     def _empty(self, batch: MicroBatch) -> MicroBatch | StageOutput:
         if self.is_last:

@@ -57,6 +57,6 @@ def test_tree_rows_equal_plain_path(tiny_dir, prompt, parents, seed) -> None:
             path.append(tokens[node])
             node = par[node]
         plain = _runner(tiny_dir)
-        prefill(plain, "plain", prompt + path[::-1][:-1])
+        prefill(plain, "plain", prompt + path[::-1][:-1], prompt_len=len(prompt))  # ancestors: output, not prompt
         last = Row("plain", 0, -1, len(prompt) + depth[i], tokens[i], True, True)
         assert torch.equal(plain.hidden(MicroBatch(2, [last]))[0], tree_out[i]), f"node {i} differs"

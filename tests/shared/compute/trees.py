@@ -9,9 +9,10 @@ from shared.types.batch import MicroBatch, Row
 from shared.types.config import SamplingParams
 
 
-def prefill(runner: StageRunner, rid: str, prompt: list[int]) -> None:
-    """Register `rid` and write its prompt's KV as one committed chunk."""
-    runner.add_request(rid, RequestInfo(len(prompt), SamplingParams()), 256)
+def prefill(runner: StageRunner, rid: str, prompt: list[int], prompt_len: int | None = None) -> None:
+    """Register `rid` and write the KV of `prompt` as one committed chunk; with prompt_len, the tokens past it
+    are the request's output (plain decoding's committed tokens), not its prompt."""
+    runner.add_request(rid, RequestInfo(len(prompt) if prompt_len is None else prompt_len, SamplingParams()), 256)
     runner.hidden(MicroBatch(0, [Row(rid, -(p + 2), -(p + 1), p, t, True, False) for p, t in enumerate(prompt)]))
 
 
