@@ -59,9 +59,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, tile
 def tiled_linear(groups: list[tuple[torch.Tensor, int]]):
     """The exact GEMM for a micro-batch whose rows fall in groups of one tile size each: [(row indices, tile)].
     A row's group must not depend on the batch (prompt rows and generated rows, say)."""
-    if len(groups) == 1:
-        tile = groups[0][1]
-        return lambda x, w, b=None: linear(x, w, b, tile)
 
     def lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         out = x.new_empty(x.shape[0], w.shape[0])  # [n, out]

@@ -7,6 +7,7 @@ In-process executors and the distributed stage worker both drive it.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,11 +128,12 @@ class StageRunner:
     def _exact_gemm(self, rows: list[Row]):
         """Prompt rows in PROMPT_ROW_TILE-row GEMMs, generated rows in GEMM_ROW_TILE-row ones: a row's tile size
         depends only on its position, so every policy computes it alike."""
-        prompt = [i for i, r in enumerate(rows) if r.position < self.info[r.request_id].prompt_len]
-        if not prompt or len(prompt) == len(rows):
-            return tiled_linear([(None, PROMPT_ROW_TILE if prompt else GEMM_ROW_TILE)])
-        generated = sorted(set(range(len(rows))) - set(prompt))
-        return tiled_linear([(torch.tensor(prompt), PROMPT_ROW_TILE), (torch.tensor(generated), GEMM_ROW_TILE)])
+        is_prompt = [r.position < self.info[r.request_id].prompt_len for r in rows]
+        if all(is_prompt) or not any(is_prompt):  # one kind of row: no gather and scatter
+            return functools.partial(linear, tile=PROMPT_ROW_TILE if is_prompt[0] else GEMM_ROW_TILE)
+        prompt = torch.tensor([i for i, p in enumerate(is_prompt) if p])
+        generated = torch.tensor([i for i, p in enumerate(is_prompt) if not p])
+        return tiled_linear([(prompt, PROMPT_ROW_TILE), (generated, GEMM_ROW_TILE)])
 
     def _empty(self, batch: MicroBatch) -> MicroBatch | StageOutput:
         if self.is_last:
