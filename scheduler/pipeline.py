@@ -13,7 +13,7 @@ import time
 import redis
 
 from shared.transport.membership import PipelineRun, begin_run, end_run, not_joined
-from shared.transport.redis_io import RedisConfig, alive, stage_name
+from shared.transport.redis_io import RedisConfig, not_alive, stage_name
 
 log = logging.getLogger("scheduler")
 IDLE_CHECK_S = 1.0  # an idle pipeline looks for lost stages this often
@@ -44,7 +44,8 @@ class PipelineWatch:
 
     def lost(self) -> list[int]:
         """Stages whose heartbeat stopped."""
-        return [k for k in range(self.stages) if not alive(self.r, self.cfg, stage_name(k))]
+        names = [stage_name(k) for k in range(self.stages)]
+        return [names.index(n) for n in not_alive(self.r, self.cfg, names)]
 
     def lost_while_idle(self) -> list[int]:
         """Checked now and then while no request runs, so a stage lost then is back before one needs it."""

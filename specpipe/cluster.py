@@ -20,7 +20,7 @@ from pathlib import Path
 
 from shared.environment import DEFAULTS, env
 from shared.service_args import add_attention_args, attention_config
-from shared.transport.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
+from shared.transport.redis_io import RedisConfig, connect, ensure_redis, not_alive, pipeline_components, stage_name
 from shared.types.config import DTYPES, NUMERICS, NUMERICS_HELP, AttentionConfig
 from specpipe.supervisor import RESTART_POLICIES, Child, RestartPolicy, Supervisor
 
@@ -186,7 +186,7 @@ def children(cfg: ClusterConfig) -> list[Child]:
 def _ready(rcfg: RedisConfig, stages: int) -> bool:
     try:
         r = connect(rcfg)
-        return all(alive(r, rcfg, n) for n in pipeline_components(stages))
+        return not not_alive(r, rcfg, pipeline_components(stages))
     except Exception:
         return False
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import redis
 
-from shared.transport.redis_io import RedisConfig, alive, stage_name
+from shared.transport.redis_io import RedisConfig, not_alive, stage_name
 
 RENDEZVOUS_TTL_S = 24 * 3600  # a run's rendezvous address outlives any run; stale ones expire
 
@@ -94,5 +94,5 @@ def mark_joined(r: redis.Redis, cfg: RedisConfig, component: str, epoch: int) ->
 def not_joined(r: redis.Redis, cfg: RedisConfig, stages: int, epoch: int) -> list[str]:
     """Stages that are not (yet) serving run `epoch`: not alive, or still in another run."""
     names = [stage_name(k) for k in range(stages)]
-    joined = r.mget([cfg.joined(n) for n in names])
-    return [n for n, e in zip(names, joined) if e is None or int(e) != epoch or not alive(r, cfg, n)]
+    joined, lost = r.mget([cfg.joined(n) for n in names]), set(not_alive(r, cfg, names))
+    return [n for n, e in zip(names, joined) if e is None or int(e) != epoch or n in lost]

@@ -167,6 +167,15 @@ def alive(r: redis.Redis, cfg: RedisConfig, component: str) -> bool:
     return r.exists(cfg.heartbeat(component)) == 1
 
 
+def not_alive(r: redis.Redis, cfg: RedisConfig, components: list[str]) -> list[str]:
+    """The components without a live heartbeat, in one round trip."""
+    with r.pipeline(transaction=False) as pipe:
+        for name in components:
+            pipe.exists(cfg.heartbeat(name))
+        found = pipe.execute()
+    return [name for name, n in zip(components, found) if not n]
+
+
 def any_alive(r: redis.Redis, cfg: RedisConfig, component_prefix: str) -> bool:
     return next(r.scan_iter(cfg.heartbeat(component_prefix) + "*", count=100), None) is not None
 
