@@ -182,6 +182,8 @@ class SchedulerService:
             return
         if not self.admission.offer(request, time.monotonic()):
             self._end(msg.request_id, "queue_full", "queue full")
+            return
+        self._admit()  # at once: the queue limit counts only requests whose KV does not fit, not one read batch
 
     def _request(self, msg: RequestMsg) -> Request:
         policy = None
