@@ -181,7 +181,7 @@ class PolicyConfig:
         return {"pp": 0, "tree": self.depth, "specpipe": self.refill_depth}[self.name]
 
 
-DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,7 @@ class EngineConfig:
     # traffic (a memory-bound draft is what paces SpecPipe when its forward is slower than a pipeline step).
     draft_dtype: str = "float32"
     numerics: str = "exact"  # NUMERICS: the target's and the draft's kernels
+    device: str = "cpu"  # in-process executor: every stage and the draft on this one device (cpu, cuda, cuda:N)
 
     def __post_init__(self) -> None:
         for name in ("dtype", "draft_dtype"):
