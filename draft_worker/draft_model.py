@@ -41,13 +41,12 @@ class DraftModelSource:
         if not rows:
             return []
         hidden = self.runner.hidden(MicroBatch(-1, rows))  # [n, H]
-        picked = torch.tensor([i for _, _, i in asked])
+        picked = torch.tensor([i for _, _, i in asked], device=hidden.device)
         logprobs = torch.log_softmax(self.runner.logits(hidden[picked]).float(), dim=-1)  # [m, V], fp32 scores
-        out = []
-        for j, (rid, node_id, _) in enumerate(asked):
-            values, tokens = torch.topk(logprobs[j], top_k[rid])
-            out.append((rid, node_id, list(zip(tokens.tolist(), values.tolist()))))
-        return out
+        values, tokens = torch.topk(logprobs, max(top_k.values()))  # [m, k] each, best first: one copy to the host
+        values, tokens = values.tolist(), tokens.tolist()
+        return [(rid, node_id, list(zip(tokens[j][: top_k[rid]], values[j][: top_k[rid]])))
+                for j, (rid, node_id, _) in enumerate(asked)]
 
     def _rows_for(self, job: ExpansionJob, ref: NodeRef) -> list[Row]:
         rid = job.request_id

@@ -16,7 +16,7 @@ from shared.types.speculation import SpeculativeSource
 
 
 def load_draft(name: str, target: ModelArch, cache_dir: Path | None, dtype: torch.dtype,
-               numerics: str = "exact") -> SpeculativeSource:
+               numerics: str = "exact", device: torch.device | str = "cpu") -> SpeculativeSource:
     if name == "ngram":
         return NgramSource()
     draft_dir = resolve_model(name, cache_dir)
@@ -26,4 +26,4 @@ def load_draft(name: str, target: ModelArch, cache_dir: Path | None, dtype: torc
             f"draft '{name}' has a vocabulary of {arch.vocab_size} tokens but the target has "
             f"{target.vocab_size}: the draft must share the target's tokenizer"
         )
-    return DraftModelSource(load_stage(draft_dir, arch, 0, 1, dtype, numerics=numerics))
+    return DraftModelSource(load_stage(draft_dir, arch, 0, 1, dtype, numerics=numerics, device=device))

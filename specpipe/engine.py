@@ -9,6 +9,7 @@ import torch
 
 from draft_worker.load import load_draft
 from scheduler.scheduler import Scheduler
+from shared.compute.device import resolve_device
 from shared.compute.runner import load_stage
 from shared.model_store import resolve_model
 from shared.types.config import AttentionConfig, EngineConfig, ModelArch, PolicyConfig
@@ -29,11 +30,14 @@ class SimulationConfig:
 
 def build_pipeline(cfg: SimulationConfig, trace_limit: int = 0) -> tuple[InProcessPipeline, Path, ModelArch]:
     dtype = getattr(torch, cfg.engine.dtype)
+    device = resolve_device(cfg.engine.device)
     model_dir = resolve_model(cfg.model, cfg.cache_dir)
     arch = ModelArch.from_model_dir(model_dir)
     n, numerics = cfg.policy.stages, cfg.engine.numerics
-    stages = [load_stage(model_dir, arch, k, n, dtype, cfg.attention, numerics) for k in range(n)]
-    draft_dtype = getattr(torch, cfg.engine.draft_dtype)
-    draft = None if cfg.policy.name == "pp" else load_draft(cfg.draft, arch, cfg.cache_dir, draft_dtype, numerics)
+    stages = [load_stage(model_dir, arch, k, n, dtype, cfg.attention, numerics, device) for k in range(n)]
+    draft = None
+    if cfg.policy.name != "pp":
+        draft_dtype = getattr(torch, cfg.engine.draft_dtype)
+        draft = load_draft(cfg.draft, arch, cfg.cache_dir, draft_dtype, numerics, device)
     scheduler = Scheduler(cfg.policy, cfg.engine, context_limit=arch.max_positions)
     return InProcessPipeline(stages, scheduler, draft, trace_limit), model_dir, arch

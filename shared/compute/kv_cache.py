@@ -99,7 +99,7 @@ class RequestKV:
         keep = [i for i, n in enumerate(self.inflight) if n not in node_ids]
         if len(keep) == len(self.inflight):
             return
-        src = torch.tensor([self.prefix_len + i for i in keep], dtype=torch.long)
+        src = torch.tensor([self.prefix_len + i for i in keep], dtype=torch.long, device=self.k.device)
         dst = slice(self.prefix_len, self.prefix_len + len(keep))
         self.k[:, dst] = self.k[:, src]  # advanced indexing copies before the write
         self.v[:, dst] = self.v[:, src]
@@ -120,6 +120,7 @@ class RequestKV:
             self.prefix_len += 1
 
 
-def allocate(num_layers: int, capacity: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> RequestKV:
+def allocate(num_layers: int, capacity: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+             device: torch.device | str = "cpu") -> RequestKV:
     shape = (num_layers, capacity, kv_heads, head_dim)
-    return RequestKV(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+    return RequestKV(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))

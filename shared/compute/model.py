@@ -1,29 +1,29 @@
 """A compact Llama-family decoder (Llama, Qwen2, SmolLM2), written for trees.
 
-In the spirit of gpt-fast's model.py, but every operation is *row invariant*:
-a node's hidden state does not depend on which other nodes share its
-micro-batch. That is what lets a speculative tree reproduce plain decoding
-bit for bit in fp32:
-- GEMMs: a BLAS picks its kernel and K blocking by the row count (MKL: other
-  kernels for 1-3 rows and remainder tiles; on an Intel Xeon also for 9+
-  rows against 8), so every product has exactly GEMM_ROW_TILE rows: the
-  rows are cut into tiles of that many, the last one zero-padded, and each
-  row is computed the same way wherever it sits
-  (tests/shared/compute/test_invariance.py checks this on the machine at hand).
-  4 rows, not 8: a decode row pads to 4; a scan of 3,770 rows (1-64 rows, K
-  64-1536, N 64-49152, 1 and 2 threads) found 4-row products row invariant on
-  this Intel Xeon, as 8-row ones are.
-- Attention: each row attends to its context gathered in position order
-  (prefix, ancestors, itself) with its own fixed-shape matmuls (batched
-  matmuls are not row invariant), so the reduction is the one plain decoding
-  does at that position.
+In the spirit of gpt-fast's model.py, with two numerics modes on one code path.
+
+Numerics `exact` keeps every operation *row invariant*: a node's hidden state
+does not depend on which other nodes share its micro-batch. That is what lets
+a speculative tree reproduce plain decoding bit for bit:
+- GEMMs: a BLAS picks its kernel and K blocking by the row count, so a row
+  must be computed by a product whose shape does not depend on the batch.
+  Generated rows (tree nodes, decode rows) are each a one-row product
+  (`rowwise_linear`: one batched GEMV over the rows, the BLAS's fastest kernel
+  for one row, and bit-identical to a lone row on the machines we checked).
+  Prompt rows, at positions below the prompt length and so alike in every
+  policy, go in PROMPT_ROW_TILE-row tiles (`linear`).
+  tests/shared/compute/test_invariance.py checks this on the machine at hand.
+- Attention: a generated row attends to its context gathered in position order
+  (prefix, ancestors, itself) with its own fixed-shape matmuls; prompt rows
+  attend in position-aligned tiles of PROMPT_ROW_TILE queries with one masked
+  SDPA call per tile (`prompt_tile_attention`), whose shapes depend only on the
+  tile, however the prompt was chunked.
 - RoPE: one precomputed table indexed by position.
 
-Numerics `fast` (opt-in, `--numerics fast`) gives up row invariance for speed:
-one GEMM per micro-batch and one masked SDPA call per request and layer
-(`masked_attention`). Every token is still the target's own choice from logits
-computed for exactly its context; tokens can differ from plain decoding only
-where floating-point rounding flips a near-tie.
+Numerics `fast` gives up row invariance for speed: one GEMM per micro-batch and
+one masked SDPA call per request and layer (`masked_attention`). Every token is
+still the target's own choice from logits computed for exactly its context;
+tokens can differ from plain decoding only where rounding flips a near-tie.
 
 Notation: n = rows in the micro-batch, H = hidden size, h = query heads,
 g = kv heads, r = h // g, d = head dim, L = context length.
@@ -39,14 +39,12 @@ import torch.nn.functional as F
 
 from shared.types.config import ModelArch
 
-GEMM_ROW_TILE = 4
-PROMPT_ROW_TILE = 64  # prompt rows (positions below the prompt length, the same in every policy) use bigger tiles
+PROMPT_ROW_TILE = 64  # prompt rows' GEMM and attention tiles (positions below the prompt length)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, tile: int = GEMM_ROW_TILE) -> torch.Tensor:
-    """x @ w.T + b, each row computed the same way whatever the row count: one GEMM of `tile` rows per tile
-    (a single GEMM over all rows is faster on many rows but not row invariant everywhere).
-    x: [n, in] -> [n, out]."""
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, tile: int = PROMPT_ROW_TILE) -> torch.Tensor:
+    """x @ w.T + b in GEMMs of exactly `tile` rows, the last one zero-padded: each row is computed the same way
+    whatever the row count. x: [n, in] -> [n, out]."""
     n, t = x.shape[0], tile
     padded = -(-n // t) * t
     if padded != n:
@@ -56,14 +54,22 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, tile
     return torch.cat([F.linear(x[i : i + t], w, b) for i in range(0, padded, t)])[:n]
 
 
-def tiled_linear(groups: list[tuple[torch.Tensor, int]]):
-    """The exact GEMM for a micro-batch whose rows fall in groups of one tile size each: [(row indices, tile)].
+def rowwise_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T + b, every row its own one-row product: one batched GEMV (the weight broadcast, not copied).
+    x: [n, in] -> [n, out]."""
+    n, k = x.shape
+    out = torch.bmm(x[:, None, :], w.t().expand(n, k, w.shape[0]))[:, 0]  # [n, out]
+    return out if b is None else out + b
+
+
+def tiled_linear(groups: list[tuple[torch.Tensor, object]]):
+    """The exact GEMM for a micro-batch whose rows fall in groups of one product each: [(row indices, gemm)].
     A row's group must not depend on the batch (prompt rows and generated rows, say)."""
 
     def lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         out = x.new_empty(x.shape[0], w.shape[0])  # [n, out]
-        for rows, tile in groups:
-            out[rows] = linear(x[rows], w, b, tile)
+        for rows, gemm in groups:
+            out[rows] = gemm(x[rows], w, b)
         return out
 
     return lin
@@ -159,6 +165,30 @@ def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out[0].transpose(0, 1)
 
 
+def prompt_tile_attention(q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                          tile: int = PROMPT_ROW_TILE) -> torch.Tensor:
+    """Prompt rows (numerics exact), causal, in position-aligned tiles: the row at position p is query p % tile
+    of tile t = p // tile, attending keys [0, (t + 1) * tile) under a causal mask. A tile's shapes depend only on
+    t, so a row's numbers do not depend on which chunk brought it. q: [m, h, d]; positions: [m] (sorted, the
+    keys' slots); keys/values: [C, g, d] the request's cache. Returns [m, h, d]."""
+    out = torch.empty_like(q)
+    first, last = int(positions[0]) // tile, int(positions[-1]) // tile
+    for t in range(first, last + 1):
+        sel = ((positions // tile) == t).nonzero()[:, 0]  # [s] rows in this tile
+        if not len(sel):
+            continue
+        end, offset = (t + 1) * tile, t * tile
+        tile_q = q.new_zeros(tile, *q.shape[1:])  # [tile, h, d]; rows of other chunks stay zero
+        tile_q[positions[sel] - offset] = q[sel]
+        k, v = keys[:end], values[:end]
+        if k.shape[0] < end:  # the cache ends inside the tile: pad to the tile's shape (masked anyway)
+            k, v = F.pad(k, (0, 0, 0, 0, 0, end - k.shape[0])), F.pad(v, (0, 0, 0, 0, 0, end - v.shape[0]))
+        qpos = torch.arange(offset, end, device=q.device)
+        mask = torch.arange(end, device=q.device)[None, :] <= qpos[:, None]  # [tile, end]
+        out[sel] = masked_attention(tile_q, k, v, mask)[positions[sel] - offset]
+    return out
+
+
 def decoder_layer(
     x: torch.Tensor,
     w: LayerWeights,
@@ -167,13 +197,13 @@ def decoder_layer(
     sin: torch.Tensor,
     write_kv,
     attend,
-    lin=linear,
+    lin=rowwise_linear,
 ) -> torch.Tensor:
     """One pre-norm decoder layer. x: [n, H]; cos/sin: [n, d].
 
     write_kv(k, v) stores the rows' keys/values ([n, g, d]) in the cache;
     attend(q) runs tree attention for q: [n, h, d] and returns [n, h * d];
-    lin is the GEMM (`linear`, row invariant, or F.linear for numerics fast).
+    lin is the GEMM (row invariant for numerics exact, F.linear for fast).
     """
     n, h, g, d = x.shape[0], arch.num_heads, arch.num_kv_heads, arch.head_dim
     qkv = lin(rms_norm(x, w.attn_norm, arch.rms_eps), w.qkv, w.qkv_bias)  # [n, (h + 2g) * d]

@@ -7,7 +7,6 @@ In-process executors and the distributed stage worker both drive it.
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,18 +17,18 @@ import torch.nn.functional as F
 from shared.compute.distr_attention import distr_attention
 from shared.compute.kv_cache import RequestKV, RowContext, allocate
 from shared.compute.model import (
-    GEMM_ROW_TILE,
-    PROMPT_ROW_TILE,
     RowAttention,
     decoder_layer,
     linear,
     masked_attention,
+    prompt_tile_attention,
     rms_norm,
     rope_table,
+    rowwise_linear,
     tiled_linear,
     tree_attention,
 )
-from shared.compute.sampling import target_token
+from shared.compute.sampling import target_tokens
 from shared.compute.weights import StageWeights, load_stage_weights
 from shared.types.batch import MicroBatch, PipelineEvent, Row, StageOutput
 from shared.types.config import NUMERICS, AttentionConfig, ModelArch, SamplingParams, split_layers
@@ -50,7 +49,9 @@ class _RequestPlan:
 
     rows: torch.Tensor  # [m] row indices
     slots: torch.Tensor  # [m] KV slots the rows write
-    attention: list[RowAttention]
+    attention: list[RowAttention]  # numerics exact: the generated rows, each attending on its own
+    prompt_rows: torch.Tensor | None  # numerics exact: [p] row indices of prompt rows (position tiles), or None
+    prompt_positions: torch.Tensor | None  # [p] their positions (= their prefix slots)
     mask: torch.Tensor | None  # numerics fast: [m, L] what each row attends to in the cache's first L slots
     prefill_start: int | None  # first position if the rows are a prefill chunk (see _prefill_start), else None
 
@@ -62,15 +63,16 @@ class StageRunner:
         if numerics not in NUMERICS:
             raise ConfigError(f"unknown numerics '{numerics}': choose one of {', '.join(NUMERICS)}")
         self.fast = numerics == "fast"
-        self.lin = F.linear if self.fast else linear  # one GEMM per micro-batch, or row-invariant tiles
+        self.lin = F.linear if self.fast else rowwise_linear  # one GEMM per micro-batch, or one per row
         self.arch = arch
         self.weights = weights
         self.attention = attention
         self.dtype = weights.layers[0].qkv.dtype
+        self.device = weights.layers[0].qkv.device  # the weights say where everything else lives
         self.is_first = weights.embed is not None
         self.is_last = weights.lm_head is not None
         # computed in fp32 and cast to the weights' dtype, as transformers does (a no-op in fp32)
-        self.cos, self.sin = (t.to(self.dtype) for t in rope_table(arch, arch.max_positions))
+        self.cos, self.sin = (t.to(self.device, self.dtype) for t in rope_table(arch, arch.max_positions))
         self.kv: dict[str, RequestKV] = {}
         self.info: dict[str, RequestInfo] = {}
 
@@ -82,7 +84,8 @@ class StageRunner:
     # ---- request lifecycle -------------------------------------------------------------
     def add_request(self, request_id: str, info: RequestInfo, capacity: int) -> None:
         a = self.arch
-        self.kv[request_id] = allocate(self.num_layers, capacity, a.num_kv_heads, a.head_dim, self.dtype)
+        self.kv[request_id] = allocate(self.num_layers, capacity, a.num_kv_heads, a.head_dim, self.dtype,
+                                       self.device)
         self.info[request_id] = info
 
     def release(self, request_id: str) -> None:
@@ -118,52 +121,65 @@ class StageRunner:
             raise ProtocolError(f"batch {batch.batch_id} has rows of requests unknown to this stage: {sorted(unknown)}")
         x = self._input(batch)  # [n, H]
         plans = self._plan(rows)
-        positions = torch.tensor([r.position for r in rows])
+        positions = self._index([r.position for r in rows])
         cos, sin = self.cos[positions], self.sin[positions]  # [n, d]
         lin = self.lin if self.fast else self._exact_gemm(rows)
         for li, layer in enumerate(self.weights.layers):
             x = decoder_layer(x, layer, self.arch, cos, sin, self._writer(plans, li), self._attender(plans, li), lin)
         return x
 
+    def _index(self, values: list[int]) -> torch.Tensor:
+        """A per-step index tensor on this stage's device."""
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _is_prompt(self, row: Row) -> bool:
+        """Prompt rows (positions below the prompt length) are alike in every policy, so they may share tiles."""
+        return row.position < self.info[row.request_id].prompt_len
+
     def _exact_gemm(self, rows: list[Row]):
-        """Prompt rows in PROMPT_ROW_TILE-row GEMMs, generated rows in GEMM_ROW_TILE-row ones: a row's tile size
-        depends only on its position, so every policy computes it alike."""
-        is_prompt = [r.position < self.info[r.request_id].prompt_len for r in rows]
-        if all(is_prompt) or not any(is_prompt):  # one kind of row: no gather and scatter
-            return functools.partial(linear, tile=PROMPT_ROW_TILE if is_prompt[0] else GEMM_ROW_TILE)
-        prompt = torch.tensor([i for i, p in enumerate(is_prompt) if p])
-        generated = torch.tensor([i for i, p in enumerate(is_prompt) if not p])
-        return tiled_linear([(prompt, PROMPT_ROW_TILE), (generated, GEMM_ROW_TILE)])
+        """Prompt rows in PROMPT_ROW_TILE-row GEMMs, generated rows one by one: a row's product depends only on
+        its position, so every policy computes it alike."""
+        is_prompt = [self._is_prompt(r) for r in rows]
+        if all(is_prompt):
+            return linear
+        if not any(is_prompt):  # one kind of row: no gather and scatter
+            return rowwise_linear
+        prompt = self._index([i for i, p in enumerate(is_prompt) if p])
+        generated = self._index([i for i, p in enumerate(is_prompt) if not p])
+        return tiled_linear([(prompt, linear), (generated, rowwise_linear)])
 
     def _empty(self, batch: MicroBatch) -> MicroBatch | StageOutput:
         if self.is_last:
             return StageOutput(batch.batch_id, [], [])
-        return MicroBatch(batch.batch_id, [], torch.empty(0, self.arch.hidden_size, dtype=self.dtype))
+        return MicroBatch(batch.batch_id, [], torch.empty(0, self.arch.hidden_size, dtype=self.dtype,
+                                                         device=self.device))
 
     def _input(self, batch: MicroBatch) -> torch.Tensor:
         if self.is_first:
-            tokens = torch.tensor([r.token for r in batch.rows], dtype=torch.long)
-            return self.weights.embed[tokens]
+            return self.weights.embed[self._index([r.token for r in batch.rows])]
         if batch.hidden is None or batch.hidden.shape != (len(batch.rows), self.arch.hidden_size):
             raise ProtocolError(f"batch {batch.batch_id}: hidden states missing or of the wrong shape")
-        return batch.hidden.to(self.dtype)
+        return batch.hidden.to(self.device, self.dtype)
 
     def _plan(self, rows: list[Row]) -> dict[str, _RequestPlan]:
         """Place every row in its request's cache and note what it attends to."""
         by_request: dict[str, list[tuple[int, RowContext]]] = defaultdict(list)
         for i, row in enumerate(rows):
             by_request[row.request_id].append((i, self.kv[row.request_id].place(row)))
-        plans = {}
-        for request_id, placed in by_request.items():
-            attention = [_row_attention(i, ctx) for i, ctx in placed]
-            plans[request_id] = _RequestPlan(
-                rows=torch.tensor([i for i, _ in placed]),
-                slots=torch.tensor([ctx.slot for _, ctx in placed]),
-                attention=attention,
-                mask=_attention_mask([ctx for _, ctx in placed]) if self.fast else None,
-                prefill_start=_prefill_start([rows[i] for i, _ in placed], attention),
-            )
-        return plans
+        return {rid: self._request_plan(rows, placed) for rid, placed in by_request.items()}
+
+    def _request_plan(self, rows: list[Row], placed: list[tuple[int, RowContext]]) -> _RequestPlan:
+        exact = [] if self.fast else [(i, ctx) for i, ctx in placed if not self._is_prompt(rows[i])]
+        prompt = [] if self.fast else [(i, rows[i].position) for i, _ in placed if self._is_prompt(rows[i])]
+        return _RequestPlan(
+            rows=self._index([i for i, _ in placed]),
+            slots=self._index([ctx.slot for _, ctx in placed]),
+            attention=[_row_attention(i, ctx, self.device) for i, ctx in exact],
+            prompt_rows=self._index([i for i, _ in prompt]) if prompt else None,
+            prompt_positions=self._index([p for _, p in prompt]) if prompt else None,
+            mask=_attention_mask([ctx for _, ctx in placed]).to(self.device) if self.fast else None,
+            prefill_start=_prefill_start([rows[i] for i, _ in placed], [ctx for _, ctx in placed]),
+        )
 
     def _writer(self, plans: dict[str, _RequestPlan], layer: int):
         def write_kv(k: torch.Tensor, v: torch.Tensor) -> None:  # [n, g, d] each
@@ -178,7 +194,7 @@ class StageRunner:
         a = self.arch
 
         def attend(q: torch.Tensor) -> torch.Tensor:  # [n, h, d] -> [n, h * d]
-            out = torch.empty(q.shape[0], a.num_kv_heads, a.rep, a.head_dim, dtype=q.dtype)
+            out = torch.empty(q.shape[0], a.num_kv_heads, a.rep, a.head_dim, dtype=q.dtype, device=q.device)
             for request_id, plan in plans.items():
                 cache = self.kv[request_id]
                 if self._distr(plan):
@@ -191,10 +207,19 @@ class StageRunner:
                     chunk = masked_attention(q[plan.rows], cache.k[layer, :end], cache.v[layer, :end], plan.mask)
                     out[plan.rows] = chunk.reshape(-1, a.num_kv_heads, a.rep, a.head_dim)
                 else:
-                    tree_attention(q, cache.k[layer], cache.v[layer], plan.attention, a, out)
+                    self._exact_attention(q, cache, layer, plan, out)
             return out.view(q.shape[0], -1)
 
         return attend
+
+    def _exact_attention(self, q: torch.Tensor, cache: RequestKV, layer: int, plan: _RequestPlan,
+                         out: torch.Tensor) -> None:
+        """Prompt rows in position tiles, generated rows one by one (numerics exact). out: [n, g, r, d]."""
+        a = self.arch
+        if plan.prompt_rows is not None:
+            tiled = prompt_tile_attention(q[plan.prompt_rows], plan.prompt_positions, cache.k[layer], cache.v[layer])
+            out[plan.prompt_rows] = tiled.view(-1, a.num_kv_heads, a.rep, a.head_dim)
+        tree_attention(q, cache.k[layer], cache.v[layer], plan.attention, a, out)
 
     def _distr(self, plan: _RequestPlan) -> bool:
         """DistrAttention only for prefill chunks of at least one query block; all else stays exact."""
@@ -207,10 +232,12 @@ class StageRunner:
         targets = [-1] * len(rows)
         if not wanted:
             return targets
-        logits = self.logits(x[wanted])  # [m, V]
-        for j, i in enumerate(wanted):
-            info = self.info[rows[i].request_id]
-            targets[i] = target_token(logits[j], info.sampling, rows[i].position + 1 - info.prompt_len)
+        logits = self.logits(x[self._index(wanted)])  # [m, V]
+        infos = [self.info[rows[i].request_id] for i in wanted]
+        picks = target_tokens(logits, [info.sampling for info in infos],
+                              [rows[i].position + 1 - info.prompt_len for i, info in zip(wanted, infos)])
+        for i, token in zip(wanted, picks):
+            targets[i] = token
         return targets
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,13 +245,13 @@ class StageRunner:
         return self.lin(rms_norm(x, self.weights.final_norm, self.arch.rms_eps), self.weights.lm_head)
 
 
-def _prefill_start(rows: list[Row], attention: list[RowAttention]) -> int | None:
+def _prefill_start(rows: list[Row], contexts: list[RowContext]) -> int | None:
     """Position of the first row if the rows are a prefill chunk: committed, at consecutive positions,
     each attending the prefix slice up to itself. Otherwise None."""
     start = rows[0].position
     chunk = all(
-        row.committed and row.position == start + i and att.context is None and att.length == start + i + 1
-        for i, (row, att) in enumerate(zip(rows, attention))
+        row.committed and row.position == start + i and ctx.slot == row.position  # a committed row's context: [0, slot]
+        for i, (row, ctx) in enumerate(zip(rows, contexts))
     )
     return start if chunk else None
 
@@ -238,16 +265,18 @@ def _attention_mask(placed: list[RowContext]) -> torch.Tensor:
     return mask
 
 
-def _row_attention(row: int, ctx: RowContext) -> RowAttention:
+def _row_attention(row: int, ctx: RowContext, device: torch.device) -> RowAttention:
     length = len(ctx.context)
     if ctx.context[-1] == length - 1:  # slots 0..L-1 in order: the prefix slice itself, no gather
         return RowAttention(row, None, length)
-    return RowAttention(row, torch.tensor(ctx.context), length)
+    return RowAttention(row, torch.tensor(ctx.context, device=device), length)
 
 
 def load_stage(model_dir: Path, arch: ModelArch, rank: int, world: int, dtype: torch.dtype = torch.float32,
-               attention: AttentionConfig = AttentionConfig(), numerics: str = "exact") -> StageRunner:
-    """Stage `rank` of a `world`-stage split (0 of 1: the whole model); reads only its own layers."""
+               attention: AttentionConfig = AttentionConfig(), numerics: str = "exact",
+               device: torch.device | str = "cpu") -> StageRunner:
+    """Stage `rank` of a `world`-stage split (0 of 1: the whole model) on `device`; reads only its own layers."""
     attention.check_head_dim(arch.head_dim)  # before any weights are read
     start, end = split_layers(arch.num_layers, world)[rank]
-    return StageRunner(arch, load_stage_weights(model_dir, arch, start, end, dtype), attention, numerics)
+    weights = load_stage_weights(model_dir, arch, start, end, dtype, torch.device(device))
+    return StageRunner(arch, weights, attention, numerics)

@@ -37,6 +37,22 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return torch.softmax(scaled, dim=-1)
 
 
+def target_tokens(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int]) -> list[int]:
+    """target_token for each row of logits [m, V] on any device: the greedy rows by one argmax there, the seeded
+    rows drawn on the CPU (one row's logits copied over), so CPU and CUDA pick the same token for the same logits
+    and only the chosen tokens cross back to the host."""
+    greedy = [j for j, p in enumerate(params) if p.greedy]
+    picks = [0] * len(params)
+    if greedy:
+        rows = logits if len(greedy) == len(params) else logits[greedy]
+        for j, token in zip(greedy, torch.argmax(rows, dim=-1).tolist()):
+            picks[j] = token
+    for j, p in enumerate(params):
+        if not p.greedy:
+            picks[j] = target_token(logits[j].float().cpu(), p, output_indices[j])
+    return picks
+
+
 def target_token(logits: torch.Tensor, params: SamplingParams, output_index: int) -> int:
     """The token at output position `output_index` given the logits before it ([V])."""
     if params.greedy:

@@ -29,8 +29,8 @@ class StageWeights:
 class _TensorIndex:
     """Lazily opens the safetensors shards holding each tensor name."""
 
-    def __init__(self, model_dir: Path, dtype: torch.dtype):
-        self.dtype = dtype
+    def __init__(self, model_dir: Path, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
         index = model_dir / "model.safetensors.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -51,7 +51,7 @@ class _TensorIndex:
         if name not in self.where:
             raise ConfigError(f"weight '{name}' missing from the checkpoint")
         with _open(self.where[name]) as handle:
-            return handle.get_tensor(name).to(self.dtype).contiguous()
+            return handle.get_tensor(name).to(self.device, self.dtype).contiguous()
 
 
 def _open(path: Path):
@@ -79,12 +79,13 @@ def _layer(index: _TensorIndex, i: int, arch: ModelArch) -> LayerWeights:
 
 
 def load_stage_weights(
-    model_dir: Path, arch: ModelArch, start: int, end: int, dtype: torch.dtype = torch.float32
+    model_dir: Path, arch: ModelArch, start: int, end: int, dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> StageWeights:
-    """Read layers [start, end) and the first/last stage extras, nothing else."""
+    """Read layers [start, end) and the first/last stage extras, nothing else, onto `device`."""
     if not 0 <= start < end <= arch.num_layers:
         raise ConfigError(f"layer range [{start}, {end}) outside the model's {arch.num_layers} layers")
-    index = _TensorIndex(Path(model_dir), dtype)
+    index = _TensorIndex(Path(model_dir), dtype, torch.device(device))
     first, last = start == 0, end == arch.num_layers
     embed = index.get("model.embed_tokens.weight") if first else None
     head = None

@@ -11,27 +11,59 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.compute.model import linear
-from shared.compute.runner import StageRunner
+from shared.compute.model import linear, rowwise_linear
+from shared.compute.runner import RequestInfo, StageRunner
 from shared.compute.weights import load_stage_weights
 from shared.types.batch import MicroBatch, Row
-from shared.types.config import ModelArch
+from shared.types.config import ModelArch, SamplingParams
 from tests.shared.compute.trees import prefill, random_tree, tree_rows
 
 pytestmark = pytest.mark.unit
 
 
-@pytest.mark.parametrize(
-    "rows,k,n",
-    [(1, 64, 128), (2, 64, 128), (3, 576, 1536), (9, 576, 576), (11, 64, 64), (17, 1536, 512), (64, 128, 6144)],
-    ids=["one-row", "two-rows", "three-rows", "nine-rows-remainder-tile", "eleven-rows", "seventeen-rows", "sixty-four-rows-wide"],
-)
-def test_linear_row_matches_single_row(rows: int, k: int, n: int) -> None:
+# label: (rows, in features, out features); every row of a product must equal the same row computed alone
+SHAPES = {
+    "one row": (1, 64, 128),
+    "two rows": (2, 64, 128),
+    "three rows": (3, 576, 1536),
+    "nine rows": (9, 576, 576),
+    "seventeen rows": (17, 1536, 512),
+    "sixty-four rows, wide": (64, 128, 6144),
+    "seventy rows, a remainder tile": (70, 576, 960),
+}
+PRODUCTS = {"rowwise (generated rows)": rowwise_linear, "64-row tiles (prompt rows)": linear}
+
+
+@pytest.mark.parametrize("product", list(PRODUCTS))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gemm_row_matches_single_row(product: str, shape: str) -> None:
+    rows, k, n = SHAPES[shape]
+    gemm = PRODUCTS[product]
     gen = torch.Generator().manual_seed(rows)
-    w, x = torch.randn(n, k, generator=gen), torch.randn(rows, k, generator=gen)
-    batched = linear(x, w)
+    w, b, x = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen), torch.randn(rows, k, generator=gen)
+    batched = gemm(x, w, b)
     for i in range(rows):
-        assert torch.equal(batched[i], linear(x[i : i + 1], w)[0])
+        assert torch.equal(batched[i], gemm(x[i : i + 1], w, b)[0]), f"row {i} of {rows}"
+
+
+# label: prefill chunk sizes; the prompt's hidden states must not depend on how it was chunked
+CHUNKINGS = {"one chunk": [150], "64-row chunks": [64, 64, 22], "odd chunks": [5, 70, 1, 74], "row by row": [1] * 150}
+
+
+@pytest.mark.parametrize("chunking", list(CHUNKINGS))
+def test_prompt_rows_do_not_depend_on_chunking(tiny_dir, chunking: str) -> None:
+    prompt = torch.randint(3, 400, (150,), generator=torch.Generator().manual_seed(7)).tolist()
+    states = {}
+    for label, sizes in (("one chunk", [150]), (chunking, CHUNKINGS[chunking])):
+        runner = _runner(tiny_dir)
+        runner.add_request("r", RequestInfo(len(prompt), SamplingParams()), 256)
+        rows = [Row("r", -(p + 2), -(p + 1), p, t, True, False) for p, t in enumerate(prompt)]
+        out, start = [], 0
+        for size in sizes:
+            out.append(runner.hidden(MicroBatch(start, rows[start : start + size])))
+            start += size
+        states[label] = torch.cat(out)
+    assert torch.equal(states["one chunk"], states[chunking])
 
 
 def _runner(model_dir, start=0, end=None) -> StageRunner:
