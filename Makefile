@@ -43,11 +43,12 @@ bench-quick: install redis
 browser:
 	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
+# -m "not cuda": the GPU tests need an NVIDIA GPU (benchmarks/gpu_check.sh runs them on one)
 test: install redis browser
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not cuda"
 
 test-fast: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m unit
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "unit and not cuda"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

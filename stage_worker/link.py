@@ -1,12 +1,22 @@
 """Stage-to-stage activations over torch.distributed point-to-point.
 
-One code path: NCCL when the stage runs on CUDA, gloo on CPU. Every step,
-stage k sends exactly one message to stage k+1 (possibly empty), so the
-stages stay in lockstep without any other coordination:
+One code path: NCCL when the stage runs on CUDA, gloo on CPU; the link lives on
+the stage runner's device, so hidden states go device to device (GPU to GPU
+under NCCL) without a trip through host memory. Every step, stage k sends
+exactly one message to stage k+1 (possibly empty), so the stages stay in
+lockstep without any other coordination. A message is at most two transfers:
 
-    header  int64[4]          LinkHeader: step, batch_id, rows n, hidden size
-    meta    int64[n, 6]       LinkRow per row: request slot, node, parent, position, token, flags   (if n > 0)
-    hidden  dtype[n, hidden]  the stage's output states                                            (if n > 0)
+    header   int64[4]   LinkHeader: step, batch_id, rows n, hidden size
+    payload  uint8[n * (6 * 8 + hidden * itemsize)]                                          (if n > 0)
+               bytes [0, 48 n)   meta int64[n, 6], LinkRow per row: request slot, node, parent, position,
+                                 token, flags
+               bytes [48 n, ..)  hidden states [n, hidden] in the stages' dtype, as raw bytes
+
+The states cross as bytes, so every dtype (float32, bfloat16, float16) crosses
+the same way, whatever the backend supports natively; the receiver views the
+two slices back (the states start at a multiple of 8 bytes, so the view is
+aligned for any dtype) and reads only the meta slice into host memory. Both
+ends must use the same dtype: the stages check it when the group forms.
 
 Request ids are strings; the header carries the integer slot the scheduler
 assigned when it admitted the request (StepMsg.admitted).
@@ -28,11 +38,35 @@ import torch
 import torch.distributed as dist
 
 from shared.types.batch import MicroBatch
-from shared.types.errors import ProtocolError
+from shared.types.errors import ConfigError, ProtocolError
 from shared.wire.messages import LinkHeader, LinkRow
 
 HEADER = len(LinkHeader.__struct_fields__)
 META = len(LinkRow.__struct_fields__)
+META_BYTES = META * torch.int64.itemsize  # one row's meta in the payload
+
+
+def payload_size(rows: int, hidden: int, dtype: torch.dtype) -> int:
+    """Bytes of the payload that follows a header of `rows` rows."""
+    return rows * (META_BYTES + hidden * dtype.itemsize)
+
+
+def pack(meta: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """One uint8 payload on the states' device: meta int64[n, 6] (from any device) then the states' bytes."""
+    meta_bytes = meta.to(torch.int64).contiguous().view(-1).view(torch.uint8)
+    state_bytes = states.contiguous().view(-1).view(torch.uint8)
+    payload = torch.empty(meta_bytes.numel() + state_bytes.numel(), dtype=torch.uint8, device=states.device)
+    payload[:meta_bytes.numel()].copy_(meta_bytes)
+    payload[meta_bytes.numel():].copy_(state_bytes)
+    return payload
+
+
+def unpack(payload: torch.Tensor, rows: int, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack's inverse, without a copy: meta int64[rows, 6] and states dtype[rows, hidden], views of `payload`."""
+    if payload.numel() != payload_size(rows, hidden, dtype):
+        raise ProtocolError(f"payload of {payload.numel()} bytes for {rows} rows of {hidden} {dtype}")
+    split = rows * META_BYTES  # a multiple of 8: the states' view is aligned for every dtype
+    return payload[:split].view(torch.int64).view(rows, META), payload[split:].view(dtype).view(rows, hidden)
 
 
 @dataclass(frozen=True)
@@ -87,14 +121,26 @@ def wait_for_peers(store: dist.Store, world: int, still_wanted: Callable[[], boo
 class ActivationLink:
     def __init__(self, cfg: LinkConfig, device: torch.device, dtype: torch.dtype, hidden_size: int,
                  store: dist.Store, tag: str = "run"):
-        """Form the group of one run on `store` (every stage passes the same tag)."""
+        """Form the group of one run on `store` (every stage passes the same tag). `device` is where the stage
+        computes: NCCL on a GPU, gloo on the CPU."""
         from datetime import timedelta
 
-        self.cfg, self.device, self.dtype, self.hidden = cfg, device, dtype, hidden_size
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.PrefixStore(tag, store), rank=cfg.rank, world_size=cfg.world,
+        self.cfg, self.device, self.dtype, self.hidden = cfg, torch.device(device), dtype, hidden_size
+        self.backend = "nccl" if self.device.type == "cuda" else "gloo"
+        prefixed = dist.PrefixStore(tag, store)
+        prefixed.set(f"dtype{cfg.rank}", str(dtype))
+        dist.init_process_group(self.backend, store=prefixed, rank=cfg.rank, world_size=cfg.world,
                                 timeout=timedelta(seconds=cfg.timeout_s))
         self._pending: list = []
+        self._check_peers(prefixed)
+
+    def _check_peers(self, store: dist.Store) -> None:
+        """The payload is raw bytes: both ends of each hop must agree on the dtype (every stage has set it)."""
+        for peer in (self.cfg.rank - 1, self.cfg.rank + 1):
+            if 0 <= peer < self.cfg.world and (theirs := store.get(f"dtype{peer}").decode()) != str(self.dtype):
+                self.close(broken=True)
+                raise ConfigError(f"stage {self.cfg.rank} computes in {self.dtype} but stage {peer} in {theirs}: "
+                                  "give every stage the same --dtype")
 
     def send(self, step: int, batch: MicroBatch, slots: dict[str, int]) -> None:
         """Post this step's output to the next stage without waiting for it."""
@@ -104,7 +150,7 @@ class ActivationLink:
             raise LinkLost(f"sending step {step} to stage {self.cfg.rank + 1}: {exc}") from exc
 
     def recv(self, step: int, request_ids: dict[int, str]) -> MicroBatch:
-        """The previous stage's output of step - 1."""
+        """The previous stage's output of step - 1, its states on this link's device."""
         try:
             return self._recv(step, request_ids)
         except RuntimeError as exc:
@@ -117,9 +163,8 @@ class ActivationLink:
         header = msgspec.structs.astuple(LinkHeader(step, batch.batch_id, n, self.hidden))
         tensors = [torch.tensor(header, dtype=torch.int64, device=self.device)]
         if n:
-            meta = [LinkRow.of(r, slots[r.request_id]) for r in batch.rows]
-            tensors += [torch.tensor(meta, dtype=torch.int64, device=self.device),
-                        batch.hidden.to(self.device, self.dtype).contiguous()]
+            meta = torch.tensor([LinkRow.of(r, slots[r.request_id]) for r in batch.rows], dtype=torch.int64)
+            tensors.append(pack(meta, batch.hidden.to(self.device, self.dtype)))
         self._pending = [dist.isend(t, self.cfg.rank + 1) for t in tensors]
 
     def _recv(self, step: int, request_ids: dict[int, str]) -> MicroBatch:
@@ -130,12 +175,11 @@ class ActivationLink:
         if h.step != step - 1 or h.hidden != self.hidden:
             raise ProtocolError(f"stage {self.cfg.rank}: got step {h.step} (hidden {h.hidden}) while at step {step}")
         if h.rows == 0:
-            return MicroBatch(h.batch_id, [], torch.empty(0, self.hidden, dtype=self.dtype))
-        meta = torch.empty(h.rows, META, dtype=torch.int64, device=self.device)
-        states = torch.empty(h.rows, self.hidden, dtype=self.dtype, device=self.device)
-        dist.recv(meta, src)
-        dist.recv(states, src)
-        rows = [LinkRow(*m).row(request_ids[m[0]]) for m in meta.tolist()]
+            return MicroBatch(h.batch_id, [], torch.empty(0, self.hidden, dtype=self.dtype, device=self.device))
+        payload = torch.empty(payload_size(h.rows, self.hidden, self.dtype), dtype=torch.uint8, device=self.device)
+        dist.recv(payload, src)
+        meta, states = unpack(payload, h.rows, self.hidden, self.dtype)
+        rows = [LinkRow(*m).row(request_ids[m[0]]) for m in meta.tolist()]  # the one read into host memory
         return MicroBatch(h.batch_id, rows, states)
 
     def close(self, broken: bool = False) -> None:

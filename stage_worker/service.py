@@ -56,8 +56,7 @@ class StageServiceConfig:
     rank: int
     world: int
     redis: RedisConfig
-    link: LinkConfig | None = None  # None: a one-stage pipeline (no peers)
-    device: str = "cpu"  # where received activations land
+    link: LinkConfig | None = None  # None: a one-stage pipeline (no peers); the link uses the runner's device
     poll_ms: int = 250  # XREAD block per poll; an idle stage checks for a new run this often
 
 
@@ -83,9 +82,9 @@ class StageService:
         self.join()
         start_heartbeat(self.cfg.redis, self.name)
         w = self.runner.weights
-        log.info("%s ready: layers %d-%d of %d (%s), torch %d threads, link %s, run %d", self.name, w.start,
-                 w.end - 1, self.runner.arch.num_layers, self.runner.dtype, torch.get_num_threads(),
-                 "none" if self.link is None else self.link.device, self.run_.epoch)
+        log.info("%s ready: layers %d-%d of %d (%s on %s), torch %d threads, link %s, run %d", self.name, w.start,
+                 w.end - 1, self.runner.arch.num_layers, self.runner.dtype, self.runner.device,
+                 torch.get_num_threads(), "none" if self.link is None else self.link.backend, self.run_.epoch)
         idle_since = time.monotonic()
         while True:
             entries = read(self.r, self.cfg.redis.steps, last_id, self.cfg.poll_ms)
@@ -127,7 +126,10 @@ class StageService:
         if lc is None:
             return
         redis_cfg = self.cfg.redis
-        still_current = lambda: current_run(self.r, redis_cfg) == run  # noqa: E731
+
+        def still_current() -> bool:
+            return current_run(self.r, redis_cfg) == run
+
         if lc.rank == 0:
             self.store = host_store(lc)
             publish_rendezvous(self.r, redis_cfg, run.epoch, lc.master_addr, self.store.port)
@@ -140,8 +142,9 @@ class StageService:
         wait_for_peers(self.store, lc.world, still_current)
         if lc.rank == 0:  # formed: a stage that starts later waits for the next run instead of this store
             close_rendezvous(self.r, redis_cfg, run.epoch)
-        self.link = ActivationLink(lc, torch.device(self.cfg.device), self.runner.dtype,
-                                   self.runner.arch.hidden_size, self.store, tag=f"run{run.epoch}")
+        # the runner's own device and dtype: received states land where this stage computes, as it computes them
+        self.link = ActivationLink(lc, self.runner.device, self.runner.dtype, self.runner.arch.hidden_size,
+                                   self.store, tag=f"run{run.epoch}")
 
     def _leave(self, broken: bool) -> None:
         if self.link is not None:

@@ -1,14 +1,27 @@
 """The rendezvous of a pipeline run: stage 0's store on a free or fixed port, re-hosted at once after a run ends,
-and a wait for missing peers that gives up when the run is no longer wanted."""
+and a wait for missing peers that gives up when the run is no longer wanted. The payload: meta and states of any
+dtype packed as bytes and viewed back bit for bit (two real processes: test_link_gloo.py)."""
 
 from __future__ import annotations
 
 import gc
 
 import pytest
+import torch
 
+from shared.types.errors import ProtocolError
 from specpipe.cluster import free_port
-from stage_worker.link import LinkConfig, RendezvousAbandoned, host_store, join_store, wait_for_peers
+from stage_worker.link import (
+    LinkConfig,
+    RendezvousAbandoned,
+    host_store,
+    join_store,
+    pack,
+    payload_size,
+    unpack,
+    wait_for_peers,
+)
+from tests.stage_worker.payloads import HIDDEN, SLOTS, batch_of, loopback_link, random_bits, same_bits
 
 pytestmark = pytest.mark.unit
 
@@ -50,3 +63,56 @@ def test_wait_for_peers(case) -> None:
     else:
         with pytest.raises(raises):
             wait_for_peers(store, 2, lambda: wanted, poll_s=0.01)
+
+
+# ---- the payload ------------------------------------------------------------------------------------------------
+
+# label: (dtype, rows)
+PAYLOADS = {
+    "float32, 3 rows": (torch.float32, 3),
+    "bfloat16, 5 rows": (torch.bfloat16, 5),
+    "float16, 2 rows": (torch.float16, 2),
+    "one row": (torch.bfloat16, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(PAYLOADS))
+def test_pack_then_unpack_gives_back_meta_and_bits(case) -> None:
+    dtype, rows = PAYLOADS[case]
+    meta = torch.arange(rows * 6, dtype=torch.int64).view(rows, 6) * -(2 ** 40)  # needs all 8 bytes
+    states = random_bits(rows, HIDDEN, dtype)
+    payload = pack(meta, states)
+    assert payload.dtype == torch.uint8 and payload.numel() == payload_size(rows, HIDDEN, dtype)
+    got_meta, got_states = unpack(payload, rows, HIDDEN, dtype)
+    assert torch.equal(got_meta, meta) and same_bits(got_states, states)
+    assert got_states.data_ptr() == payload.data_ptr() + rows * 6 * 8  # a view of the payload, not a copy
+
+
+def test_a_payload_of_the_wrong_size_is_refused() -> None:
+    payload = pack(torch.zeros(2, 6, dtype=torch.int64), random_bits(2, HIDDEN, torch.float32))
+    with pytest.raises(ProtocolError, match="payload"):
+        unpack(payload, 2, HIDDEN, torch.bfloat16)  # the peer computes in another dtype
+
+
+# label: (dtype, rows)
+MESSAGES = {
+    "bfloat16": (torch.bfloat16, 5),
+    "float16": (torch.float16, 2),
+    "float32": (torch.float32, 3),
+    "an empty batch": (torch.float32, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(MESSAGES))
+def test_a_message_is_a_header_and_at_most_one_payload(case, monkeypatch) -> None:
+    dtype, rows = MESSAGES[case]
+    link, wire = loopback_link(monkeypatch, "cpu", dtype)
+    try:
+        sent = batch_of(rows, dtype)
+        link.send(1, sent, SLOTS)
+        assert [t.dtype for t in wire.sent] == [torch.int64] + [torch.uint8] * (rows > 0)
+        got = link.recv(2, {slot: rid for rid, slot in SLOTS.items()})
+    finally:
+        link.close()
+    assert (got.batch_id, got.rows) == (sent.batch_id, sent.rows)
+    assert same_bits(got.hidden, sent.hidden.reshape(rows, HIDDEN))
