@@ -1,15 +1,21 @@
-"""python -m draft_worker: a speculative source process (draft model or n-grams)."""
+"""python -m draft_worker: a speculative source process (draft model or n-grams), on one device (--device)."""
 
 from __future__ import annotations
 
 import argparse
 
-import torch
-
 from draft_worker.load import load_draft
 from draft_worker.service import DraftService, DraftServiceConfig
 from shared.model_store import resolve_model
-from shared.service_args import add_redis_args, redis_config, run_main, set_threads
+from shared.service_args import (
+    add_device_args,
+    add_redis_args,
+    compute_device,
+    compute_dtype,
+    redis_config,
+    run_main,
+    set_threads,
+)
 from shared.types.config import DTYPES, NUMERICS, ModelArch
 
 
@@ -20,10 +26,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default="ngram", help="draft model name/path, or 'ngram'")
     p.add_argument("--name", default="")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="the draft model's dtype (bfloat16 stays lossless: the target verifies every token)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="the draft model's dtype (default: bfloat16 on a GPU, float32 on a CPU; any dtype stays "
+                        "lossless: the target verifies every token)")
     p.add_argument("--numerics", choices=NUMERICS, default="exact",
                    help="the draft's kernels (fast stays lossless too: the target verifies every token)")
+    add_device_args(p)  # a bare cuda: LOCAL_RANK's GPU, else GPU 0
     return p
 
 
@@ -34,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(args.threads)
         cfg = DraftServiceConfig(redis_config(args), args.name)
         target = ModelArch.from_model_dir(resolve_model(args.model))
-        DraftService(cfg, load_draft(args.draft, target, None, getattr(torch, args.dtype), args.numerics)).run()
+        device = "cpu" if args.draft == "ngram" else compute_device(args)  # n-gram lookup takes no GPU
+        dtype = compute_dtype(args.dtype, device)
+        DraftService(cfg, load_draft(args.draft, target, None, dtype, args.numerics, device=device)).run()
 
     return run_main(serve)
 

@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from shared.environment import env
 from shared.transport.redis_io import RedisConfig
@@ -22,7 +23,10 @@ from shared.types.config import (
     EngineConfig,
     PolicyConfig,
 )
-from shared.types.errors import SpecPipeError
+from shared.types.errors import ConfigError, SpecPipeError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_redis_args(p: argparse.ArgumentParser) -> None:
@@ -33,10 +37,38 @@ def add_redis_args(p: argparse.ArgumentParser) -> None:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model name or local Hugging Face folder")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="weights, activations and KV (default: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--numerics", default="exact", choices=NUMERICS,
                    help=NUMERICS_HELP)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core)")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device of a compute process (a stage or a draft worker): one device per process."""
+    import torch
+
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda (the GPU of LOCAL_RANK, else of the stage's rank) or cuda:N "
+                        "(default: cuda when this process sees a GPU, else cpu)")
+
+
+def compute_device(args: argparse.Namespace, rank: int = 0) -> torch.device:
+    """args.device as a torch.device, made current when it is a GPU (a bare cuda: LOCAL_RANK's GPU, else rank's);
+    ConfigError when it is not there."""
+    from shared.compute.device import resolve_device
+
+    local_rank = env("LOCAL_RANK")
+    if local_rank and not local_rank.isdigit():
+        raise ConfigError(f"LOCAL_RANK '{local_rank}': expected a GPU index")
+    return resolve_device(args.device, int(local_rank) if local_rank else rank)
+
+
+def compute_dtype(name: str | None, device: torch.device | str) -> torch.dtype:
+    """--dtype as a torch.dtype: the one named, else the device's default (bfloat16 on a GPU, float32 on a CPU)."""
+    from shared.compute.device import check_dtype, default_dtype
+
+    return check_dtype(name or default_dtype(device))
 
 
 def add_attention_args(p: argparse.ArgumentParser) -> None:
@@ -81,8 +113,9 @@ def policy_config(args: argparse.Namespace) -> PolicyConfig:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(prefill_chunk=args.prefill_chunk, token_budget=args.token_budget, dtype=args.dtype,
-                        numerics=args.numerics)
+    # the scheduler computes nothing: its dtype only has to be a valid one
+    return EngineConfig(prefill_chunk=args.prefill_chunk, token_budget=args.token_budget,
+                        dtype=args.dtype or "float32", numerics=args.numerics)
 
 
 def run_main(body: Callable[[], None]) -> int:

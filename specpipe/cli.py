@@ -35,8 +35,13 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--depth", type=int, default=4, help="tree policy: levels per round")
     p.add_argument("--refill-depth", type=int, default=4, help="specpipe: drafted levels in a refill")
     p.add_argument("--branch", type=int, default=4, help="draft proposals per expanded node")
-    p.add_argument("--draft-dtype", choices=DTYPES, default="float32",
-                   help="the draft model's dtype (bfloat16 stays lossless: the fp32 target verifies)")
+    p.add_argument("--device", default="cpu",
+                   help="where every stage and the draft compute, in this one process: cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="the target's dtype (default: bfloat16 on a GPU, float32 on a CPU; float32 is "
+                        "bit-identical to plain decoding)")
+    p.add_argument("--draft-dtype", choices=DTYPES, default=None,
+                   help="the draft model's dtype (default: the target's; any stays lossless: the target verifies)")
     p.add_argument("--numerics", choices=NUMERICS, default="exact",
                    help=NUMERICS_HELP)
     p.add_argument("--prompts", type=Path, help="JSONL file with a 'turns' list per line")
@@ -88,15 +93,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from shared.compute.device import default_dtype, resolve_device
     from specpipe.engine import SimulationConfig
     from specpipe.simulate import run_simulation
 
+    dtype = args.dtype or default_dtype(resolve_device(args.device))  # a device not there: ConfigError, one line
     cfg = SimulationConfig(
         model=args.model,
         draft=args.draft,
         policy=PolicyConfig(args.policy, args.stages, args.width, args.depth, args.refill_depth, args.branch),
-        engine=EngineConfig(prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens,
-                            draft_dtype=args.draft_dtype, numerics=args.numerics),
+        engine=EngineConfig(prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens, dtype=dtype,
+                            draft_dtype=args.draft_dtype or dtype, numerics=args.numerics, device=args.device),
         cache_dir=args.cache_dir,
         attention=attention_config(args),
     )

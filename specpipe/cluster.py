@@ -63,12 +63,14 @@ class ClusterConfig:
     master_port: int = 0  # stage 0's rendezvous port; 0: a free one per pipeline run, shared through Redis
     port: int = 8000  # gateway
     extra: tuple[str, ...] = field(default_factory=tuple)  # more scheduler flags (after the others: they win)
-    attention: AttentionConfig = AttentionConfig()  # the stages' prefill attention; the gateway reports it
-    draft_dtype: str = "float32"  # the draft workers' model dtype (bfloat16 stays lossless)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)  # the stages' prefill attention; the gateway reports it
+    device: str | None = None  # the stages' and drafts' --device (cpu, cuda, cuda:N); None: theirs (cuda if any)
+    dtype: str | None = None  # the stages' --dtype; None: the device's (bfloat16 on a GPU, float32 on a CPU)
+    draft_dtype: str | None = None  # the draft workers' model dtype (any stays lossless); None: the device's
     numerics: str = "exact"  # the stages' and drafts' kernels (shared.types.config.NUMERICS)
     limits: ServiceLimits = ServiceLimits()
     api_keys: tuple[str, ...] = ()  # handed to the gateway through its environment, never on a command line
-    restart: RestartPolicy = RestartPolicy()
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
     host: str = "127.0.0.1"  # the gateway's address: loopback unless given deliberately
     threads: int = 0  # torch threads of each stage and draft process; 0: the host's cores shared among them
 
@@ -88,6 +90,16 @@ class ClusterConfig:
     def common_args(self) -> list[str]:
         return ["--redis-url", self.redis_url, "--prefix", self.prefix, "--model", self.model]
 
+    def device_args(self, dtype: str | None) -> list[str]:
+        """A compute process's --device and --dtype, where given (else the process picks by what it sees)."""
+        return [*(("--device", self.device) if self.device else ()), *(("--dtype", dtype) if dtype else ())]
+
+    def local_ranks(self) -> dict[str, int]:
+        """Which GPU a bare `--device cuda` means for each compute process (LOCAL_RANK, modulo the GPUs there):
+        stage k the k-th, the draft workers the ones after the stages'."""
+        return {**{stage_name(k): k for k in range(self.stages)},
+                **{f"draft-{i}": self.stages + i for i in range(self.draft_workers)}}
+
 
 HTTP = ("gateway", "batch-worker")  # the cluster's HTTP front, in commands() once the gateway exists
 
@@ -104,7 +116,7 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
     for k in range(cfg.stages):
         procs[stage_name(k)] = [py, "-m", "stage_worker", *cfg.common_args(), "--threads", str(cfg.compute_threads()),
                                 "--rank", str(k), "--world", str(cfg.stages), "--master-port", str(cfg.master_port),
-                                "--numerics", cfg.numerics, *cfg.attention_args()]
+                                "--numerics", cfg.numerics, *cfg.attention_args(), *cfg.device_args(cfg.dtype)]
     for i in range(cfg.draft_workers):
         procs[f"draft-{i}"] = draft_command(cfg, f"draft-{i}")
     gateway = Path(__file__).resolve().parents[1] / "gateway" / "__main__.py"
@@ -121,7 +133,7 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
 def draft_command(cfg: ClusterConfig, name: str) -> list[str]:
     """One draft worker's command line (commands() names them draft-0, draft-1, ...)."""
     return [sys.executable, "-m", "draft_worker", *cfg.common_args(), "--threads", str(cfg.compute_threads()),
-            "--draft", cfg.draft, "--name", name, "--dtype", cfg.draft_dtype, "--numerics", cfg.numerics]
+            "--draft", cfg.draft, "--name", name, "--numerics", cfg.numerics, *cfg.device_args(cfg.draft_dtype)]
 
 
 def pipeline_commands(cfg: ClusterConfig) -> dict[str, list[str]]:
@@ -176,10 +188,12 @@ def up(cfg: ClusterConfig) -> int:
 
 
 def children(cfg: ClusterConfig) -> list[Child]:
-    """The supervised processes: a draft worker or the batch worker is not essential to serving."""
-    env = dict(os.environ, SPECPIPE_API_KEYS=",".join(cfg.api_keys))
-    return [Child(name, cmd, essential=not (name.startswith("draft-") or name == "batch-worker"),
-                  env=env if name == "gateway" else None)
+    """The supervised processes: a draft worker or the batch worker is not essential to serving. The gateway gets
+    the API keys through its environment, each compute process its LOCAL_RANK (its GPU under a bare cuda)."""
+    ranks = cfg.local_ranks()
+    envs = {"gateway": dict(os.environ, SPECPIPE_API_KEYS=",".join(cfg.api_keys)),
+            **{name: dict(os.environ, LOCAL_RANK=str(rank)) for name, rank in ranks.items()}}
+    return [Child(name, cmd, essential=not (name.startswith("draft-") or name == "batch-worker"), env=envs.get(name))
             for name, cmd in commands(cfg).items()]
 
 
@@ -187,7 +201,7 @@ def _ready(rcfg: RedisConfig, stages: int) -> bool:
     try:
         r = connect(rcfg)
         return not not_alive(r, rcfg, pipeline_components(stages))
-    except Exception:
+    except Exception:  # noqa: BLE001 (not up yet, whatever the reason)
         return False
 
 
@@ -251,7 +265,13 @@ def up_main(argv: list[str]) -> int:
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--width", type=int, default=4)
     p.add_argument("--drafts", type=int, default=1, help="draft worker processes")
-    p.add_argument("--draft-dtype", choices=DTYPES, default="float32", help="the draft model's dtype")
+    p.add_argument("--device", default=None,
+                   help="the stages' and drafts' device: cpu, cuda (stage k on GPU k, the drafts on the GPUs after "
+                        "the stages', modulo the GPUs there) or cuda:N (default: cuda when there is a GPU, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="the stages' dtype (default: bfloat16 on a GPU, float32 on a CPU)")
+    p.add_argument("--draft-dtype", choices=DTYPES, default=None,
+                   help="the draft model's dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--numerics", choices=NUMERICS, default="exact",
                    help=NUMERICS_HELP)
     p.add_argument("--token-budget", type=int, default=256, help="rows per pipeline step")
@@ -285,7 +305,8 @@ def up_main(argv: list[str]) -> int:
     cfg = ClusterConfig(
         model=a.model, draft=a.draft, policy=a.policy, stages=a.stages, width=a.width, drafts=a.drafts,
         token_budget=a.token_budget, redis_url=a.redis_url, prefix=a.prefix, master_port=a.master_port, port=a.port,
-        host=a.host, attention=attention_config(a), draft_dtype=a.draft_dtype, numerics=a.numerics,
+        host=a.host, attention=attention_config(a), device=a.device, dtype=a.dtype, draft_dtype=a.draft_dtype,
+        numerics=a.numerics,
         limits=ServiceLimits(max_queue=a.max_queue, kv_slots=a.kv_slots, max_inflight=a.max_inflight,
                              max_body_bytes=a.max_body_bytes, max_file_bytes=a.max_file_bytes,
                              request_timeout_s=a.request_timeout, max_model_len=a.max_model_len),

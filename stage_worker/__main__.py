@@ -1,19 +1,20 @@
-"""python -m stage_worker --rank k --world N: one pipeline stage process."""
+"""python -m stage_worker --rank k --world N: one pipeline stage process, on one device (--device)."""
 
 from __future__ import annotations
 
 import argparse
-
-import torch
 
 from shared.compute.runner import load_stage
 from shared.environment import env
 from shared.model_store import resolve_model
 from shared.service_args import (
     add_attention_args,
+    add_device_args,
     add_model_args,
     add_redis_args,
     attention_config,
+    compute_device,
+    compute_dtype,
     redis_config,
     run_main,
     set_threads,
@@ -33,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--master-addr", default=env("MASTER_ADDR"))
     p.add_argument("--master-port", type=int, default=int(env("MASTER_PORT")),
                    help="stage 0's rendezvous port (0: a free one per pipeline run, shared through Redis)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_args(p)
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds (tests)")
     return p
 
@@ -47,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         redis_cfg = redis_config(args)
         model_dir = resolve_model(args.model)
         arch = ModelArch.from_model_dir(model_dir)
-        dtype = getattr(torch, args.dtype)
-        runner = load_stage(model_dir, arch, args.rank, args.world, dtype, attention, args.numerics)
+        device = compute_device(args, rank=args.rank)  # a bare cuda: LOCAL_RANK's GPU, else the rank's
+        dtype = compute_dtype(args.dtype, device)
+        runner = load_stage(model_dir, arch, args.rank, args.world, dtype, attention, args.numerics, device=device)
         link = LinkConfig(args.rank, args.world, args.master_addr, args.master_port) if args.world > 1 else None
-        cfg = StageServiceConfig(args.rank, args.world, redis_cfg, link, args.device)
+        cfg = StageServiceConfig(args.rank, args.world, redis_cfg, link)
         StageService(cfg, runner).run(args.idle_exit)
 
     return run_main(serve)
