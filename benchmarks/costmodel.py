@@ -92,7 +92,7 @@ class CostModel:
     @classmethod
     def load(cls, path: Path) -> CostModel:
         d = json.loads(Path(path).read_text())
-        model = lambda m: ModelCost(m["name"], m["layers"], Table2D(**m["layer"]), Table1D(**m["head"]))  # noqa: E731
+        model = lambda m: ModelCost(m["name"], m["layers"], Table2D(**m["layer"]), Table1D(**m["head"]))
         return cls(model(d["target"]), model(d["draft"]) if d["draft"] else None, Table1D(**d["transfer"]),
                    d["provenance"])
 
@@ -129,13 +129,13 @@ SHAPES = {  # the paper's deployment shapes, for a GPU cost model (random weight
 
 def random_stage(arch: ModelArch, layers: int, head: bool, device: str, dtype: torch.dtype) -> StageRunner:
     """A StageRunner of `layers` layers of arch's shape with random weights (timing only)."""
-    g = torch.Generator().manual_seed(0)
-    H, I, h, kv, d = arch.hidden_size, arch.intermediate_size, arch.num_heads, arch.num_kv_heads, arch.head_dim  # noqa: E741
+    g = torch.Generator(device=device).manual_seed(0)  # drawn where they live: a 70B shape's GBs in seconds on a GPU
+    H, I, h, kv, d = arch.hidden_size, arch.intermediate_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
 
     def w(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * 0.02).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=g, device=device) * 0.02).to(dtype)
 
-    layer = lambda: LayerWeights(w((h + 2 * kv) * d, H), w((h + 2 * kv) * d) if arch.qkv_bias else None,  # noqa: E731
+    layer = lambda: LayerWeights(w((h + 2 * kv) * d, H), w((h + 2 * kv) * d) if arch.qkv_bias else None,
                                  w(H, h * d), w(2 * I, H), w(H, I), w(H) + 1, w(H) + 1)
     embed = w(arch.vocab_size, H)
     weights = StageWeights(0, layers, [layer() for _ in range(layers)], embed, w(H) + 1 if head else None,
@@ -174,7 +174,7 @@ def measure_layers(runner: StageRunner, cfg: MeasureConfig) -> Table2D:
                 rows = [Row("m", i, ROOT_PARENT, length, 1, False, True) for i in range(n)]
                 cache = runner.kv["m"]
 
-                def step() -> None:
+                def step(rows: list[Row] = rows, cache=cache, n: int = n) -> None:
                     runner.hidden(MicroBatch(1, rows))
                     cache.prune(set(range(n)))
 

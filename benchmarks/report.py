@@ -124,30 +124,46 @@ def _arch(name: str) -> ModelArch:
     return SHAPES[name] if name in SHAPES else ModelArch.from_model_dir(resolve_model(name))
 
 
-def measure_costs(model: str, draft: str, cfg: MeasureConfig) -> CostModel:
-    """Measure target, draft (unless n-gram) and transfer on this machine."""
+def measure_costs(model: str, draft: str, cfg: MeasureConfig, transfer_device: str | None = None) -> CostModel:
+    """Measure target, draft (unless n-gram) and transfer on this machine (the transfer on transfer_device,
+    default cfg.device)."""
     arch = _arch(model)
     target = measure_model(model, arch, cfg)
     drafter = None if draft == "ngram" else measure_model(draft, _arch(draft), cfg.draft)
-    transfer = measure_transfer(arch.hidden_size, cfg.rows, device=cfg.device)
-    return CostModel(target, drafter, transfer, provenance(cfg, f"{model} target, {draft} draft"))
+    transfer_device = transfer_device or cfg.device
+    transfer = measure_transfer(arch.hidden_size, cfg.rows, device=transfer_device, dtype=cfg.dtype)
+    return CostModel(target, drafter, transfer, {**provenance(cfg, f"{model} target, {draft} draft"),
+                                                 "transfer_device": transfer_device})
 
 
 def costs_main(argv: list[str]) -> int:
     """`specpipe bench costs`: measure a cost model and store it as JSON."""
+    from shared.compute.device import default_dtype, resolve_device
+
     p = argparse.ArgumentParser(prog="specpipe bench costs")
     p.add_argument("--model", default="qwen2.5-coder-1.5b", help=f"a model, or a shape: {', '.join(SHAPES)}")
     p.add_argument("--draft", default="qwen2.5-coder-0.5b", help="a model, a shape, or ngram")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (the paper's setting: --model llama-70b "
-                   "--draft llama-1b --device cuda --dtype bfloat16)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--draft-dtype", default=None, help="the draft's dtype (default: --dtype)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the paper's setting: --model llama-70b "
+                   "--draft llama-1b --device cuda)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="the target's dtype (default: bfloat16 on a GPU, float32 on a CPU)")
+    p.add_argument("--draft-dtype", choices=DTYPES, default=None, help="the draft's dtype (default: --dtype)")
+    p.add_argument("--transfer-device", default=None,
+                   help="where the stage-to-stage transfer is timed (default: --device; a bare cuda puts the two "
+                        "ranks on GPUs 0 and 1, as NCCL needs: on one GPU give cpu, timed over gloo)")
+    p.add_argument("--layers", type=int, default=MeasureConfig.layers,
+                   help="decoder layers built and timed (per-layer time = total / layers; a stage's share: "
+                        "10 for an 80-layer model over 8 stages)")
     p.add_argument("--out", type=Path, default=COSTS / "cpu-qwen2.5-coder.json")
     a = p.parse_args(argv)
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device here")
-    cost = measure_costs(a.model, a.draft, replace(MeasureConfig(), device=a.device, dtype=a.dtype,
-                                                   draft_dtype=a.draft_dtype))
+    device = resolve_device(a.device)  # ConfigError when it is not there
+    transfer_device = a.transfer_device or a.device
+    if torch.device(transfer_device).type == "cuda" and torch.cuda.device_count() < 2:
+        raise ConfigError(f"timing the transfer on {transfer_device} needs two GPUs (NCCL), this machine has "
+                          f"{torch.cuda.device_count()}: pass --transfer-device cpu")
+    cfg = replace(MeasureConfig(), device=str(device), dtype=a.dtype or default_dtype(device),
+                  draft_dtype=a.draft_dtype, layers=a.layers)
+    cost = measure_costs(a.model, a.draft, cfg, transfer_device)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     cost.save(a.out)
     print(f"wrote {a.out}")
@@ -163,7 +179,8 @@ def cost_models(cfg: BenchConfig, log) -> list[CostModel]:
     costs = [CostModel.load(p) for p in cfg.cost_models if p.exists()]
     for cost, path in zip(costs, cfg.cost_models):
         timed = cost.provenance.get("draft_dtype", cost.provenance["dtype"])  # older files: the target's dtype
-        if cfg.draft != "ngram" and timed != cfg.draft_dtype:
+        on_cpu = cost.provenance["device"] == "cpu"  # a GPU model is timed in the GPU's dtype (bf16), drafts too
+        if cfg.draft != "ngram" and on_cpu and timed != cfg.draft_dtype:
             raise ConfigError(f"cost model {path.name} timed a {timed} draft, but this run drafts in {cfg.draft_dtype}")
     return costs
 

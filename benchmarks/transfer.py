@@ -1,7 +1,8 @@
 """Stage-to-stage transfer time of n rows, measured with the stage workers' own ActivationLink.
 
-Two processes (ranks 0 and 1, gloo on CPU / NCCL on CUDA, loopback): rank 0
-sends a micro-batch of n rows (header + metadata + [n, hidden] states), rank 1
+Two processes (ranks 0 and 1, gloo on CPU / NCCL on CUDA, loopback; a bare
+cuda puts rank k on GPU k, so NCCL needs two GPUs): rank 0 sends a micro-batch
+of n rows (header, then one payload of metadata + [n, hidden] states), rank 1
 receives it and answers with a one-element ack. One-way time(n) =
 round trip(n) - round trip(0) / 2 (the ack leg is the empty round trip's half).
 
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.costmodel import Table1D
+from shared.compute.device import resolve_device
 from shared.types.batch import MicroBatch, Row
 from specpipe.cluster import free_port
 from stage_worker.link import ActivationLink, LinkConfig, host_store, join_store
@@ -30,15 +32,15 @@ def _batch(n: int, hidden: int, dtype: torch.dtype) -> MicroBatch:
     return MicroBatch(0, rows, torch.randn(n, hidden, dtype=dtype))
 
 
-def _rank(rank: int, port: int, hidden: int, rows: list[int], repeats: int, device: str) -> None:
-    dev = torch.device(device)
+def _rank(rank: int, port: int, hidden: int, rows: list[int], repeats: int, device: str, dtype: str) -> None:
+    dev = resolve_device(device, rank)  # a bare cuda: rank k on GPU k
     cfg = LinkConfig(rank, 2, master_port=port)
     store = host_store(cfg) if rank == 0 else join_store(cfg, cfg.master_addr, port)
-    link = ActivationLink(cfg, dev, torch.float32, hidden, store)
+    link = ActivationLink(cfg, dev, getattr(torch, dtype), hidden, store)
     ack = torch.zeros(1, device=dev)
     result = {}
     for n in [0, *rows]:
-        batch = _batch(n, hidden, torch.float32)
+        batch = _batch(n, hidden, getattr(torch, dtype))
         times = []
         for step in range(1, repeats + 2):
             if rank == 0:
@@ -57,11 +59,11 @@ def _rank(rank: int, port: int, hidden: int, rows: list[int], repeats: int, devi
 
 
 def measure_transfer(hidden: int, rows: tuple[int, ...], repeats: int = 20, device: str = "cpu",
-                     port: int | None = None) -> Table1D:
+                     port: int | None = None, dtype: str = "float32") -> Table1D:
     """Run the two ranks as subprocesses and read rank 0's table."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "benchmarks.transfer", "--hidden", str(hidden), "--port", str(port),
-           "--repeats", str(repeats), "--device", device, "--rows", *map(str, rows)]
+           "--repeats", str(repeats), "--device", device, "--dtype", dtype, "--rows", *map(str, rows)]
     peer = subprocess.Popen([*cmd, "--rank", "1"], stdout=subprocess.DEVNULL)
     try:
         out = subprocess.run([*cmd, "--rank", "0"], capture_output=True, text=True, timeout=600, check=True)
@@ -77,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int)
     p.add_argument("--port", type=int)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda (rank k on GPU k) or cuda:N")
+    p.add_argument("--dtype", default="float32", help="the states' dtype (they cross as bytes)")
     a = p.parse_args(argv)
     if a.rank is None:
-        print(json.dumps(measure_transfer(a.hidden, tuple(a.rows), a.repeats, a.device, a.port).__dict__))
+        print(json.dumps(measure_transfer(a.hidden, tuple(a.rows), a.repeats, a.device, a.port, a.dtype).__dict__))
     else:
-        _rank(a.rank, a.port, a.hidden, a.rows, a.repeats, a.device)
+        _rank(a.rank, a.port, a.hidden, a.rows, a.repeats, a.device, a.dtype)
     return 0
 
 
