@@ -1,5 +1,7 @@
 # SpecPipe Serve: one image for every service (gateway, scheduler, stage workers, draft workers).
-# For GPU hosts use a CUDA base and a CUDA build of torch; the code picks NCCL when CUDA is present.
+# GPU hosts: torch from PyPI on x86-64 Linux carries its CUDA libraries and the NVIDIA container runtime brings the
+# driver, so the GPU services run on this image as is (docker-compose.yml: --device cuda, NCCL between stages).
+# TORCH_SPEC picks another torch build (a CPU-only one for a smaller image).
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 SPECPIPE_CACHE=/models
 RUN apt-get update && apt-get install -y --no-install-recommends redis-tools && rm -rf /var/lib/apt/lists/*
