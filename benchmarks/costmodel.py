@@ -109,6 +109,7 @@ class MeasureConfig:
     device: str = "cpu"
     dtype: str = "float32"
     draft_dtype: str | None = None  # None: the target's dtype
+    numerics: str = "fast"  # the kernels timed (NUMERICS): fast is what the services run by default
 
     @property
     def draft(self) -> MeasureConfig:
@@ -127,7 +128,8 @@ SHAPES = {  # the paper's deployment shapes, for a GPU cost model (random weight
 }
 
 
-def random_stage(arch: ModelArch, layers: int, head: bool, device: str, dtype: torch.dtype) -> StageRunner:
+def random_stage(arch: ModelArch, layers: int, head: bool, device: str, dtype: torch.dtype,
+                 numerics: str = "fast") -> StageRunner:
     """A StageRunner of `layers` layers of arch's shape with random weights (timing only)."""
     g = torch.Generator(device=device).manual_seed(0)  # drawn where they live: a 70B shape's GBs in seconds on a GPU
     H, I, h, kv, d = arch.hidden_size, arch.intermediate_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
@@ -140,7 +142,7 @@ def random_stage(arch: ModelArch, layers: int, head: bool, device: str, dtype: t
     embed = w(arch.vocab_size, H)
     weights = StageWeights(0, layers, [layer() for _ in range(layers)], embed, w(H) + 1 if head else None,
                            (embed if arch.tie_embeddings else w(arch.vocab_size, H)) if head else None)
-    return StageRunner(arch, weights)
+    return StageRunner(arch, weights, numerics=numerics)
 
 
 def _sync(device: str) -> None:
@@ -192,7 +194,8 @@ def measure_head(runner: StageRunner, cfg: MeasureConfig) -> Table1D:
 
 
 def measure_model(name: str, arch: ModelArch, cfg: MeasureConfig) -> ModelCost:
-    runner = random_stage(arch, cfg.layers, head=True, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+    runner = random_stage(arch, cfg.layers, head=True, device=cfg.device, dtype=getattr(torch, cfg.dtype),
+                          numerics=cfg.numerics)
     return ModelCost(name, arch.num_layers, measure_layers(runner, cfg), measure_head(runner, cfg))
 
 
@@ -202,6 +205,7 @@ def provenance(cfg: MeasureConfig, what: str) -> dict:
         "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": measuring_machine(cfg.device),
         "torch": torch.__version__, "device": cfg.device, "dtype": cfg.dtype, "draft_dtype": cfg.draft.dtype,
+        "numerics": cfg.numerics,
         "method": (f"random weights of the real shapes; {cfg.layers} layers built and timed, per-layer time = "
                    f"total / {cfg.layers}; median of {cfg.repeats} forwards after a warm-up; "
                    "speculative sibling rows over a committed context filled first; "

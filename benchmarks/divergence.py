@@ -101,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=d.device)
     p.add_argument("--dtype", default=d.dtype)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--prompt-dir", type=Path, default=PROMPT_DIR, help="where mt_bench/alpaca/sum.jsonl are")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     if a.threads:
         import torch
 
         torch.set_num_threads(a.threads)
-    report = run(DivergenceConfig(a.model, a.draft, a.limit, a.max_new_tokens, a.device, a.dtype))
+    report = run(DivergenceConfig(a.model, a.draft, a.limit, a.max_new_tokens, a.device, a.dtype, a.prompt_dir))
     total = sum(r["diverged"] for r in report["rows"])
     print(f"divergence: {total} of {sum(r['prompts'] for r in report['rows'])} prompt runs ({report['machine']})")
     if a.out:

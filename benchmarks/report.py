@@ -32,7 +32,7 @@ from benchmarks.load_model import run_all as load_all
 from benchmarks.report_md import SECTIONS, render
 from benchmarks.transfer import measure_transfer
 from shared.model_store import load_tokenizer, resolve_model
-from shared.types.config import DTYPES, ModelArch, SamplingParams
+from shared.types.config import DTYPES, NUMERICS, ModelArch, SamplingParams
 from shared.types.errors import ConfigError
 from specpipe.prompts import encode_chat, read_prompts
 
@@ -154,6 +154,7 @@ def costs_main(argv: list[str]) -> int:
     p.add_argument("--layers", type=int, default=MeasureConfig.layers,
                    help="decoder layers built and timed (per-layer time = total / layers; a stage's share: "
                         "10 for an 80-layer model over 8 stages)")
+    p.add_argument("--numerics", choices=NUMERICS, default=MeasureConfig.numerics, help="the kernels timed")
     p.add_argument("--out", type=Path, default=COSTS / "cpu-qwen2.5-coder.json")
     a = p.parse_args(argv)
     device = resolve_device(a.device)  # ConfigError when it is not there
@@ -162,7 +163,7 @@ def costs_main(argv: list[str]) -> int:
         raise ConfigError(f"timing the transfer on {transfer_device} needs two GPUs (NCCL), this machine has "
                           f"{torch.cuda.device_count()}: pass --transfer-device cpu")
     cfg = replace(MeasureConfig(), device=str(device), dtype=a.dtype or default_dtype(device),
-                  draft_dtype=a.draft_dtype, layers=a.layers)
+                  draft_dtype=a.draft_dtype, layers=a.layers, numerics=a.numerics)
     cost = measure_costs(a.model, a.draft, cfg, transfer_device)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     cost.save(a.out)

@@ -37,8 +37,10 @@ class Cluster:
         self.r = connect(self.cfg)
         self.tmp, self.model, self.stages, self.draft = tmp, model, stages, draft
         # stage 0 picks its rendezvous port per run (master port 0, shared through Redis)
+        # on the CPU in fp32 even where a GPU is seen: the references they are checked against are
         self.config = ClusterConfig(model=model, draft=draft, policy=policy, stages=stages, drafts=drafts,
-                                    redis_url=REDIS_URL, prefix=self.cfg.prefix, extra=tuple(extra), threads=1)
+                                    redis_url=REDIS_URL, prefix=self.cfg.prefix, extra=tuple(extra), threads=1,
+                                    device="cpu")
         self.procs: dict[str, subprocess.Popen] = {}
         self.commands = pipeline_commands(self.config)
         for name in self.commands:

@@ -95,7 +95,8 @@ class LinkHeader(msgspec.Struct, frozen=True, array_like=True):
 
 
 class LinkRow(msgspec.Struct, frozen=True, array_like=True):
-    """One row of the int64[n, 6] tensor that follows a header with rows > 0."""
+    """One row of the int64[n, 6] meta, the first n * 48 bytes of the payload that follows a header with
+    rows > 0 (the hidden states' bytes come after it; stage_worker/link.py)."""
 
     slot: int  # AdmittedRequest.slot
     node_id: int

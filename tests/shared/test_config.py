@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 
 # label: (constructor, message)
 BAD = {
-    "engine dtype": (lambda: EngineConfig(dtype="float16"), "dtype 'float16'"),
+    "engine dtype": (lambda: EngineConfig(dtype="float64"), "dtype 'float64'"),
     "draft dtype": (lambda: EngineConfig(draft_dtype="int8"), "draft_dtype 'int8'"),
     "prefill chunk 0": (lambda: EngineConfig(prefill_chunk=0), "prefill_chunk must be >= 1"),
     "token budget 0": (lambda: EngineConfig(token_budget=0), "token_budget must be >= 1"),

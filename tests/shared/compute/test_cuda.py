@@ -2,7 +2,7 @@
 
 - Every policy on CUDA gives plain decoding's tokens: exact numerics in fp32 and bf16, fast numerics in fp32
   on tiny-random (far from ties; fast-mode divergence, bf16 included, is measured by benchmarks.divergence).
-- CPU and CUDA agree token for token in exact fp32 (tiny-random and smollm2, greedy and seeded).
+- CPU and CUDA agree token for token in exact fp32 (tiny-random, greedy and seeded).
 - Weights, KV caches and outputs live on the GPU; the seeded draw picks the same token on both devices.
 """
 
@@ -43,9 +43,9 @@ def test_policies_agree_with_plain_decoding_on_cuda(tiny_dir, case, mode) -> Non
             assert generate(spec, prompt, 24, sampling, rid=f"spec{i}-{j}").output == want, (i, sampling)
 
 
-@pytest.mark.parametrize("model", ["tiny_dir", "smollm2_dir"])
-def test_cpu_and_cuda_agree_in_exact_fp32(model, request) -> None:
-    model_dir = request.getfixturevalue(model)
+def test_cpu_and_cuda_agree_in_exact_fp32(tiny_dir) -> None:
+    """tiny-random only: the GPU machine is offline, and only tiny-random travels with the check (64 MiB)."""
+    model_dir = tiny_dir
     cpu, gpu = pipeline(model_dir, "specpipe", 2), pipeline(model_dir, "specpipe", 2, device="cuda")
     for i, prompt in enumerate(PROMPTS):
         for j, sampling in enumerate((SamplingParams(), SEEDED)):
