@@ -16,7 +16,7 @@ from shared.service_args import (
     run_main,
     set_threads,
 )
-from shared.types.config import DTYPES, NUMERICS, ModelArch
+from shared.types.config import DEFAULT_NUMERICS, DTYPES, NUMERICS, ModelArch
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="the draft model's dtype (default: bfloat16 on a GPU, float32 on a CPU; any dtype stays "
                         "lossless: the target verifies every token)")
-    p.add_argument("--numerics", choices=NUMERICS, default="exact",
+    p.add_argument("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS,
                    help="the draft's kernels (fast stays lossless too: the target verifies every token)")
     add_device_args(p)  # a bare cuda: LOCAL_RANK's GPU, else GPU 0
     return p

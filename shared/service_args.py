@@ -15,6 +15,7 @@ from shared.environment import env
 from shared.transport.redis_io import RedisConfig
 from shared.types.config import (
     ATTENTION_KINDS,
+    DEFAULT_NUMERICS,
     DTYPES,
     NUMERICS,
     NUMERICS_HELP,
@@ -39,7 +40,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model name or local Hugging Face folder")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="weights, activations and KV (default: bfloat16 on a GPU, float32 on a CPU)")
-    p.add_argument("--numerics", default="exact", choices=NUMERICS,
+    p.add_argument("--numerics", default=DEFAULT_NUMERICS, choices=NUMERICS,
                    help=NUMERICS_HELP)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core)")
 

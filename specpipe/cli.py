@@ -14,6 +14,7 @@ from pathlib import Path
 
 from shared.service_args import add_attention_args, attention_config
 from shared.types.config import (
+    DEFAULT_NUMERICS,
     DTYPES,
     NUMERICS,
     NUMERICS_HELP,
@@ -42,7 +43,7 @@ def _simulate_parser(sub) -> None:
                         "bit-identical to plain decoding)")
     p.add_argument("--draft-dtype", choices=DTYPES, default=None,
                    help="the draft model's dtype (default: the target's; any stays lossless: the target verifies)")
-    p.add_argument("--numerics", choices=NUMERICS, default="exact",
+    p.add_argument("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS,
                    help=NUMERICS_HELP)
     p.add_argument("--prompts", type=Path, help="JSONL file with a 'turns' list per line")
     p.add_argument("--limit", type=int)

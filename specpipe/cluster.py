@@ -21,7 +21,7 @@ from pathlib import Path
 from shared.environment import DEFAULTS, env
 from shared.service_args import add_attention_args, attention_config
 from shared.transport.redis_io import RedisConfig, connect, ensure_redis, not_alive, pipeline_components, stage_name
-from shared.types.config import DTYPES, NUMERICS, NUMERICS_HELP, AttentionConfig
+from shared.types.config import DEFAULT_NUMERICS, DTYPES, NUMERICS, NUMERICS_HELP, AttentionConfig
 from specpipe.supervisor import RESTART_POLICIES, Child, RestartPolicy, Supervisor
 
 
@@ -67,7 +67,7 @@ class ClusterConfig:
     device: str | None = None  # the stages' and drafts' --device (cpu, cuda, cuda:N); None: theirs (cuda if any)
     dtype: str | None = None  # the stages' --dtype; None: the device's (bfloat16 on a GPU, float32 on a CPU)
     draft_dtype: str | None = None  # the draft workers' model dtype (any stays lossless); None: the device's
-    numerics: str = "exact"  # the stages' and drafts' kernels (shared.types.config.NUMERICS)
+    numerics: str = DEFAULT_NUMERICS  # the stages' and drafts' kernels (shared.types.config.NUMERICS)
     limits: ServiceLimits = ServiceLimits()
     api_keys: tuple[str, ...] = ()  # handed to the gateway through its environment, never on a command line
     restart: RestartPolicy = field(default_factory=RestartPolicy)
@@ -272,7 +272,7 @@ def up_main(argv: list[str]) -> int:
                    help="the stages' dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--draft-dtype", choices=DTYPES, default=None,
                    help="the draft model's dtype (default: bfloat16 on a GPU, float32 on a CPU)")
-    p.add_argument("--numerics", choices=NUMERICS, default="exact",
+    p.add_argument("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS,
                    help=NUMERICS_HELP)
     p.add_argument("--token-budget", type=int, default=256, help="rows per pipeline step")
     p.add_argument("--redis-url", default=env("REDIS_URL"))

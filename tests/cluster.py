@@ -31,16 +31,17 @@ class Cluster:
     each; `cfg` is the cluster's RedisConfig, `config` its ClusterConfig."""
 
     def __init__(self, tmp: Path, model: str, stages: int = 2, policy: str = "specpipe", draft: str = "ngram",
-                 drafts: int = 1, extra: tuple[str, ...] = (), prefix: str | None = None):
+                 drafts: int = 1, extra: tuple[str, ...] = (), prefix: str | None = None, numerics: str = "exact"):
         self.redis_proc = ensure_redis(REDIS_URL)
         self.cfg = RedisConfig(url=REDIS_URL, prefix=prefix or f"test-{uuid.uuid4().hex[:8]}")
         self.r = connect(self.cfg)
         self.tmp, self.model, self.stages, self.draft = tmp, model, stages, draft
         # stage 0 picks its rendezvous port per run (master port 0, shared through Redis)
-        # on the CPU in fp32 even where a GPU is seen: the references they are checked against are
+        # on the CPU in fp32, exact numerics unless asked (the lossless promise), even where a GPU is seen: the
+        # references they are checked against are
         self.config = ClusterConfig(model=model, draft=draft, policy=policy, stages=stages, drafts=drafts,
                                     redis_url=REDIS_URL, prefix=self.cfg.prefix, extra=tuple(extra), threads=1,
-                                    device="cpu")
+                                    device="cpu", numerics=numerics)
         self.procs: dict[str, subprocess.Popen] = {}
         self.commands = pipeline_commands(self.config)
         for name in self.commands:

@@ -18,7 +18,10 @@ from shared.types.errors import ConfigError
 # exact: bit-identical to plain decoding whatever the batch (row-invariant GEMM tiles, per-row attention);
 # fast: one GEMM per micro-batch and one masked SDPA call per request (tokens may differ at near-ties)
 NUMERICS = ("exact", "fast")
-NUMERICS_HELP = "exact: bit-identical to plain decoding; fast: batched GEMMs and attention (near-ties may differ)"
+DEFAULT_NUMERICS = "fast"  # what serving wants; exact is the opt-in bit-identical mode
+NUMERICS_HELP = ("fast (default): one GEMM per micro-batch and batched attention, every token the target's own "
+                 "choice, differing from plain decoding only at rounding near-ties; exact: bit-identical to plain "
+                 "decoding whatever the batch")
 Policy = Literal["pp", "tree", "specpipe"]
 POLICIES: tuple[str, ...] = typing.get_args(Policy)
 
@@ -35,7 +38,7 @@ class RopeScaling:
     original_max_positions: int
 
     @classmethod
-    def from_hf(cls, rope: dict[str, Any]) -> "RopeScaling":
+    def from_hf(cls, rope: dict[str, Any]) -> RopeScaling:
         return cls(float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
                    int(rope["original_max_position_embeddings"]))
 
@@ -65,14 +68,14 @@ class ModelArch:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArch":
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArch:
         try:
             return cls._from_hf_config(cfg)
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"model config is missing or has a bad field: {exc}") from exc
 
     @classmethod
-    def _from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArch":
+    def _from_hf_config(cls, cfg: dict[str, Any]) -> ModelArch:
         model_type = cfg.get("model_type", "llama")
         if model_type not in ("llama", "qwen2", "mistral"):
             raise ConfigError(f"unsupported model_type '{model_type}': this engine runs Llama-family decoders")
@@ -101,7 +104,7 @@ class ModelArch:
         )
 
     @classmethod
-    def from_model_dir(cls, model_dir: Path) -> "ModelArch":
+    def from_model_dir(cls, model_dir: Path) -> ModelArch:
         path = Path(model_dir) / "config.json"
         try:
             cfg = json.loads(path.read_text())
@@ -195,7 +198,7 @@ class EngineConfig:
     # The draft only proposes, the target verifies: a bf16 draft stays lossless and halves the draft's memory
     # traffic (a memory-bound draft is what paces SpecPipe when its forward is slower than a pipeline step).
     draft_dtype: str = "float32"
-    numerics: str = "exact"  # NUMERICS: the target's and the draft's kernels
+    numerics: str = DEFAULT_NUMERICS  # NUMERICS: the target's and the draft's kernels
     device: str = "cpu"  # in-process executor: every stage and the draft on this one device (cpu, cuda, cuda:N)
 
     def __post_init__(self) -> None:
