@@ -7,6 +7,7 @@ All in this process, one prompt at a time, greedy, fp32, `threads` torch threads
   returns (`dtype=torch.float32, local_files_only=True`); generation stops at the model's EOS ids (as
   tests/scheduler/test_lossless.py's `_hf_greedy` does). Time = wall clock of `generate()` per prompt,
   prefill included, model loading excluded (reported apart); one untimed 2-token call warms each model up.
+  The plain run also times each prompt's `generate(max_new_tokens=1)` (`prefill_s`: generate()'s TTFT).
 - `inprocess`: `specpipe.engine.build_pipeline` (N logical stages stepped in lockstep by one process,
   drafting synchronous) serving the prompts one at a time; time = wall clock of `pipeline.generate()`.
 
@@ -77,13 +78,18 @@ def hf_generate(model: str, assistant: str | None, prompts: Sequence[Sequence[in
         settings += [("hf_assisted", helper, load_s + helper_load_s)] if helper is not None else []
         for label, extra, loading in settings:
             _generate(target, prompts[0], 2, eos, extra)  # warm-up, untimed
-            outputs, walls = [], []
+            outputs, walls, prefill = [], [], []
             for p in prompts:
                 start = time.perf_counter()
                 outputs.append(_generate(target, p, max_new_tokens, eos, extra))
                 walls.append(time.perf_counter() - start)
+                if extra is None:  # generate()'s time to first token: the prompt's forward and one token
+                    start = time.perf_counter()
+                    _generate(target, p, 1, eos)
+                    prefill.append(time.perf_counter() - start)
             runs.append(_timed(label, outputs, walls, threads=n_threads, load_s=loading,
-                               assistant=assistant if extra is not None else None))
+                               assistant=assistant if extra is not None else None,
+                               **({"prefill_s": prefill} if extra is None else {})))
         del target, helper
         gc.collect()
     return runs

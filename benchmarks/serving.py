@@ -58,6 +58,7 @@ from benchmarks.serving_cluster import (
 from benchmarks.stats import dist
 from shared.environment import DEFAULTS
 from shared.model_store import load_tokenizer, resolve_model
+from shared.types.config import DEFAULT_NUMERICS
 from shared.types.errors import SpecPipeError
 from specpipe.prompts import encode_chat, read_prompts
 
@@ -96,6 +97,7 @@ class ServingConfig:
     start_timeout_s: float = 300.0
     request_timeout_s: float = 900.0  # a whole sequential run or load point
     log_dir: str | None = None
+    numerics: str = DEFAULT_NUMERICS  # the services' and the in-process executor's kernels
 
     @property
     def hf_assistant(self) -> str:
@@ -106,7 +108,8 @@ class ServingConfig:
         draft = self.load_draft or self.draft if load else self.draft
         return ClusterSpec(model=model, draft=draft, policy=policy, stages=self.stages, width=self.width,
                            refill_depth=self.refill_depth, threads=self.threads, redis_url=self.redis_url,
-                           start_timeout_s=self.start_timeout_s, log_dir=self.log_dir, draft_dtype=self.draft_dtype)
+                           start_timeout_s=self.start_timeout_s, log_dir=self.log_dir, draft_dtype=self.draft_dtype,
+                           numerics=self.numerics)
 
 
 def quick_config() -> ServingConfig:
@@ -257,7 +260,7 @@ def hf_baseline(cfg: ServingConfig, services: dict | None = None) -> dict:
             out["runs"][run["label"]] = run
         for n in cfg.inprocess_stages:
             run = inprocess(cfg.model, cfg.draft, "specpipe", n, cfg.width, cfg.refill_depth, ids,
-                            cfg.max_new_tokens, cfg.hf_threads)
+                            cfg.max_new_tokens, cfg.hf_threads, numerics=cfg.numerics)
             out["runs"][run["label"]] = run
     except (*FAILURES, RuntimeError) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"

@@ -34,7 +34,7 @@ from shared.transport.redis_io import (
     pipeline_components,
     stage_name,
 )
-from shared.types.config import ModelArch, split_layers
+from shared.types.config import DEFAULT_NUMERICS, ModelArch, split_layers
 from shared.wire.messages import RequestMsg, SchedulerStatsMsg, TokensMsg
 from specpipe.cluster import ClusterConfig, delete_keys, free_port, pipeline_commands, spawn, stop_processes
 
@@ -98,6 +98,7 @@ class ClusterSpec:
     start_timeout_s: float = 300.0
     log_dir: str | None = None
     draft_dtype: str = "float32"
+    numerics: str = DEFAULT_NUMERICS
 
     def config(self, prefix: str) -> ClusterConfig:
         """The cluster's ClusterConfig under `prefix` (one draft worker, a fresh rendezvous port)."""
@@ -105,7 +106,7 @@ class ClusterSpec:
         return ClusterConfig(model=self.model, draft=self.draft, policy=self.policy, stages=self.stages,
                              width=self.width, drafts=1, redis_url=self.redis_url, prefix=prefix,
                              master_port=free_port(), extra=extra, draft_dtype=self.draft_dtype,
-                             threads=self.threads or 0)
+                             threads=self.threads or 0, numerics=self.numerics, device="cpu")
 
 
 class ServiceCluster:
