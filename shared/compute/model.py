@@ -165,27 +165,27 @@ def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out[0].transpose(0, 1)
 
 
-def prompt_tile_attention(q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+def prompt_tile_attention(q: torch.Tensor, positions: list[int], keys: torch.Tensor, values: torch.Tensor,
                           tile: int = PROMPT_ROW_TILE) -> torch.Tensor:
     """Prompt rows (numerics exact), causal, in position-aligned tiles: the row at position p is query p % tile
     of tile t = p // tile, attending keys [0, (t + 1) * tile) under a causal mask. A tile's shapes depend only on
-    t, so a row's numbers do not depend on which chunk brought it. q: [m, h, d]; positions: [m] (sorted, the
-    keys' slots); keys/values: [C, g, d] the request's cache. Returns [m, h, d]."""
+    t, so a row's numbers do not depend on which chunk brought it. q: [m, h, d]; positions: the rows' positions
+    (their prefix slots); keys/values: [C, g, d] the request's cache. Returns [m, h, d]."""
     out = torch.empty_like(q)
-    first, last = int(positions[0]) // tile, int(positions[-1]) // tile
-    for t in range(first, last + 1):
-        sel = ((positions // tile) == t).nonzero()[:, 0]  # [s] rows in this tile
-        if not len(sel):
-            continue
+    by_tile: dict[int, list[int]] = {}
+    for i, p in enumerate(positions):
+        by_tile.setdefault(p // tile, []).append(i)
+    for t, rows in by_tile.items():
         end, offset = (t + 1) * tile, t * tile
+        sel = torch.tensor(rows, device=q.device)  # [s] rows in this tile
+        at = torch.tensor([positions[i] - offset for i in rows], device=q.device)  # [s] their query slots
         tile_q = q.new_zeros(tile, *q.shape[1:])  # [tile, h, d]; rows of other chunks stay zero
-        tile_q[positions[sel] - offset] = q[sel]
+        tile_q[at] = q[sel]
         k, v = keys[:end], values[:end]
         if k.shape[0] < end:  # the cache ends inside the tile: pad to the tile's shape (masked anyway)
             k, v = F.pad(k, (0, 0, 0, 0, 0, end - k.shape[0])), F.pad(v, (0, 0, 0, 0, 0, end - v.shape[0]))
-        qpos = torch.arange(offset, end, device=q.device)
-        mask = torch.arange(end, device=q.device)[None, :] <= qpos[:, None]  # [tile, end]
-        out[sel] = masked_attention(tile_q, k, v, mask)[positions[sel] - offset]
+        mask = torch.ones(tile, end, dtype=torch.bool, device=q.device).tril(offset)  # [tile, end]: key <= query
+        out[sel] = masked_attention(tile_q, k, v, mask)[at]
     return out
 
 

@@ -51,7 +51,7 @@ class _RequestPlan:
     slots: torch.Tensor  # [m] KV slots the rows write
     attention: list[RowAttention]  # numerics exact: the generated rows, each attending on its own
     prompt_rows: torch.Tensor | None  # numerics exact: [p] row indices of prompt rows (position tiles), or None
-    prompt_positions: torch.Tensor | None  # [p] their positions (= their prefix slots)
+    prompt_positions: list[int]  # their positions (= their prefix slots)
     mask: torch.Tensor | None  # numerics fast: [m, L] what each row attends to in the cache's first L slots
     prefill_start: int | None  # first position if the rows are a prefill chunk (see _prefill_start), else None
 
@@ -176,7 +176,7 @@ class StageRunner:
             slots=self._index([ctx.slot for _, ctx in placed]),
             attention=[_row_attention(i, ctx, self.device) for i, ctx in exact],
             prompt_rows=self._index([i for i, _ in prompt]) if prompt else None,
-            prompt_positions=self._index([p for _, p in prompt]) if prompt else None,
+            prompt_positions=[p for _, p in prompt],
             mask=_attention_mask([ctx for _, ctx in placed]).to(self.device) if self.fast else None,
             prefill_start=_prefill_start([rows[i] for i, _ in placed], [ctx for _, ctx in placed]),
         )
