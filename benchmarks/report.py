@@ -201,9 +201,7 @@ def run_tbt(cfg: BenchConfig, costs: list[CostModel], work: list[tbt.Workload], 
                          cfg.max_new_tokens, cfg.width, cfg.depth, cfg.refill_depth, cfg.runs,
                          cfg.draft_dtype, cfg.sampled_stages)
     rows = tbt.run_all(tcfg, work, log)
-    layers = rows[0]["layers"]
-    summaries = [{"cost": c.provenance, "summary": tbt.summarize(tbt.timed(rows, c)),
-                  "pace": [tbt.pace(c, layers, n, cfg.width) for n in cfg.stages]} for c in costs]
+    summaries = [tbt.timed_block(rows, c, cfg.width) for c in costs]
     best = max((x for x in summaries[0]["summary"] if x["stages"] == max(cfg.stages)),
                key=lambda x: x["tokens_per_step"]["specpipe"])  # the workload where speculation shows most
     prompt = next(w for w in work if w.name == best["workload"]).prompts[0]

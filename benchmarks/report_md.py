@@ -23,6 +23,11 @@ def _draft_dtype(p: dict) -> str:
     return f", draft in {draft}" if draft and draft != p["dtype"] else ""
 
 
+def _numerics(p: dict) -> str:
+    """', fast kernels' for a cost model that names its kernels (older ones predate the choice: nothing)."""
+    return f", {p['numerics']} kernels" if p.get("numerics") else ""
+
+
 def _range(lo_hi: tuple[float, float]) -> str:
     return f"{lo_hi[0]:.2f}×–{lo_hi[1]:.2f}×"
 
@@ -71,32 +76,37 @@ def tbt_section(r: dict, cfg) -> list[str]:
              "finishes before the tree enters); specpipe's draft runs beside the pipe and a step lasts at least as "
              "long as the draft forwards it needed (`draft-bound` = share of steps where the draft was slower).", ""]
     for block in r["summaries"]:
-        p = block["cost"]
-        lines += [f"**Cost model: {p['what']}**, measured {p['measured']} on {p['machine']} ({p['device']}, "
-                  f"{p['dtype']}{_draft_dtype(p)}); {p['method']}.", "",
-                  "| workload | sampling | N | tokens/step pp / tree / specpipe | TBT ms pp / tree / specpipe | "
-                  "specpipe vs pp | specpipe vs tree | draft-bound | identical |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for s in block["summary"]:
-            tps = " / ".join(f"{s['tokens_per_step'][p]:.3f}" for p in POLICIES)
-            tbt = " / ".join(_ms(s["tbt_s"][p]) for p in POLICIES)
-            lines.append(f"| {s['workload']} | {s['sampling']} | {s['stages']} | {tps} | {tbt} | "
-                         f"{s['speedup_vs_pp']:.2f}× | {s['speedup_vs_tree']:.2f}× | {s['draft_bound_share']:.0%} | "
-                         f"{'yes' if s['identical'] else '**NO**'} |")
-        eight = [s for s in block["summary"] if s["stages"] == 8]
-        if eight:
-            lines += ["", f"At 8 stages: specpipe {min(s['speedup_vs_pp'] for s in eight):.2f}×–"
-                      f"{max(s['speedup_vs_pp'] for s in eight):.2f}× lower TBT than pp (paper "
-                      f"{_range(PAPER['vs_pp'])}) and {min(s['speedup_vs_tree'] for s in eight):.2f}×–"
-                      f"{max(s['speedup_vs_tree'] for s in eight):.2f}× lower than tree (paper "
-                      f"{_range(PAPER['vs_tree'])})."]
-        lines += ["", _pace_note(block["pace"]), ""]
+        lines += [*cost_block(block), ""]
     lines += [f"![TBT per policy and stage count]({cfg.link('tbt.png')})", "",
               f"Stage × step occupancy of one request ({r['occupancy']}) at the largest N, from its first decode "
               "step (pp keeps one stage busy; specpipe fills the pipe with tree levels while the draft has "
               "proposals, red where verification pruned them):", "",
               f"![occupancy]({cfg.link('occupancy.png')})", ""]
     return lines
+
+
+def cost_block(block: dict) -> list[str]:
+    """Section 1 under one cost model: its provenance, the table, the 8-stage range, the draft's pace."""
+    p = block["cost"]
+    lines = [(f"**Cost model: {p['what']}**, measured {p['measured']} on {p['machine']} ({p['device']}, "
+              f"{p['dtype']}{_draft_dtype(p)}{_numerics(p)}); {p['method']}."), "",
+             ("| workload | sampling | N | tokens/step pp / tree / specpipe | TBT ms pp / tree / specpipe | "
+              "specpipe vs pp | specpipe vs tree | draft-bound | identical |"),
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in block["summary"]:
+        tps = " / ".join(f"{s['tokens_per_step'][p]:.3f}" for p in POLICIES)
+        tbt = " / ".join(_ms(s["tbt_s"][p]) for p in POLICIES)
+        lines.append(f"| {s['workload']} | {s['sampling']} | {s['stages']} | {tps} | {tbt} | "
+                     f"{s['speedup_vs_pp']:.2f}× | {s['speedup_vs_tree']:.2f}× | {s['draft_bound_share']:.0%} | "
+                     f"{'yes' if s['identical'] else '**NO**'} |")
+    eight = [s for s in block["summary"] if s["stages"] == 8]
+    if eight:
+        lines += ["", (f"At 8 stages: specpipe {min(s['speedup_vs_pp'] for s in eight):.2f}×–"
+                       f"{max(s['speedup_vs_pp'] for s in eight):.2f}× lower TBT than pp (paper "
+                       f"{_range(PAPER['vs_pp'])}) and {min(s['speedup_vs_tree'] for s in eight):.2f}×–"
+                       f"{max(s['speedup_vs_tree'] for s in eight):.2f}× lower than tree (paper "
+                       f"{_range(PAPER['vs_tree'])}).")]
+    return [*lines, "", _pace_note(block["pace"])]
 
 
 def _pace_note(pace: list[dict]) -> str:

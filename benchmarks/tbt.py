@@ -4,7 +4,10 @@ For every sampling setting, stage count N and policy, one in-process pipeline
 serves every prompt alone; steps are counted with the real models and recorded
 (benchmarks/timeline.py), then timed with each cost model. Runs are cached per
 (policy, N, sampling) under OUT/runs/ so an interrupted full run resumes and a
-new cost model re-times old runs without re-running the models.
+new cost model re-times old runs without re-running the models (`python -m
+benchmarks.retime` does only that). A run's name hashes its config and
+prompts, not the engine's numerics: cached runs counted with exact kernels are
+kept when the default becomes fast (fast may diverge from them in a few tokens).
 """
 
 from __future__ import annotations
@@ -137,6 +140,13 @@ def summarize(rows: list[dict]) -> list[dict]:
             "identical": outputs["pp"] == outputs["tree"] == outputs["specpipe"],
         })
     return out
+
+
+def timed_block(rows: list[dict], cost: CostModel, width: int) -> dict:
+    """Section 1 under one cost model: its provenance, the summary of the timed rows, the draft's pace per N."""
+    stages = sorted({r["stages"] for r in rows})
+    return {"cost": cost.provenance, "summary": summarize(timed(rows, cost)),
+            "pace": [pace(cost, rows[0]["layers"], n, width) for n in stages]}
 
 
 def pace(cost: CostModel, num_layers: int, stages: int, width: int, context: int = 512) -> dict:
