@@ -156,13 +156,18 @@ def tree_attention(
 
 
 def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One request's rows in one SDPA call (numerics fast). q: [m, h, d]; keys/values: [L, g, d] (the cache's
-    first L slots); mask: [m, L], True where the row attends. Returns [m, h, d]."""
+    """One request's rows in one SDPA call. q: [m, h, d]; keys/values: [L, g, d] (the cache's first L slots);
+    mask: [m, L], True where the row attends. Returns [m, h, d]. Grouped-query attention without copying K/V
+    (SDPA's enable_gqa expands them on the CPU): the r query heads of a kv head become r * m query rows of it."""
+    m, h, d = q.shape
+    g = keys.shape[1]
+    r = h // g
+    grouped = q.view(m, g, r, d).permute(1, 2, 0, 3).reshape(g, r * m, d)  # [g, r*m, d]: rows (head in group, row)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],  # [1, h|g, m|L, d]
-        attn_mask=mask[None, None], enable_gqa=q.shape[1] != keys.shape[1],
-    )  # [1, h, m, d]
-    return out[0].transpose(0, 1)
+        grouped[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],  # [1, g, r*m | L, d]
+        attn_mask=mask.repeat(r, 1)[None, None],  # [1, 1, r*m, L]
+    )  # [1, g, r*m, d]
+    return out[0].view(g, r, m, d).permute(2, 0, 1, 3).reshape(m, h, d)
 
 
 def prompt_tile_attention(q: torch.Tensor, positions: list[int], keys: torch.Tensor, values: torch.Tensor,

@@ -28,6 +28,7 @@ from shared.compute.model import (
     tiled_linear,
     tree_attention,
 )
+from shared.compute.onednn import onednn_linear
 from shared.compute.sampling import target_tokens
 from shared.compute.weights import StageWeights, load_stage_weights
 from shared.types.batch import MicroBatch, PipelineEvent, Row, StageOutput
@@ -63,12 +64,14 @@ class StageRunner:
         if numerics not in NUMERICS:
             raise ConfigError(f"unknown numerics '{numerics}': choose one of {', '.join(NUMERICS)}")
         self.fast = numerics == "fast"
-        self.lin = F.linear if self.fast else rowwise_linear  # one GEMM per micro-batch, or one per row
         self.arch = arch
         self.weights = weights
         self.attention = attention
         self.dtype = weights.layers[0].qkv.dtype
         self.device = weights.layers[0].qkv.device  # the weights say where everything else lives
+        self.lin = rowwise_linear  # numerics exact: one product per generated row (prompt rows: _exact_gemm)
+        if self.fast:  # one GEMM per micro-batch; on a CPU through oneDNN's packed weights where it can
+            self.lin = (onednn_linear(weights) if self.device.type == "cpu" else None) or F.linear
         self.is_first = weights.embed is not None
         self.is_last = weights.lm_head is not None
         # computed in fp32 and cast to the weights' dtype, as transformers does (a no-op in fp32)
