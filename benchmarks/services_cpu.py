@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     base = full_config()
     p.add_argument("--model", default=base.model)
     p.add_argument("--draft", default=base.draft)
-    p.add_argument("--draft-dtype", default=base.draft_dtype)
+    p.add_argument("--draft-dtype", default="float32",
+                   help="the draft's dtype (float32, specpipe up's CPU default: bf16 is emulated, and slow, without "
+                        "AVX512-BF16)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompts-per-file", type=int, default=1)
     p.add_argument("--numerics", choices=NUMERICS, default=base.numerics)
