@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from shared.types.errors import ConfigError
 
-# exact: bit-identical to plain decoding whatever the batch (row-invariant GEMM tiles, per-row attention);
-# fast: one GEMM per micro-batch and one masked SDPA call per request (tokens may differ at near-ties)
+# exact: bit-identical to plain decoding whatever the batch (one product per generated row, prompt rows in
+# position tiles); fast: one GEMM per micro-batch and one masked SDPA call per request (near-ties may differ)
 NUMERICS = ("exact", "fast")
 DEFAULT_NUMERICS = "fast"  # what serving wants; exact is the opt-in bit-identical mode
 NUMERICS_HELP = ("fast (default): one GEMM per micro-batch and batched attention, every token the target's own "
