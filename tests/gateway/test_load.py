@@ -1,7 +1,7 @@
 """Bounded runs of benchmarks/load_gateway.py against tiny-random, loopback only.
 
 The cluster is specpipe.cluster.commands' (tiny-random, 2 stages, n-gram draft, gateway).
-64 clients with a small scheduler --max-queue: some requests are refused, every request must
+64 clients with a small scheduler --max-queue and KV budget: some requests are refused, every request must
 complete or get a clean 429, none lost, and the gateway's added-latency histogram must have one
 round trip per request. 512 clients at once against the gateway's default --max-inflight: no 5xx,
 none hung, none lost (the gateway's Redis use does not grow with in-flight requests).
@@ -19,7 +19,9 @@ pytestmark = pytest.mark.multiproc
 
 
 def test_64_streaming_clients_complete_or_get_a_clean_429(tmp_path) -> None:
-    cfg = LoadConfig(model="tiny-random", clients=64, requests=128, max_tokens=8, max_queue=16, duration_s=60)
+    # a small KV budget (a few requests at a time) so that requests wait and the queue of 16 fills
+    cfg = LoadConfig(model="tiny-random", clients=64, requests=128, max_tokens=8, max_queue=16, kv_slots=256,
+                     duration_s=60)
     s = run(cfg, log_dir=tmp_path)
     assert s["lost"] == 0, s["lost_examples"]
     assert s["sent"] == s["completed"] + s["rejected_429"] == 128
