@@ -34,7 +34,7 @@ from shared.transport.redis_io import (
     pipeline_components,
     stage_name,
 )
-from shared.types.config import DEFAULT_NUMERICS, ModelArch, split_layers
+from shared.types.config import DEFAULT_NUMERICS, ModelArch, stage_bounds
 from shared.wire.messages import RequestMsg, SchedulerStatsMsg, TokensMsg
 from specpipe.cluster import ClusterConfig, delete_keys, free_port, pipeline_commands, spawn, stop_processes
 
@@ -313,7 +313,7 @@ def stage_weight_bytes(model: str, stages: int, bytes_per_param: int = 4) -> dic
     embed = "model.embed_tokens.weight"
     head = embed if arch.tie_embeddings or "lm_head.weight" not in shapes else "lm_head.weight"
     per_stage = []
-    for a, b in split_layers(arch.num_layers, stages):
+    for a, b in stage_bounds(arch, stages):  # the stages' default split
         names = [n for n in shapes if any(n.startswith(f"model.layers.{i}.") for i in range(a, b))]
         names += [embed] if a == 0 else []
         names += ["model.norm.weight", head] if b == arch.num_layers else []

@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> dict:
     redis_proc = ensure_redis(args.redis_url)
     prefix = f"bench-{uuid.uuid4().hex[:6]}"
     cfg = ClusterConfig(model=args.model, draft="ngram", policy=args.policy, stages=args.stages, width=args.width,
-                        redis_url=args.redis_url, prefix=prefix, master_port=args.master_port)
+                        redis_url=args.redis_url, prefix=prefix, master_port=args.master_port,
+                        layer_split=args.layer_split, threads=args.threads)
     rcfg = RedisConfig(args.redis_url, prefix)
     r = connect(rcfg)
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -139,8 +140,12 @@ def overhead(rows: list[StepTimes]) -> dict:
         wait.append(w - b)
         wire.append(wall[-1] - w)
     total, n = sum(wall), len(rows)
+    # start to next start of back-to-back steps: the step plus the scheduler's loop between steps (new requests,
+    # cancellations, admission, stats), the beat a request actually sees
+    periods = [b.start - a.start for a, b in zip(rows, rows[1:]) if b.step == a.step + 1 and b.start - a.end < 0.05]
     return {
-        "steps": n, "mean_step_ms": 1000 * total / n, "mean_compute_ms": 1000 * sum(comp) / n,
+        "steps": n, "mean_step_ms": 1000 * total / n,
+        "mean_period_ms": 1000 * statistics.fmean(periods) if periods else None, "mean_compute_ms": 1000 * sum(comp) / n,
         "mean_scheduler_ms": 1000 * sum(sched) / n, "mean_draft_wait_ms": 1000 * sum(wait) / n,
         "mean_wire_ms": 1000 * statistics.fmean(wire), "p50_wire_ms": 1000 * statistics.median(wire),
         "compute_share": sum(comp) / total, "scheduler_share": sum(sched) / total,
@@ -151,7 +156,7 @@ def overhead(rows: list[StepTimes]) -> dict:
 def summarize(r, rcfg: RedisConfig, args: argparse.Namespace) -> dict:
     return {
         "machine": machine(),
-        "model": args.model, "stages": args.stages, "policy": args.policy,
+        "model": args.model, "stages": args.stages, "policy": args.policy, "layer_split": args.layer_split,
         **overhead(step_rows(r, rcfg, args.stages)),
     }
 
@@ -162,6 +167,8 @@ def main() -> None:
     p.add_argument("--policy", default="specpipe")
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--width", type=int, default=4)
+    p.add_argument("--layer-split", default="balanced", help="the stages' layer split (stage_worker --layer-split)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per stage and draft (0: cores shared)")
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32)

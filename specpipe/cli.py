@@ -16,6 +16,7 @@ from shared.service_args import add_attention_args, attention_config
 from shared.types.config import (
     DEFAULT_NUMERICS,
     DTYPES,
+    LAYER_SPLIT_HELP,
     NUMERICS,
     NUMERICS_HELP,
     POLICIES,
@@ -45,6 +46,7 @@ def _simulate_parser(sub) -> None:
                    help="the draft model's dtype (default: the target's; any stays lossless: the target verifies)")
     p.add_argument("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS,
                    help=NUMERICS_HELP)
+    p.add_argument("--layer-split", default="balanced", help=LAYER_SPLIT_HELP)
     p.add_argument("--prompts", type=Path, help="JSONL file with a 'turns' list per line")
     p.add_argument("--limit", type=int)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -104,7 +106,8 @@ def _simulate(args: argparse.Namespace) -> int:
         draft=args.draft,
         policy=PolicyConfig(args.policy, args.stages, args.width, args.depth, args.refill_depth, args.branch),
         engine=EngineConfig(prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens, dtype=dtype,
-                            draft_dtype=args.draft_dtype or dtype, numerics=args.numerics, device=args.device),
+                            draft_dtype=args.draft_dtype or dtype, numerics=args.numerics, device=args.device,
+                            layer_split=args.layer_split),
         cache_dir=args.cache_dir,
         attention=attention_config(args),
     )

@@ -21,7 +21,14 @@ from pathlib import Path
 from shared.environment import DEFAULTS, env
 from shared.service_args import add_attention_args, attention_config
 from shared.transport.redis_io import RedisConfig, connect, ensure_redis, not_alive, pipeline_components, stage_name
-from shared.types.config import DEFAULT_NUMERICS, DTYPES, NUMERICS, NUMERICS_HELP, AttentionConfig
+from shared.types.config import (
+    DEFAULT_NUMERICS,
+    DTYPES,
+    LAYER_SPLIT_HELP,
+    NUMERICS,
+    NUMERICS_HELP,
+    AttentionConfig,
+)
 from specpipe.supervisor import RESTART_POLICIES, Child, RestartPolicy, Supervisor
 
 
@@ -68,6 +75,7 @@ class ClusterConfig:
     dtype: str | None = None  # the stages' --dtype; None: the device's (bfloat16 on a GPU, float32 on a CPU)
     draft_dtype: str | None = None  # the draft workers' model dtype (any stays lossless); None: the device's
     numerics: str = DEFAULT_NUMERICS  # the stages' and drafts' kernels (shared.types.config.NUMERICS)
+    layer_split: str = "balanced"  # which layers each stage holds (shared.types.config.stage_bounds)
     limits: ServiceLimits = ServiceLimits()
     api_keys: tuple[str, ...] = ()  # handed to the gateway through its environment, never on a command line
     restart: RestartPolicy = field(default_factory=RestartPolicy)
@@ -116,7 +124,8 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
     for k in range(cfg.stages):
         procs[stage_name(k)] = [py, "-m", "stage_worker", *cfg.common_args(), "--threads", str(cfg.compute_threads()),
                                 "--rank", str(k), "--world", str(cfg.stages), "--master-port", str(cfg.master_port),
-                                "--numerics", cfg.numerics, *cfg.attention_args(), *cfg.device_args(cfg.dtype)]
+                                "--numerics", cfg.numerics, "--layer-split", cfg.layer_split, *cfg.attention_args(),
+                                *cfg.device_args(cfg.dtype)]
     for i in range(cfg.draft_workers):
         procs[f"draft-{i}"] = draft_command(cfg, f"draft-{i}")
     gateway = Path(__file__).resolve().parents[1] / "gateway" / "__main__.py"
@@ -274,6 +283,7 @@ def up_main(argv: list[str]) -> int:
                    help="the draft model's dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS,
                    help=NUMERICS_HELP)
+    p.add_argument("--layer-split", default="balanced", help=LAYER_SPLIT_HELP)
     p.add_argument("--token-budget", type=int, default=256, help="rows per pipeline step")
     p.add_argument("--redis-url", default=env("REDIS_URL"))
     p.add_argument("--prefix", default=env("SPECPIPE_PREFIX"),
@@ -306,7 +316,7 @@ def up_main(argv: list[str]) -> int:
         model=a.model, draft=a.draft, policy=a.policy, stages=a.stages, width=a.width, drafts=a.drafts,
         token_budget=a.token_budget, redis_url=a.redis_url, prefix=a.prefix, master_port=a.master_port, port=a.port,
         host=a.host, attention=attention_config(a), device=a.device, dtype=a.dtype, draft_dtype=a.draft_dtype,
-        numerics=a.numerics,
+        numerics=a.numerics, layer_split=a.layer_split,
         limits=ServiceLimits(max_queue=a.max_queue, kv_slots=a.kv_slots, max_inflight=a.max_inflight,
                              max_body_bytes=a.max_body_bytes, max_file_bytes=a.max_file_bytes,
                              request_timeout_s=a.request_timeout, max_model_len=a.max_model_len),

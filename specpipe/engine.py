@@ -34,7 +34,8 @@ def build_pipeline(cfg: SimulationConfig, trace_limit: int = 0) -> tuple[InProce
     model_dir = resolve_model(cfg.model, cfg.cache_dir)
     arch = ModelArch.from_model_dir(model_dir)
     n, numerics = cfg.policy.stages, cfg.engine.numerics
-    stages = [load_stage(model_dir, arch, k, n, dtype, cfg.attention, numerics, device) for k in range(n)]
+    stages = [load_stage(model_dir, arch, k, n, dtype, cfg.attention, numerics, device,
+                         cfg.engine.layer_split) for k in range(n)]
     draft = None
     if cfg.policy.name != "pp":
         draft_dtype = getattr(torch, cfg.engine.draft_dtype)

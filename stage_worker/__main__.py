@@ -19,7 +19,7 @@ from shared.service_args import (
     run_main,
     set_threads,
 )
-from shared.types.config import ModelArch
+from shared.types.config import LAYER_SPLIT_HELP, ModelArch
 from stage_worker.link import LinkConfig
 from stage_worker.service import StageService, StageServiceConfig
 
@@ -34,6 +34,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--master-addr", default=env("MASTER_ADDR"))
     p.add_argument("--master-port", type=int, default=int(env("MASTER_PORT")),
                    help="stage 0's rendezvous port (0: a free one per pipeline run, shared through Redis)")
+    p.add_argument("--layer-split", default="balanced", help=LAYER_SPLIT_HELP)
     add_device_args(p)
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds (tests)")
     return p
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         arch = ModelArch.from_model_dir(model_dir)
         device = compute_device(args, rank=args.rank)  # a bare cuda: LOCAL_RANK's GPU, else the rank's
         dtype = compute_dtype(args.dtype, device)
-        runner = load_stage(model_dir, arch, args.rank, args.world, dtype, attention, args.numerics, device=device)
+        runner = load_stage(model_dir, arch, args.rank, args.world, dtype, attention, args.numerics, device,
+                            args.layer_split)
         link = LinkConfig(args.rank, args.world, args.master_addr, args.master_port) if args.world > 1 else None
         cfg = StageServiceConfig(args.rank, args.world, redis_cfg, link)
         StageService(cfg, runner).run(args.idle_exit)

@@ -32,7 +32,7 @@ from shared.compute.onednn import onednn_linear
 from shared.compute.sampling import target_tokens
 from shared.compute.weights import StageWeights, load_stage_weights
 from shared.types.batch import MicroBatch, PipelineEvent, Row, StageOutput
-from shared.types.config import NUMERICS, AttentionConfig, ModelArch, SamplingParams, split_layers
+from shared.types.config import NUMERICS, AttentionConfig, ModelArch, SamplingParams, stage_bounds
 from shared.types.errors import ConfigError, ProtocolError
 
 
@@ -277,9 +277,10 @@ def _row_attention(row: int, ctx: RowContext, device: torch.device) -> RowAttent
 
 def load_stage(model_dir: Path, arch: ModelArch, rank: int, world: int, dtype: torch.dtype = torch.float32,
                attention: AttentionConfig = AttentionConfig(), numerics: str = "exact",
-               device: torch.device | str = "cpu") -> StageRunner:
-    """Stage `rank` of a `world`-stage split (0 of 1: the whole model) on `device`; reads only its own layers."""
+               device: torch.device | str = "cpu", split: str = "balanced") -> StageRunner:
+    """Stage `rank` of a `world`-stage split (0 of 1: the whole model; `split`: shared.types.config.stage_bounds)
+    on `device`; reads only its own layers."""
     attention.check_head_dim(arch.head_dim)  # before any weights are read
-    start, end = split_layers(arch.num_layers, world)[rank]
+    start, end = stage_bounds(arch, world, split)[rank]
     weights = load_stage_weights(model_dir, arch, start, end, dtype, torch.device(device))
     return StageRunner(arch, weights, attention, numerics)

@@ -25,6 +25,11 @@ NUMERICS_HELP = ("fast (default): one GEMM per micro-batch and batched attention
 Policy = Literal["pp", "tree", "specpipe"]
 POLICIES: tuple[str, ...] = typing.get_args(Policy)
 
+LAYER_SPLITS = ("balanced", "even")
+LAYER_SPLIT_HELP = ("how layers are cut into stages: balanced (default) weighs the LM head in layers' worth of weights "
+                    "and gives the last stage fewer layers so no stage reads more weights per step than it must; even "
+                    "cuts equal slices (vLLM's default); or the counts themselves, e.g. 19,11")
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -61,6 +66,17 @@ class ModelArch:
     max_positions: int
     eos_token_ids: tuple[int, ...]
     rope_scaling: RopeScaling | None = None  # Llama 3.x
+
+    @property
+    def layer_params(self) -> int:
+        """Weights of one decoder layer (attention and MLP projections; norms and biases are too small to count)."""
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return self.hidden_size * (2 * q_out + 2 * kv_out) + 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def head_params(self) -> int:
+        """Weights of the LM head, which the last stage reads every step (tied or not)."""
+        return self.vocab_size * self.hidden_size
 
     @property
     def rep(self) -> int:
@@ -200,6 +216,7 @@ class EngineConfig:
     draft_dtype: str = "float32"
     numerics: str = DEFAULT_NUMERICS  # NUMERICS: the target's and the draft's kernels
     device: str = "cpu"  # in-process executor: every stage and the draft on this one device (cpu, cuda, cuda:N)
+    layer_split: str = "balanced"  # LAYER_SPLITS or counts "19,11": which layers each stage holds (stage_bounds)
 
     def __post_init__(self) -> None:
         for name in ("dtype", "draft_dtype"):
@@ -213,6 +230,8 @@ class EngineConfig:
             raise ConfigError("token_budget must be >= 1")
         if self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be >= 1")
+        if self.layer_split not in LAYER_SPLITS and not all(c.strip().isdigit() for c in self.layer_split.split(",")):
+            raise ConfigError(f"layer split '{self.layer_split}': choose {' or '.join(LAYER_SPLITS)}, or counts such as 19,11")
 
 
 ATTENTION_KINDS: tuple[str, ...] = ("exact", "distr")
@@ -251,16 +270,50 @@ class AttentionConfig:
             raise ConfigError(f"attention group_size {self.group_size} does not divide the head dim {head_dim}")
 
 
-def split_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
-    """Cut layers into `stages` consecutive slices [a, b), sizes differing by at most 1."""
+def split_layers(num_layers: int, stages: int, head_layers: float = 0.0) -> list[tuple[int, int]]:
+    """Cut layers into `stages` consecutive slices [a, b). The last stage also carries the LM head, which weighs
+    `head_layers` layers: the last slice is sized so that the heaviest stage is as light as it can be (the head is
+    what a decode step of the last stage reads on top of its layers), the others differ by at most 1.
+    head_layers = 0 gives the even cut."""
     if stages > num_layers:
         raise ConfigError(f"cannot split {num_layers} layers into {stages} stages: at most one stage per layer")
     if stages < 1:
         raise ConfigError("stages must be >= 1")
+    if stages == 1:
+        return [(0, num_layers)]
+    even_last = num_layers // stages
+    best_last, best_cost = even_last, None
+    for last in range(even_last, 0, -1):  # from the even cut down: the first strictly lighter heaviest stage wins
+        cost = max(-(-(num_layers - last) // (stages - 1)), last + head_layers)
+        if best_cost is None or cost < best_cost:
+            best_last, best_cost = last, cost
+    return _consecutive(_even_counts(num_layers - best_last, stages - 1) + [best_last])
+
+
+def _even_counts(num_layers: int, stages: int) -> list[int]:
     base, extra = divmod(num_layers, stages)
+    return [base + (1 if s < extra else 0) for s in range(stages)]
+
+
+def _consecutive(counts: list[int]) -> list[tuple[int, int]]:
     bounds, start = [], 0
-    for s in range(stages):
-        end = start + base + (1 if s < extra else 0)
-        bounds.append((start, end))
-        start = end
+    for n in counts:
+        bounds.append((start, start + n))
+        start += n
     return bounds
+
+
+def stage_bounds(arch: ModelArch, stages: int, split: str = "balanced") -> list[tuple[int, int]]:
+    """Each stage's layers [a, b) under a split rule (LAYER_SPLITS) or explicit counts "19,11"."""
+    if split == "even":
+        return split_layers(arch.num_layers, stages)
+    if split == "balanced":
+        return split_layers(arch.num_layers, stages, arch.head_params / arch.layer_params)
+    try:
+        counts = [int(c) for c in split.split(",")]
+    except ValueError:
+        raise ConfigError(f"layer split '{split}': choose {' or '.join(LAYER_SPLITS)}, or counts such as 19,11") from None
+    if len(counts) != stages or min(counts) < 1 or sum(counts) != arch.num_layers:
+        raise ConfigError(f"layer split '{split}': {stages} counts of at least 1 that add up to the model's "
+                          f"{arch.num_layers} layers")
+    return _consecutive(counts)

@@ -6,7 +6,7 @@ import pytest
 
 from scheduler.service import SchedulerServiceConfig
 from shared.transport.redis_io import RedisConfig
-from shared.types.config import EngineConfig, PolicyConfig
+from shared.types.config import EngineConfig, ModelArch, PolicyConfig, split_layers, stage_bounds
 from shared.types.errors import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -18,6 +18,7 @@ BAD = {
     "prefill chunk 0": (lambda: EngineConfig(prefill_chunk=0), "prefill_chunk must be >= 1"),
     "token budget 0": (lambda: EngineConfig(token_budget=0), "token_budget must be >= 1"),
     "width 0": (lambda: PolicyConfig("specpipe", 2, 0), "width must be >= 1"),
+    "layer split word": (lambda: EngineConfig(layer_split="uneven"), "layer split 'uneven'"),
     "negative draft wait": (
         lambda: SchedulerServiceConfig(RedisConfig(), 2, draft_wait_s=-0.1), "draft wait must be >= 0"),
 }
@@ -32,3 +33,54 @@ def test_bad_config_is_refused(case) -> None:
 
 def test_bf16_draft_is_a_valid_setting() -> None:
     assert EngineConfig(draft_dtype="bfloat16").draft_dtype == "bfloat16"
+
+
+def _arch(layers: int, vocab: int, hidden: int = 64, intermediate: int = 128) -> ModelArch:
+    return ModelArch(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
+                     num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e4, rms_eps=1e-6, tie_embeddings=True,
+                     qkv_bias=False, max_positions=256, eos_token_ids=(0,))
+
+
+# label: (layers, stages, head in layers' worth, the cut)
+SPLITS = {
+    "one stage holds all": (30, 1, 8.0, [(0, 30)]),
+    "no head weight: even, extra layers first": (10, 3, 0.0, [(0, 4), (4, 7), (7, 10)]),
+    "smollm2-135m shape at 2: 19 + 11 and the head (19 vs 23 even)": (30, 2, 8.0, [(0, 19), (19, 30)]),
+    "a light head only trims the last stage": (80, 8, 1.23, [(0, 11), *((11 + 10 * i, 21 + 10 * i) for i in range(6)),
+                                                            (71, 80)]),
+    "a head past every layer keeps one layer last": (8, 2, 85.0, [(0, 7), (7, 8)]),
+    "a tie keeps the cut nearer even": (28, 2, 5.0, [(0, 16), (16, 28)]),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLITS))
+def test_split_layers_lightens_the_heaviest_stage(case) -> None:
+    layers, stages, head, expected = SPLITS[case]
+    bounds = split_layers(layers, stages, head)
+    assert bounds == [tuple(b) for b in expected]
+    heaviest = max(b - a + (head if k == stages - 1 else 0) for k, (a, b) in enumerate(bounds))
+    even = max(b - a + (head if k == stages - 1 else 0) for k, (a, b) in enumerate(split_layers(layers, stages)))
+    assert heaviest <= even
+
+
+# label: (split, the cut of a 12-layer model whose head weighs 4 layers, or the error)
+STAGE_BOUNDS = {
+    "balanced": ("balanced", [(0, 8), (8, 12)]),
+    "even": ("even", [(0, 6), (6, 12)]),
+    "counts": ("5,7", [(0, 5), (5, 12)]),
+    "counts that miss layers": ("5,6", "add up to the model's 12 layers"),
+    "too few counts": ("12", "2 counts"),
+    "not a rule": ("heavy", "choose balanced or even"),
+}
+
+
+@pytest.mark.parametrize("case", list(STAGE_BOUNDS))
+def test_stage_bounds_by_rule_or_counts(case) -> None:
+    split, expected = STAGE_BOUNDS[case]
+    arch = _arch(12, vocab=_arch(1, 1).layer_params * 4 // 64)  # head = vocab x hidden = 4 layers' weights
+    assert arch.head_params == 4 * arch.layer_params
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=expected):
+            stage_bounds(arch, 2, split)
+    else:
+        assert stage_bounds(arch, 2, split) == expected
