@@ -155,9 +155,10 @@ def tree_attention(
         out[row.row] = torch.matmul(probs, values.permute(1, 0, 2))  # [g, r, d]
 
 
-def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
     """One request's rows in one SDPA call. q: [m, h, d]; keys/values: [L, g, d] (the cache's first L slots);
-    mask: [m, L], True where the row attends. Returns [m, h, d]. Grouped-query attention without copying K/V
+    mask: [m, L], True where the row attends, or None: every row attends to all L. Returns [m, h, d]. Grouped-query attention without copying K/V
     (SDPA's enable_gqa expands them on the CPU): the r query heads of a kv head become r * m query rows of it."""
     m, h, d = q.shape
     g = keys.shape[1]
@@ -165,7 +166,7 @@ def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     grouped = q.view(m, g, r, d).permute(1, 2, 0, 3).reshape(g, r * m, d)  # [g, r*m, d]: rows (head in group, row)
     out = F.scaled_dot_product_attention(
         grouped[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],  # [1, g, r*m | L, d]
-        attn_mask=mask.repeat(r, 1)[None, None],  # [1, 1, r*m, L]
+        attn_mask=None if mask is None else mask.repeat(r, 1)[None, None],  # [1, 1, r*m, L]
     )  # [1, g, r*m, d]
     return out[0].view(g, r, m, d).permute(2, 0, 1, 3).reshape(m, h, d)
 
@@ -212,10 +213,9 @@ def decoder_layer(
     """
     n, h, g, d = x.shape[0], arch.num_heads, arch.num_kv_heads, arch.head_dim
     qkv = lin(rms_norm(x, w.attn_norm, arch.rms_eps), w.qkv, w.qkv_bias)  # [n, (h + 2g) * d]
-    q, k, v = qkv.split([h * d, g * d, g * d], dim=-1)
-    q = apply_rope(q.reshape(n, h, d), cos, sin)
-    k = apply_rope(k.reshape(n, g, d), cos, sin)
-    write_kv(k, v.reshape(n, g, d))
+    qk = apply_rope(qkv[:, : (h + g) * d].reshape(n, h + g, d), cos, sin)  # [n, h + g, d]: one rotation for both
+    q, k = qk.split([h, g], dim=1)
+    write_kv(k, qkv[:, (h + g) * d :].reshape(n, g, d))
     x = x + lin(attend(q), w.o)
     gate, up = lin(rms_norm(x, w.mlp_norm, arch.rms_eps), w.gate_up).chunk(2, dim=-1)  # [n, I] each
     return x + lin(F.silu(gate) * up, w.down)

@@ -53,7 +53,8 @@ class _RequestPlan:
     attention: list[RowAttention]  # numerics exact: the generated rows, each attending on its own
     prompt_rows: torch.Tensor | None  # numerics exact: [p] row indices of prompt rows (position tiles), or None
     prompt_positions: list[int]  # their positions (= their prefix slots)
-    mask: torch.Tensor | None  # numerics fast: [m, L] what each row attends to in the cache's first L slots
+    keys: int  # numerics fast: L, the rows attend within the cache's first L slots
+    mask: torch.Tensor | None  # numerics fast: [m, L] what each row attends to; None: all L (a decode row)
     prefill_start: int | None  # first position if the rows are a prefill chunk (see _prefill_start), else None
 
 
@@ -180,7 +181,7 @@ class StageRunner:
             attention=[_row_attention(i, ctx, self.device) for i, ctx in exact],
             prompt_rows=self._index([i for i, _ in prompt]) if prompt else None,
             prompt_positions=[p for _, p in prompt],
-            mask=_attention_mask([ctx for _, ctx in placed]).to(self.device) if self.fast else None,
+            **(_attention_mask([ctx for _, ctx in placed], self.device) if self.fast else {"keys": 0, "mask": None}),
             prefill_start=_prefill_start([rows[i] for i, _ in placed], [ctx for _, ctx in placed]),
         )
 
@@ -205,8 +206,8 @@ class StageRunner:
                     chunk = distr_attention(q[plan.rows], cache.k[layer, :end], cache.v[layer, :end], self.attention,
                                             causal=True, q_offset=plan.prefill_start)  # [m, h, d]
                     out[plan.rows] = chunk.view(-1, a.num_kv_heads, a.rep, a.head_dim)
-                elif plan.mask is not None:
-                    end = plan.mask.shape[1]
+                elif self.fast:
+                    end = plan.keys
                     chunk = masked_attention(q[plan.rows], cache.k[layer, :end], cache.v[layer, :end], plan.mask)
                     out[plan.rows] = chunk.reshape(-1, a.num_kv_heads, a.rep, a.head_dim)
                 else:
@@ -259,13 +260,16 @@ def _prefill_start(rows: list[Row], contexts: list[RowContext]) -> int | None:
     return start if chunk else None
 
 
-def _attention_mask(placed: list[RowContext]) -> torch.Tensor:
-    """[m, L]: row i attends to the slots of its context (L: one past the highest slot any row attends)."""
+def _attention_mask(placed: list[RowContext], device: torch.device) -> dict:
+    """keys = L, one past the highest slot any row attends; mask [m, L]: row i attends to the slots of its context,
+    or None when one row attends to all L slots (a decode step: SDPA then needs no mask)."""
     end = max(ctx.slot for ctx in placed) + 1  # a row's own slot is the highest of its context
+    if len(placed) == 1 and len(placed[0].context) == end:  # distinct slots below L, L of them: all of them
+        return {"keys": end, "mask": None}
     mask = torch.zeros(len(placed), end, dtype=torch.bool)
     for i, ctx in enumerate(placed):
         mask[i, ctx.context] = True
-    return mask
+    return {"keys": end, "mask": mask.to(device)}
 
 
 def _row_attention(row: int, ctx: RowContext, device: torch.device) -> RowAttention:
