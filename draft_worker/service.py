@@ -1,9 +1,11 @@
 """`python -m draft_worker`: a speculative source as a process.
 
 Takes expansion jobs from a Redis stream through a consumer group (more
-workers scale out), follows the step records' prune/commit/finish events
-(applied up to each job's `as_of_step` first, so a job never refers to a tree
-the worker has not caught up with), and pushes proposals back.
+workers scale out), follows the scheduler's prune/commit/finish events (the
+draft_events stream, applied up to each job's `as_of_step` first, so a job
+never refers to a tree the worker has not caught up with), drafts the jobs
+of one read in one forward (every request's nodes in one micro-batch), and
+pushes proposals back.
 """
 
 from __future__ import annotations
@@ -18,15 +20,13 @@ from shared.transport.redis_io import (
     connect,
     decode_or_log,
     ensure_group,
-    publish,
     read,
     start_heartbeat,
-    tail_id,
 )
 from shared.types.batch import PipelineEvent
 from shared.types.errors import SpecPipeError
 from shared.types.speculation import ExpansionJob, SpeculativeSource
-from shared.wire.messages import ExpansionJobMsg, ProposalsMsg, StepMsg
+from shared.wire.messages import DraftEventsMsg, ExpansionJobMsg, ProposalsMsg
 
 log = logging.getLogger("draft_worker")
 
@@ -36,7 +36,7 @@ class DraftServiceConfig:
     redis: RedisConfig
     name: str = ""  # consumer name; defaults to host-pid
     group: str = "drafts"
-    catch_up_ms: int = 2000  # how long a job may wait for its step record
+    catch_up_ms: int = 2000  # how long a job may wait for the events it comes after
 
 
 class DraftService:
@@ -45,23 +45,34 @@ class DraftService:
         self.name = cfg.name or f"draft-{socket.gethostname()}-{os.getpid()}"
         self.r = connect(cfg.redis)
         self.known: set[str] = set()
-        self.steps_last = tail_id(self.r, cfg.redis.steps)  # never replay another run's steps
-        self.at = (0, 0)  # (run, step) of the last step record applied: jobs wait for theirs
+        # nodes pruned so far, per request: a job asked before a prune went out may reach this worker after it
+        # (the scheduler sends a step's events before it waits for the jobs of the step before); such nodes are
+        # answered with no proposals (the scheduler drops them anyway), never drafted on a tree without them
+        self.pruned: dict[str, set[int]] = {}
+        self.events_last = "0"  # the draft_events stream, read after this entry
+        self.at = (0, 0)  # (run, step) of the last events record applied: jobs wait for theirs
 
     def start(self) -> None:
         ensure_group(self.r, self.cfg.redis.draft_jobs, self.cfg.group, "$")
+        # from the newest events record on (never another run's older ones): it says which run and step the
+        # scheduler is at, and events of requests this worker never saw need not be applied
+        newest = self.r.xrevrange(self.cfg.redis.draft_events, count=1)
+        if newest:
+            entry_id, fields = newest[0]
+            self.events_last = entry_id.decode()
+            self._apply_raw(fields.get(b"m", b""))
 
     def run(self) -> None:
         self.start()
         start_heartbeat(self.cfg.redis, self.name)
         log.info("%s ready: %s", self.name, type(self.source).__name__)
         while True:
-            self._follow_steps(block_ms=None)
-            reply = self.r.xreadgroup(self.cfg.group, self.name, {self.cfg.redis.draft_jobs: ">"}, count=16, block=200)
+            self._follow_events(block_ms=None)
+            reply = self.r.xreadgroup(self.cfg.group, self.name, {self.cfg.redis.draft_jobs: ">"}, count=64, block=200)
             entries = [e for _, batch in reply or [] for e in batch] or self._orphaned()
-            for entry_id, fields in entries:
-                self._handle(fields.get(b"m", b""))
-                self.r.xack(self.cfg.redis.draft_jobs, self.cfg.group, entry_id)
+            if entries:
+                self._handle([fields.get(b"m", b"") for _, fields in entries])
+                self.r.xack(self.cfg.redis.draft_jobs, self.cfg.group, *[entry_id for entry_id, _ in entries])
 
     def _orphaned(self) -> list:
         """Jobs a dead worker took and never acknowledged: claim them after a heartbeat's lifetime."""
@@ -69,18 +80,21 @@ class DraftService:
         reply = self.r.xautoclaim(self.cfg.redis.draft_jobs, self.cfg.group, self.name, idle_ms, "0-0", count=16)
         return [e for e in reply[1] if e and e[1]] if reply else []  # trimmed entries come back empty
 
-    def _follow_steps(self, block_ms: int | None, until: tuple[int, int] = (0, 0)) -> None:
+    def _follow_events(self, block_ms: int | None, until: tuple[int, int] = (0, 0)) -> None:
         while True:
-            entries = read(self.r, self.cfg.redis.steps, self.steps_last, block_ms if self.at < until else None)
+            entries = read(self.r, self.cfg.redis.draft_events, self.events_last, block_ms if self.at < until else None)
             for entry_id, raw in entries:
-                self.steps_last = entry_id
-                msg = decode_or_log(raw, StepMsg, self.name)
-                if msg is not None:
-                    self._apply(msg)
+                self.events_last = entry_id
+                self._apply_raw(raw)
             if not entries or self.at >= until:
                 return
 
-    def _apply(self, msg: StepMsg) -> None:
+    def _apply_raw(self, raw: bytes) -> None:
+        msg = decode_or_log(raw, DraftEventsMsg, self.name)
+        if msg is not None:
+            self._apply(msg)
+
+    def _apply(self, msg: DraftEventsMsg) -> None:
         if msg.epoch < self.at[0]:
             log.warning("%s: refused step %d of run %d (following run %d)", self.name, msg.step, msg.epoch, self.at[0])
             return
@@ -91,29 +105,62 @@ class DraftService:
         events = [e for e in msg.events if e.request_id in self.known]
         if events:
             self.source.apply(events)
-        self.known -= {e.request_id for e in events if e.kind == "finish"}
+        for e in events:
+            if e.kind == "prune":
+                self.pruned.setdefault(e.request_id, set()).update(e.node_ids)
+            elif e.kind == "finish":
+                self.known.discard(e.request_id)
+                self.pruned.pop(e.request_id, None)
 
-    def _handle(self, raw: bytes) -> None:
-        job = decode_or_log(raw, ExpansionJobMsg, self.name)
-        if job is None:
+    def _handle(self, raws: list[bytes]) -> None:
+        """The jobs of one read, drafted in one forward (every request's frontier nodes in one micro-batch; the
+        source attends each node within its own request's tree); a job that fails is retried alone, so one
+        request's broken draft state resets only that request."""
+        jobs = [job for raw in raws if (job := decode_or_log(raw, ExpansionJobMsg, self.name)) is not None]
+        if not jobs:
             return
-        self._follow_steps(self.cfg.catch_up_ms, until=(job.epoch, job.as_of_step))
-        if job.epoch < self.at[0]:
-            return  # a job of a run that has ended: its request is gone
-        refs = job.nodes  # [NodeRef]
+        self._follow_events(self.cfg.catch_up_ms, until=max((job.epoch, job.as_of_step) for job in jobs))
+        proposals, batch = [], []
+        for job in jobs:
+            if job.epoch < self.at[0]:
+                continue  # a job of a run that has ended: its request is gone
+            pruned = self.pruned.get(job.request_id, set())
+            proposals += [(job.request_id, ref.node_id, []) for ref in job.nodes if ref.node_id in pruned]
+            refs = [ref for ref in job.nodes if ref.node_id not in pruned]  # [NodeRef]
+            if refs and self._known(job):
+                batch.append(ExpansionJob(job.request_id, job.text, refs, job.top_k))
         try:
-            if job.request_id not in self.known:
-                self.source.add_request(job.request_id, job.text, job.capacity)
-                self.known.add(job.request_id)
-            proposals = self.source.expand([ExpansionJob(job.request_id, job.text, refs, job.top_k)])
+            proposals += self.source.expand(batch) if batch else []
+        except (SpecPipeError, IndexError, KeyError):
+            for job in batch:
+                proposals += self._expand_alone(job)
+        pipe = self.r.pipeline(transaction=False)  # every answer in one round trip
+        for rid, node_id, props in proposals:
+            msg = ProposalsMsg(rid, node_id, [t for t, _ in props], [float(lp) for _, lp in props])
+            pipe.xadd(self.cfg.redis.proposals, {"m": msg.encode()}, maxlen=100_000, approximate=True)
+        pipe.execute()
+
+    def _known(self, job: ExpansionJobMsg) -> bool:
+        """Register the job's request with the source on its first job; False (and reset) when that fails."""
+        if job.request_id in self.known:
+            return True
+        try:
+            self.source.add_request(job.request_id, job.text, job.capacity)
+        except SpecPipeError as exc:
+            log.warning("%s: cannot draft for %s (%s)", self.name, job.request_id, exc)
+            return False
+        self.known.add(job.request_id)
+        return True
+
+    def _expand_alone(self, job: ExpansionJob) -> list:
+        try:
+            return self.source.expand([job])
         except (SpecPipeError, IndexError, KeyError) as exc:
             log.warning("%s: job for %s failed (%s); resetting its draft state", self.name, job.request_id, exc)
             self._reset(job.request_id)
-            proposals = [(job.request_id, ref.node_id, []) for ref in refs]
-        for rid, node_id, props in proposals:
-            msg = ProposalsMsg(rid, node_id, [t for t, _ in props], [float(lp) for _, lp in props])
-            publish(self.r, self.cfg.redis.proposals, msg)
+            return [(job.request_id, ref.node_id, []) for ref in job.nodes]
 
     def _reset(self, request_id: str) -> None:
         self.source.apply([PipelineEvent(request_id, "finish")])
         self.known.discard(request_id)
+        self.pruned.pop(request_id, None)

@@ -4,12 +4,13 @@ Loop, one pipeline step per iteration:
   1. read new requests (consumer group: a request is acknowledged only when it
      finished or failed) and cancellations; admit those whose KV fits, refuse
      past the queue limit (scheduler/admission.py),
-  2. take the draft's proposals, waiting (bounded) for the jobs published
-     during the last step, and ask for the nodes that need this step's events
-     (scheduler/drafts.py),
-  3. schedule() and publish the StepMsg (events of the last verification,
-     admitted requests, stage 0's rows), then at once the jobs that expand the
-     level it sends, so the drafts work while the stages compute,
+  2. send the drafts the events of the last verification, take their
+     proposals, waiting (bounded) for the jobs published during the last step,
+     then for a miss's refill levels, drafted round by round as the in-process
+     executor drafts them (scheduler/drafts.py),
+  3. schedule() and publish the StepMsg (the same events, admitted requests,
+     stage 0's rows), then at once the jobs that expand the level it sends, so
+     the drafts work while the stages compute,
   4. wait for the last stage's VerifyMsg of this step, verify, publish tokens.
 A lost stage fails the in-flight requests and begins a new pipeline run
 (scheduler/pipeline.py); steps go out only while every stage is in the run.
@@ -133,19 +134,18 @@ class SchedulerService:
             self.pipeline.end()
 
     def step(self) -> None:
-        start = time.monotonic()
-        wait_span = self.drafts.wait()
-        # jobs that need the last step's events (a refill after a miss): answered once this step's record is out
-        self.drafts.ask(as_of_step=self.scheduler.step + 1, epoch=self.pipeline.run.epoch)
+        start, epoch = time.monotonic(), self.pipeline.run.epoch
+        self.drafts.publish_events(epoch, self.scheduler.step + 1, self.events)
+        wait_span = self.drafts.draft(epoch)
         self.telemetry.events_known(self.events, drained=False)
         batch = self.scheduler.schedule()
         self.telemetry.step_sent(self.scheduler.step, batch.rows)
         msg = StepMsg(step=self.scheduler.step, batch_id=batch.batch_id, events=self.events, admitted=self.admitted,
-                      epoch=self.pipeline.run.epoch, **StepMsg.columns(batch.rows))
+                      epoch=epoch, **StepMsg.columns(batch.rows))
         self.admitted, self.events = [], []
         published = time.monotonic()
         publish(self.r, self.cfg.redis.steps, msg)
-        self.drafts.ask(as_of_step=msg.step, epoch=msg.epoch)  # the level just sent: drafted while stages compute
+        self.drafts.ask(epoch)  # the level just sent: drafted while the stages compute
         verify = self._await_verify(msg.step)
         if verify is None:
             return
@@ -309,7 +309,7 @@ class SchedulerService:
 
     def _begin_run(self) -> None:
         self.pipeline.begin(base_step=self.scheduler.step)
-        self.drafts.reset()
+        self.drafts.begin_run(self.pipeline.run.epoch, self.scheduler.step)
         self.events, self.telemetry.sent = [], None
         self.link_lost, self.stage_failures = False, []
 

@@ -46,6 +46,10 @@ class RedisConfig:
         return self.key("verify")
 
     @property
+    def draft_events(self) -> str:
+        return self.key("draft_events")
+
+    @property
     def draft_jobs(self) -> str:
         return self.key("draft_jobs")
 

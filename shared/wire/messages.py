@@ -10,6 +10,7 @@ import here: the gateway uses these types without torch.
 Streams and who writes them (the documented router/shard contract):
     requests        gateway -> scheduler     RequestMsg
     steps           scheduler -> stages      StepMsg (one per pipeline step)
+    draft_events    scheduler -> drafts      DraftEventsMsg (a step's events, before the jobs that need them)
     verify          last stage -> scheduler  VerifyMsg
     draft_jobs      scheduler -> drafts      ExpansionJobMsg
     proposals       drafts -> scheduler      ProposalsMsg
@@ -139,7 +140,7 @@ class TokensMsg(Message, frozen=True, tag="tokens"):
 
 
 class StepMsg(Message, frozen=True, tag="step"):
-    """One pipeline step (scheduler -> every stage and draft worker).
+    """One pipeline step (scheduler -> every stage; the drafts get its events first, as a DraftEventsMsg).
 
     Stages apply `events` and register `admitted` before computing this step, so
     no stage ever computes a node that verification already pruned. Stage 0
@@ -187,11 +188,23 @@ class VerifyMsg(Message, frozen=True, tag="verify"):
         return TargetTokens(self.batch_id, self.request_ids, self.node_ids, self.targets)
 
 
+class DraftEventsMsg(Message, frozen=True, tag="draft_events"):
+    """The events every stage applies before `step` (the StepMsg of `step` carries the same ones), sent to the
+    draft workers before that step is scheduled (scheduler -> drafts). A miss's refill needs R levels drafted
+    below the bonus token before its step can go out; the drafts learn the miss's prunes here first, so those
+    levels are drafted on the tree the stages will have. Published when there are events, and once as a run
+    begins (step = its base step, no events: the drafts start the run empty)."""
+
+    step: int  # the step these events precede
+    events: list[PipelineEvent] = []
+    epoch: int = 0  # the pipeline run; a newer one resets the drafts
+
+
 class ExpansionJobMsg(Message, frozen=True, tag="expand"):
     """Propose children for tree nodes (scheduler -> draft workers)."""
 
     request_id: str
-    as_of_step: int  # apply step records up to here first: events and the job stay causally ordered
+    as_of_step: int  # apply the DraftEventsMsg records up to this step first: events and the job stay in order
     text: list[int]  # accepted tokens (prompt + output)
     nodes: list[NodeRef]  # [node_id, parent_id, token, position, accepted]
     top_k: int
@@ -256,8 +269,8 @@ class SchedulerStatsMsg(Message, frozen=True, tag="scheduler_stats"):
     wasted_rows: int  # rows computed (all stages) that were later pruned
 
 
-MESSAGES = (RequestMsg, TokensMsg, StepMsg, VerifyMsg, ExpansionJobMsg, ProposalsMsg, StageErrorMsg, CancelMsg,
-            OccupancyMsg, SchedulerStatsMsg)
+MESSAGES = (RequestMsg, TokensMsg, StepMsg, VerifyMsg, DraftEventsMsg, ExpansionJobMsg, ProposalsMsg, StageErrorMsg,
+            CancelMsg, OccupancyMsg, SchedulerStatsMsg)
 _ENCODER = msgspec.msgpack.Encoder()
 
 

@@ -95,7 +95,8 @@ def test_malformed_messages_on_every_stream_are_dropped(cluster_factory, tiny_di
     cfg, r = cluster.cfg, cluster.r
     garbage = [b"\xc1\xc1", msgpack.packb([1, 2]), msgpack.packb({"v": 1, "type": "request", "request_id": 5}),
                msgpack.packb({"v": 999, "type": "step"}), b""]
-    for stream in (cfg.requests, cfg.steps, cfg.verify, cfg.draft_jobs, cfg.proposals, cfg.errors, cfg.cancel):
+    for stream in (cfg.requests, cfg.steps, cfg.verify, cfg.draft_events, cfg.draft_jobs, cfg.proposals, cfg.errors,
+                   cfg.cancel):
         for raw in garbage:
             r.xadd(stream, {"m": raw})
         r.xadd(stream, {"not-m": b"x"})
