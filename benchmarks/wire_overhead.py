@@ -153,11 +153,21 @@ def overhead(rows: list[StepTimes]) -> dict:
     }
 
 
+def stage_compute(rows: list[StepTimes], stages: int) -> list[float | None]:
+    """Each stage's mean forward time (ms) over the steps where it computed rows (an empty forward is ~0)."""
+    out = []
+    for k in range(stages):
+        spans = [b - a for st in rows for a, b in st.compute[k : k + 1] if b - a > 1e-3]
+        out.append(1000 * statistics.fmean(spans) if spans else None)
+    return out
+
+
 def summarize(r, rcfg: RedisConfig, args: argparse.Namespace) -> dict:
+    rows = step_rows(r, rcfg, args.stages)
     return {
         "machine": machine(),
         "model": args.model, "stages": args.stages, "policy": args.policy, "layer_split": args.layer_split,
-        **overhead(step_rows(r, rcfg, args.stages)),
+        **overhead(rows), "stage_compute_ms": stage_compute(rows, args.stages),
     }
 
 
