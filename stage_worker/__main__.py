@@ -21,6 +21,7 @@ from shared.service_args import (
 )
 from shared.types.config import LAYER_SPLIT_HELP, ModelArch
 from stage_worker.link import LinkConfig
+from stage_worker.null_runner import NullRunner
 from stage_worker.service import StageService, StageServiceConfig
 
 
@@ -36,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
                    help="stage 0's rendezvous port (0: a free one per pipeline run, shared through Redis)")
     p.add_argument("--layer-split", default="balanced", help=LAYER_SPLIT_HELP)
     add_device_args(p)
+    p.add_argument("--null-compute-ms", type=float, default=None,
+                   help="benchmarks only (benchmarks.beat): no model, every forward takes this long and outputs "
+                        "nothing meaningful")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds (tests)")
     return p
 
@@ -51,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         arch = ModelArch.from_model_dir(model_dir)
         device = compute_device(args, rank=args.rank)  # a bare cuda: LOCAL_RANK's GPU, else the rank's
         dtype = compute_dtype(args.dtype, device)
-        runner = load_stage(model_dir, arch, args.rank, args.world, dtype, attention, args.numerics, device,
-                            args.layer_split)
+        if args.null_compute_ms is not None:
+            runner = NullRunner(arch, args.rank, args.world, args.null_compute_ms, dtype)
+        else:
+            runner = load_stage(model_dir, arch, args.rank, args.world, dtype, attention, args.numerics, device,
+                                args.layer_split)
         link = LinkConfig(args.rank, args.world, args.master_addr, args.master_port) if args.world > 1 else None
         cfg = StageServiceConfig(args.rank, args.world, redis_cfg, link)
         StageService(cfg, runner).run(args.idle_exit)

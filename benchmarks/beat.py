@@ -1,0 +1,122 @@
+"""The pipeline beat with nothing to compute: the services' control overhead per step.
+
+    python -m benchmarks.beat [--stages 2,4,8] [--compute-ms 0] [--requests 1,16] [--policies pp,specpipe]
+        [--tokens 48] [--out FILE]
+
+For every (stage processes, policy, concurrent requests), a cluster of null stages (stage_worker
+--null-compute-ms S: no model, every forward takes S ms; tiny-random's shapes on the wire), the scheduler and,
+under specpipe, one n-gram draft worker. The null stages answer every row with its own token, so the n-gram
+draft's proposals are always accepted and specpipe keeps the pipe as full as it can. `requests` requests of
+`tokens` new tokens go in at once. From the scheduler's and stages' timings (benchmarks.wire_overhead), the beat
+is the time from one step's start to the next's over back-to-back steps, and the overhead is beat - S: what a
+step costs beyond its compute (Redis round trips, msgpack, the gloo link, scheduling, the draft wait).
+
+Prints a table (p50 / p99 overhead in ms) and, last, `beat overhead p50 X ms p99 Y ms` for 4 stage processes,
+specpipe, 16 requests (the configuration issue 15's goal names), on the machine named in the header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+import uuid
+from itertools import pairwise
+
+from benchmarks.provenance import machine
+from benchmarks.wire_overhead import step_rows
+from shared.environment import env
+from shared.model_store import resolve_model
+from shared.transport.queue_client import collect, submit
+from shared.transport.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
+from shared.wire.messages import RequestMsg
+from specpipe.cluster import ClusterConfig, delete_keys, pipeline_commands, stop_processes
+
+PROMPT = [11, 12, 13, 14, 15, 16, 17, 18]  # any tokens: the null stages' targets repeat the last one
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(args: argparse.Namespace, stages: int, policy: str, requests: int) -> dict:
+    prefix = f"beat-{uuid.uuid4().hex[:6]}"
+    cfg = ClusterConfig(model=str(resolve_model(args.model)), draft="ngram", policy=policy, stages=stages,
+                        redis_url=args.redis_url, prefix=prefix, threads=1, device="cpu")
+    commands = pipeline_commands(cfg)
+    for k in range(stages):
+        commands[stage_name(k)] += ["--null-compute-ms", str(args.compute_ms)]
+    rcfg = RedisConfig(args.redis_url, prefix)
+    r = connect(rcfg)
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for cmd in commands.values()]
+    try:
+        names = [*pipeline_components(stages), *(f"draft-{i}" for i in range(cfg.draft_workers))]
+        while not all(alive(r, rcfg, n) for n in names):
+            time.sleep(0.2)
+        first_step = _warm_up(r, rcfg)
+        for i in range(requests):
+            submit(r, rcfg, RequestMsg(f"b{i}", PROMPT, args.tokens))
+        for i in range(requests):
+            collect(r, rcfg, f"b{i}", timeout_s=300)
+        time.sleep(2.5)  # stages flush their timings when idle
+        rows = step_rows(r, rcfg, stages, first_step=first_step)
+    finally:
+        stop_processes(procs)
+        delete_keys(r, prefix)
+    overhead = [1000 * (b.start - a.start) - args.compute_ms for a, b in pairwise(rows) if b.step == a.step + 1]
+    return {"stages": stages, "policy": policy, "requests": requests, "steps": len(overhead),
+            "tokens": requests * args.tokens,
+            "p50_ms": percentile(overhead, 0.5) if overhead else None,
+            "p99_ms": percentile(overhead, 0.99) if overhead else None,
+            "mean_ms": statistics.fmean(overhead) if overhead else None}
+
+
+def _warm_up(r, rcfg: RedisConfig) -> int:
+    """One short request first (a fresh cluster's first steps are slow); returns the first step after it."""
+    submit(r, rcfg, RequestMsg("warm", PROMPT, 4))
+    collect(r, rcfg, "warm", timeout_s=300)
+    time.sleep(0.5)
+    steps = r.lrange(rcfg.key("timings", "scheduler"), -1, -1)
+    return int(steps[0].decode().split(":")[0]) + 1 if steps else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.beat", description=__doc__.splitlines()[0])
+    p.add_argument("--stages", default="2,4,8")
+    p.add_argument("--policies", default="pp,specpipe")
+    p.add_argument("--requests", default="1,16", help="concurrent requests per run")
+    p.add_argument("--compute-ms", type=float, default=0.0, help="each forward's fixed time (0: none)")
+    p.add_argument("--tokens", type=int, default=48, help="new tokens per request")
+    p.add_argument("--model", default="tiny-random", help="whose shapes cross the wire (no weights are read)")
+    p.add_argument("--redis-url", default=env("REDIS_URL"))
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    args = p.parse_args(argv)
+    redis_proc = ensure_redis(args.redis_url)
+    runs = []
+    try:
+        for stages in (int(s) for s in args.stages.split(",")):
+            for policy in args.policies.split(","):
+                for requests in (int(n) for n in args.requests.split(",")):
+                    runs.append(measure(args, stages, policy, requests))
+                    run = runs[-1]
+                    print(f"{stages} stages {policy:8s} {requests:3d} requests: {run['steps']} steps, overhead "
+                          f"p50 {run['p50_ms']:.2f} ms p99 {run['p99_ms']:.2f} ms", flush=True)
+    finally:
+        if redis_proc is not None:
+            redis_proc.terminate()
+    result = {"machine": machine(), "compute_ms": args.compute_ms, "tokens": args.tokens, "runs": runs}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    print(f"# {result['machine']}; null stages ({args.compute_ms:g} ms compute), Redis control path")
+    goal = [x for x in runs if (x["stages"], x["policy"], x["requests"]) == (4, "specpipe", 16)]
+    if goal:
+        print(f"beat overhead p50 {goal[0]['p50_ms']:.2f} ms p99 {goal[0]['p99_ms']:.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
