@@ -20,7 +20,7 @@ import time
 import redis
 
 from scheduler.scheduler import Scheduler
-from shared.transport.redis_io import RedisConfig, any_alive, decode_or_log, publish, read, tail_id
+from shared.transport.redis_io import RedisConfig, any_alive, decode_or_log, publish, publish_all, read, tail_id
 from shared.types.batch import PipelineEvent
 from shared.wire.messages import DraftEventsMsg, ExpansionJobMsg, ProposalsMsg
 
@@ -74,18 +74,26 @@ class DraftChannel:
         return not self.awaiting
 
     def ask(self, epoch: int) -> bool:
-        """Jobs for every node the scheduler wants drafted now (after the events published so far); True when
-        there were any."""
+        """Publish jobs for every node the scheduler wants drafted now (after the events published so far), in
+        one round trip; True when there were any."""
+        messages = self.jobs(epoch)
+        publish_all(self.r, messages)
+        return bool(messages)
+
+    def jobs(self, epoch: int) -> list[tuple[str, ExpansionJobMsg]]:
+        """The job messages for every node the scheduler wants drafted now, to publish at once; they are
+        awaited from here on."""
         if not self.alive:
-            return False
+            return []
         jobs = self.scheduler.expansion_jobs()
+        messages = []
         for job in jobs:
             state = self.scheduler.requests[job.request_id]
             msg = ExpansionJobMsg(request_id=job.request_id, as_of_step=self.events_at, text=job.text, nodes=job.nodes,
                                   top_k=job.top_k, capacity=self.scheduler.kv_capacity(state.request), epoch=epoch)
-            publish(self.r, self.cfg.draft_jobs, msg)
+            messages.append((self.cfg.draft_jobs, msg))
             self.awaiting.update((job.request_id, n.node_id) for n in job.nodes)
-        return bool(jobs)
+        return messages
 
     def _take(self, block_ms: int | None) -> None:
         for entry_id, raw in read(self.r, self.cfg.proposals, self.last, block_ms=block_ms):

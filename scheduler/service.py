@@ -35,6 +35,7 @@ from shared.transport.redis_io import (
     decode_or_log,
     ensure_group,
     publish,
+    publish_all,
     read,
     start_heartbeat,
     tail_id,
@@ -144,8 +145,8 @@ class SchedulerService:
                       epoch=epoch, **StepMsg.columns(batch.rows))
         self.admitted, self.events = [], []
         published = time.monotonic()
-        publish(self.r, self.cfg.redis.steps, msg)
-        self.drafts.ask(epoch)  # the level just sent: drafted while the stages compute
+        # the step, then the jobs for the level it sends (drafted while the stages compute), in one round trip
+        publish_all(self.r, [(self.cfg.redis.steps, msg), *self.drafts.jobs(epoch)])
         verify = self._await_verify(msg.step)
         if verify is None:
             return
@@ -242,12 +243,13 @@ class SchedulerService:
 
     def _publish_tokens(self, result: StepResult) -> None:
         done = set(result.finished)
+        messages = []
         for rid, tokens in result.new_tokens.items():
             state = self.scheduler.requests[rid]
             reason = state.finish_reason if rid in done else None
-            msg = TokensMsg(request_id=rid, tokens=tokens, finished=rid in done, finish_reason=reason,
-                            step=self.scheduler.step)
-            publish(self.r, self.cfg.redis.out(rid), msg, maxlen=OUT_MAXLEN)
+            messages.append((self.cfg.redis.out(rid), TokensMsg(request_id=rid, tokens=tokens, finished=rid in done,
+                                                                finish_reason=reason, step=self.scheduler.step)))
+        publish_all(self.r, messages, maxlen=OUT_MAXLEN)  # every request's tokens of this step in one round trip
         for rid in done:
             self.scheduler.remove(rid)
             self._end(rid, None)
