@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
+from itertools import pairwise
 
 from benchmarks.provenance import machine
 from shared.environment import env
@@ -142,7 +143,7 @@ def overhead(rows: list[StepTimes]) -> dict:
     total, n = sum(wall), len(rows)
     # start to next start of back-to-back steps: the step plus the scheduler's loop between steps (new requests,
     # cancellations, admission, stats), the beat a request actually sees
-    periods = [b.start - a.start for a, b in zip(rows, rows[1:]) if b.step == a.step + 1 and b.start - a.end < 0.05]
+    periods = [b.start - a.start for a, b in pairwise(rows) if b.step == a.step + 1 and b.start - a.end < 0.05]
     return {
         "steps": n, "mean_step_ms": 1000 * total / n,
         "mean_period_ms": 1000 * statistics.fmean(periods) if periods else None, "mean_compute_ms": 1000 * sum(comp) / n,
@@ -162,12 +163,22 @@ def stage_compute(rows: list[StepTimes], stages: int) -> list[float | None]:
     return out
 
 
+def draft_forwards(r, rcfg: RedisConfig) -> dict:
+    """The draft workers' forwards (benchmarks set against the step time: is the pipe draft-bound?)."""
+    spans = [item.decode().split(":") for key in r.scan_iter(rcfg.key("timings", "draft-*"))
+             for item in r.lrange(key, 0, -1)]
+    if not spans:
+        return {"draft_forwards": 0}
+    return {"draft_forwards": len(spans), "mean_draft_forward_ms": 1000 * statistics.fmean(float(s[1]) for s in spans),
+            "mean_draft_rows": statistics.fmean(int(s[2]) for s in spans)}
+
+
 def summarize(r, rcfg: RedisConfig, args: argparse.Namespace) -> dict:
     rows = step_rows(r, rcfg, args.stages)
     return {
         "machine": machine(),
         "model": args.model, "stages": args.stages, "policy": args.policy, "layer_split": args.layer_split,
-        **overhead(rows), "stage_compute_ms": stage_compute(rows, args.stages),
+        **overhead(rows), "stage_compute_ms": stage_compute(rows, args.stages), **draft_forwards(r, rcfg),
     }
 
 

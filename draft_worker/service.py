@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 from shared.transport.redis_io import (
@@ -51,6 +52,9 @@ class DraftService:
         self.pruned: dict[str, set[int]] = {}
         self.events_last = "0"  # the draft_events stream, read after this entry
         self.at = (0, 0)  # (run, step) of the last events record applied: jobs wait for theirs
+        # "start:seconds:rows" of each draft forward (time.monotonic()), pushed to timings:{name} in batches:
+        # benchmarks.wire_overhead sets the draft's time per level against the step time
+        self.timings: list[str] = []
 
     def start(self) -> None:
         ensure_group(self.r, self.cfg.redis.draft_jobs, self.cfg.group, "$")
@@ -70,6 +74,9 @@ class DraftService:
             self._follow_events(block_ms=None)
             reply = self.r.xreadgroup(self.cfg.group, self.name, {self.cfg.redis.draft_jobs: ">"}, count=64, block=200)
             entries = [e for _, batch in reply or [] for e in batch] or self._orphaned()
+            if not entries and self.timings:  # idle: off any critical path
+                self.r.rpush(self.cfg.redis.key("timings", self.name), *self.timings)
+                self.timings = []
             if entries:
                 self._handle([fields.get(b"m", b"") for _, fields in entries])
                 self.r.xack(self.cfg.redis.draft_jobs, self.cfg.group, *[entry_id for entry_id, _ in entries])
@@ -129,8 +136,11 @@ class DraftService:
             refs = [ref for ref in job.nodes if ref.node_id not in pruned]  # [NodeRef]
             if refs and self._known(job):
                 batch.append(ExpansionJob(job.request_id, job.text, refs, job.top_k))
+        start = time.monotonic()
         try:
             proposals += self.source.expand(batch) if batch else []
+            rows = sum(len(job.nodes) for job in batch)
+            self.timings += [f"{start:.6f}:{time.monotonic() - start:.6f}:{rows}"] if rows else []
         except (SpecPipeError, IndexError, KeyError):
             for job in batch:
                 proposals += self._expand_alone(job)
