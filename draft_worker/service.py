@@ -21,6 +21,7 @@ from shared.transport.redis_io import (
     connect,
     decode_or_log,
     ensure_group,
+    publish_all,
     read,
     start_heartbeat,
 )
@@ -144,11 +145,9 @@ class DraftService:
         except (SpecPipeError, IndexError, KeyError):
             for job in batch:
                 proposals += self._expand_alone(job)
-        pipe = self.r.pipeline(transaction=False)  # every answer in one round trip
-        for rid, node_id, props in proposals:
-            msg = ProposalsMsg(rid, node_id, [t for t, _ in props], [float(lp) for _, lp in props])
-            pipe.xadd(self.cfg.redis.proposals, {"m": msg.encode()}, maxlen=100_000, approximate=True)
-        pipe.execute()
+        publish_all(self.r, [(self.cfg.redis.proposals,  # every answer in one round trip
+                              ProposalsMsg(rid, node_id, [t for t, _ in props], [float(lp) for _, lp in props]))
+                             for rid, node_id, props in proposals])
 
     def _known(self, job: ExpansionJobMsg) -> bool:
         """Register the job's request with the source on its first job; False (and reset) when that fails."""

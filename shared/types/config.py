@@ -230,8 +230,8 @@ class EngineConfig:
             raise ConfigError("token_budget must be >= 1")
         if self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be >= 1")
-        if self.layer_split not in LAYER_SPLITS and not all(c.strip().isdigit() for c in self.layer_split.split(",")):
-            raise ConfigError(f"layer split '{self.layer_split}': choose {' or '.join(LAYER_SPLITS)}, or counts such as 19,11")
+        if self.layer_split not in LAYER_SPLITS:
+            layer_counts(self.layer_split)  # ConfigError unless counts such as 19,11
 
 
 ATTENTION_KINDS: tuple[str, ...] = ("exact", "distr")
@@ -303,16 +303,20 @@ def _consecutive(counts: list[int]) -> list[tuple[int, int]]:
     return bounds
 
 
+def layer_counts(split: str) -> list[int]:
+    """Explicit per-stage layer counts "19,11" (digits only); ConfigError for anything else."""
+    if not all(c.strip().isdigit() for c in split.split(",")):
+        raise ConfigError(f"layer split '{split}': choose {' or '.join(LAYER_SPLITS)}, or counts such as 19,11")
+    return [int(c) for c in split.split(",")]
+
+
 def stage_bounds(arch: ModelArch, stages: int, split: str = "balanced") -> list[tuple[int, int]]:
     """Each stage's layers [a, b) under a split rule (LAYER_SPLITS) or explicit counts "19,11"."""
     if split == "even":
         return split_layers(arch.num_layers, stages)
     if split == "balanced":
         return split_layers(arch.num_layers, stages, arch.head_params / arch.layer_params)
-    try:
-        counts = [int(c) for c in split.split(",")]
-    except ValueError:
-        raise ConfigError(f"layer split '{split}': choose {' or '.join(LAYER_SPLITS)}, or counts such as 19,11") from None
+    counts = layer_counts(split)
     if len(counts) != stages or min(counts) < 1 or sum(counts) != arch.num_layers:
         raise ConfigError(f"layer split '{split}': {stages} counts of at least 1 that add up to the model's "
                           f"{arch.num_layers} layers")
