@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-fast models clean redis browser bench bench-quick
+.PHONY: install up test test-fast test-hosts models clean redis browser bench bench-quick
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -49,6 +49,11 @@ test: install redis browser
 
 test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "unit and not cuda"
+
+# the pipeline over two hosts (network namespaces joined by a veth pair): needs root and iproute2; `make test` runs
+# it too where it can make namespaces, and says why it skipped where it cannot
+test-hosts: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -rs tests/multiproc/test_two_hosts.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

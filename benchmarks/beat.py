@@ -9,7 +9,7 @@ under specpipe, one n-gram draft worker. The null stages answer every row with i
 draft's proposals are always accepted and specpipe keeps the pipe as full as it can. `requests` requests of
 `tokens` new tokens go in at once. From the scheduler's and stages' timings (benchmarks.wire_overhead), the beat
 is the time from one step's start to the next's over back-to-back steps, and the overhead is beat - S: what a
-step costs beyond its compute (Redis round trips, msgpack, the gloo link, scheduling, the draft wait).
+step costs beyond its compute (control-path hops, msgpack, the stage link, scheduling, the draft wait).
 
 Prints a table (p50 / p99 overhead in ms) and, last, `beat overhead p50 X ms p99 Y ms` for 4 stage processes,
 specpipe, 16 requests (the configuration issue 15's goal names), on the machine named in the header.
@@ -51,7 +51,7 @@ def measure(args: argparse.Namespace, stages: int, policy: str, requests: int) -
         commands[stage_name(k)] += ["--null-compute-ms", str(args.compute_ms)]
     rcfg = RedisConfig(args.redis_url, prefix)
     r = connect(rcfg)
-    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for cmd in commands.values()]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(f"/tmp/beat-{name}.log", "w")) for name, cmd in commands.items()]
     try:
         names = [*pipeline_components(stages), *(f"draft-{i}" for i in range(cfg.draft_workers))]
         while not all(alive(r, rcfg, n) for n in names):
@@ -66,12 +66,30 @@ def measure(args: argparse.Namespace, stages: int, policy: str, requests: int) -
     finally:
         stop_processes(procs)
         delete_keys(r, prefix)
-    overhead = [1000 * (b.start - a.start) - args.compute_ms for a, b in pairwise(rows) if b.step == a.step + 1]
+    pairs = [(a, b) for a, b in pairwise(rows) if b.step == a.step + 1]
+    overhead = [1000 * (b.start - a.start) - args.compute_ms for a, b in pairs]
     return {"stages": stages, "policy": policy, "requests": requests, "steps": len(overhead),
+            "parts_p50_ms": parts(pairs, args.compute_ms),
             "tokens": requests * args.tokens,
             "p50_ms": percentile(overhead, 0.5) if overhead else None,
             "p99_ms": percentile(overhead, 0.99) if overhead else None,
             "mean_ms": statistics.fmean(overhead) if overhead else None}
+
+
+def parts(pairs: list, compute_ms: float) -> dict[str, float]:
+    """Where a beat goes, p50 of each part (ms): the scheduler's draft wait, its schedule() and send, the last
+    stage's delivery (the step sent -> its compute starts), the stages' round trip beyond the compute (sent ->
+    verification back, minus S), update_from_output, and the rest of the loop (the shadow's Redis work that
+    outlasted the compute, telemetry) until the next step starts."""
+    spans = {
+        "draft_wait": [a.wait_end - a.wait_start for a, _ in pairs],
+        "schedule_send": [a.published - a.wait_end + a.wait_start - a.start for a, _ in pairs],
+        "delivery": [max(c[0] for c in a.compute) - a.published for a, _ in pairs],
+        "stages_beyond_compute": [a.verified - a.published - compute_ms / 1000 for a, _ in pairs],
+        "update": [a.end - a.verified for a, _ in pairs],
+        "loop": [b.start - a.end for a, b in pairs],
+    }
+    return {name: round(1000 * percentile(values, 0.5), 3) for name, values in spans.items() if values}
 
 
 def _warm_up(r, rcfg: RedisConfig) -> int:
@@ -103,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(measure(args, stages, policy, requests))
                     run = runs[-1]
                     print(f"{stages} stages {policy:8s} {requests:3d} requests: {run['steps']} steps, overhead "
-                          f"p50 {run['p50_ms']:.2f} ms p99 {run['p99_ms']:.2f} ms", flush=True)
+                          f"p50 {run['p50_ms']:.2f} ms p99 {run['p99_ms']:.2f} ms; p50 parts {run['parts_p50_ms']}",
+                          flush=True)
     finally:
         if redis_proc is not None:
             redis_proc.terminate()
@@ -111,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
-    print(f"# {result['machine']}; null stages ({args.compute_ms:g} ms compute), Redis control path")
+    print(f"# {result['machine']}; null stages ({args.compute_ms:g} ms compute), control path over TCP")
     goal = [x for x in runs if (x["stages"], x["policy"], x["requests"]) == (4, "specpipe", 16)]
     if goal:
         print(f"beat overhead p50 {goal[0]['p50_ms']:.2f} ms p99 {goal[0]['p99_ms']:.2f} ms")

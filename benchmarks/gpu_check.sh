@@ -9,7 +9,7 @@
 #      60 prompts of the three sets, greedy and seeded (tiny-random: the only model the offline machine has)
 #   5. `specpipe bench costs --device cuda --dtype bfloat16`: a Llama-3.1-70B-shaped stage (10 of its 80 layers,
 #      one stage of 8) and a Llama-3.2-1B-shaped draft, random weights of the real shapes; the stage-to-stage
-#      transfer over NCCL where there are two GPUs, else over gloo (recorded as transfer_device in the JSON)
+#      transfer over NCCL where there are two GPUs, else over the CPU link (recorded as transfer_device in the JSON)
 # GPU_CHECK_PYTHON picks the python instead. Every step runs under `timeout`, within GPU_CHECK_BUDGET seconds in
 # all (default 450). Output: the cost model in benchmarks/costs/gpu-llama-70b.json, and gpu_check.log,
 # cuda-tests.xml, summary.txt, divergence-cuda-bfloat16.json and the cost model in $OUT (when set) or benchmarks/costs/gpu-check/. Exit status 0

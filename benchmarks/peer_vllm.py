@@ -2,6 +2,7 @@
 
     python -m benchmarks.peer_vllm --out DIR [--quick] [--peers vllm-pp1,vllm-pp2,specpipe-pp,specpipe-specpipe]
         [--model smollm2-135m] [--prompts 5] [--max-tokens 64] [--threads N] [--vllm-venv PATH] [--log-dir DIR]
+        [--concurrency 1,4,16 --load-requests 16 --load-tokens 32]
 
 vLLM comes from its own venv (benchmarks/peers/install_vllm_cpu.sh; default ../vllm-venv beside the repo root,
 or $VLLM_VENV). Each peer is started on loopback, waited for, warmed up with one untimed short request,
@@ -27,6 +28,12 @@ TBT = decode time / (tokens - 1); decode tok/s = (tokens - 1) / decode time. vLL
 SpecPipe's gateway one per group of tokens that arrived together, so the per-chunk gaps are reported apart
 (`chunk_gap_s`) and TBT is the per-token mean of each request. A peer's `decode_tokens_per_s` is
 sum(tokens - 1) / sum(decode time) over its requests. Outputs are compared as text with the first peer's.
+
+With `--concurrency`, each peer (still up, after the one-at-a-time requests) then serves a closed loop per
+level c: `--load-requests` requests of `--load-tokens` tokens (the prompts of all three prompt sets, cycled), c
+of them open at all times, each through the same streaming client on a thread of its own. Per level:
+throughput = output tokens / (last chunk - first send), TTFT and TBT (per request, as above) p50 / p99, and
+whether every request finished; the outputs are compared as text with the first peer's.
 
 Writes DIR/peer_vllm.json and DIR/peer_vllm.md (machine named; the exact command lines and environment of every
 peer in the JSON); exits 1 when a peer failed. `--quick`: one prompt, 8 tokens (a smoke test of the whole run).
@@ -84,6 +91,10 @@ class PeerConfig:
     start_timeout_s: float = 900.0  # vLLM's first start compiles the model (minutes on 2 cores)
     request_timeout_s: float = 300.0
     log_dir: str | None = None  # peers' logs; None: a fresh folder under the system's temp dir
+    concurrency: tuple[int, ...] = ()  # closed-loop levels after the one-at-a-time requests (none: no load sweep)
+    load_requests: int = 16  # requests per level
+    load_tokens: int = 32  # max_tokens per load request
+    load_prompt_files: tuple[str, ...] = ("alpaca.jsonl", "mt_bench.jsonl", "sum.jsonl")
 
     @property
     def cores(self) -> list[int]:
@@ -358,8 +369,30 @@ def _prompts(cfg: PeerConfig) -> list[dict]:
     return bench_prompts(scfg, cfg.model, cfg.prompts)
 
 
+def closed_loop(client: httpx.Client, cfg: PeerConfig, prompts: list[dict], concurrency: int) -> dict:
+    """`cfg.load_requests` requests (prompts cycled), `concurrency` open at all times; the level's numbers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    picks = [(i, prompts[i % len(prompts)]["ids"]) for i in range(cfg.load_requests)]
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(pool.map(lambda job: stream_completion(client, cfg.model, job[0], job[1], cfg.load_tokens,
+                                                              cfg.request_timeout_s), picks))
+    good = [r for r in results if r.ok]
+    span = max(r.arrivals[-1] for r in good) - min(r.submitted for r in results) if good else None
+    tokens = sum(r.tokens for r in good)
+    return {"concurrency": concurrency, "requests": len(results), "failed": len(results) - len(good),
+            "tokens": tokens, "seconds": span, "tokens_per_s": tokens / span if span else None,
+            "ttft_s": dist([r.ttft for r in good]), "tbt_s": dist([r.tbt for r in good if r.tbt]),
+            "texts": {r.prompt: r.text for r in good}}
+
+
+def _load_prompts(cfg: PeerConfig) -> list[dict]:
+    scfg = ServingConfig(model=cfg.model, prompts_dir=cfg.prompts_dir, prompt_files=cfg.load_prompt_files)
+    return bench_prompts(scfg, cfg.model, cfg.load_requests, total=cfg.load_requests)
+
+
 def run_peer(cfg: PeerConfig, name: str, prompts: list[dict], warm_up_ids: list[int], folder: Path,
-             log_dir: Path) -> dict:
+             log_dir: Path, load_prompts: list[dict] = ()) -> dict:
     """Start one peer, warm it up, send every prompt alone, stop it; a failure lands in `error`."""
     engine = "vllm" if name.startswith("vllm-") else "specpipe"
     out = {"peer": name, "engine": engine, "argv": [], "env": {}, "threads": None, "cores": cfg.cores,
@@ -383,6 +416,7 @@ def run_peer(cfg: PeerConfig, name: str, prompts: list[dict], warm_up_ids: list[
                 raise RuntimeError(f"the warm-up request failed: {warm.error or warm.finish_reason}")
             for i, p in enumerate(prompts):
                 results.append(stream_completion(client, cfg.model, i, p["ids"], cfg.max_tokens, cfg.request_timeout_s))
+            out["load"] = [closed_loop(client, cfg, load_prompts, c) for c in cfg.concurrency]
     except (RuntimeError, OSError, httpx.HTTPError) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
     finally:
@@ -417,6 +451,17 @@ def agreement(peers: dict[str, dict]) -> dict:
     return {"reference": names[0], **same}
 
 
+def load_agreement(peers: dict[str, dict]) -> dict:
+    """Per peer and level: the load requests whose text equals the first peer's at the same level."""
+    names = [n for n, p in peers.items() if p.get("load")]
+    if not names:
+        return {}
+    ref = {level["concurrency"]: level["texts"] for level in peers[names[0]]["load"]}
+    return {"reference": names[0], **{n: {level["concurrency"]: sum(
+        1 for i, t in level["texts"].items() if ref.get(level["concurrency"], {}).get(i) == t)
+        for level in peers[n]["load"]} for n in names[1:]}}
+
+
 def run(cfg: PeerConfig, progress: bool = True) -> dict:
     from shared.model_store import load_tokenizer, resolve_model
 
@@ -427,6 +472,7 @@ def run(cfg: PeerConfig, progress: bool = True) -> dict:
         raise SystemExit(f"error: no vLLM in {cfg.vllm_venv}: run benchmarks/peers/install_vllm_cpu.sh first")
     folder = resolve_model(cfg.model, progress=progress)
     prompts = _prompts(cfg)
+    load_prompts = _load_prompts(cfg) if cfg.concurrency else []
     warm_up_ids = list(load_tokenizer(folder).encode("Hello, my name is"))
     log_dir = Path(cfg.log_dir or tempfile.mkdtemp(prefix="peer-vllm-logs-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -443,13 +489,14 @@ def run(cfg: PeerConfig, progress: bool = True) -> dict:
         if progress:
             print(f"peer_vllm: {name} ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        out["peers"][name] = run_peer(cfg, name, prompts, warm_up_ids, folder, log_dir)
+        out["peers"][name] = run_peer(cfg, name, prompts, warm_up_ids, folder, log_dir, load_prompts)
         out["peers"][name]["elapsed_s"] = time.perf_counter() - t
         if progress:
             p = out["peers"][name]
             print(f"peer_vllm: {name} done in {p['elapsed_s']:.0f} s: {_num(p['decode_tokens_per_s'], 1)} tok/s decode"
                   f"{'; ERROR ' + p['error'] if p['error'] else ''}", file=sys.stderr, flush=True)
     out["outputs_agree"] = agreement(out["peers"])
+    out["load_outputs_agree"] = load_agreement(out["peers"])
     out["load_avg_end"] = load_average()
     out["elapsed_s"] = time.perf_counter() - t0
     return out
@@ -486,6 +533,7 @@ def markdown(results: dict) -> str:
             f"| {_num((p.get('ttft_s') or {}).get('mean'), 0, 1e3)} "
             f"| {_num(tbt.get('mean'), 1, 1e3)} / {_num(tbt.get('p50'), 1, 1e3)} / {_num(tbt.get('p99'), 1, 1e3)} "
             f"| {_num(p.get('decode_tokens_per_s'), 1)} | {p.get('tokens', 0)} | {p.get('chunks', 0)} | {same} |")
+    lines += load_markdown(results)
     errors = [f"- {n}: {p['error']}" for n, p in results["peers"].items() if p["error"]]
     if errors:
         lines += ["", "Errors:", *errors]
@@ -494,6 +542,25 @@ def markdown(results: dict) -> str:
         env = " ".join(f"{k}={v!r}" if "|" in v else f"{k}={v}" for k, v in p["env"].items())
         lines.append(f"- {name}: `{env} {' '.join(p['argv'])}`")
     return "\n".join(lines) + "\n"
+
+
+def load_markdown(results: dict) -> list[str]:
+    """The closed-loop levels, one row per peer and level (none when no level was run)."""
+    cfg, agree = results["config"], results.get("load_outputs_agree", {})
+    rows = [(name, level) for name, p in results["peers"].items() for level in p.get("load") or []]
+    if not rows:
+        return []
+    lines = ["", (f"Closed loop: {cfg['load_requests']} requests of up to {cfg['load_tokens']} tokens per level "
+                  f"({', '.join(cfg['load_prompt_files'])}, cycled), `concurrency` of them open at all times."), "",
+             (f"| concurrency | peer | output tok/s | TTFT ms p50 / p99 | TBT ms p50 / p99 | failed | same text as "
+              f"{agree.get('reference', '-')} |"), "|---|---|---|---|---|---|---|"]
+    for name, level in sorted(rows, key=lambda x: x[1]["concurrency"]):
+        c, ttft, tbt = level["concurrency"], level["ttft_s"] or {}, level["tbt_s"] or {}
+        same = "ref" if name == agree.get("reference") else f"{(agree.get(name) or {}).get(c, '-')}/{level['requests']}"
+        lines.append(f"| {c} | {name} | {_num(level['tokens_per_s'], 1)} | {_num(ttft.get('p50'), 0, 1e3)} / "
+                     f"{_num(ttft.get('p99'), 0, 1e3)} | {_num(tbt.get('p50'), 1, 1e3)} / {_num(tbt.get('p99'), 1, 1e3)} "
+                     f"| {level['failed']} | {same} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -508,10 +575,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-venv", default=str(default_vllm_venv()))
     p.add_argument("--no-preload", action="store_true", help="run vLLM without LD_PRELOAD of tcmalloc / libiomp5")
     p.add_argument("--log-dir", default=None, help="the peers' logs (default: a fresh temp folder)")
+    p.add_argument("--concurrency", default="", help="closed-loop levels after the one-at-a-time requests, e.g. 1,4,16")
+    p.add_argument("--load-requests", type=int, default=PeerConfig.load_requests)
+    p.add_argument("--load-tokens", type=int, default=PeerConfig.load_tokens)
     a = p.parse_args(argv)
     cfg = (quick_config if a.quick else PeerConfig)(
         model=a.model, peers=tuple(s.strip() for s in a.peers.split(",") if s.strip()), threads=a.threads,
-        vllm_venv=a.vllm_venv, vllm_preload=not a.no_preload, log_dir=a.log_dir)
+        vllm_venv=a.vllm_venv, vllm_preload=not a.no_preload, log_dir=a.log_dir,
+        concurrency=tuple(int(c) for c in a.concurrency.split(",") if c.strip()), load_requests=a.load_requests,
+        load_tokens=a.load_tokens)
     cfg = replace(cfg, **{k: v for k, v in (("prompts", a.prompts), ("max_tokens", a.max_tokens)) if v})
     results = run(cfg)
     a.out.mkdir(parents=True, exist_ok=True)

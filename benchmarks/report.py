@@ -150,7 +150,7 @@ def costs_main(argv: list[str]) -> int:
     p.add_argument("--draft-dtype", choices=DTYPES, default=None, help="the draft's dtype (default: --dtype)")
     p.add_argument("--transfer-device", default=None,
                    help="where the stage-to-stage transfer is timed (default: --device; a bare cuda puts the two "
-                        "ranks on GPUs 0 and 1, as NCCL needs: on one GPU give cpu, timed over gloo)")
+                        "ranks on GPUs 0 and 1, as NCCL needs: on one GPU give cpu, timed over the CPU link)")
     p.add_argument("--layers", type=int, default=MeasureConfig.layers,
                    help="decoder layers built and timed (per-layer time = total / layers; a stage's share: "
                         "10 for an 80-layer model over 8 stages)")

@@ -5,7 +5,7 @@
 
 Every number comes from one run on this machine, side by side:
 
-1. `single_request`: the distributed services (scheduler, N stage processes with gloo between them, one draft
+1. `single_request`: the distributed services (scheduler, N stage processes linked over TCP, one draft
    worker for specpipe; started with specpipe.cluster's command lines, no gateway) serve the prompts one at
    a time, policy pp, then specpipe, each on its own fresh cluster. Requests go straight into the Redis
    `requests` stream and tokens are timestamped as they come out of `out:{request}` (benchmarks/

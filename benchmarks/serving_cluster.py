@@ -2,7 +2,7 @@
 
 `ServiceCluster` starts the processes of `specpipe.cluster.pipeline_commands` (scheduler, N stage workers, the
 draft worker unless the policy is pp; no gateway: requests go straight into the `requests` stream) under a fresh
-key prefix and gloo port, loopback only, and stops them and deletes their keys on `close()`. A dead process
+key prefix and rendezvous port, loopback only, and stops them and deletes their keys on `close()`. A dead process
 or a missed deadline raises `ClusterError` with the tail of that process's log, never hangs.
 
 `StreamReader` submits `RequestMsg`s (shared/queue_client.submit) and follows every open `out:{request}`

@@ -70,7 +70,7 @@ def section_1(d: dict) -> str:
         "### 1. One request at a time through the distributed services",
         "",
         f"{d['model']} (draft `{d['draft']}` in {d.get('draft_dtype', 'float32')} for specpipe), "
-        f"{d['stages']} stage processes (gloo between them; "
+        f"{d['stages']} stage processes (linked over TCP; "
         f"{threads} torch thread(s) each), width {d['width']}, greedy, up to {d['max_new_tokens']} new tokens, "
         f"{_prompts(d)}; machine: {d['machine']}.",
         "",
@@ -209,7 +209,7 @@ def section_4(d: dict) -> str:
         "Per pipeline step over each whole run (warm-up excluded; benchmarks/wire_overhead.py's split, from every "
         "process's intervals on the host's monotonic clock; the parts add up to the step): compute = some stage is "
         "computing; scheduler = its own work while no stage computes; draft wait = waiting for proposals while no "
-        "stage computes; wire = the rest (Redis, msgpack, gloo send/recv, stages applying events).",
+        "stage computes; wire = the rest (control path, msgpack, link send/recv, stages applying events).",
         "",
         "| cluster | steps | step mean | compute | scheduler | draft wait | wire (mean / p50) | wire share |",
         "|---|---|---|---|---|---|---|---|",

@@ -1,9 +1,10 @@
 """Stage-to-stage transfer time of n rows, measured with the stage workers' own ActivationLink.
 
-Two processes (ranks 0 and 1, gloo on CPU / NCCL on CUDA, loopback; a bare
-cuda puts rank k on GPU k, so NCCL needs two GPUs): rank 0 sends a micro-batch
-of n rows (header, then one payload of metadata + [n, hidden] states), rank 1
-receives it and answers with a one-element ack. One-way time(n) =
+Two processes (ranks 0 and 1, the link's TCP on CPU / NCCL on CUDA, loopback; a
+bare cuda puts rank k on GPU k, so NCCL needs two GPUs): rank 0 sends a
+micro-batch of n rows (header, then one payload of metadata + [n, hidden]
+states), rank 1 receives it and answers with a small ack (over the NCCL group,
+or a control-path frame on the CPU). One-way time(n) =
 round trip(n) - round trip(0) / 2 (the ack leg is the empty round trip's half).
 
     python -m benchmarks.transfer --hidden 1536   # prints the table as JSON
@@ -22,6 +23,7 @@ import torch.distributed as dist
 
 from benchmarks.costmodel import Table1D
 from shared.compute.device import resolve_device
+from shared.transport.control import ControlConfig, Inbox, Outbox
 from shared.types.batch import MicroBatch, Row
 from specpipe.cluster import free_port
 from stage_worker.link import ActivationLink, LinkConfig, host_store, join_store
@@ -37,7 +39,7 @@ def _rank(rank: int, port: int, hidden: int, rows: list[int], repeats: int, devi
     cfg = LinkConfig(rank, 2, master_port=port)
     store = host_store(cfg) if rank == 0 else join_store(cfg, cfg.master_addr, port)
     link = ActivationLink(cfg, dev, getattr(torch, dtype), hidden, store)
-    ack = torch.zeros(1, device=dev)
+    send_ack, recv_ack = _acks(rank, link.backend, dev, store)
     result = {}
     for n in [0, *rows]:
         batch = _batch(n, hidden, getattr(torch, dtype))
@@ -46,16 +48,30 @@ def _rank(rank: int, port: int, hidden: int, rows: list[int], repeats: int, devi
             if rank == 0:
                 t0 = time.perf_counter()
                 link.send(step, batch, {"r": 0})
-                dist.recv(ack, 1)
+                recv_ack()
                 times.append(time.perf_counter() - t0)
             else:
                 link.recv(step + 1, {0: "r"})
-                dist.send(ack, 0)
+                send_ack()
         result[n] = sorted(times[1:])[len(times[1:]) // 2] if rank == 0 else 0.0
     link.close()
     if rank == 0:
         empty = result.pop(0)
         print(json.dumps({"rows": rows, "seconds": [max(result[n] - empty / 2, 0.0) for n in rows]}))
+
+
+def _acks(rank: int, backend: str, dev: torch.device, store) -> tuple:
+    """(send_ack, recv_ack) from rank 1 back to rank 0: the NCCL group's own send/recv, or on the CPU a frame to
+    an inbox rank 0 listens on."""
+    if backend == "nccl":
+        ack = torch.zeros(1, device=dev)
+        return (lambda: dist.send(ack, 0)), (lambda: dist.recv(ack, 1))
+    if rank == 0:
+        inbox = Inbox(ControlConfig())
+        store.set("ack", inbox.address)
+        return None, (lambda: inbox.recv_raw(None))
+    outbox = Outbox([store.get("ack").decode()])
+    return (lambda: outbox.send_raw(b"a")), None
 
 
 def measure_transfer(hidden: int, rows: tuple[int, ...], repeats: int = 20, device: str = "cpu",

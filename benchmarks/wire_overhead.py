@@ -124,7 +124,7 @@ def _covered(merged: list[tuple[float, float]], a: float, b: float) -> float:
 def overhead(rows: list[StepTimes]) -> dict:
     """Each step's wall time, split so the parts add up (none counted twice, none negative): compute = some
     stage is computing; scheduler = the scheduler works while no stage computes; draft wait = the scheduler
-    waits for proposals while no stage computes; wire = the rest (Redis round trips, msgpack, gloo send/recv,
+    waits for proposals while no stage computes; wire = the rest (control-path hops, msgpack, link send/recv,
     stages applying events). Stage compute is taken wherever it falls, so a stage still computing during the
     next step's draft wait counts as compute there, not as waiting."""
     if not rows:

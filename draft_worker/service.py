@@ -5,7 +5,8 @@ workers scale out), follows the scheduler's prune/commit/finish events (the
 draft_events stream, applied up to each job's `as_of_step` first, so a job
 never refers to a tree the worker has not caught up with), drafts the jobs
 of one read in one forward (every request's nodes in one micro-batch), and
-pushes proposals back.
+pushes the proposals straight to the scheduler's control inbox (the run record
+names it; shared/transport/control.py), off Redis.
 """
 
 from __future__ import annotations
@@ -16,15 +17,9 @@ import socket
 import time
 from dataclasses import dataclass
 
-from shared.transport.redis_io import (
-    RedisConfig,
-    connect,
-    decode_or_log,
-    ensure_group,
-    publish_all,
-    read,
-    start_heartbeat,
-)
+from shared.transport.control import Outbox
+from shared.transport.membership import current_run
+from shared.transport.redis_io import RedisConfig, connect, decode_or_log, ensure_group, read, start_heartbeat
 from shared.types.batch import PipelineEvent
 from shared.types.errors import SpecPipeError
 from shared.types.speculation import ExpansionJob, SpeculativeSource
@@ -46,6 +41,8 @@ class DraftService:
         self.cfg, self.source = cfg, source
         self.name = cfg.name or f"draft-{socket.gethostname()}-{os.getpid()}"
         self.r = connect(cfg.redis)
+        self.scheduler = Outbox()  # the current run's scheduler inbox (proposals)
+        self.reply_run = -1  # the run whose scheduler `scheduler` points at
         self.known: set[str] = set()
         # nodes pruned so far, per request: a job asked before a prune went out may reach this worker after it
         # (the scheduler sends a step's events before it waits for the jobs of the step before); such nodes are
@@ -145,9 +142,16 @@ class DraftService:
         except (SpecPipeError, IndexError, KeyError):
             for job in batch:
                 proposals += self._expand_alone(job)
-        publish_all(self.r, [(self.cfg.redis.proposals,  # every answer in one round trip
-                              ProposalsMsg(rid, node_id, [t for t, _ in props], [float(lp) for _, lp in props]))
-                             for rid, node_id, props in proposals])
+        self._reply(proposals)
+
+    def _reply(self, proposals: list) -> None:
+        """Every answer to the scheduler of the run followed (its inbox looked up once per run)."""
+        if self.reply_run != self.at[0]:
+            run = current_run(self.r, self.cfg.redis)
+            self.scheduler.connect([run.control] if run is not None and run.control else [])
+            self.reply_run = self.at[0]
+        for rid, node_id, props in proposals:
+            self.scheduler.send(ProposalsMsg(rid, node_id, [t for t, _ in props], [float(lp) for _, lp in props]))
 
     def _known(self, job: ExpansionJobMsg) -> bool:
         """Register the job's request with the source on its first job; False (and reset) when that fails."""

@@ -9,9 +9,11 @@ from scheduler.scheduler import Scheduler
 from scheduler.service import SchedulerService, SchedulerServiceConfig
 from shared.model_store import resolve_model
 from shared.service_args import (
+    add_control_args,
     add_model_args,
     add_policy_args,
     add_redis_args,
+    control_config,
     engine_config,
     policy_config,
     redis_config,
@@ -23,12 +25,15 @@ from shared.types.config import ModelArch
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scheduler")
     add_redis_args(p)
+    add_control_args(p)
     add_model_args(p)
     add_policy_args(p)
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--kv-slots", type=int, default=1 << 16)
     p.add_argument("--draft-wait-ms", type=float, default=1000.0,
                    help="wait up to this long for the draft's proposals before each step (0: never wait)")
+    p.add_argument("--trace-steps", action="store_true",
+                   help="also write every StepMsg to the Redis `steps` stream, off the beat (tests, debugging)")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds (tests)")
     return p
 
@@ -40,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         arch = ModelArch.from_model_dir(resolve_model(args.model))
         scheduler = Scheduler(policy_config(args), engine_config(args), context_limit=arch.max_positions)
         cfg = SchedulerServiceConfig(redis_config(args), args.stages, AdmissionConfig(args.max_queue, args.kv_slots),
-                                     draft_wait_s=args.draft_wait_ms / 1000)
+                                     draft_wait_s=args.draft_wait_ms / 1000, control=control_config(args),
+                                     trace_steps=args.trace_steps)
         SchedulerService(cfg, scheduler, frozenset(arch.eos_token_ids)).run(args.idle_exit)
 
     return run_main(serve)

@@ -12,7 +12,7 @@ import time
 
 import redis
 
-from shared.transport.membership import PipelineRun, begin_run, end_run, not_joined
+from shared.transport.membership import PipelineRun, begin_run, control_addresses, end_run, not_joined
 from shared.transport.redis_io import RedisConfig, not_alive, stage_name
 
 log = logging.getLogger("scheduler")
@@ -20,14 +20,19 @@ IDLE_CHECK_S = 1.0  # an idle pipeline looks for lost stages this often
 
 
 class PipelineWatch:
-    def __init__(self, r: redis.Redis, cfg: RedisConfig, stages: int):
-        self.r, self.cfg, self.stages = r, cfg, stages
+    def __init__(self, r: redis.Redis, cfg: RedisConfig, stages: int, control: str):
+        """`control`: the scheduler's control inbox, which every run record names."""
+        self.r, self.cfg, self.stages, self.control = r, cfg, stages, control
         self.run: PipelineRun | None = None
         self.formed = False  # every stage has joined `run`
+        # the stages' control inboxes in this run, read when it formed; the last stage's first: a StepMsg goes out
+        # in this order, and the last stage's output is the one the next step waits for
+        self.stage_inboxes: list[str] = []
+        self.fresh = False  # formed since formed_now() last said so
         self.checked = 0.0  # when an idle pipeline was last checked
 
     def begin(self, base_step: int) -> None:
-        self.run = begin_run(self.r, self.cfg, base_step)
+        self.run = begin_run(self.r, self.cfg, base_step, self.control)
         self.formed = False
 
     def end(self) -> None:
@@ -39,8 +44,16 @@ class PipelineWatch:
         if not self.formed:
             self.formed = not not_joined(self.r, self.cfg, self.stages, self.run.epoch)
             if self.formed:
+                last_first = [stage_name(k) for k in reversed(range(self.stages))]
+                self.stage_inboxes = control_addresses(self.r, self.cfg, last_first)
+                self.fresh = True
                 log.info("scheduler: run %d formed (steps from %d)", self.run.epoch, self.run.base_step + 1)
         return self.formed
+
+    def formed_now(self) -> bool:
+        """True once per run, at its first step: the stages' inboxes are new."""
+        fresh, self.fresh = self.fresh, False
+        return fresh
 
     def lost(self) -> list[int]:
         """Stages whose heartbeat stopped."""

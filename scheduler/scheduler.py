@@ -160,9 +160,9 @@ class Scheduler:
 
     # ---- drafting ------------------------------------------------------------------------------
     def expansion_jobs(self) -> list[ExpansionJob]:
-        jobs = []
+        jobs, decoding = [], self._decoding()
         for state in self.active():
-            nodes = [n for n in self._wanted_expansions(state) if n not in state.expanding]
+            nodes = [n for n in self._wanted_expansions(state, decoding) if n not in state.expanding]
             if nodes:
                 state.expanding.update(nodes)
                 refs = [self._ref(state, n) for n in nodes]
@@ -177,12 +177,12 @@ class Scheduler:
         if node_id in state.tree:  # it may have been pruned meanwhile
             state.tree.add_proposals(node_id, proposals)
 
-    def _wanted_expansions(self, state: RequestState) -> list[int]:
+    def _wanted_expansions(self, state: RequestState, decoding: int) -> list[int]:
         policy = self.policy_of(state.request)
         if state.phase is not Phase.DECODE or policy.name == "pp":
             return []
         tree = state.tree
-        width = self.effective_width(policy)
+        width = self.effective_width(policy, decoding)
         if width == 0:
             return []
         if state.needs_refill:
@@ -191,15 +191,19 @@ class Scheduler:
             return []
         return [n for n in self._deepest_level(state) if not tree[n].expanded]
 
-    def effective_width(self, policy: PolicyConfig | None = None) -> int:
-        """Tree width under load: the step's token budget shared by the decoding requests.
+    def effective_width(self, policy: PolicyConfig | None = None, decoding: int | None = None) -> int:
+        """Tree width under load: the step's token budget shared by the decoding requests (`decoding`: their
+        number, when the caller has counted them).
 
         With one request the tree is as wide as configured; as the batch fills,
         width shrinks so a step stays near the budget, down to no speculation.
         """
-        decoding = sum(1 for s in self.requests.values() if s.phase is Phase.DECODE)
+        decoding = self._decoding() if decoding is None else decoding
         share = self.engine.token_budget // max(decoding, 1) - 1  # one row kept for the request's root
         return max(0, min((policy or self.policy).width, share))
+
+    def _decoding(self) -> int:
+        return sum(1 for s in self.requests.values() if s.phase is Phase.DECODE)
 
     def _drafted_levels(
         self, state: RequestState, roots: list[int], width: int, budget: int = 1 << 30
@@ -227,12 +231,12 @@ class Scheduler:
         self.step += 1
         rows: list[Row] = []
         members = set()
-        states = self.active()
+        states, decoding = self.active(), self._decoding()
         for state in sorted(states, key=lambda s: s.phase is Phase.PREFILL):
             budget = self.engine.token_budget - len(rows)
             if budget <= 0:
                 break
-            new_rows = self._rows_for(state, self.effective_width(self.policy_of(state.request)), budget)
+            new_rows = self._rows_for(state, self.effective_width(self.policy_of(state.request), decoding), budget)
             if new_rows:
                 rows.extend(new_rows)
                 state.inflight += 1

@@ -1,19 +1,18 @@
-"""`python -m scheduler`: the Scheduler state machine behind Redis streams.
+"""`python -m scheduler`: the Scheduler state machine between Redis (the durable queue) and the control path.
 
-Loop, one pipeline step per iteration:
-  1. read new requests (consumer group: a request is acknowledged only when it
-     finished or failed) and cancellations; admit those whose KV fits, refuse
-     past the queue limit (scheduler/admission.py),
-  2. send the drafts the events of the last verification, take their
-     proposals, waiting (bounded) for the jobs published during the last step,
-     then for a miss's refill levels, drafted round by round as the in-process
-     executor drafts them (scheduler/drafts.py),
-  3. schedule() and publish the StepMsg (the same events, admitted requests,
-     stage 0's rows), then at once the jobs that expand the level it sends, so
-     the drafts work while the stages compute,
-  4. wait for the last stage's VerifyMsg of this step, verify, publish tokens.
-A lost stage fails the in-flight requests and begins a new pipeline run
-(scheduler/pipeline.py); steps go out only while every stage is in the run.
+One pipeline step per iteration, the beat first and Redis in its shadow:
+  1. take the drafts' proposals, waiting (bounded) for the jobs published during the last step, then for a
+     miss's refill levels, drafted round by round as the in-process executor drafts them (scheduler/drafts.py),
+  2. schedule() and send the StepMsg (the last verification's events, admitted requests, stage 0's rows) to
+     every stage over the control path (shared/transport/control.py),
+  3. while the stages compute: publish the last step's tokens, the drafts' events and the jobs that expand
+     the level just sent, read new requests (consumer group: a request is acknowledged only when it finished
+     or failed), cancellations and stage errors; admit those whose KV fits, refuse past the queue limit
+     (scheduler/admission.py); telemetry,
+  4. wait for the last stage's VerifyMsg of this step on the control inbox, verify.
+So a beat costs schedule(), one send, the stages' compute and one receive: no Redis round trip. A lost stage
+fails the in-flight requests and begins a new pipeline run (scheduler/pipeline.py); steps go out only while
+every stage is in the run.
 """
 
 from __future__ import annotations
@@ -23,18 +22,22 @@ import logging
 import time
 from dataclasses import dataclass
 
+import redis
+from redis.client import Pipeline
+
 from scheduler.admission import Admission, AdmissionConfig, Admitted
 from scheduler.drafts import DraftChannel
 from scheduler.pipeline import PipelineWatch, not_running
 from scheduler.scheduler import Request, Scheduler, StepResult
 from scheduler.telemetry import Telemetry
+from shared.transport.control import ControlConfig, Inbox, Outbox
 from shared.transport.membership import trim_old_runs
 from shared.transport.redis_io import (
     RedisConfig,
     connect,
     decode_or_log,
     ensure_group,
-    publish,
+    entries_of,
     publish_all,
     read,
     start_heartbeat,
@@ -45,6 +48,7 @@ from shared.types.errors import ConfigError, SpecPipeError
 from shared.wire.messages import (
     AdmittedRequest,
     CancelMsg,
+    ProposalsMsg,
     RequestMsg,
     SamplingFields,
     StageErrorMsg,
@@ -55,6 +59,7 @@ from shared.wire.messages import (
 
 log = logging.getLogger("scheduler")
 OUT_MAXLEN = 10_000  # entries kept per request's out stream
+LIVENESS_CHECK_S = 0.25  # while waiting for a verification, how often the stages' heartbeats are looked at
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class SchedulerServiceConfig:
     stats_interval_s: float = 0.5  # how often the stats snapshot (metrics, dashboard) is rewritten
     group: str = "schedulers"
     consumer: str = "scheduler-0"
+    control: ControlConfig = ControlConfig()  # this scheduler's control inbox (verifications, proposals)
+    trace_steps: bool = False  # also write every StepMsg to the `steps` stream (off the beat): tests, debugging
 
     def __post_init__(self) -> None:
         if self.draft_wait_s < 0:
@@ -84,13 +91,17 @@ class SchedulerService:
         self.cfg, self.scheduler, self.stop_ids = cfg, scheduler, stop_ids
         self.r = connect(cfg.redis)
         self.admission = Admission(cfg.admission)
-        self.drafts = DraftChannel(self.r, cfg.redis, scheduler, cfg.draft_wait_s)
+        self.inbox = Inbox(cfg.control)  # VerifyMsg from the last stage, ProposalsMsg from the drafts
+        self.stages = Outbox()  # every stage's inbox, connected once the run has formed
+        self.drafts = DraftChannel(self.r, cfg.redis, scheduler, cfg.draft_wait_s, receive=self._poll_control)
         self.telemetry = Telemetry(self.r, cfg.redis, cfg.stages, cfg.stats_interval_s)
-        self.pipeline = PipelineWatch(self.r, cfg.redis, cfg.stages)
+        self.pipeline = PipelineWatch(self.r, cfg.redis, cfg.stages, self.inbox.address)
         self.entry_of: dict[str, str] = {}  # request -> its requests-stream entry, acknowledged when it ends
         self.admitted: list[AdmittedRequest] = []  # admitted since the last StepMsg; stages register them first
         self.events: list[PipelineEvent] = []  # to apply before the next step (verification, cancels)
-        self.verify_last = self.errors_last = self.cancel_last = "$"
+        self.verified: list[VerifyMsg] = []  # read from the inbox, not yet taken
+        self.unsent: list[tuple[str, TokensMsg]] = []  # verified tokens, published in the next step's shadow
+        self.errors_last = self.cancel_last = "$"
         self.link_lost = False  # a stage reported a lost peer in this run
         self.stage_failures: list[StageErrorMsg] = []  # request-level failures read, not yet applied
 
@@ -100,8 +111,6 @@ class SchedulerService:
         ensure_group(self.r, self.cfg.redis.requests, self.cfg.group, "0")
         trimmed = trim_old_runs(self.r, self.cfg.redis)
         self._begin_run()
-        self.drafts.start()
-        self.verify_last = tail_id(self.r, self.cfg.redis.verify)
         self.errors_last = tail_id(self.r, self.cfg.redis.errors)
         self.cancel_last = tail_id(self.r, self.cfg.redis.cancel)
         log.info("scheduler: run %d began (%d messages of earlier runs trimmed)", self.pipeline.run.epoch, trimmed)
@@ -116,26 +125,27 @@ class SchedulerService:
         idle_since = time.monotonic()
         try:
             while True:
-                busy = bool(self.scheduler.active()) and self.pipeline.formed
-                self._ingest(block_ms=None if busy else 200)
-                self._cancellations()
-                self._admit()
-                self.telemetry.stats(self.scheduler, self.admission.waiting_since())
+                if self.scheduler.active() and self.pipeline.ready():
+                    idle_since = time.monotonic()
+                    self.step()
+                    continue
+                self._flush_tokens()
+                self._serve_queue(block_ms=200)
                 if not self.scheduler.active():
                     self.telemetry.events_known(self.events, drained=True)
+                    self.telemetry.flush()
                     if lost := self.pipeline.lost_while_idle():
                         self._reform(not_running(lost))
                     if stop_after_idle_s and time.monotonic() - idle_since > stop_after_idle_s:
                         return
-                    continue
-                idle_since = time.monotonic()
-                if self.pipeline.ready():
-                    self.step()
         finally:
+            self._flush_tokens()
             self.pipeline.end()
 
     def step(self) -> None:
         start, epoch = time.monotonic(), self.pipeline.run.epoch
+        if self.pipeline.formed_now():  # the run's stages and their inboxes: connect once per run
+            self.stages.connect(self.pipeline.stage_inboxes)
         self.drafts.publish_events(epoch, self.scheduler.step + 1, self.events)
         wait_span = self.drafts.draft(epoch)
         self.telemetry.events_known(self.events, drained=False)
@@ -144,27 +154,55 @@ class SchedulerService:
         msg = StepMsg(step=self.scheduler.step, batch_id=batch.batch_id, events=self.events, admitted=self.admitted,
                       epoch=epoch, **StepMsg.columns(batch.rows))
         self.admitted, self.events = [], []
+        self.stages.send(msg)
         published = time.monotonic()
-        # the step, then the jobs for the level it sends (drafted while the stages compute), in one round trip
-        publish_all(self.r, [(self.cfg.redis.steps, msg), *self.drafts.jobs(epoch)])
+        self._shadow(epoch, msg)
         verify = self._await_verify(msg.step)
         if verify is None:
             return
         verified = time.monotonic()
         result = self.scheduler.update_from_output(verify.target_tokens())
         self._stage_errors(result)  # after the verification: a request failed by a stage is not verified again
-        self.events = result.events
-        self._publish_tokens(result)
+        self.events += result.events  # after any cancellation's, read in the shadow
+        self._finish_step(result)
         stamps = (start, *wait_span, published, verified, time.monotonic())
         self.telemetry.step_timed(msg.step, len(batch.rows), stamps, drained=not self.scheduler.active())
 
+    def _shadow(self, epoch: int, msg: StepMsg) -> None:
+        """Everything Redis, in one round trip, while the stages compute the step just sent: the last step's
+        tokens, the drafts' events and jobs (the level just sent), telemetry; new requests, cancellations and
+        stage errors read back and handled."""
+        with self.r.pipeline(transaction=False) as pipe:
+            self._flush_tokens(pipe)
+            self.drafts.flush(epoch, pipe)
+            if self.cfg.trace_steps:
+                publish_all(pipe, [(self.cfg.redis.steps, msg)])
+            self.telemetry.flush(pipe)
+            self._queue_reads(pipe, block_ms=None)
+            requests, cancels, errors = pipe.execute()[-3:]
+        self._handle_reads(requests, cancels, errors)
+
+    def _serve_queue(self, block_ms: int | None) -> None:
+        """Idle, or a run not formed: new requests (waiting up to block_ms for one), cancellations, errors."""
+        with self.r.pipeline(transaction=False) as pipe:
+            self._queue_reads(pipe, block_ms)
+            self._handle_reads(*pipe.execute())
+
+    def _queue_reads(self, pipe: Pipeline, block_ms: int | None) -> None:
+        """New requests (consumer group), cancellations, stage errors: three replies, in this order."""
+        pipe.xreadgroup(self.cfg.group, self.cfg.consumer, {self.cfg.redis.requests: ">"}, count=64, block=block_ms)
+        pipe.xread({self.cfg.redis.cancel: self.cancel_last}, count=256)
+        pipe.xread({self.cfg.redis.errors: self.errors_last}, count=256)
+
+    def _handle_reads(self, requests, cancels, errors) -> None:
+        for entry_id, raw in entries_of(requests):
+            self._receive(entry_id, raw)
+        self._cancellations(entries_of(cancels))
+        self._stage_error_entries(entries_of(errors))
+        self._admit()
+        self.telemetry.stats(self.scheduler, self.admission.waiting_since())
+
     # ---- requests -----------------------------------------------------------------------------------
-    def _ingest(self, block_ms: int | None) -> None:
-        requests = {self.cfg.redis.requests: ">"}
-        reply = self.r.xreadgroup(self.cfg.group, self.cfg.consumer, requests, count=64, block=block_ms)
-        for _, entries in reply or []:
-            for entry_id, fields in entries:
-                self._receive(entry_id.decode(), fields.get(b"m", b""))
 
     def _receive(self, entry_id: str, raw: bytes) -> None:
         msg = decode_or_log(raw, RequestMsg, "scheduler")
@@ -228,10 +266,10 @@ class SchedulerService:
             del self.entry_of[msg.request_id]
             self._receive(entry_id, raw)
 
-    def _cancellations(self) -> None:
+    def _cancellations(self, entries: list[tuple[str, bytes]]) -> None:
         """Cancelled requests leave at once: waiting ones are dropped, running ones free their KV and tree."""
         result = StepResult()
-        for entry_id, raw in read(self.r, self.cfg.redis.cancel, self.cancel_last, block_ms=None):
+        for entry_id, raw in entries:
             self.cancel_last = entry_id
             msg = decode_or_log(raw, CancelMsg, "scheduler")
             if msg is None:
@@ -241,43 +279,80 @@ class SchedulerService:
                 self._end(rid, "cancelled")
         self.events += result.events
 
-    def _publish_tokens(self, result: StepResult) -> None:
+    def _finish_step(self, result: StepResult) -> None:
+        """A verification's tokens wait for the next step's shadow (or the idle loop); finished requests leave
+        the scheduler now."""
         done = set(result.finished)
-        messages = []
         for rid, tokens in result.new_tokens.items():
             state = self.scheduler.requests[rid]
             reason = state.finish_reason if rid in done else None
-            messages.append((self.cfg.redis.out(rid), TokensMsg(request_id=rid, tokens=tokens, finished=rid in done,
-                                                                finish_reason=reason, step=self.scheduler.step)))
-        publish_all(self.r, messages, maxlen=OUT_MAXLEN)  # every request's tokens of this step in one round trip
+            self.unsent.append((self.cfg.redis.out(rid), TokensMsg(request_id=rid, tokens=tokens, finished=rid in done,
+                                                                   finish_reason=reason, step=self.scheduler.step)))
         for rid in done:
             self.scheduler.remove(rid)
-            self._end(rid, None)
 
-    def _end(self, rid: str, reason: str | None, error: str | None = None) -> None:
+    def _flush_tokens(self, pipe: Pipeline | None = None) -> None:
+        """Every verified token not yet published, then the finished requests' ends, in one round trip (the
+        caller's, given its pipeline)."""
+        unsent, self.unsent = self.unsent, []
+        if not unsent:
+            return
+        own = pipe is None
+        pipe = self.r.pipeline(transaction=False) if own else pipe
+        publish_all(pipe, unsent, maxlen=OUT_MAXLEN)
+        for _, msg in unsent:
+            if msg.finished:
+                self._end(msg.request_id, None, r=pipe)
+        if own:
+            pipe.execute()
+
+    def _end(self, rid: str, reason: str | None, error: str | None = None, r: redis.Redis | None = None) -> None:
         """A request leaves: its last message (unless its final tokens said it), its entry acknowledged, its KV
-        freed. The one teardown for every way a request ends."""
+        freed. The one teardown for every way a request ends (its Redis writes on `r`, a pipeline or not)."""
+        r = r or self.r
         if reason is not None:
+            self._flush_tokens()  # its verified tokens first
             msg = TokensMsg(request_id=rid, tokens=[], finished=True, finish_reason=reason, error=error)
-            publish(self.r, self.cfg.redis.out(rid), msg, maxlen=OUT_MAXLEN)
+            publish_all(r, [(self.cfg.redis.out(rid), msg)], maxlen=OUT_MAXLEN)
         entry = self.entry_of.pop(rid, None)
         if entry:
-            self.r.xack(self.cfg.redis.requests, self.cfg.group, entry)
+            r.xack(self.cfg.redis.requests, self.cfg.group, entry)
         self.admission.release(rid)
 
     # ---- the stages -------------------------------------------------------------------------------------
+    def _poll_control(self, timeout_ms: int | None) -> None:
+        """Poll the control inbox (None: no wait): proposals go to the drafts, verifications are kept."""
+        for msg in self.inbox.recv(0 if timeout_ms is None else timeout_ms):
+            if isinstance(msg, ProposalsMsg):
+                self.drafts.take(msg)
+            elif isinstance(msg, VerifyMsg):
+                self.verified.append(msg)
+            else:
+                log.warning("scheduler: a %s on the control inbox; dropped", type(msg).__name__)
+
+    def _verified(self, step: int) -> VerifyMsg | None:
+        """This run's verification of `step`, if it has arrived (anything older is dropped)."""
+        epoch, found = self.pipeline.run.epoch, None
+        for msg in self.verified:
+            if msg.step == step and msg.epoch == epoch:
+                found = msg
+        self.verified = []
+        return found
+
     def _await_verify(self, step: int) -> VerifyMsg | None:
         """The last stage's output of `step`; None when the pipeline broke (in-flight requests failed, new run).
 
         A stage that lost its link reports it at once; the broken pipeline is then blamed on a stage whose
         heartbeat stops within one heartbeat lifetime, else on the link itself."""
         deadline, link_lost_at = time.monotonic() + self.cfg.verify_timeout_s, None
+        checked = time.monotonic()
         while (now := time.monotonic()) < deadline:
-            for entry_id, raw in read(self.r, self.cfg.redis.verify, self.verify_last, block_ms=250):
-                self.verify_last = entry_id
-                msg = decode_or_log(raw, VerifyMsg, "scheduler")
-                if msg is not None and msg.step == step and msg.epoch == self.pipeline.run.epoch:
-                    return msg
+            self._poll_control(int(1000 * LIVENESS_CHECK_S))
+            if (msg := self._verified(step)) is not None:
+                return msg
+            if now - checked < LIVENESS_CHECK_S:  # a proposal woke the wait: the heartbeats were looked at lately
+                continue
+            checked = now
             if lost := self.pipeline.lost():
                 self._reform(not_running(lost))
                 return None
@@ -291,8 +366,11 @@ class SchedulerService:
         return None
 
     def _read_stage_errors(self) -> None:
+        self._stage_error_entries(read(self.r, self.cfg.redis.errors, self.errors_last, block_ms=None))
+
+    def _stage_error_entries(self, entries: list[tuple[str, bytes]]) -> None:
         """The errors stream: request failures wait for _stage_errors; a lost link is noted at once."""
-        for entry_id, raw in read(self.r, self.cfg.redis.errors, self.errors_last, block_ms=None):
+        for entry_id, raw in entries:
             self.errors_last = entry_id
             msg = decode_or_log(raw, StageErrorMsg, "scheduler")
             if msg is not None and msg.link_lost:
@@ -301,8 +379,7 @@ class SchedulerService:
                 self.stage_failures.append(msg)
 
     def _stage_errors(self, result: StepResult) -> None:
-        """Fail the requests a stage could not compute (KV full, protocol error, ...)."""
-        self._read_stage_errors()
+        """Fail the requests a stage could not compute (KV full, protocol error, ...), as read so far."""
         for msg in self.stage_failures:
             for rid in msg.request_ids:
                 if self.scheduler.abort(rid, "error", result):
@@ -312,12 +389,13 @@ class SchedulerService:
     def _begin_run(self) -> None:
         self.pipeline.begin(base_step=self.scheduler.step)
         self.drafts.begin_run(self.pipeline.run.epoch, self.scheduler.step)
-        self.events, self.telemetry.sent = [], None
+        self.events, self.verified, self.telemetry.sent = [], [], None
         self.link_lost, self.stage_failures = False, []
 
     def _reform(self, reason: str) -> None:
         """A stage was lost: the requests in the pipe fail with `reason`, and a new run re-forms the pipeline.
         Requests admitted but never sent stay for the next run; every process starts it empty."""
+        self._flush_tokens()  # what was verified before the loss reaches its clients first
         not_sent = {a.request_id for a in self.admitted}
         in_pipe = [s.request.request_id for s in self.scheduler.active() if s.request.request_id not in not_sent]
         log.error("scheduler: %s; failing %d in-flight requests, re-forming the pipeline", reason, len(in_pipe))

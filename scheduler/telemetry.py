@@ -14,11 +14,12 @@ from __future__ import annotations
 import time
 
 import redis
+from redis.client import Pipeline
 
 from scheduler.occupancy import Occupancy
 from scheduler.scheduler import Scheduler
 from scheduler.snapshot import stats_message
-from shared.transport.redis_io import RedisConfig, publish
+from shared.transport.redis_io import RedisConfig, publish_all
 from shared.types.batch import PipelineEvent, Row
 from shared.wire.messages import OccupancyMsg
 
@@ -30,7 +31,9 @@ class Telemetry:
         self.r, self.cfg, self.interval_s = r, cfg, interval_s
         self.occupancy = Occupancy(stages)
         self.timings: list[str] = []
+        self.columns: list[OccupancyMsg] = []  # final columns not yet published
         self.sent: tuple[int, list[Row]] | None = None  # the step whose column awaits its events
+        self.drained = False  # the pipe drained since the timings were last pushed: push them all
         self.stats_due = 0.0
 
     def step_sent(self, step: int, rows: list[Row]) -> None:
@@ -44,14 +47,21 @@ class Telemetry:
         self.sent = None
         if drained:  # the pipe is empty: its last columns are final
             columns += self.occupancy.flush()
-        for c in columns:
-            publish(self.r, self.cfg.occupancy, OccupancyMsg(step=c["step"], stages=c["stages"]), maxlen=1024)
+        self.columns += [OccupancyMsg(step=c["step"], stages=c["stages"]) for c in columns]
 
     def step_timed(self, step: int, rows: int, stamps: tuple[float, ...], drained: bool) -> None:
         self.timings.append(":".join([str(step), str(rows), *(f"{t:.6f}" for t in stamps)]))
-        if len(self.timings) >= TIMINGS_BATCH or drained:
-            self.r.rpush(self.cfg.key("timings", "scheduler"), *self.timings)
-            self.timings = []
+        self.drained = self.drained or drained
+
+    def flush(self, r: redis.Redis | Pipeline | None = None) -> None:
+        """Off the beat (in a step's shadow, on its pipeline, or idle): the columns made final, and the timings
+        in batches."""
+        r = r or self.r
+        columns, self.columns = self.columns, []
+        publish_all(r, [(self.cfg.occupancy, c) for c in columns], maxlen=1024)
+        if self.timings and (len(self.timings) >= TIMINGS_BATCH or self.drained):
+            r.rpush(self.cfg.key("timings", "scheduler"), *self.timings)
+            self.timings, self.drained = [], False
 
     def stats(self, scheduler: Scheduler, waiting_since: dict[str, float]) -> None:
         """Rewrite the snapshot when it is due."""

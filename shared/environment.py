@@ -8,6 +8,7 @@ Read only at start-up, by entry points building their argument parsers (never at
     SPECPIPE_CACHE     the model cache folder (shared.model_store)
     SPECPIPE_MODEL     the model a batch worker serves when Celery starts it
     MASTER_ADDR        stage 0's address, as the other stages reach it
+    SPECPIPE_CONTROL_HOST  this process's address on the control path (scheduler, stages), as its peers reach it
     MASTER_PORT        stage 0's rendezvous port (0: a free one per pipeline run, shared through Redis)
     LOCAL_RANK         which GPU a bare `--device cuda` means (torchrun sets it; unset: a stage's rank, a draft's 0)
 """
@@ -24,6 +25,7 @@ DEFAULTS = {
     "SPECPIPE_CACHE": "",
     "SPECPIPE_MODEL": "smollm2-135m",
     "MASTER_ADDR": "127.0.0.1",
+    "SPECPIPE_CONTROL_HOST": "127.0.0.1",
     "MASTER_PORT": "0",
     "LOCAL_RANK": "",
 }

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shared.environment import env
+from shared.transport.control import ControlConfig
 from shared.transport.redis_io import RedisConfig
 from shared.types.config import (
     ATTENTION_KINDS,
@@ -34,6 +35,18 @@ def add_redis_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=env("REDIS_URL"))
     p.add_argument("--prefix", default=env("SPECPIPE_PREFIX"), help="key prefix of this cluster")
     p.add_argument("--log-level", default="INFO")
+
+
+def add_control_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control-host", default=env("SPECPIPE_CONTROL_HOST"),
+                   help="the address this process's control inbox binds, as its peers reach it (loopback by default; "
+                        "on a multi-host pipeline, this host's address on the stages' network)")
+    p.add_argument("--control-port", type=int, default=0,
+                   help="the control inbox's port (0: a free one, published through Redis; fix it for a firewall)")
+
+
+def control_config(args: argparse.Namespace) -> ControlConfig:
+    return ControlConfig(host=args.control_host, port=args.control_port)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -9,12 +9,14 @@ from shared.environment import env
 from shared.model_store import resolve_model
 from shared.service_args import (
     add_attention_args,
+    add_control_args,
     add_device_args,
     add_model_args,
     add_redis_args,
     attention_config,
     compute_device,
     compute_dtype,
+    control_config,
     redis_config,
     run_main,
     set_threads,
@@ -28,6 +30,7 @@ from stage_worker.service import StageService, StageServiceConfig
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stage_worker")
     add_redis_args(p)
+    add_control_args(p)
     add_model_args(p)
     add_attention_args(p)
     p.add_argument("--rank", type=int, required=True)
@@ -60,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             runner = load_stage(model_dir, arch, args.rank, args.world, dtype, attention, args.numerics, device,
                                 args.layer_split)
-        link = LinkConfig(args.rank, args.world, args.master_addr, args.master_port) if args.world > 1 else None
-        cfg = StageServiceConfig(args.rank, args.world, redis_cfg, link)
+        link = (LinkConfig(args.rank, args.world, args.master_addr, args.master_port, host=args.control_host)
+                if args.world > 1 else None)
+        cfg = StageServiceConfig(args.rank, args.world, redis_cfg, link, control=control_config(args))
         StageService(cfg, runner).run(args.idle_exit)
 
     return run_main(serve)

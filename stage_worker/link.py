@@ -1,10 +1,7 @@
-"""Stage-to-stage activations over torch.distributed point-to-point.
+"""Stage-to-stage activations: NCCL between GPUs, plain TCP between CPU stages.
 
-One code path: NCCL when the stage runs on CUDA, gloo on CPU; the link lives on
-the stage runner's device, so hidden states go device to device (GPU to GPU
-under NCCL) without a trip through host memory. Every step, stage k sends
-exactly one message to stage k+1 (possibly empty), so the stages stay in
-lockstep without any other coordination. A message is at most two transfers:
+Every step, stage k sends exactly one message to stage k+1 (possibly empty), so the stages stay in lockstep
+without any other coordination. A message is a header and at most one payload:
 
     header   int64[4]   LinkHeader: step, batch_id, rows n, hidden size
     payload  uint8[n * (6 * 8 + hidden * itemsize)]                                          (if n > 0)
@@ -12,24 +9,33 @@ lockstep without any other coordination. A message is at most two transfers:
                                  token, flags
                bytes [48 n, ..)  hidden states [n, hidden] in the stages' dtype, as raw bytes
 
-The states cross as bytes, so every dtype (float32, bfloat16, float16) crosses
-the same way, whatever the backend supports natively; the receiver views the
-two slices back (the states start at a multiple of 8 bytes, so the view is
-aligned for any dtype) and reads only the meta slice into host memory. Both
-ends must use the same dtype: the stages check it when the group forms.
+Two wires carry it, chosen by the stage's device:
+- `DistWire` (a GPU): torch.distributed point-to-point under NCCL, header and payload as two transfers, device
+  to device with no trip through host memory.
+- `SocketWire` (the CPU): one frame (header bytes, payload bytes) to an inbox that stage k+1 listens on
+  (shared/transport/control.py). The bytes go out as soon as the step is computed, so the next stage finds
+  its input already in its socket when it asks for it; gloo's point-to-point, used before, waits for the
+  receiver to post each transfer (a rendezvous per tensor: 0.25 ms per step on a quiet 2-core CPU, 0.5-4 ms
+  with a pipeline of processes on it).
 
-Request ids are strings; the header carries the integer slot the scheduler
-assigned when it admitted the request (StepMsg.admitted).
+The states cross as bytes, so every dtype (float32, bfloat16, float16) crosses the same way; the receiver views
+the two slices back (the states start at a multiple of 8 bytes, so the view is aligned for any dtype) and reads
+only the meta slice into host memory. Both ends must use the same dtype: the stages check it when the group
+forms.
 
-The group is formed once per pipeline run (shared/transport/membership.py): stage 0
-hosts the run's store, every stage waits there for the others, then joins. A
-lost peer surfaces as a RuntimeError from send/recv; the stage then leaves the
-group (close(broken=True)) and joins the next run.
+Request ids are strings; the header carries the integer slot the scheduler assigned when it admitted the
+request (StepMsg.admitted).
+
+The group is formed once per pipeline run (shared/transport/membership.py): stage 0 hosts the run's store,
+every stage waits there for the others, then joins (the CPU wire's addresses travel through the same store).
+A lost peer surfaces as LinkLost from send/recv (NCCL's error, or the run moving on while a CPU stage waits
+for its input); the stage then leaves the group (close(broken=True)) and joins the next run.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +43,7 @@ import msgspec
 import torch
 import torch.distributed as dist
 
+from shared.transport.control import ControlConfig, Inbox, Outbox
 from shared.types.batch import MicroBatch
 from shared.types.errors import ConfigError, ProtocolError
 from shared.wire.messages import LinkHeader, LinkRow
@@ -75,12 +82,17 @@ class LinkConfig:
     world: int
     master_addr: str = "127.0.0.1"  # stage 0's address, as the other stages reach it
     master_port: int = 0  # stage 0's store port; 0: a free one, published per run (shared/transport/membership.py)
+    host: str = "127.0.0.1"  # this stage's address, as the stage before it reaches it (the CPU wire's PULL)
     timeout_s: float = 600.0  # one send/recv (a peer's compute included)
     rendezvous_s: float = 30.0  # connecting to stage 0's store
+    poll_s: float = 0.25  # a CPU stage waiting for its input checks this often that the run is still on
 
 
 class RendezvousAbandoned(Exception):
     """The run being joined is no longer current: join the new one instead."""
+
+
+Payload = torch.Tensor | None  # uint8[payload_size(rows, hidden, dtype)], none for an empty micro-batch
 
 
 class LinkLost(Exception):
@@ -118,27 +130,110 @@ def wait_for_peers(store: dist.Store, world: int, still_wanted: Callable[[], boo
         time.sleep(poll_s)
 
 
-class ActivationLink:
-    def __init__(self, cfg: LinkConfig, device: torch.device, dtype: torch.dtype, hidden_size: int,
-                 store: dist.Store, tag: str = "run"):
-        """Form the group of one run on `store` (every stage passes the same tag). `device` is where the stage
-        computes: NCCL on a GPU, gloo on the CPU."""
+class DistWire:
+    """torch.distributed point-to-point (NCCL on GPUs): the header, then the payload, as two transfers."""
+
+    def __init__(self, cfg: LinkConfig, store: dist.Store, backend: str = "nccl"):
         from datetime import timedelta
 
-        self.cfg, self.device, self.dtype, self.hidden = cfg, torch.device(device), dtype, hidden_size
-        self.backend = "nccl" if self.device.type == "cuda" else "gloo"
-        prefixed = dist.PrefixStore(tag, store)
-        prefixed.set(f"dtype{cfg.rank}", str(dtype))
-        dist.init_process_group(self.backend, store=prefixed, rank=cfg.rank, world_size=cfg.world,
+        self.cfg, self.backend = cfg, backend
+        dist.init_process_group(self.backend, store=store, rank=cfg.rank, world_size=cfg.world,
                                 timeout=timedelta(seconds=cfg.timeout_s))
         self._pending: list = []
-        self._check_peers(prefixed)
+
+    def send(self, header: torch.Tensor, payload: torch.Tensor | None) -> None:
+        for work in self._pending:  # the previous step's sends must be done before buffers are reused
+            work.wait()
+        tensors = [header] if payload is None else [header, payload]
+        self._pending = [dist.isend(t, self.cfg.rank + 1) for t in tensors]
+
+    def recv(self, device: torch.device, payload_bytes: Callable[[LinkHeader], int]) -> tuple[LinkHeader, Payload]:
+        """The header, then the payload it announces (None when it announces none), on `device`."""
+        src = self.cfg.rank - 1
+        header = torch.empty(HEADER, dtype=torch.int64, device=device)
+        dist.recv(header, src)
+        h = LinkHeader(*header.tolist())
+        if (n := payload_bytes(h)) == 0:
+            return h, None
+        payload = torch.empty(n, dtype=torch.uint8, device=device)
+        dist.recv(payload, src)
+        return h, payload
+
+    def close(self, broken: bool) -> None:
+        pending, self._pending = self._pending, []
+        try:
+            for work in pending if not broken else []:
+                work.wait()  # raises when the peer is gone after all
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+class SocketWire:
+    """One frame per step (header bytes, then payload bytes) from stage k to an inbox stage k+1 listens on
+    (shared/transport/control.py: plain TCP, read in the stage's own thread)."""
+
+    backend = "tcp"
+
+    def __init__(self, cfg: LinkConfig, store: dist.Store, still_current: Callable[[], bool]):
+        self.cfg, self.still_current = cfg, still_current
+        self.inbox = self.outbox = None
+        self.frames: deque[bytearray] = deque()  # received, not yet taken (the stage before may run a step ahead)
+        if cfg.rank > 0:
+            self.inbox = Inbox(ControlConfig(cfg.host))
+            store.set(f"link{cfg.rank}", self.inbox.address)
+        if cfg.rank < cfg.world - 1:
+            self.outbox = Outbox([store.get(f"link{cfg.rank + 1}").decode()])  # waits (rendezvous_s) for the peer
+            if not self.outbox.connected:
+                self.close(broken=True)
+                raise RuntimeError(f"cannot reach stage {cfg.rank + 1} at {self.outbox.addresses[0]}")
+
+    def send(self, header: torch.Tensor, payload: torch.Tensor | None) -> None:
+        """Returns at once: a payload the socket cannot take now goes out from the connection's thread (the
+        tensors are this step's own, never reused)."""
+        self.outbox.send_raw(header.numpy(), *([] if payload is None else [payload.numpy()]))
+        if not self.outbox.connected:
+            raise RuntimeError("the next stage broke off")
+
+    def recv(self, device: torch.device, payload_bytes: Callable[[LinkHeader], int]) -> tuple[LinkHeader, Payload]:
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while not self.frames:
+            self.frames.extend(self.inbox.recv_raw(int(1000 * self.cfg.poll_s)))
+            if not self.frames and (not self.still_current() or time.monotonic() > deadline):
+                raise RuntimeError("no input from the stage before (it is gone, or the pipeline re-formed)")
+        frame = memoryview(self.frames.popleft())
+        split = HEADER * torch.int64.itemsize
+        if frame.nbytes < split:
+            raise ProtocolError(f"stage {self.cfg.rank}: a link frame of {frame.nbytes} bytes")
+        h = LinkHeader(*torch.frombuffer(frame[:split], dtype=torch.int64).tolist())
+        if (n := payload_bytes(h)) != frame.nbytes - split:
+            raise ProtocolError(f"stage {self.cfg.rank}: a payload of {frame.nbytes - split} bytes where the header "
+                                f"says {n}")
+        return h, torch.frombuffer(frame[split:], dtype=torch.uint8) if n else None
+
+    def close(self, broken: bool) -> None:
+        for end in (self.inbox, self.outbox):
+            if end is not None:
+                end.close()
+
+
+class ActivationLink:
+    def __init__(self, cfg: LinkConfig, device: torch.device, dtype: torch.dtype, hidden_size: int,
+                 store: dist.Store, tag: str = "run", still_current: Callable[[], bool] = lambda: True):
+        """Form the group of one run on `store` (every stage passes the same tag). `device` is where the stage
+        computes: NCCL on a GPU, plain TCP on the CPU. `still_current` says whether the run is still on (a CPU
+        stage waiting for its input gives up once it is not)."""
+        self.cfg, self.device, self.dtype, self.hidden = cfg, torch.device(device), dtype, hidden_size
+        prefixed = dist.PrefixStore(tag, store)
+        prefixed.set(f"dtype{cfg.rank}", str(dtype))
+        self._check_peers(prefixed)  # before any connection: a refusing peer never leaves one half made
+        self.wire = DistWire(cfg, prefixed) if self.device.type == "cuda" else SocketWire(cfg, prefixed, still_current)
+        self.backend = self.wire.backend
 
     def _check_peers(self, store: dist.Store) -> None:
         """The payload is raw bytes: both ends of each hop must agree on the dtype (every stage has set it)."""
         for peer in (self.cfg.rank - 1, self.cfg.rank + 1):
             if 0 <= peer < self.cfg.world and (theirs := store.get(f"dtype{peer}").decode()) != str(self.dtype):
-                self.close(broken=True)
                 raise ConfigError(f"stage {self.cfg.rank} computes in {self.dtype} but stage {peer} in {theirs}: "
                                   "give every stage the same --dtype")
 
@@ -157,37 +252,31 @@ class ActivationLink:
             raise LinkLost(f"receiving step {step - 1} from stage {self.cfg.rank - 1}: {exc}") from exc
 
     def _send(self, step: int, batch: MicroBatch, slots: dict[str, int]) -> None:
-        for work in self._pending:  # the previous step's sends must be done before buffers are reused
-            work.wait()
         n = len(batch.rows)
-        header = msgspec.structs.astuple(LinkHeader(step, batch.batch_id, n, self.hidden))
-        tensors = [torch.tensor(header, dtype=torch.int64, device=self.device)]
+        header = torch.tensor(msgspec.structs.astuple(LinkHeader(step, batch.batch_id, n, self.hidden)),
+                              dtype=torch.int64, device=self.device)
+        payload = None
         if n:
             meta = torch.tensor([LinkRow.of(r, slots[r.request_id]) for r in batch.rows], dtype=torch.int64)
-            tensors.append(pack(meta, batch.hidden.to(self.device, self.dtype)))
-        self._pending = [dist.isend(t, self.cfg.rank + 1) for t in tensors]
+            payload = pack(meta, batch.hidden.to(self.device, self.dtype))
+        self.wire.send(header, payload)
 
     def _recv(self, step: int, request_ids: dict[int, str]) -> MicroBatch:
-        src = self.cfg.rank - 1
-        header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
-        dist.recv(header, src)
-        h = LinkHeader(*header.tolist())
-        if h.step != step - 1 or h.hidden != self.hidden:
-            raise ProtocolError(f"stage {self.cfg.rank}: got step {h.step} (hidden {h.hidden}) while at step {step}")
+        h, payload = self.wire.recv(self.device, self._payload_bytes)
+        if h.step != step - 1:
+            raise ProtocolError(f"stage {self.cfg.rank}: got step {h.step} while at step {step}")
         if h.rows == 0:
             return MicroBatch(h.batch_id, [], torch.empty(0, self.hidden, dtype=self.dtype, device=self.device))
-        payload = torch.empty(payload_size(h.rows, self.hidden, self.dtype), dtype=torch.uint8, device=self.device)
-        dist.recv(payload, src)
         meta, states = unpack(payload, h.rows, self.hidden, self.dtype)
         rows = [LinkRow(*m).row(request_ids[m[0]]) for m in meta.tolist()]  # the one read into host memory
         return MicroBatch(h.batch_id, rows, states)
 
+    def _payload_bytes(self, h: LinkHeader) -> int:
+        """What the header announces; a peer of another hidden size is refused before anything else is read."""
+        if h.hidden != self.hidden or h.rows < 0:
+            raise ProtocolError(f"stage {self.cfg.rank}: a header of {h.rows} rows of hidden size {h.hidden}")
+        return payload_size(h.rows, self.hidden, self.dtype)
+
     def close(self, broken: bool = False) -> None:
         """Leave the group; a broken link does not wait for its sends (their peer is gone)."""
-        pending, self._pending = self._pending, []
-        try:
-            for work in pending if not broken else []:
-                work.wait()  # raises when the peer is gone after all
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        self.wire.close(broken)

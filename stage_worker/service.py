@@ -1,11 +1,14 @@
 """`python -m stage_worker --rank k --world N`: one pipeline stage as a process.
 
 Per step t (lockstep with the scheduler):
-  1. read StepMsg t from Redis: register admitted requests, apply prune/commit/finish,
+  1. take StepMsg t from this stage's control inbox (shared/transport/control.py): register admitted
+     requests, apply prune/commit/finish,
   2. take the input: stage 0 from the StepMsg rows, stage k > 0 from stage k-1 (step t-1),
      minus every row pruned or finished by now,
   3. compute this stage's layers,
-  4. send the output to stage k+1, or (last stage) publish the target tokens as VerifyMsg.
+  4. send the output to stage k+1, or (last stage) send the target tokens as VerifyMsg to the scheduler's
+     control inbox.
+Redis carries the run membership, heartbeats, errors and timings: nothing on the beat.
 """
 
 from __future__ import annotations
@@ -17,24 +20,17 @@ from dataclasses import dataclass
 import torch
 
 from shared.compute.runner import RequestInfo, StageRunner
+from shared.transport.control import ControlConfig, Inbox, Outbox
 from shared.transport.membership import (
     PipelineRun,
     close_rendezvous,
     current_run,
     mark_joined,
+    publish_control,
     publish_rendezvous,
     rendezvous_address,
 )
-from shared.transport.redis_io import (
-    RedisConfig,
-    connect,
-    decode_or_log,
-    publish,
-    read,
-    stage_name,
-    start_heartbeat,
-    tail_id,
-)
+from shared.transport.redis_io import RedisConfig, connect, publish, stage_name, start_heartbeat
 from shared.types.batch import MicroBatch
 from shared.types.errors import SpecPipeError
 from shared.wire.messages import AdmittedRequest, StageErrorMsg, StepMsg, VerifyMsg
@@ -57,7 +53,8 @@ class StageServiceConfig:
     world: int
     redis: RedisConfig
     link: LinkConfig | None = None  # None: a one-stage pipeline (no peers); the link uses the runner's device
-    poll_ms: int = 250  # XREAD block per poll; an idle stage checks for a new run this often
+    poll_ms: int = 250  # an idle stage checks for a new run this often
+    control: ControlConfig = ControlConfig()  # this stage's control inbox (StepMsgs)
 
 
 class StageService:
@@ -66,6 +63,8 @@ class StageService:
         self.link: ActivationLink | None = None
         self.store = None  # this run's rendezvous store (stage 0 hosts it: kept alive with the group)
         self.r = connect(cfg.redis)
+        self.inbox = Inbox(cfg.control)
+        self.scheduler = Outbox()  # the run's scheduler inbox: the last stage's VerifyMsgs
         self.run_: PipelineRun | None = None  # the run this stage has joined
         self.step_no = 0  # the last step computed
         self.slots: dict[str, int] = {}  # request id -> slot in link headers
@@ -78,8 +77,8 @@ class StageService:
         self.timings: list[str] = []
 
     def run(self, stop_after_idle_s: float | None = None) -> None:
-        last_id = tail_id(self.r, self.cfg.redis.steps)  # never replay another run's steps
-        self.join()
+        publish_control(self.r, self.cfg.redis, self.name, self.inbox.address)  # before joining: the scheduler
+        self.join()                                                            # reads it once every stage has
         start_heartbeat(self.cfg.redis, self.name)
         w = self.runner.weights
         log.info("%s ready: layers %d-%d of %d (%s on %s), torch %d threads, link %s, run %d", self.name, w.start,
@@ -87,16 +86,17 @@ class StageService:
                  torch.get_num_threads(), "none" if self.link is None else self.link.backend, self.run_.epoch)
         idle_since = time.monotonic()
         while True:
-            entries = read(self.r, self.cfg.redis.steps, last_id, self.cfg.poll_ms)
-            if not entries:
+            messages = self.inbox.recv(self.cfg.poll_ms)
+            if not messages:
                 self.flush_timings()
                 self._follow_run()
                 if stop_after_idle_s and time.monotonic() - idle_since > stop_after_idle_s:
                     return
-            for entry_id, raw in entries:
-                last_id, idle_since = entry_id, time.monotonic()
-                msg = decode_or_log(raw, StepMsg, self.name)
-                if msg is not None and self._accepts(msg):
+            for msg in messages:
+                idle_since = time.monotonic()
+                if not isinstance(msg, StepMsg):
+                    log.warning("%s: a %s on the control inbox; dropped", self.name, type(msg).__name__)
+                elif self._accepts(msg):
                     self._step_or_rejoin(msg)
 
     # ---- pipeline runs ------------------------------------------------------------------------
@@ -144,7 +144,7 @@ class StageService:
             close_rendezvous(self.r, redis_cfg, run.epoch)
         # the runner's own device and dtype: received states land where this stage computes, as it computes them
         self.link = ActivationLink(lc, self.runner.device, self.runner.dtype, self.runner.arch.hidden_size,
-                                   self.store, tag=f"run{run.epoch}")
+                                   self.store, tag=f"run{run.epoch}", still_current=still_current)
 
     def _leave(self, broken: bool) -> None:
         if self.link is not None:
@@ -160,6 +160,8 @@ class StageService:
             self.runner.release(rid)
         self.slots, self.ids, self.finished = {}, {}, set()
         self.run_, self.step_no = run, run.base_step
+        if self.cfg.rank == self.cfg.world - 1:
+            self.scheduler.connect([run.control])
 
     def _follow_run(self) -> None:
         """Idle: join the scheduler's run when it has begun a new one (a restart, or a stage was lost)."""
@@ -183,7 +185,7 @@ class StageService:
         self.step_no = msg.step
         try:
             self.step(msg)
-        except LinkLost as exc:  # gloo/NCCL: "Connection closed by peer", timeouts, ...
+        except LinkLost as exc:  # NCCL's errors, or no input while the run moved on
             log.error("%s: link lost at step %d of run %d: %s", self.name, msg.step, msg.epoch, exc)
             lost = StageErrorMsg(self.cfg.rank, msg.step, [], f"link lost: {exc}", link_lost=True)
             publish(self.r, self.cfg.redis.errors, lost)
@@ -216,7 +218,7 @@ class StageService:
             verify = VerifyMsg(step=msg.step, batch_id=out.batch_id, request_ids=[r.request_id for r in out.rows],
                                node_ids=[r.node_id for r in out.rows], targets=out.targets,
                                compute_s=self.compute_s, epoch=self.run_.epoch)
-            publish(self.r, self.cfg.redis.verify, verify)
+            self.scheduler.send(verify)
         if len(self.timings) >= 64 or not batch.rows:  # off the critical path: after this step's output
             self.flush_timings()
 

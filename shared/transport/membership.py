@@ -6,6 +6,8 @@ The current run is the hash `{prefix}:pipeline`:
 
     epoch       the run's number; every StepMsg and expansion job carries it
     base_step   the scheduler's step count when the run began: its first StepMsg is base_step + 1
+    control     the scheduler's control inbox (shared/transport/control.py): where the last stage sends its
+                VerifyMsg and the drafts their proposals
 
 A stage joins a run by forming the torch.distributed group of that run: stage 0
 hosts the group's store on a port it picks (or the fixed --master-port) and
@@ -13,7 +15,8 @@ publishes "host:port" under `{prefix}:rdzv:{epoch}` until every stage has
 arrived; the other stages read it there, so a restart never waits for a port
 held by the previous run, and a stage that starts after the group formed waits
 for the next run. Once in
-the group, a stage writes the run's epoch under `{prefix}:joined:{stage}`. The
+the group, a stage writes the run's epoch under `{prefix}:joined:{stage}`; its control inbox (where the
+scheduler sends it each StepMsg) is under `{prefix}:control:{stage}`, written before it joins. The
 scheduler steps a run only when every stage is alive and has joined it, so no
 stage ever sees a step of a run it has not joined; a step of another run is
 refused (logged) by whoever reads it. Messages of older runs are trimmed from
@@ -37,19 +40,20 @@ RENDEZVOUS_TTL_S = 24 * 3600  # a run's rendezvous address outlives any run; sta
 class PipelineRun:
     epoch: int
     base_step: int  # the run's first StepMsg is base_step + 1
+    control: str = ""  # the scheduler's control inbox, "tcp://host:port"
 
 
-def begin_run(r: redis.Redis, cfg: RedisConfig, base_step: int) -> PipelineRun:
+def begin_run(r: redis.Redis, cfg: RedisConfig, base_step: int, control: str) -> PipelineRun:
     """A new run: the next epoch, made current at once."""
-    run = PipelineRun(int(r.incr(cfg.epoch)), base_step)
-    r.hset(cfg.pipeline, mapping={"epoch": run.epoch, "base_step": run.base_step})
+    run = PipelineRun(int(r.incr(cfg.epoch)), base_step, control)
+    r.hset(cfg.pipeline, mapping={"epoch": run.epoch, "base_step": run.base_step, "control": control})
     return run
 
 
 def current_run(r: redis.Redis, cfg: RedisConfig) -> PipelineRun | None:
     fields = r.hgetall(cfg.pipeline)
     try:
-        return PipelineRun(int(fields[b"epoch"]), int(fields[b"base_step"]))
+        return PipelineRun(int(fields[b"epoch"]), int(fields[b"base_step"]), fields.get(b"control", b"").decode())
     except (KeyError, ValueError):
         return None
 
@@ -62,7 +66,7 @@ def end_run(r: redis.Redis, cfg: RedisConfig, run: PipelineRun) -> None:
 
 def per_run_streams(cfg: RedisConfig) -> tuple[str, ...]:
     """Streams whose messages belong to one run (the queue, cancels and outputs are not among them)."""
-    return cfg.steps, cfg.verify, cfg.draft_jobs, cfg.proposals, cfg.errors
+    return cfg.steps, cfg.draft_jobs, cfg.errors
 
 
 def trim_old_runs(r: redis.Redis, cfg: RedisConfig) -> int:
@@ -85,6 +89,16 @@ def rendezvous_address(r: redis.Redis, cfg: RedisConfig, epoch: int) -> tuple[st
 def close_rendezvous(r: redis.Redis, cfg: RedisConfig, epoch: int) -> None:
     """Every stage is in the run's group: nobody else may try to join it."""
     r.delete(cfg.rendezvous(epoch))
+
+
+def publish_control(r: redis.Redis, cfg: RedisConfig, component: str, address: str) -> None:
+    """Where `component`'s control inbox is (written before it joins a run, so the run's scheduler finds it)."""
+    r.set(cfg.control(component), address)
+
+
+def control_addresses(r: redis.Redis, cfg: RedisConfig, components: list[str]) -> list[str]:
+    """The components' control inboxes, in order ("" where none is known)."""
+    return [(a or b"").decode() for a in r.mget([cfg.control(c) for c in components])]
 
 
 def mark_joined(r: redis.Redis, cfg: RedisConfig, component: str, epoch: int) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import redis
+from redis.client import Pipeline
 
 from shared.environment import DEFAULTS
 from shared.types.errors import ConfigError, ProtocolError
@@ -39,11 +40,8 @@ class RedisConfig:
 
     @property
     def steps(self) -> str:
+        """A trace of the StepMsgs (scheduler --trace-steps): they travel over the control path, not here."""
         return self.key("steps")
-
-    @property
-    def verify(self) -> str:
-        return self.key("verify")
 
     @property
     def draft_events(self) -> str:
@@ -52,10 +50,6 @@ class RedisConfig:
     @property
     def draft_jobs(self) -> str:
         return self.key("draft_jobs")
-
-    @property
-    def proposals(self) -> str:
-        return self.key("proposals")
 
     @property
     def errors(self) -> str:
@@ -84,6 +78,9 @@ class RedisConfig:
     def rendezvous(self, epoch: int) -> str:
         return self.key("rdzv", str(epoch))
 
+    def control(self, component: str) -> str:
+        return self.key("control", component)
+
     def joined(self, component: str) -> str:
         return self.key("joined", component)
 
@@ -103,20 +100,26 @@ def publish(r: redis.Redis, stream: str, msg: Message, maxlen: int | None = 100_
     return entry.decode() if isinstance(entry, bytes) else entry
 
 
-def publish_all(r: redis.Redis, messages: list[tuple[str, Message]], maxlen: int | None = 100_000) -> None:
-    """XADD every (stream, message) in one round trip, in order (a step's tokens, a round's jobs)."""
+def publish_all(r: redis.Redis | Pipeline, messages: list[tuple[str, Message]], maxlen: int | None = 100_000) -> None:
+    """XADD every (stream, message) in one round trip, in order (a step's tokens, a round's jobs); given a
+    pipeline, only queue them there (its caller's round trip carries them)."""
     if not messages:
         return
-    pipe = r.pipeline(transaction=False)
+    pipe = r if isinstance(r, Pipeline) else r.pipeline(transaction=False)
     for stream, msg in messages:
         pipe.xadd(stream, {"m": msg.encode()}, maxlen=maxlen, approximate=True)
-    pipe.execute()
+    if pipe is not r:
+        pipe.execute()
 
 
 def read(r: redis.Redis, stream: str, last_id: str, block_ms: int | None, count: int = 256):
     """[(entry_id, raw bytes)] after last_id; block_ms=None returns at once."""
-    reply = r.xread({stream: last_id}, count=count, block=block_ms)
-    return [(eid.decode(), fields.get(b"m", b"")) for _, entries in reply or [] for eid, fields in entries]
+    return entries_of(r.xread({stream: last_id}, count=count, block=block_ms))
+
+
+def entries_of(reply) -> list[tuple[str, bytes]]:
+    """An XREAD / XREADGROUP reply as [(entry_id, raw bytes)] (what read() returns)."""
+    return [(eid.decode(), (fields or {}).get(b"m", b"")) for _, entries in reply or [] for eid, fields in entries]
 
 
 def tail_id(r: redis.Redis, stream: str) -> str:

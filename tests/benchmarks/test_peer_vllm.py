@@ -15,6 +15,9 @@ from benchmarks.peer_vllm import (
     PeerConfig,
     StreamResult,
     agreement,
+    closed_loop,
+    load_agreement,
+    load_markdown,
     markdown,
     omp_bind,
     parse_sse_line,
@@ -174,3 +177,29 @@ def test_agreement_and_markdown() -> None:
     text = markdown(results)
     assert "| vllm-pp1 | bind '0\\|1' | 1 | 100 | 100.0 / 100.0 / 100.0 | 10.0 | 6 | 6 | ref |" in text
     assert "| 2/2 |" in text and "specpipe-pp (error)" in text and "VLLM_CPU_OMP_THREADS_BIND='0|1' serve x" in text
+
+
+def test_closed_loop_keeps_every_request_and_counts_its_tokens() -> None:
+    events = [_chunk(" x"), _chunk(" y", "length"), _usage(2), "[DONE]"]
+    cfg = PeerConfig(model="m", load_requests=5, load_tokens=2)
+    with _client(_sse(events)) as client:
+        level = closed_loop(client, cfg, [{"ids": [1]}, {"ids": [2, 3]}], concurrency=3)
+    assert (level["concurrency"], level["requests"], level["failed"], level["tokens"]) == (3, 5, 0, 10)
+    assert level["tokens_per_s"] > 0 and level["texts"] == {i: " x y" for i in range(5)}
+
+
+def test_load_agreement_and_table() -> None:
+    def level(c: int, texts: dict[int, str]) -> dict:
+        return {"concurrency": c, "requests": len(texts), "failed": 0, "tokens": 8, "seconds": 2.0,
+                "tokens_per_s": 4.0, "ttft_s": {"p50": 0.1, "p99": 0.2}, "tbt_s": {"p50": 0.01, "p99": 0.02},
+                "texts": texts}
+
+    peers = {"vllm-pp2": {"load": [level(1, {0: "a", 1: "b"}), level(4, {0: "a", 1: "b"})]},
+             "specpipe-specpipe": {"load": [level(1, {0: "a", 1: "b"}), level(4, {0: "a", 1: "z"})]}}
+    agree = load_agreement(peers)
+    assert agree == {"reference": "vllm-pp2", "specpipe-specpipe": {1: 2, 4: 1}}
+    results = {"config": {"load_requests": 2, "load_tokens": 4, "load_prompt_files": ["sum.jsonl"]},
+               "peers": peers, "load_outputs_agree": agree}
+    text = "\n".join(load_markdown(results))
+    assert "| 4 | specpipe-specpipe | 4.0 | 100 / 200 | 10.0 / 20.0 | 0 | 1/2 |" in text
+    assert "| 1 | vllm-pp2 | 4.0 | 100 / 200 | 10.0 / 20.0 | 0 | ref |" in text

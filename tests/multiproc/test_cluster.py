@@ -1,4 +1,4 @@
-"""The distributed runtime: real Redis, real processes, gloo between 2 stage processes.
+"""The distributed runtime: real Redis, real processes, 2 stage processes linked over TCP.
 
 Every output must equal the in-process reference (plain decoding, same seed).
 """
@@ -10,9 +10,11 @@ import time
 import msgpack
 import pytest
 
+from shared.transport.control import Outbox
+from shared.transport.membership import PipelineRun, control_addresses, current_run, not_joined
 from shared.transport.queue_client import collect, submit
-from shared.transport.redis_io import publish
-from shared.wire.messages import RequestMsg, StepMsg
+from shared.transport.redis_io import publish, stage_name
+from shared.wire.messages import CancelMsg, RequestMsg, StepMsg, VerifyMsg
 from tests.cluster import Cluster
 from tests.multiproc.conftest import JOBS, reference, submit_job
 
@@ -90,21 +92,37 @@ def test_killed_draft_worker_keeps_outputs_identical(cluster_factory, tiny_dir) 
     assert cluster.running()["scheduler"] and cluster.running()["stage-0"] and cluster.running()["stage-1"]
 
 
-def test_malformed_messages_on_every_stream_are_dropped(cluster_factory, tiny_dir) -> None:
+def test_malformed_messages_on_every_stream_and_inbox_are_dropped(cluster_factory, tiny_dir) -> None:
     cluster = cluster_factory(draft="ngram")
     cfg, r = cluster.cfg, cluster.r
     garbage = [b"\xc1\xc1", msgpack.packb([1, 2]), msgpack.packb({"v": 1, "type": "request", "request_id": 5}),
                msgpack.packb({"v": 999, "type": "step"}), b""]
-    for stream in (cfg.requests, cfg.steps, cfg.verify, cfg.draft_events, cfg.draft_jobs, cfg.proposals, cfg.errors,
-                   cfg.cancel):
+    for stream in (cfg.requests, cfg.draft_events, cfg.draft_jobs, cfg.errors, cfg.cancel):
         for raw in garbage:
             r.xadd(stream, {"m": raw})
         r.xadd(stream, {"not-m": b"x"})
-    publish(r, cfg.steps, StepMsg(step=10_000, batch_id=1, events=[["x", "prune", [1]]]))  # out of order
+    run = _wait_formed(cluster)
+    inboxes = Outbox([run.control, *control_addresses(r, cfg, [stage_name(k) for k in range(cluster.stages)])])
+    for raw in garbage:
+        inboxes.send_raw(raw)
+    inboxes.send(StepMsg(step=10_000, batch_id=1, events=[["x", "prune", [1]]], epoch=run.epoch))  # out of order
+    inboxes.send(VerifyMsg(step=10_000, batch_id=1, request_ids=["x"], node_ids=[1], targets=[2], epoch=run.epoch))
+    inboxes.send(CancelMsg(request_id="job0"))  # a valid message of the wrong kind: dropped, not acted on
     _submit(cluster, 0, JOBS[0])
     result = collect(r, cfg, "job0", timeout_s=120)
+    inboxes.close()
     assert result.finished and result.tokens == reference(tiny_dir, *JOBS[0])
     assert all(cluster.running().values()), cluster.running()
+
+
+def _wait_formed(cluster: Cluster, timeout_s: float = 60) -> PipelineRun:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = current_run(cluster.r, cluster.cfg)
+        if run is not None and not not_joined(cluster.r, cluster.cfg, cluster.stages, run.epoch):
+            return run
+        time.sleep(0.1)
+    raise TimeoutError("the pipeline did not form: " + cluster.log("scheduler")[-1500:])
 
 
 @pytest.mark.parametrize(

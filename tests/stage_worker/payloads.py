@@ -1,4 +1,4 @@
-"""Micro-batches whose states hold every bit pattern of their dtype, for the link's tests (CPU, gloo, CUDA)."""
+"""Micro-batches whose states hold every bit pattern of their dtype, for the link's tests (CPU, TCP, CUDA)."""
 
 from __future__ import annotations
 
@@ -55,11 +55,15 @@ class Loopback:
 
 
 def loopback_link(monkeypatch, device: str, dtype: torch.dtype):
-    """(a real ActivationLink in a one-stage group on `device`, its Loopback); close the link after use."""
+    """(a real ActivationLink in a one-stage torch.distributed group on `device`, its Loopback): NCCL on a GPU;
+    on the CPU the same DistWire under gloo (the CPU link itself is TCP); close the link after use."""
     import torch.distributed as dist
 
-    from stage_worker.link import ActivationLink, LinkConfig
+    from stage_worker import link as link_module
+    from stage_worker.link import ActivationLink, DistWire, LinkConfig
 
+    if torch.device(device).type == "cpu":
+        monkeypatch.setattr(link_module, "SocketWire", lambda cfg, store, _: DistWire(cfg, store, "gloo"))
     wire = Loopback()
     link = ActivationLink(LinkConfig(0, 1), torch.device(device), dtype, HIDDEN, dist.HashStore())
     monkeypatch.setattr(dist, "isend", wire.isend)

@@ -1,10 +1,12 @@
 """The rendezvous of a pipeline run: stage 0's store on a free or fixed port, re-hosted at once after a run ends,
 and a wait for missing peers that gives up when the run is no longer wanted. The payload: meta and states of any
-dtype packed as bytes and viewed back bit for bit (two real processes: test_link_gloo.py)."""
+dtype packed as bytes and viewed back bit for bit; a micro-batch over the CPU link's real sockets (two stages in
+one process here; two real processes: test_link_tcp.py)."""
 
 from __future__ import annotations
 
 import gc
+import threading
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch
 from shared.types.errors import ProtocolError
 from specpipe.cluster import free_port
 from stage_worker.link import (
+    ActivationLink,
     LinkConfig,
     RendezvousAbandoned,
     host_store,
@@ -104,7 +107,8 @@ MESSAGES = {
 
 
 @pytest.mark.parametrize("case", list(MESSAGES))
-def test_a_message_is_a_header_and_at_most_one_payload(case, monkeypatch) -> None:
+def test_the_dist_wire_sends_a_header_and_at_most_one_payload(case, monkeypatch) -> None:
+    """The GPU's wire (torch.distributed), here under gloo: test_link_cuda.py runs it under NCCL."""
     dtype, rows = MESSAGES[case]
     link, wire = loopback_link(monkeypatch, "cpu", dtype)
     try:
@@ -116,3 +120,47 @@ def test_a_message_is_a_header_and_at_most_one_payload(case, monkeypatch) -> Non
         link.close()
     assert (got.batch_id, got.rows) == (sent.batch_id, sent.rows)
     assert same_bits(got.hidden, sent.hidden.reshape(rows, HIDDEN))
+
+
+def _link_pair(dtype: torch.dtype) -> tuple[ActivationLink, ActivationLink]:
+    """Stage 0 and stage 1 of one run, in this process, formed at once (each waits for the other's address)."""
+    store, links = torch.distributed.HashStore(), {}
+
+    def form(rank: int) -> None:
+        links[rank] = ActivationLink(LinkConfig(rank, 2, rendezvous_s=10), torch.device("cpu"), dtype, HIDDEN, store)
+
+    threads = [threading.Thread(target=form, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return links[0], links[1]
+
+
+@pytest.mark.parametrize("case", list(MESSAGES))
+def test_a_micro_batch_crosses_the_cpu_link_bit_for_bit(case) -> None:
+    dtype, rows = MESSAGES[case]
+    first, second = _link_pair(dtype)
+    try:
+        assert first.backend == second.backend == "tcp"
+        sent = [batch_of(rows, dtype, seed=s) for s in (0, 1)]
+        for step, batch in enumerate(sent, start=1):  # two steps in flight: they arrive in order
+            first.send(step, batch, SLOTS)
+        got = [second.recv(step + 1, {slot: rid for rid, slot in SLOTS.items()}) for step in (1, 2)]
+    finally:
+        first.close()
+        second.close()
+    for g, s in zip(got, sent):
+        assert (g.batch_id, g.rows) == (s.batch_id, s.rows)
+        assert same_bits(g.hidden, s.hidden.reshape(rows, HIDDEN))
+
+
+def test_a_step_out_of_order_on_the_link_is_a_protocol_error() -> None:
+    first, second = _link_pair(torch.float32)
+    try:
+        first.send(5, batch_of(2, torch.float32), SLOTS)
+        with pytest.raises(ProtocolError, match="got step 5"):
+            second.recv(2, {slot: rid for rid, slot in SLOTS.items()})
+    finally:
+        first.close()
+        second.close()

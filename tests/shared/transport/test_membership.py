@@ -36,9 +36,9 @@ def redis_cfg():
 def test_each_run_gets_a_new_epoch_and_becomes_current(redis_cfg) -> None:
     r, cfg = redis_cfg
     assert current_run(r, cfg) is None
-    first = begin_run(r, cfg, base_step=0)
-    second = begin_run(r, cfg, base_step=57)
-    assert second == PipelineRun(first.epoch + 1, 57) == current_run(r, cfg)
+    first = begin_run(r, cfg, base_step=0, control="tcp://127.0.0.1:5001")
+    second = begin_run(r, cfg, base_step=57, control="tcp://127.0.0.1:5002")
+    assert second == PipelineRun(first.epoch + 1, 57, "tcp://127.0.0.1:5002") == current_run(r, cfg)
     end_run(r, cfg, first)  # not current: nothing happens
     assert current_run(r, cfg) == second
     end_run(r, cfg, second)
@@ -48,11 +48,11 @@ def test_each_run_gets_a_new_epoch_and_becomes_current(redis_cfg) -> None:
 def test_trim_empties_per_run_streams_but_keeps_groups_and_the_queue(redis_cfg) -> None:
     r, cfg = redis_cfg
     ensure_group(r, cfg.draft_jobs, "drafts", "$")
-    for stream in (cfg.steps, cfg.verify, cfg.draft_jobs, cfg.requests):
+    for stream in (cfg.steps, cfg.errors, cfg.draft_jobs, cfg.requests):
         for _ in range(5):
             r.xadd(stream, {"m": b"x"})
     assert trim_old_runs(r, cfg) == 15
-    assert r.xlen(cfg.steps) == r.xlen(cfg.verify) == r.xlen(cfg.draft_jobs) == 0
+    assert r.xlen(cfg.steps) == r.xlen(cfg.errors) == r.xlen(cfg.draft_jobs) == 0
     assert r.xlen(cfg.requests) == 5  # queued requests belong to no run: never trimmed
     assert r.xinfo_groups(cfg.draft_jobs)[0]["name"] == b"drafts"
 

@@ -1,4 +1,4 @@
-"""Two real processes, one link over gloo: micro-batches of float32, bfloat16 and float16 states (and an empty
+"""Two real processes, one CPU link (plain TCP): micro-batches of float32, bfloat16 and float16 states (and an empty
 one) arrive with every row and every bit as sent, through links re-formed per run; stages of different dtypes
 refuse to form one."""
 
