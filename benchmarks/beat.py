@@ -8,8 +8,11 @@ For every (stage processes, policy, concurrent requests), a cluster of null stag
 under specpipe, one n-gram draft worker. The null stages answer every row with its own token, so the n-gram
 draft's proposals are always accepted and specpipe keeps the pipe as full as it can. `requests` requests of
 `tokens` new tokens go in at once. From the scheduler's and stages' timings (benchmarks.wire_overhead), the beat
-is the time from one step's start to the next's over back-to-back steps, and the overhead is beat - S: what a
-step costs beyond its compute (control-path hops, msgpack, the stage link, scheduling, the draft wait).
+is the time from one step's start to the next's over back-to-back steps, and the overhead is the beat minus the
+step's longest forward: what a step costs beyond its compute (control-path hops, msgpack, the stage link,
+scheduling, the draft wait). p50 and p99 are over full steps (every stage had rows); the mean is over every step
+(plain PP with one request has no full step: one stage computes at a time, and the next step goes out while it
+still does, so only the mean means anything there).
 
 Prints a table (p50 / p99 overhead in ms) and, last, `beat overhead p50 X ms p99 Y ms` for 4 stage processes,
 specpipe, 16 requests (the configuration issue 15's goal names), on the machine named in the header.
@@ -51,7 +54,7 @@ def measure(args: argparse.Namespace, stages: int, policy: str, requests: int) -
         commands[stage_name(k)] += ["--null-compute-ms", str(args.compute_ms)]
     rcfg = RedisConfig(args.redis_url, prefix)
     r = connect(rcfg)
-    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(f"/tmp/beat-{name}.log", "w")) for name, cmd in commands.items()]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for cmd in commands.values()]
     try:
         names = [*pipeline_components(stages), *(f"draft-{i}" for i in range(cfg.draft_workers))]
         while not all(alive(r, rcfg, n) for n in names):
@@ -66,30 +69,43 @@ def measure(args: argparse.Namespace, stages: int, policy: str, requests: int) -
     finally:
         stop_processes(procs)
         delete_keys(r, prefix)
-    pairs = [(a, b) for a, b in pairwise(rows) if b.step == a.step + 1]
-    overhead = [1000 * (b.start - a.start) - args.compute_ms for a, b in pairs]
-    return {"stages": stages, "policy": policy, "requests": requests, "steps": len(overhead),
-            "parts_p50_ms": parts(pairs, args.compute_ms),
+    chain = [(a, b) for a, b in pairwise(rows) if b.step == a.step + 1]
+    # p50 / p99 over full steps (every stage had rows: a step of plain PP with one request has one busy stage, and
+    # its successor starts at once while that stage still computes); the mean over every step of the run
+    full = [(a, b) for a, b in chain if min(end - start for start, end in a.compute) >= args.compute_ms / 2000]
+    overhead = [1000 * (b.start - a.start - compute(a)) for a, b in full]
+    mean = 1000 * statistics.fmean([b.start - a.start - compute(a) for a, b in chain]) if chain else None
+    return {"stages": stages, "policy": policy, "requests": requests, "steps": len(chain), "full_steps": len(full),
+            "parts_p50_ms": parts(full),
             "tokens": requests * args.tokens,
             "p50_ms": percentile(overhead, 0.5) if overhead else None,
             "p99_ms": percentile(overhead, 0.99) if overhead else None,
-            "mean_ms": statistics.fmean(overhead) if overhead else None}
+            "mean_ms": mean}
 
 
-def parts(pairs: list, compute_ms: float) -> dict[str, float]:
-    """Where a beat goes, p50 of each part (ms): the scheduler's draft wait, its schedule() and send, the last
-    stage's delivery (the step sent -> its compute starts), the stages' round trip beyond the compute (sent ->
-    verification back, minus S), update_from_output, and the rest of the loop (the shadow's Redis work that
-    outlasted the compute, telemetry) until the next step starts."""
+def compute(step) -> float:
+    """The longest forward of any stage in this step (s)."""
+    return max(end - start for start, end in step.compute)
+
+
+def parts(pairs: list) -> dict[str, float]:
+    """Where a beat goes, p50 of each part (ms): the scheduler's draft wait, its schedule() and send, the delivery
+    (the step sent -> the last stage to start computing starts), the stages' round trip beyond the compute (sent
+    -> verification back, minus the step's longest forward), update_from_output, and the rest of the loop (the
+    shadow's Redis work that outlasted the compute, telemetry) until the next step starts."""
     spans = {
         "draft_wait": [a.wait_end - a.wait_start for a, _ in pairs],
         "schedule_send": [a.published - a.wait_end + a.wait_start - a.start for a, _ in pairs],
         "delivery": [max(c[0] for c in a.compute) - a.published for a, _ in pairs],
-        "stages_beyond_compute": [a.verified - a.published - compute_ms / 1000 for a, _ in pairs],
+        "stages_beyond_compute": [a.verified - a.published - compute(a) for a, _ in pairs],
         "update": [a.end - a.verified for a, _ in pairs],
         "loop": [b.start - a.end for a, b in pairs],
     }
     return {name: round(1000 * percentile(values, 0.5), 3) for name, values in spans.items() if values}
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f} ms"
 
 
 def _warm_up(r, rcfg: RedisConfig) -> int:
@@ -120,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                 for requests in (int(n) for n in args.requests.split(",")):
                     runs.append(measure(args, stages, policy, requests))
                     run = runs[-1]
-                    print(f"{stages} stages {policy:8s} {requests:3d} requests: {run['steps']} steps, overhead "
-                          f"p50 {run['p50_ms']:.2f} ms p99 {run['p99_ms']:.2f} ms; p50 parts {run['parts_p50_ms']}",
+                    print(f"{stages} stages {policy:8s} {requests:3d} requests: {run['steps']} steps "
+                          f"({run['full_steps']} full), overhead p50 {_ms(run['p50_ms'])} p99 {_ms(run['p99_ms'])} "
+                          f"mean {_ms(run['mean_ms'])}; p50 parts {run['parts_p50_ms']}",
                           flush=True)
     finally:
         if redis_proc is not None:
