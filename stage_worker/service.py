@@ -77,8 +77,9 @@ class StageService:
         self.timings: list[str] = []
 
     def run(self, stop_after_idle_s: float | None = None) -> None:
-        publish_control(self.r, self.cfg.redis, self.name, self.inbox.address)  # before joining: the scheduler
-        self.join()                                                            # reads it once every stage has
+        # before joining: the scheduler reads the stages' inboxes once every stage has joined
+        publish_control(self.r, self.cfg.redis, self.name, self.inbox.address)
+        self.join()
         start_heartbeat(self.cfg.redis, self.name)
         w = self.runner.weights
         log.info("%s ready: layers %d-%d of %d (%s on %s), torch %d threads, link %s, run %d", self.name, w.start,

@@ -218,8 +218,9 @@ class Outbox:
         self.connect(list(addresses))
 
     def connect(self, addresses: list[str]) -> None:
-        """Point at these inboxes (a new run's); the connections to the old ones close."""
-        if addresses == self.addresses:
+        """Point at these inboxes (a new run's); the connections to the old ones close. The same inboxes keep
+        their connections, unless one broke (a peer restarted on a fixed port): then all are made again."""
+        if addresses == self.addresses and self.connected:
             return
         self.close()
         self.addresses = list(addresses)
