@@ -280,16 +280,20 @@ class SchedulerService:
         self.events += result.events
 
     def _finish_step(self, result: StepResult) -> None:
-        """A verification's tokens wait for the next step's shadow (or the idle loop); finished requests leave
+        """A verification's tokens wait for the next step's shadow (or the idle loop), except a request's first
+        ones: they go at once (time to first token), before the next step's drafting; finished requests leave
         the scheduler now."""
-        done = set(result.finished)
+        done, first = set(result.finished), False
         for rid, tokens in result.new_tokens.items():
             state = self.scheduler.requests[rid]
             reason = state.finish_reason if rid in done else None
+            first = first or len(state.output) == len(tokens)
             self.unsent.append((self.cfg.redis.out(rid), TokensMsg(request_id=rid, tokens=tokens, finished=rid in done,
                                                                    finish_reason=reason, step=self.scheduler.step)))
         for rid in done:
             self.scheduler.remove(rid)
+        if first:
+            self._flush_tokens()
 
     def _flush_tokens(self, pipe: Pipeline | None = None) -> None:
         """Every verified token not yet published, then the finished requests' ends, in one round trip (the
