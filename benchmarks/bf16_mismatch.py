@@ -27,8 +27,10 @@ PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts" / 
 
 
 def decode(model: str, policy: str, stages: int, dtype: str, prompt: list[int], tokens: int) -> list[int]:
+    # exact numerics: specpipe equals plain decoding row for row whatever its micro-batches (fast mode's GEMMs
+    # follow the micro-batch, and speculation chunks a prompt over the stages, so in bf16 a near-tie can flip)
     cfg = SimulationConfig(model, "ngram", PolicyConfig(policy, stages, 4),
-                           EngineConfig(max_new_tokens=tokens, dtype=dtype))
+                           EngineConfig(max_new_tokens=tokens, dtype=dtype, numerics="exact"))
     pipe = build_pipeline(cfg)[0]
     return pipe.generate(Request("m", tuple(prompt), SamplingParams(), tokens)).output
 

@@ -209,5 +209,6 @@ def provenance(cfg: MeasureConfig, what: str) -> dict:
         "method": (f"random weights of the real shapes; {cfg.layers} layers built and timed, per-layer time = "
                    f"total / {cfg.layers}; median of {cfg.repeats} forwards after a warm-up; "
                    "speculative sibling rows over a committed context filled first; "
-                   "transfer = the stage link's send/recv of [n, hidden] + metadata between two processes (TCP on CPU, NCCL on GPUs)"),
+                   "transfer = the stage link's send/recv of [n, hidden] + metadata between two processes "
+                   "(TCP on CPU, NCCL on GPUs)"),
     }

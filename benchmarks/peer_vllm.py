@@ -558,8 +558,8 @@ def load_markdown(results: dict) -> list[str]:
         c, ttft, tbt = level["concurrency"], level["ttft_s"] or {}, level["tbt_s"] or {}
         same = "ref" if name == agree.get("reference") else f"{(agree.get(name) or {}).get(c, '-')}/{level['requests']}"
         lines.append(f"| {c} | {name} | {_num(level['tokens_per_s'], 1)} | {_num(ttft.get('p50'), 0, 1e3)} / "
-                     f"{_num(ttft.get('p99'), 0, 1e3)} | {_num(tbt.get('p50'), 1, 1e3)} / {_num(tbt.get('p99'), 1, 1e3)} "
-                     f"| {level['failed']} | {same} |")
+                     f"{_num(ttft.get('p99'), 0, 1e3)} | {_num(tbt.get('p50'), 1, 1e3)} / "
+                     f"{_num(tbt.get('p99'), 1, 1e3)} | {level['failed']} | {same} |")
     return lines
 
 

@@ -49,6 +49,7 @@ class Phase(enum.Enum):
 
 
 DEPTH_BINS = 16  # accepted tokens are counted by depth 0..15 below the last bonus token (15 = 15 or deeper)
+MIN_PREFILL_ROWS = 16  # a prompt is split over the stages only into chunks of at least this many rows
 
 
 @dataclass
@@ -276,7 +277,7 @@ class Scheduler:
     def _prefill_rows(self, state: RequestState, budget: int) -> list[Row]:
         prompt, rid = state.request.prompt, state.request.request_id
         start = state.prefill_sent
-        end = min(len(prompt), start + self.engine.prefill_chunk, start + budget)
+        end = min(len(prompt), start + self._prefill_chunk(state), start + budget)
         if start >= end:
             return []
         state.prefill_sent = end
@@ -284,6 +285,15 @@ class Scheduler:
             Row(rid, -(p + 2), -(p + 1), p, prompt[p], committed=True, needs_target=p == len(prompt) - 1)
             for p in range(start, end)
         ]
+
+    def _prefill_chunk(self, state: RequestState) -> int:
+        """Rows per prefill micro-batch of this prompt: at most `prefill_chunk`, in equal chunks, and at least one
+        chunk per stage where each would keep MIN_PREFILL_ROWS rows, so that the stages compute a prompt's chunks
+        at once (pipelined prefill: a 2-stage pipeline takes 1.5 stage-times of a prompt instead of 2). Exact
+        numerics tile prompt rows by position, so the chunking never changes a token."""
+        n, stages = len(state.request.prompt), self.policy_of(state.request).stages
+        chunks = max(-(-n // self.engine.prefill_chunk), min(stages, n // MIN_PREFILL_ROWS))
+        return -(-n // max(chunks, 1))
 
     def _refill_rows(self, state: RequestState, width: int, budget: int) -> list[Row]:
         root = state.tree[state.frontier]

@@ -5,10 +5,10 @@ One pipeline step per iteration, the beat first and Redis in its shadow:
      miss's refill levels, drafted round by round as the in-process executor drafts them (scheduler/drafts.py),
   2. schedule() and send the StepMsg (the last verification's events, admitted requests, stage 0's rows) to
      every stage over the control path (shared/transport/control.py),
-  3. while the stages compute: publish the last step's tokens, the drafts' events and the jobs that expand
-     the level just sent, read new requests (consumer group: a request is acknowledged only when it finished
-     or failed), cancellations and stage errors; admit those whose KV fits, refuse past the queue limit
-     (scheduler/admission.py); telemetry,
+  3. while the stages compute: publish the last step's tokens (a request's first ones went out at once, for
+     its time to first token), the drafts' events and the jobs that expand the level just sent, read new
+     requests (consumer group: a request is acknowledged only when it finished or failed), cancellations and
+     stage errors; admit those whose KV fits, refuse past the queue limit (scheduler/admission.py); telemetry,
   4. wait for the last stage's VerifyMsg of this step on the control inbox, verify.
 So a beat costs schedule(), one send, the stages' compute and one receive: no Redis round trip. A lost stage
 fails the in-flight requests and begins a new pipeline run (scheduler/pipeline.py); steps go out only while

@@ -7,20 +7,23 @@ ProtocolError on anything else, so a malformed message is logged and dropped
 by the receiver instead of crashing it. Nothing is ever pickled. No torch
 import here: the gateway uses these types without torch.
 
-Streams and who writes them (the documented router/shard contract):
+Streams, inboxes and who writes them (the documented router/shard contract):
     requests        gateway -> scheduler     RequestMsg
-    steps           scheduler -> stages      StepMsg (one per pipeline step)
+    (control path)  scheduler -> stages      StepMsg (one per pipeline step, to each stage's inbox; a trace on the
+                                             `steps` stream with --trace-steps)
     draft_events    scheduler -> drafts      DraftEventsMsg (a step's events, before the jobs that need them)
-    verify          last stage -> scheduler  VerifyMsg
+    (control path)  last stage -> scheduler  VerifyMsg (to the scheduler's inbox)
     draft_jobs      scheduler -> drafts      ExpansionJobMsg
-    proposals       drafts -> scheduler      ProposalsMsg
+    (control path)  drafts -> scheduler      ProposalsMsg (to the scheduler's inbox)
     errors          stages -> scheduler      StageErrorMsg
     cancel          gateway -> scheduler     CancelMsg
     out:{request}   scheduler -> gateway     TokensMsg
     occupancy       scheduler -> gateway     OccupancyMsg (the dashboard's stage x step grid)
     stats (a key)   scheduler -> gateway     SchedulerStatsMsg (overwritten; metrics and dashboard)
-Stage k -> stage k+1 activations travel over torch.distributed: LinkHeader and
-LinkRow below describe the int64 tensors that precede the hidden states.
+The control path (shared/transport/control.py) carries the same bytes as a stream
+entry's "m" field, one message per frame. Stage k -> stage k+1 activations travel
+over NCCL (GPUs) or a TCP inbox (CPUs): LinkHeader and LinkRow below describe the
+int64 values that precede the hidden states.
 """
 
 from __future__ import annotations
