@@ -112,7 +112,8 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--refill-depth", type=int, default=None, help="default: stages - 1")
     p.add_argument("--branch", type=int, default=4)
-    p.add_argument("--prefill-chunk", type=int, default=64)
+    p.add_argument("--prefill-chunk", type=int, default=64,
+                   help="most prompt rows per prefill micro-batch; a shorter prompt goes in one chunk per stage")
     p.add_argument("--token-budget", type=int, default=256)
 
 

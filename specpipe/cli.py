@@ -50,7 +50,8 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--prompts", type=Path, help="JSONL file with a 'turns' list per line")
     p.add_argument("--limit", type=int)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--prefill-chunk", type=int, default=64)
+    p.add_argument("--prefill-chunk", type=int, default=64,
+                   help="most prompt rows per prefill micro-batch; a shorter prompt goes in one chunk per stage")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
