@@ -28,7 +28,6 @@ class PipelineWatch:
         # the stages' control inboxes in this run, read when it formed; the last stage's first: a StepMsg goes out
         # in this order, and the last stage's output is the one the next step waits for
         self.stage_inboxes: list[str] = []
-        self.fresh = False  # formed since formed_now() last said so
         self.checked = 0.0  # when an idle pipeline was last checked
 
     def begin(self, base_step: int) -> None:
@@ -46,14 +45,8 @@ class PipelineWatch:
             if self.formed:
                 last_first = [stage_name(k) for k in reversed(range(self.stages))]
                 self.stage_inboxes = control_addresses(self.r, self.cfg, last_first)
-                self.fresh = True
                 log.info("scheduler: run %d formed (steps from %d)", self.run.epoch, self.run.base_step + 1)
         return self.formed
-
-    def formed_now(self) -> bool:
-        """True once per run, at its first step: the stages' inboxes are new."""
-        fresh, self.fresh = self.fresh, False
-        return fresh
 
     def lost(self) -> list[int]:
         """Stages whose heartbeat stopped."""

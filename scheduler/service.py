@@ -144,8 +144,7 @@ class SchedulerService:
 
     def step(self) -> None:
         start, epoch = time.monotonic(), self.pipeline.run.epoch
-        if self.pipeline.formed_now():  # the run's stages and their inboxes: connect once per run
-            self.stages.connect(self.pipeline.stage_inboxes)
+        self.stages.connect(self.pipeline.stage_inboxes)  # a new run's inboxes, or a broken connection: made again
         self.drafts.publish_events(epoch, self.scheduler.step + 1, self.events)
         wait_span = self.drafts.draft(epoch)
         self.telemetry.events_known(self.events, drained=False)
