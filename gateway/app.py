@@ -33,8 +33,8 @@ def build_state(cfg: GatewayConfig) -> GatewayState:
     codec = TextCodec(model_dir)
     queue = AsyncQueue(cfg.redis, cfg.stages, cfg.redis_pool_size)
     records, admission = RecordBook(cfg.record_limit), Admission(cfg.max_inflight)
-    metrics = Metrics(cfg.model_name, lambda: records.count(RUNNING), lambda: records.count(QUEUED),
-                      lambda: admission.inflight)
+    metrics = Metrics(cfg.model_name, cfg.max_prompt_tokens, lambda: records.count(RUNNING),
+                      lambda: records.count(QUEUED), lambda: admission.inflight)
     engine = Engine(cfg, codec, queue, records, metrics)
     return GatewayState(cfg, codec, queue, records, metrics, engine, admission)
 

@@ -47,7 +47,8 @@ async def data(gw: GatewayState = Depends(get_state)) -> dict:
         "time": time.time(), "model": gw.cfg.model_name, "stages": gw.cfg.stages, "exact": gw.cfg.exact_output,
         "gateway": {
             "queued": gw.records.count(QUEUED), "running": gw.records.count(RUNNING),
-            "generation_tokens": m.generation_tokens, "prompt_tokens": m.prompt_tokens, "finished": dict(m.success),
+            "generation_tokens": int(m.total("vllm:generation_tokens_total")),
+            "prompt_tokens": int(m.total("vllm:prompt_tokens_total")), "finished": m.ended(),
             "latency": {name: h.recent.percentiles() for name, h in
                         (("ttft", m.ttft), ("itl", m.itl), ("e2e", m.e2e), ("queue", m.queue))},
         },

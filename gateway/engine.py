@@ -25,7 +25,7 @@ from gateway.metrics import Metrics
 from gateway.outstreams import Subscription
 from gateway.prompts import GenerationSpec
 from gateway.queue import AsyncQueue, QueueError
-from gateway.records import FINISHED, QUEUED, RUNNING, RecordBook, RequestRecord
+from gateway.records import FINISHED, RUNNING, RecordBook, RequestRecord
 from gateway.textstream import TextAssembler
 from shared.wire.messages import RequestMsg, SamplingFields, TokensMsg
 
@@ -52,6 +52,8 @@ class _Run:
     last_tokens_at: float | None = None
     last_id: str = "0"
     done: bool = False
+    first_seen: bool = False  # an out-stream message arrived: the scheduler has read the request
+    queue_timed: bool = False
 
 
 def outcome_error(update: Update, cfg: GatewayConfig, request_id: str) -> APIError | None:
@@ -65,6 +67,9 @@ def outcome_error(update: Update, cfg: GatewayConfig, request_id: str) -> APIErr
                         headers=headers)
     if update.finish_reason == "timeout":
         return APIError(504, update.error or "request timed out", code="timeout", headers=headers)
+    if update.finish_reason == "cancelled":  # by POST /v1/requests/{id}/cancel: OpenAI has no finish_reason for it
+        return APIError(499, "the request was cancelled before it completed", code="request_cancelled",
+                        headers=headers)
     return None
 
 
@@ -80,16 +85,16 @@ class Engine:
             if missing:
                 raise APIError(503, f"the pipeline is not ready: no heartbeat from {', '.join(missing)}",
                                code="not_ready")
-            await self.queue.submit(RequestMsg(
+            entry_id = await self.queue.submit(RequestMsg(
                 request_id=request_id, prompt_ids=list(spec.prompt_ids), max_new_tokens=spec.max_tokens,
                 sampling=SamplingFields(spec.temperature, spec.top_p, spec.top_k, spec.seed),
                 stop_ids=list(self.codec.eos_ids), policy=spec.policy, width=spec.width, arrival=time.time()))
         except QueueError as exc:
             log.warning("submit %s: redis error: %s", request_id, exc)
             raise APIError(503, "the request queue is not reachable", code="queue_unavailable") from exc
-        record = RequestRecord(request_id, self.cfg.model_name, len(spec.prompt_ids))
+        record = RequestRecord(request_id, self.cfg.model_name, len(spec.prompt_ids), entry_id=entry_id)
         self.records.add(record)
-        self.metrics.prompt_tokens += len(spec.prompt_ids)
+        self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
         return record
 
     async def updates(self, record: RequestRecord, spec: GenerationSpec,
@@ -134,6 +139,8 @@ class Engine:
                 yield update
                 if update.finished:
                     return
+                if run.first_seen and not run.queue_timed:  # after the first tokens went out, not before
+                    await self._time_queue(run)
 
     def entry_received(self, entry_id: str) -> None:
         """Called with each out-stream entry's stream id just before the entry is applied and its update
@@ -142,8 +149,7 @@ class Engine:
     async def _apply(self, run: _Run, msg: TokensMsg) -> Update:
         """Fold one TokensMsg into the run: record, metrics, text delta; end it on finish or a stop string."""
         now, record = time.monotonic(), run.record
-        if record.status == QUEUED:
-            self.metrics.queue.observe(now - run.started)
+        run.first_seen = True
         if msg.tokens:
             if run.last_tokens_at is None:
                 self.metrics.ttft.observe(now - run.started)
@@ -151,7 +157,7 @@ class Engine:
             else:
                 self.metrics.observe_tokens(now - run.last_tokens_at, len(msg.tokens))
             run.last_tokens_at = now
-            self.metrics.generation_tokens += len(msg.tokens)
+            self.metrics.generation_tokens.inc(len(msg.tokens))
             record.tokens.extend(msg.tokens)
         delta = run.text.add(msg.tokens, msg.finished)
         record.text = run.text.text
@@ -164,13 +170,29 @@ class Engine:
             return Update(delta, len(msg.tokens), True, reason, msg.error)
         return Update(delta, len(msg.tokens))
 
+    async def _time_queue(self, run: _Run) -> None:
+        """Queue time: the request's XADD -> the scheduler's read of it (its first scheduler event that Redis
+        timestamps; with KV room the scheduler admits it in the same pass). The scheduler publishes no admission
+        time, so a wait for KV room after the read is not counted; a request the scheduler has acknowledged by
+        then (it ended, e.g. within its first message) gives no sample."""
+        run.queue_timed = True
+        if run.record.entry_id is None:
+            return
+        try:
+            seconds = await self.queue.queue_time(run.record.entry_id)
+        except QueueError as exc:
+            log.warning("request %s: could not read its queue time: %s", run.record.request_id, exc)
+            return
+        if seconds is not None:
+            self.metrics.queue.observe(seconds)
+
     async def _end(self, run: _Run, reason: str, error: str | None, cancel: bool) -> Update:
         """Mark the run finished (record, metrics); optionally cancel it in the pipeline."""
         run.done = True
         record = run.record
         record.status, record.finish_reason, record.error = FINISHED, reason, error
         self.metrics.e2e.observe(time.monotonic() - run.started)
-        self.metrics.finished(reason)
+        self.metrics.finished(reason, record.prompt_tokens, len(record.tokens))
         try:
             if cancel:
                 await self.queue.cancel(record.request_id)

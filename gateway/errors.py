@@ -2,7 +2,8 @@
 
 Every error a user can cause or meet goes through APIError; FastAPI's validation
 errors (malformed JSON, wrong types) become 400s in the same shape; Starlette's
-HTTP errors (unknown route, wrong method) keep their status; anything else is
+HTTP errors (unknown route, wrong method) keep their status (a 405's Allow lists
+every method of the path, not only the first route's); anything else is
 logged with its traceback and answered with a clean 500 that leaks nothing.
 """
 
@@ -16,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("gateway")
 
@@ -66,6 +68,16 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route of the app accepts on this path (Starlette's 405 names only the first route's)."""
+    routes = request.app.routes
+    return ", ".join(m for m in METHODS
+                     if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that turn every failure into an OpenAI error object."""
 
@@ -79,9 +91,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, message, "invalid_request_error", param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = _TYPES.get(exc.status_code, "server_error" if exc.status_code >= 500 else "invalid_request_error")
-        return error_response(exc.status_code, str(exc.detail), kind, None, None, getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
+        return error_response(exc.status_code, str(exc.detail), kind, None, None, headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

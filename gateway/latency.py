@@ -27,14 +27,14 @@ import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.engine import Engine
-from gateway.metrics import Histogram, Metrics
+from gateway.metrics import Metrics
 from gateway.prompts import GenerationSpec
 from gateway.records import RequestRecord
 from gateway.state import GatewayState
-from shared.wire.messages import SchedulerStatsMsg
 
 NAME = "specpipe:gateway_added_latency_seconds"
 BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
@@ -56,32 +56,23 @@ CURRENT: ContextVar[RequestTiming | None] = ContextVar("specpipe_request_timing"
 
 
 class AddedLatency:
-    """The three histograms; `render` gives one Prometheus family with a `component` label."""
+    """The three histograms: one Prometheus family with a `component` label, in the metrics' registry."""
 
-    def __init__(self) -> None:
-        self.hist = {c: Histogram(NAME, "Latency the gateway and Redis add to a request, by component (seconds).",
-                                  BUCKETS) for c in COMPONENTS}
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]):
+        family = Histogram(NAME, "Latency the gateway and Redis add to a request, by component (seconds).",
+                           [*labels, "component"], registry=registry, buckets=BUCKETS)
+        self.hist = {c: family.labels(**labels, component=c) for c in COMPONENTS}
 
     def observe(self, component: str, seconds: float) -> None:
         self.hist[component].observe(max(seconds, 0.0))
-
-    def render(self, labels: dict[str, str]) -> list[str]:
-        lines: list[str] = []
-        for i, c in enumerate(COMPONENTS):
-            part = self.hist[c].render({**labels, "component": c})
-            lines += part if i == 0 else part[2:]  # HELP / TYPE once per family
-        return lines
 
 
 class InstrumentedMetrics(Metrics):
     """Metrics plus the added-latency histogram family."""
 
     def __init__(self, base: Metrics):
-        super().__init__(base.labels["model_name"], base.running, base.waiting, base.inflight)
-        self.added = AddedLatency()
-
-    def render(self, stats: SchedulerStatsMsg | None = None) -> str:
-        return super().render(stats) + "\n".join(self.added.render(self.labels)) + "\n"
+        super().__init__(base.model_name, base.max_model_len, base.running, base.waiting, base.inflight)
+        self.added = AddedLatency(self.registry, self.own_labels)
 
 
 class TimedEngine(Engine):

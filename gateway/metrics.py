@@ -1,28 +1,37 @@
-"""Prometheus text exposition (format 0.0.4) with vLLM's metric names, written by hand.
+"""The gateway's Prometheus metrics, kept by prometheus-client in a CollectorRegistry of their own (one per app).
 
-Every series carries model_name="<served model>" as vLLM's do. Histograms
-follow vLLM's buckets. Latencies are measured in the gateway:
-  time to first token   submission -> first out-stream message with tokens
-  inter-token latency   gap between token groups, spread evenly over the group's tokens
-                        (also exported as vllm:time_per_output_token_seconds)
-  e2e request latency   submission -> finished
-  request queue time    submission -> first out-stream message (upper bound: includes prefill;
-                        the scheduler does not publish its admission time)
-Speculation and pipeline series come from the scheduler's stats snapshot
-(SchedulerStatsMsg), vLLM's spec-decode names plus SpecPipe's own:
+vLLM's series carry vLLM's names, buckets and labels (model_name="<served model>", engine="0"):
+  vllm:num_requests_running / _waiting         gauges: this gateway's requests with tokens / without any yet
+  vllm:prompt_tokens_total, vllm:generation_tokens_total
+  vllm:request_prompt_tokens, vllm:request_generation_tokens   histograms, per request that ran
+  vllm:request_success_total{finished_reason}  stop | length | abort (cancelled, timed out) | error
+  vllm:time_to_first_token_seconds             submission -> first out-stream message with tokens
+  vllm:inter_token_latency_seconds             gap between token groups, spread evenly over the group's tokens
+                                               (also exported as vllm:time_per_output_token_seconds)
+  vllm:e2e_request_latency_seconds             submission -> finished
+  vllm:request_queue_time_seconds              XADD of the request -> the scheduler's read of it (gateway/engine.py)
   vllm:spec_decode_num_drafts_total, _num_draft_tokens_total, _num_accepted_tokens_total,
-  _num_accepted_tokens_per_pos_total{position}  (position = depth below the last bonus token)
-  specpipe:pipeline_steps_total, specpipe:tokens_per_step, specpipe:stage_busy_fraction{stage},
-  specpipe:pruned_nodes_total, specpipe:computed_rows_total{fate="useful"|"wasted"},
-  specpipe:scheduler_queue_depth
+  _num_accepted_tokens_per_pos_total{position} (position = depth below the last bonus token)
+SpecPipe's own (label model_name):
+  specpipe:requests_ended_total{reason}        the gateway's reasons: stop, length, cancelled, timeout, error,
+                                               queue_full
+  specpipe:gateway_inflight_requests, specpipe:pipeline_steps_total, specpipe:tokens_per_step,
+  specpipe:stage_busy_fraction{stage}, specpipe:pruned_nodes_total, specpipe:computed_rows_total{fate},
+  specpipe:scheduler_queue_depth (and specpipe:gateway_added_latency_seconds, gateway/latency.py)
+The speculation and pipeline series come from the scheduler's stats snapshot (SchedulerStatsMsg), given to
+`exposition` at scrape time; without a fresh one they are left out. There is no vllm:kv_cache_usage_perc: no
+process publishes its KV use (the scheduler's KV budget stays in its memory).
 """
 
 from __future__ import annotations
 
-import bisect
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 
 from shared.wire.messages import SchedulerStatsMsg
 
@@ -32,18 +41,20 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                40.0, 80.0)
 REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                    240.0, 480.0, 960.0, 1920.0, 7680.0)
+VLLM_REASONS = ("stop", "length", "abort", "error")
+TO_VLLM = {"stop": "stop", "length": "length", "cancelled": "abort", "timeout": "abort", "error": "error"}
+GATEWAY_REASONS = ("stop", "length", "cancelled", "timeout", "error", "queue_full")
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(labels: dict[str, str]) -> str:
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}" if labels else ""
-
-
-def _num(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else repr(float(v))
+def token_buckets(max_value: int) -> list[int]:
+    """vLLM's 1-2-5 buckets up to max_value (the context length) for per-request token counts."""
+    buckets, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_value:
+                return buckets
+            buckets.append(m * scale)
+        scale *= 10
 
 
 class RecentWindow:
@@ -64,106 +75,166 @@ class RecentWindow:
         return {f"p{q:g}": values[min(len(values) - 1, int(q / 100 * len(values)))] if values else None for q in qs}
 
 
-class Histogram:
-    def __init__(self, name: str, help: str, buckets: Sequence[float]):
-        self.name, self.help, self.buckets = name, help, tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
-        self.sum, self.count = 0.0, 0
-        self.recent = RecentWindow()
+class Timing:
+    """Histograms (one or more names for the same samples) and the recent window the dashboard reads."""
+
+    def __init__(self, *children):
+        self.children, self.recent = children, RecentWindow()
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
+        for child in self.children:
+            child.observe(value)
         self.recent.add(value, time.monotonic())
 
-    def render(self, labels: dict[str, str], name: str | None = None) -> list[str]:
-        name = name or self.name
-        lines = [f"# HELP {name} {self.help}", f"# TYPE {name} histogram"]
-        cumulative = 0
-        for bound, n in zip((*self.buckets, float("inf")), self.counts):
-            cumulative += n
-            le = "+Inf" if bound == float("inf") else repr(float(bound))
-            lines.append(f"{name}_bucket{_labels({**labels, 'le': le})} {cumulative}")
-        lines.append(f"{name}_sum{_labels(labels)} {_num(self.sum)}")
-        lines.append(f"{name}_count{_labels(labels)} {self.count}")
-        return lines
+
+class SchedulerSeries:
+    """A collector of the scheduler's snapshot: `stats` is set for the duration of one exposition."""
+
+    def __init__(self, vllm_labels: dict[str, str], own_labels: dict[str, str]):
+        self.vllm, self.own = vllm_labels, own_labels
+        self.stats: SchedulerStatsMsg | None = None
+
+    def describe(self) -> list[Metric]:
+        return []  # the names vary with the snapshot; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.stats
+        if st is None:
+            return
+        yield self._one(CounterMetricFamily, "vllm:spec_decode_num_drafts", "Speculative levels sent.", st.drafts)
+        yield self._one(CounterMetricFamily, "vllm:spec_decode_num_draft_tokens", "Draft tokens sent into the pipe.",
+                        st.draft_tokens)
+        yield self._one(CounterMetricFamily, "vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                        st.accepted)
+        yield self._by(CounterMetricFamily, "vllm:spec_decode_num_accepted_tokens_per_pos",
+                       "Accepted draft tokens by depth below the last bonus token.", "position",
+                       dict(enumerate(st.accepted_per_depth)), self.vllm)
+        yield from self._pipeline(st)
+
+    def _pipeline(self, st: SchedulerStatsMsg) -> Iterator[Metric]:
+        own = self.own
+        yield self._one(CounterMetricFamily, "specpipe:pipeline_steps", "Pipeline steps.", st.steps, own)
+        yield self._one(GaugeMetricFamily, "specpipe:tokens_per_step", "Tokens generated per pipeline step.",
+                        st.tokens / st.steps if st.steps else 0.0, own)
+        yield self._by(GaugeMetricFamily, "specpipe:stage_busy_fraction",
+                       "Fraction of pipeline steps in which the stage had rows to compute.", "stage",
+                       dict(enumerate(st.stage_busy)), own)
+        yield self._one(CounterMetricFamily, "specpipe:pruned_nodes", "Tree nodes pruned.", st.pruned, own)
+        yield self._by(CounterMetricFamily, "specpipe:computed_rows", "Rows computed over all stages, by fate.",
+                       "fate", {"useful": st.useful_rows, "wasted": st.wasted_rows}, own)
+        yield self._one(GaugeMetricFamily, "specpipe:scheduler_queue_depth", "Requests waiting for KV room.",
+                        st.num_waiting, own)
+
+    def _one(self, kind, name: str, help: str, value: float, labels: dict[str, str] | None = None) -> Metric:
+        labels = self.vllm if labels is None else labels
+        family = kind(name, help, labels=list(labels))
+        family.add_metric(list(labels.values()), value)
+        return family
+
+    @staticmethod
+    def _by(kind, name: str, help: str, label: str, values: dict, labels: dict[str, str]) -> Metric:
+        family = kind(name, help, labels=[*labels, label])
+        for key, value in values.items():
+            family.add_metric([*labels.values(), str(key)], value)
+        return family
 
 
 class Metrics:
-    """The gateway's counters and histograms; gauges are read from callables at scrape time."""
+    """The gateway's series in `registry`; gauges read their callables at scrape time."""
 
-    def __init__(self, model_name: str, running: Callable[[], int], waiting: Callable[[], int],
+    def __init__(self, model_name: str, max_model_len: int, running: Callable[[], int], waiting: Callable[[], int],
                  inflight: Callable[[], int] = lambda: 0):
-        self.labels = {"model_name": model_name}
+        self.model_name, self.max_model_len = model_name, max_model_len
         self.running, self.waiting, self.inflight = running, waiting, inflight
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token in seconds.", TTFT_BUCKETS)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Inter-token latency in seconds.", ITL_BUCKETS)
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency in seconds.",
-                             REQUEST_BUCKETS)
-        self.queue = Histogram("vllm:request_queue_time_seconds",
-                               "Time from submission to the first output message, in seconds.", REQUEST_BUCKETS)
-        self.success: dict[str, int] = {}
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
+        self.registry = CollectorRegistry()
+        self.labels = {"model_name": model_name, "engine": "0"}  # vLLM's label set
+        self.own_labels = {"model_name": model_name}
+        self._gauges()
+        self._latencies()
+        self._tokens()
+        self._reasons()
+        self.scheduler = SchedulerSeries(self.labels, self.own_labels)
+        self.registry.register(self.scheduler)
+
+    def _family(self, kind, name: str, help: str, extra: Sequence[str] = (), own: bool = False, **kwargs):
+        labels = self.own_labels if own else self.labels
+        return kind(name, help, [*labels, *extra], registry=self.registry, **kwargs)
+
+    def _child(self, kind, name: str, help: str, own: bool = False, **kwargs):
+        return self._family(kind, name, help, own=own, **kwargs).labels(**(self.own_labels if own else self.labels))
+
+    def _gauges(self) -> None:
+        self._child(Gauge, "vllm:num_requests_running", "Requests generating tokens.").set_function(self.running)
+        self._child(Gauge, "vllm:num_requests_waiting", "Requests submitted, no token yet.").set_function(
+            self.waiting)
+        self._child(Gauge, "specpipe:gateway_inflight_requests",
+                    "Generation requests in this gateway (its --max-inflight counts these).",
+                    own=True).set_function(self.inflight)
+
+    def _latencies(self) -> None:
+        h = Histogram
+        self.ttft = Timing(self._child(h, "vllm:time_to_first_token_seconds",
+                                       "Histogram of time to first token in seconds.", buckets=TTFT_BUCKETS))
+        self.itl = Timing(self._child(h, "vllm:inter_token_latency_seconds",
+                                      "Histogram of inter-token latency in seconds.", buckets=ITL_BUCKETS),
+                          self._child(h, "vllm:time_per_output_token_seconds",
+                                      "Histogram of time per output token in seconds.", buckets=ITL_BUCKETS))
+        self.e2e = Timing(self._child(h, "vllm:e2e_request_latency_seconds",
+                                      "Histogram of e2e request latency in seconds.", buckets=REQUEST_BUCKETS))
+        self.queue = Timing(self._child(h, "vllm:request_queue_time_seconds",
+                                        "Histogram of time spent in WAITING phase for request.",
+                                        buckets=REQUEST_BUCKETS))
+
+    def _tokens(self) -> None:
+        buckets = token_buckets(max(self.max_model_len, 1))
+        self.prompt_tokens = self._child(Counter, "vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = self._child(Counter, "vllm:generation_tokens",
+                                             "Number of generation tokens processed.")
+        self.request_prompt = self._child(Histogram, "vllm:request_prompt_tokens",
+                                          "Number of prefill tokens processed.", buckets=buckets)
+        self.request_generation = self._child(Histogram, "vllm:request_generation_tokens",
+                                              "Number of generation tokens processed.", buckets=buckets)
+
+    def _reasons(self) -> None:
+        success = self._family(Counter, "vllm:request_success", "Count of successfully processed requests.",
+                               ["finished_reason"])
+        self.success = {r: success.labels(**self.labels, finished_reason=r) for r in VLLM_REASONS}
+        ended = self._family(Counter, "specpipe:requests_ended", "Requests ended, by the gateway's reason.",
+                             ["reason"], own=True)
+        self.ended_by = {r: ended.labels(**self.own_labels, reason=r) for r in GATEWAY_REASONS}
+        self._ended_family = ended
 
     def observe_tokens(self, gap_s: float, n: int) -> None:
         """A group of n tokens arrived gap_s after the previous group."""
         for _ in range(n):
             self.itl.observe(gap_s / n)
 
-    def finished(self, reason: str) -> None:
-        self.success[reason] = self.success.get(reason, 0) + 1
+    def finished(self, reason: str, prompt_tokens: int = 0, generation_tokens: int = 0) -> None:
+        """A request ended for `reason` (the gateway's); a refused one (queue_full) counts in no vLLM series."""
+        if reason not in self.ended_by:
+            self.ended_by[reason] = self._ended_family.labels(**self.own_labels, reason=reason)
+        self.ended_by[reason].inc()
+        if reason in TO_VLLM:
+            self.success[TO_VLLM[reason]].inc()
+            self.request_prompt.observe(prompt_tokens)
+            self.request_generation.observe(generation_tokens)
 
-    def render(self, stats: SchedulerStatsMsg | None = None) -> str:
-        """The exposition; scheduler series only when a fresh stats snapshot is given."""
-        lines: list[str] = []
-        for hist in (self.ttft, self.itl, self.e2e, self.queue):
-            lines += hist.render(self.labels)
-        lines += self.itl.render(self.labels, "vllm:time_per_output_token_seconds")
-        lines += ["# HELP vllm:request_success_total Finished requests by finish reason.",
-                  "# TYPE vllm:request_success_total counter"]
-        for reason, n in sorted(self.success.items()):
-            lines.append(f"vllm:request_success_total{_labels({**self.labels, 'finished_reason': reason})} {n}")
-        lines += self._scalar("vllm:num_requests_running", "gauge", "Requests generating tokens.", self.running())
-        lines += self._scalar("vllm:num_requests_waiting", "gauge", "Requests submitted, no token yet.",
-                              self.waiting())
-        lines += self._scalar("specpipe:gateway_inflight_requests", "gauge",
-                              "Generation requests in this gateway (its --max-inflight counts these).", self.inflight())
-        lines += self._scalar("vllm:prompt_tokens_total", "counter", "Prompt tokens submitted.", self.prompt_tokens)
-        lines += self._scalar("vllm:generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens)
-        if stats is not None:
-            lines += self._scheduler_series(stats)
-        return "\n".join(lines) + "\n"
+    def total(self, name: str) -> float:
+        """A counter's value in this registry (the dashboard's totals)."""
+        return self.registry.get_sample_value(name, self.labels) or 0.0
 
-    def _scheduler_series(self, st: SchedulerStatsMsg) -> list[str]:
-        lines = self._scalar("vllm:spec_decode_num_drafts_total", "counter", "Speculative levels sent.", st.drafts)
-        lines += self._scalar("vllm:spec_decode_num_draft_tokens_total", "counter", "Draft tokens sent into the pipe.",
-                              st.draft_tokens)
-        lines += self._scalar("vllm:spec_decode_num_accepted_tokens_total", "counter", "Draft tokens accepted.",
-                              st.accepted)
-        lines += self._labelled("vllm:spec_decode_num_accepted_tokens_per_pos_total", "counter",
-                                "Accepted draft tokens by depth below the last bonus token.", "position",
-                                st.accepted_per_depth)
-        lines += self._scalar("specpipe:pipeline_steps_total", "counter", "Pipeline steps.", st.steps)
-        lines += self._scalar("specpipe:tokens_per_step", "gauge", "Tokens generated per pipeline step.",
-                              st.tokens / st.steps if st.steps else 0.0)
-        lines += self._labelled("specpipe:stage_busy_fraction", "gauge",
-                                "Fraction of pipeline steps in which the stage had rows to compute.", "stage",
-                                st.stage_busy)
-        lines += self._scalar("specpipe:pruned_nodes_total", "counter", "Tree nodes pruned.", st.pruned)
-        lines += self._labelled("specpipe:computed_rows_total", "counter",
-                                "Rows computed over all stages, by fate.", "fate",
-                                {"useful": st.useful_rows, "wasted": st.wasted_rows})
-        lines += self._scalar("specpipe:scheduler_queue_depth", "gauge", "Requests waiting for KV room.",
-                              st.num_waiting)
-        return lines
+    def ended(self) -> dict[str, int]:
+        """Requests ended so far by the gateway's reason (the ones that happened)."""
+        counts = {r: int(self.registry.get_sample_value("specpipe:requests_ended_total",
+                                                        {**self.own_labels, "reason": r}) or 0)
+                  for r in self.ended_by}
+        return {r: n for r, n in counts.items() if n}
 
-    def _labelled(self, name: str, kind: str, help: str, label: str, values) -> list[str]:
-        items = values.items() if isinstance(values, dict) else enumerate(values)
-        return [f"# HELP {name} {help}", f"# TYPE {name} {kind}"] + [
-            f"{name}{_labels({**self.labels, label: str(k)})} {_num(v)}" for k, v in items
-        ]
-
-    def _scalar(self, name: str, kind: str, help: str, value: float) -> list[str]:
-        return [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name}{_labels(self.labels)} {_num(value)}"]
+    def exposition(self, stats: SchedulerStatsMsg | None = None, accept: str = "") -> tuple[bytes, str]:
+        """(body, content type) for an Accept header; the scheduler series only when a fresh snapshot is given."""
+        encoder, content_type = choose_encoder(accept)
+        self.scheduler.stats = stats
+        try:
+            return encoder(self.registry), content_type
+        finally:
+            self.scheduler.stats = None

@@ -6,7 +6,7 @@ it once: 422 removed; the error statuses each route can answer added with
 OpenAI's error object (400 bad input, 401 bad key on /v1/* and /metrics, 404
 unknown model/request/file/batch, 413 body too large (every operation with a
 body), 429 queue full or too many in flight, with Retry-After, 503 not
-ready / Redis unreachable, 504 timeout); the media types of non-JSON replies
+ready / Redis unreachable, 499 cancelled, 504 timeout); the media types of non-JSON replies
 (SSE streams, Prometheus text, JSONL files) declared; numeric bounds that
 pydantic writes as ge/le/gt/lt on a union renamed to JSON Schema's keywords;
 request examples for the generation endpoints. schemathesis checks the
@@ -25,6 +25,7 @@ from gateway.auth import protected
 
 GENERATION = ("/v1/completions", "/v1/chat/completions")
 USES_REDIS = ("/ready", "/v1/requests/", "/v1/files", "/v1/batches")
+METRICS_MEDIA = ("text/plain", "application/openmetrics-text")  # the latter when the Accept header asks for it
 DESCRIPTIONS = {
     400: "Invalid request (malformed JSON, a bad or unsupported parameter, context length exceeded)",
     401: "Missing or invalid API key (when keys are configured)",
@@ -33,6 +34,7 @@ DESCRIPTIONS = {
     429: "The scheduler's queue is full, or this gateway has --max-inflight requests in flight; retry after "
          "Retry-After seconds",
     503: "The pipeline is not ready, or Redis is not reachable",
+    499: "The request was cancelled (POST /v1/requests/{id}/cancel) before it completed",
     504: "The request did not complete within the gateway's timeout (it was cancelled)",
 }
 
@@ -62,7 +64,7 @@ def error_statuses(path: str, method: str, op: dict[str, Any]) -> list[int]:
     if "{" in path or path in GENERATION or (path, method) == ("/v1/batches", "post"):  # model / input file
         statuses.append(404)
     if path in GENERATION:
-        statuses += [429, 503, 504]
+        statuses += [429, 499, 503, 504]
     elif path.startswith(USES_REDIS):
         statuses.append(503)
     return statuses
@@ -85,7 +87,7 @@ def _media_types(path: str, responses: dict[str, Any]) -> None:
     if path in GENERATION:
         ok.setdefault("content", {})["text/event-stream"] = {"schema": SSE_EVENT}
     elif path == "/metrics":
-        ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        ok["content"] = {media: {"schema": {"type": "string"}} for media in METRICS_MEDIA}
 
 
 EXAMPLES = {

@@ -27,6 +27,7 @@ log = logging.getLogger("gateway")
 QueueError = RedisError  # what callers catch when Redis is unreachable or answers an error
 POOL_SIZE = 16
 POOL_WAIT_S = 10.0  # longest wait for a free pooled connection before QueueError
+SCHEDULER_GROUP = "schedulers"  # the scheduler's consumer group on `requests` (SchedulerServiceConfig.group)
 
 
 class AsyncQueue:
@@ -44,11 +45,26 @@ class AsyncQueue:
         await self.outs.close()
         await self.r.aclose()
 
-    async def _publish(self, stream: str, msg: Message, maxlen: int = 100_000) -> None:
-        await self.r.xadd(stream, {"m": msg.encode()}, maxlen=maxlen, approximate=True)
+    async def _publish(self, stream: str, msg: Message, maxlen: int = 100_000) -> str:
+        entry_id = await self.r.xadd(stream, {"m": msg.encode()}, maxlen=maxlen, approximate=True)
+        return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
-    async def submit(self, msg: RequestMsg) -> None:
-        await self._publish(self.cfg.requests, msg)
+    async def submit(self, msg: RequestMsg) -> str | None:
+        """Publish the request; its entry id in `requests` (None when it was not published now)."""
+        return await self._publish(self.cfg.requests, msg)
+
+    async def queue_time(self, entry_id: str) -> float | None:
+        """Seconds from the request's XADD to the scheduler's read of it (both on the Redis clock: the entry id's
+        time, and TIME minus the entry's idle time in the scheduler group's pending list); None once the
+        scheduler has acknowledged it (the request ended) or if it never read it."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.xpending_range(self.cfg.requests, SCHEDULER_GROUP, entry_id, entry_id, 1)
+            (seconds, micros), pending = await pipe.execute()
+        if not pending:
+            return None
+        read_ms = seconds * 1000 + micros / 1000 - pending[0]["time_since_delivered"]
+        return max(read_ms - int(entry_id.split("-", 1)[0]), 0.0) / 1000
 
     async def cancel(self, request_id: str) -> None:
         await self._publish(self.cfg.cancel, CancelMsg(request_id))

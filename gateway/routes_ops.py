@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Path
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import JSONResponse, Response
 
 from gateway.errors import APIError, error_response
 from gateway.queue import QueueError
-from gateway.records import FINISHED, QUEUED, RUNNING
+from gateway.records import FINISHED, QUEUED, RUNNING, public_status
 from gateway.state import GatewayState, get_state
 
 router = APIRouter()
@@ -35,10 +35,10 @@ async def ready(gw: GatewayState = Depends(get_state)) -> JSONResponse:
 
 
 @router.get("/metrics")
-async def metrics(gw: GatewayState = Depends(get_state)) -> PlainTextResponse:
-    """Prometheus text format, vLLM's metric names."""
-    return PlainTextResponse(gw.metrics.render(await fresh_stats(gw)),
-                             media_type="text/plain; version=0.0.4; charset=utf-8")
+async def metrics(request: Request, gw: GatewayState = Depends(get_state)) -> Response:
+    """Prometheus text format (OpenMetrics when the Accept header asks for it), vLLM's metric names."""
+    body, content_type = gw.metrics.exposition(await fresh_stats(gw), request.headers.get("accept", ""))
+    return Response(body, headers={"Content-Type": content_type})
 
 
 def _model_card(gw: GatewayState) -> dict:
@@ -69,10 +69,11 @@ async def request_status(request_id: str = RequestId, gw: GatewayState = Depends
     tokens = [t for msg in history for t in msg.tokens]
     last = history[-1] if history else None
     finished = bool(last and last.finished)
+    status, finish_reason = public_status(FINISHED if finished else RUNNING if tokens else QUEUED,
+                                          last.finish_reason if finished else None)
     return {
         "id": request_id, "object": "request.status", "model": gw.cfg.model_name, "created": None,
-        "status": FINISHED if finished else RUNNING if tokens else QUEUED,
-        "finish_reason": last.finish_reason if finished else None, "error": last.error if finished else None,
+        "status": status, "finish_reason": finish_reason, "error": last.error if finished else None,
         "prompt_tokens": None, "completion_tokens": len(tokens), "tokens": tokens, "text": gw.codec.decode(tokens),
     }
 

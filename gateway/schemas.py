@@ -8,11 +8,14 @@ are refused by `unsupported()` with a 400 that names the field.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic_core import PydanticCustomError
 
 Number = StrictFloat | StrictInt
+T = TypeVar("T")
+NonEmpty = Annotated[list[T], Field(min_length=1)]  # OpenAI's minItems 1 on the prompt's arrays
 MAX_SEED = 2**63 - 1
 
 
@@ -87,18 +90,29 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions: prompt is a string, token ids, or a one-element list of either."""
 
-    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    prompt: (Annotated[StrictStr, Field(min_length=1)] | NonEmpty[StrictInt]
+             | NonEmpty[Annotated[StrictStr, Field(min_length=1)]] | NonEmpty[NonEmpty[StrictInt]])
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _not_empty(cls, prompt: Any) -> Any:
+        """One clear message for the empty forms the schema excludes ("", [], [""], [[]])."""
+        if prompt in ("", []) or (isinstance(prompt, list) and any(p in ("", []) for p in prompt)):
+            raise PydanticCustomError("prompt_empty", "prompt is empty")
+        return prompt
 
 
 class ContentPart(BaseModel):
+    """Text only: the schema says so, as the server answers (another part type is a 400)."""
+
     model_config = ConfigDict(extra="allow")
-    type: StrictStr
-    text: StrictStr | None = None
+    type: Literal["text"]
+    text: StrictStr
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: StrictStr
+    role: Literal["system", "developer", "user", "assistant"]  # the roles the chat templates take here
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
 

@@ -1,7 +1,8 @@
 """OpenAI's Files and Batches endpoints: upload a JSONL of requests, run it as a Celery batch job.
 
-POST /v1/files (multipart: file, purpose=batch; every line checked, 400 naming the
-first bad one), GET /v1/files, GET/DELETE /v1/files/{id}, GET /v1/files/{id}/content;
+POST /v1/files (multipart: file, purpose=batch; a bad line is that line's failure when the batch runs,
+only a file too large or with too many lines is refused), GET /v1/files, GET/DELETE /v1/files/{id},
+GET /v1/files/{id}/content;
 POST /v1/batches (input_file_id, endpoint, completion_window=24h) enqueues the job,
 GET /v1/batches, GET /v1/batches/{id}, POST /v1/batches/{id}/cancel.
 Files and batches live in Redis under the cluster's prefix (gateway/batches/store.py);
@@ -20,7 +21,7 @@ import anyio
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import Response
 
-from gateway.batches.input import MAX_FILE_BYTES, BatchLine, check_endpoint, parse_jsonl
+from gateway.batches.input import MAX_FILE_BYTES, BatchLine, parse_jsonl
 from gateway.batches.schemas import Batch, BatchList, CreateBatchRequest, FileDeleted, FileList, FileObject
 from gateway.batches.store import BatchStore, StoredFile
 from gateway.batches.tasks import enqueue, make_celery
@@ -84,15 +85,15 @@ async def _read_upload(upload: UploadFile, limit: int) -> bytes:
     return data
 
 
-async def _parse(data: bytes) -> list[BatchLine]:
-    """parse_jsonl in a worker thread: validating a large file takes seconds of CPU."""
-    return await anyio.to_thread.run_sync(parse_jsonl, data)
+async def _parse(data: bytes, endpoint: str | None = None) -> list[BatchLine]:
+    """parse_jsonl in a worker thread: reading a large file takes seconds of CPU."""
+    return await anyio.to_thread.run_sync(parse_jsonl, data, endpoint)
 
 
 @router.post("/v1/files", response_model=FileObject)
 async def upload_file(file: Annotated[UploadFile, File()], purpose: Annotated[Literal["batch"], Form()],
                       svc: Service) -> dict:
-    """Store a batch input file; every line is validated now (400 naming the first bad line)."""
+    """Store a batch input file (400 only for a file too large or with too many lines: a bad line fails alone)."""
     data = await _read_upload(file, min(svc.cfg.max_file_bytes, MAX_FILE_BYTES))
     await _parse(data)
     f = StoredFile(f"file-{uuid.uuid4().hex}", len(data), int(time.time()), file.filename or "batch.jsonl", purpose)
@@ -148,9 +149,16 @@ def batch_json(fields: dict[str, str], counts: dict[str, int]) -> dict:
         "expires_at": meta["created_at"] + 86_400, "expired_at": None,
         **{f"{s}_at": at(s) for s in ("in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled")},
         "request_counts": {"total": meta["total"], "completed": counts.get("completed", 0),
-                           "failed": counts.get("failed", 0)},
-        "metadata": meta.get("metadata"),
+                           "failed": counts.get("failed", 0) + meta.get("invalid", 0)},
+        "metadata": meta.get("metadata"), "usage": batch_usage(counts),
     }
+
+
+def batch_usage(counts: dict[str, int]) -> dict:
+    """OpenAI's batch usage: the tokens of the lines answered so far (never null)."""
+    inputs, outputs = counts.get("input_tokens", 0), counts.get("output_tokens", 0)
+    return {"input_tokens": inputs, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": outputs,
+            "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": inputs + outputs}
 
 
 async def _batch(svc: BatchService, batch_id: str) -> dict:
@@ -169,12 +177,13 @@ async def create_batch(body: CreateBatchRequest, svc: Service) -> dict:
         raise APIError(400, f"file '{f.id}' has purpose '{f.purpose}', not 'batch'", param="input_file_id")
     with redis_errors():
         content = await svc.store.file_content(f.id)
-    lines = await _parse(content or b"")
-    check_endpoint(lines, body.endpoint)
+    lines = await _parse(content or b"", body.endpoint)
+    if not lines:
+        raise APIError(400, f"file '{f.id}' has no requests", param="input_file_id", code="invalid_file")
     batch_id = f"batch_{uuid.uuid4().hex}"
     meta = {"id": batch_id, "endpoint": body.endpoint, "input_file_id": f.id,
             "completion_window": body.completion_window, "created_at": int(time.time()), "total": len(lines),
-            "metadata": body.metadata}
+            "invalid": sum(line.error is not None for line in lines), "metadata": body.metadata}
     with redis_errors():
         await svc.store.create_batch(meta)
     try:

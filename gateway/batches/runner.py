@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.batches.input import BatchLine, check_body, parse_jsonl
+from gateway.batches.input import INVALID_LINE, BatchLine, check_body, parse_jsonl
 from gateway.batches.store import ACTIVE, TERMINAL, BatchStore, StoredFile
 from gateway.codec import TextCodec
 from gateway.completions import check_request, full_body
@@ -80,9 +80,24 @@ def request_id(line: BatchLine, batch_id: str, attempt: int) -> str:
 
 
 def result_line(batch_id: str, line: BatchLine, rid: str, status: int, body: dict) -> dict:
-    """One line of the output file (OpenAI's batch output shape)."""
+    """One line of the output file (OpenAI's batch output shape); a failed one also has `error` {code, message}."""
+    detail = body.get("error") or {} if status != 200 else None
+    error = None if detail is None else {"code": detail.get("code") or detail.get("type"),
+                                         "message": detail.get("message", "")}
     return {"id": f"{batch_id}-req-{line.index}", "custom_id": line.custom_id,
-            "response": {"status_code": status, "request_id": rid, "body": body}, "error": None}
+            "response": {"status_code": status, "request_id": rid, "body": body}, "error": error}
+
+
+def invalid_line_result(batch_id: str, line: BatchLine) -> dict:
+    """The result of a line that could not run (no response), for the output and error files."""
+    return {"id": f"{batch_id}-req-{line.index}", "custom_id": line.custom_id, "response": None,
+            "error": {"code": INVALID_LINE, "message": line.error}}
+
+
+def usage_of(body: dict) -> tuple[int, int]:
+    """(prompt, completion) tokens of a line's answer; (0, 0) for an error."""
+    usage = body.get("usage") or {}
+    return usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
 
 
 class _OncePerBatchQueue(AsyncQueue):
@@ -107,7 +122,7 @@ def gateway_state(cfg: GatewayConfig, queue: AsyncQueue) -> GatewayState:
     model_dir = resolve_model(cfg.model, fetch=False)
     cfg = cfg.resolved(model_dir)
     codec, records = _codec(model_dir), RecordBook(cfg.record_limit)
-    metrics = Metrics(cfg.model_name, lambda: 0, lambda: 0)
+    metrics = Metrics(cfg.model_name, cfg.max_prompt_tokens, lambda: 0, lambda: 0)
     return GatewayState(cfg, codec, queue, records, metrics, Engine(cfg, codec, queue, records, metrics))
 
 
@@ -159,7 +174,7 @@ class BatchRunner:
     async def _run_locked(self, meta: dict) -> str:
         content = await self.store.file_content(meta["input_file_id"])
         try:
-            lines = parse_jsonl(content or b"")
+            lines = parse_jsonl(content or b"", meta["endpoint"])
         except APIError as exc:
             return await self._fail(f"the input file cannot be read: {exc.message}")
         moved, status = await self.store.transition(self.batch_id, "in_progress", "validating", "in_progress")
@@ -167,7 +182,7 @@ class BatchRunner:
             return await self._finish_cancel(meta, lines) if status == "cancelling" else status
         if status != "finalizing":
             done = await self.store.done_ids(self.batch_id)
-            todo = [line for line in lines if line.custom_id not in done]
+            todo = [line for line in lines if line.error is None and line.custom_id not in done]
             log.info("batch %s: %d of %d lines to run", self.batch_id, len(todo), len(lines))
             if not await self._run_lines(todo):
                 return await self._finish_cancel(meta, lines)
@@ -186,7 +201,8 @@ class BatchRunner:
             for line in pending:  # a shared iterator: every line is taken by one worker
                 rid, status, body = await self._line(line)
                 await self.store.record_result(self.batch_id, line.custom_id,
-                                               result_line(self.batch_id, line, rid, status, body), status == 200)
+                                               result_line(self.batch_id, line, rid, status, body), status == 200,
+                                               usage_of(body))
 
         workers = [asyncio.create_task(worker()) for _ in range(min(self.cfg.inflight, len(todo)))]
         try:
@@ -236,7 +252,7 @@ class BatchRunner:
         """The HTTP endpoint's answer for this body: (200, completion) or (error status, OpenAI error)."""
         gw, chat = self.gw, line.url == CHAT
         try:
-            req = check_body(line.url, line.body, line.line_no)
+            req = check_body(line.url, line.body)
             check_request(req, gw)
             ids = await prompt_ids(req, gw.codec, chat)  # in a worker thread: the runner's loop keeps going
             spec = generation_spec(req, ids, gw.cfg, "messages" if chat else "prompt")
@@ -251,13 +267,15 @@ class BatchRunner:
             return exc.status, error_body(exc.message, exc.type, exc.param, exc.code)
 
     async def _write_output(self, meta: dict, lines: list[BatchLine]) -> None:
-        """Output file: every recorded line in input order; error file: the failed ones (if any).
-        File ids are derived from the batch id, so a rerun after a crash rewrites the same files."""
+        """Output file: every recorded line and every line that could not run, in input order; error file: the
+        failed ones (if any). File ids are derived from the batch id, so a rerun after a crash rewrites the same
+        files."""
         results = await self.store.results(self.batch_id)
-        ordered = [results[line.custom_id] for line in lines if line.custom_id in results]
+        ordered = [invalid_line_result(self.batch_id, line) if line.error is not None else results[line.custom_id]
+                   for line in lines if line.error is not None or line.custom_id in results]
         if not ordered:
             return
-        failed = [r for r in ordered if r["response"]["status_code"] != 200]
+        failed = [r for r in ordered if r["response"] is None or r["response"]["status_code"] != 200]
         ids = {"output_file_id": await self._put(meta, "output", ordered)}
         if failed:
             ids["error_file_id"] = await self._put(meta, "errors", failed)

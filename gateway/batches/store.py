@@ -7,7 +7,8 @@ Keys (P = the cluster prefix):
                                    output_file_id, error_file_id, errors (JSON)
     P:batches                      zset of batch ids by created_at (listing, resume scan)
     P:batch:{id}:results           hash custom_id -> result line (JSON); written once (HSETNX)
-    P:batch:{id}:counts            hash completed / failed, bumped in the same script as the result
+    P:batch:{id}:counts            hash completed / failed / input_tokens / output_tokens, bumped in the
+                                   same script as the result
     P:batch:{id}:submitted         set of request ids already published to the requests stream
     P:batch:{id}:lease             the running task's token, with a TTL it refreshes
 
@@ -32,6 +33,8 @@ ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 _RECORD = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+  redis.call('HINCRBY', KEYS[2], 'input_tokens', ARGV[4])
+  redis.call('HINCRBY', KEYS[2], 'output_tokens', ARGV[5])
   return 1
 end
 return 0
@@ -153,11 +156,13 @@ class BatchStore:
         return {_s(k): int(v) for k, v in raw.items()}
 
     # ---- per-line progress ---------------------------------------------------------------------------
-    async def record_result(self, batch_id: str, custom_id: str, line: dict, ok: bool) -> bool:
-        """Store one line's result unless one is there already; True if this call stored it."""
+    async def record_result(self, batch_id: str, custom_id: str, line: dict, ok: bool,
+                            tokens: tuple[int, int] = (0, 0)) -> bool:
+        """Store one line's result unless one is there already, with its (prompt, completion) tokens added to
+        the batch's usage; True if this call stored it."""
         return bool(await self._record(
             keys=[self.key("batch", batch_id, "results"), self.key("batch", batch_id, "counts")],
-            args=[custom_id, json.dumps(line, ensure_ascii=False), "completed" if ok else "failed"]))
+            args=[custom_id, json.dumps(line, ensure_ascii=False), "completed" if ok else "failed", *tokens]))
 
     async def results(self, batch_id: str) -> dict[str, dict]:
         raw = await self.r.hgetall(self.key("batch", batch_id, "results"))

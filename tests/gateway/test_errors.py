@@ -40,9 +40,12 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None, code:
     ("/v1/completions", {k: v for k, v in COMPLETION.items() if k != "prompt"}, "prompt"),
     ("/v1/completions", {**COMPLETION, "prompt": ["a", "b"]}, "prompt"),
     ("/v1/completions", {**COMPLETION, "prompt": []}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": [[]]}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": ""}, "prompt"),
     ("/v1/completions", {**COMPLETION, "prompt": [10**9]}, "prompt"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "", "content": "x"}]}, "messages.0.role"),
     ("/v1/chat/completions", {**CHAT, "speculation": {"policy": "magic"}}, "speculation.policy"),
     ("/v1/chat/completions", {**CHAT, "speculation": {"width": 0}}, "speculation.width"),
     ("/v1/chat/completions", {**CHAT, "speculation": {"depth": 3}}, "speculation.depth"),
@@ -65,6 +68,7 @@ def test_unknown_model_route_and_request_are_404(client) -> None:
     assert_error(client.post("/v1/requests/cmpl-nope/cancel"), 404)
     assert_error(client.get("/v1/nothing-here"), 404)
     assert_error(client.get("/v1/completions"), 405)
+    assert client.put("/v1/files").headers["allow"] == "GET, POST"  # every method of the path, not the first one
 
 
 def test_context_length_exceeded(client) -> None:
@@ -129,7 +133,10 @@ def test_timeout_is_504_and_cancels(gw_tmp, tiny_dir, cluster) -> None:
         with httpx.Client(base_url=gateway.url, timeout=60) as c:
             r = c.post("/v1/completions", json={**COMPLETION, "prompt": [5, 6, 7], "max_tokens": 1500})
             assert_error(r, 504, code="timeout")
-            assert 'finished_reason="timeout"} 1' in c.get("/metrics").text
+            text = c.get("/metrics").text
+            assert f'specpipe:requests_ended_total{{model_name="{MODEL_NAME}",reason="timeout"}} 1.0' in text
+            assert f'vllm:request_success_total{{engine="0",finished_reason="abort",model_name="{MODEL_NAME}"}} 1.0' \
+                in text
             streamed = c.post("/v1/completions", json={**COMPLETION, "prompt": [5, 6, 7], "max_tokens": 1500,
                                                        "stream": True})
         for resp in (r, streamed):

@@ -152,9 +152,9 @@ def test_batch_files_have_their_own_larger_limit(gw_tmp, tiny_dir) -> None:
 
 
 def _inflight(c: httpx.Client) -> int:
-    match = re.search(r"^specpipe:gateway_inflight_requests\{[^}]*\} (\d+)$", c.get("/metrics").text, re.M)
+    match = re.search(r"^specpipe:gateway_inflight_requests\{[^}]*\} ([0-9.]+)$", c.get("/metrics").text, re.MULTILINE)
     assert match
-    return int(match.group(1))
+    return int(float(match.group(1)))
 
 
 def _wait_inflight(c: httpx.Client, n: int, timeout_s: float = 15) -> None:

@@ -9,6 +9,7 @@ defaults to 2) so the model's time stays small.
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -78,4 +79,17 @@ def test_spec_declares_openai_errors_and_no_422(api_schema) -> None:
     assert "text/event-stream" in chat["200"]["content"]
     assert chat["429"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
     assert not any("422" in op["responses"] for item in raw["paths"].values() for op in item.values())
-    assert "text/plain" in raw["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    metrics = raw["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert {"text/plain", "application/openmetrics-text"} <= set(metrics)
+    assert "499" in chat
+
+
+def test_405_allow_header_lists_the_methods_the_document_declares(schema_gateway, api_schema) -> None:
+    """schemathesis' allow_header_conformance, for every path: Allow = the path's methods in the document."""
+    for path, item in api_schema.raw_schema["paths"].items():
+        declared = {m.upper() for m in item if m in ("get", "post", "put", "patch", "delete")}
+        url = schema_gateway.url + path.replace("{model}", "m").replace("{", "").replace("}", "")
+        undeclared = next(m for m in ("PUT", "PATCH", "DELETE", "POST") if m not in declared)
+        r = httpx.request(undeclared, url, timeout=30)
+        assert r.status_code == 405, (path, undeclared, r.status_code)
+        assert set(r.headers["allow"].split(", ")) == declared, (path, r.headers["allow"])

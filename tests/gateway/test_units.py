@@ -1,26 +1,42 @@
 """Small pure pieces: no torch in the gateway, metrics format, API-key check, error shapes, prompts, the OpenAPI
-patch, the added-latency histogram."""
+patch, the added-latency histogram, finish reasons, 405's Allow header."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 
 import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
+from gateway.app import create_app
 from gateway.auth import key_matches, protected
 from gateway.config import GatewayConfig
+from gateway.engine import Update, outcome_error
 from gateway.errors import APIError
-from gateway.latency import NAME, AddedLatency, InstrumentedMetrics
-from gateway.metrics import Metrics
+from gateway.latency import NAME, InstrumentedMetrics
+from gateway.metrics import Metrics, token_buckets
 from gateway.openapi import patch
 from gateway.prompts import generation_spec
+from gateway.records import public_status
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from shared.wire.messages import SchedulerStatsMsg
 from tests.cluster import ROOT
 
 pytestmark = pytest.mark.unit
-LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_]+="([^"\\]|\\.)*",?)*\})? -?[0-9.e+-]+(Inf)?$')
+VLLM = {"model_name": 'm"x', "engine": "0"}
+
+
+def _samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """(sample name, labels) -> value, parsed by prometheus-client's own parser."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _key(name: str, **labels: str) -> tuple[str, frozenset]:
+    return name, frozenset(labels.items())
 
 
 def test_gateway_never_imports_torch(tiny_dir) -> None:
@@ -37,21 +53,74 @@ def test_gateway_never_imports_torch(tiny_dir) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_metrics_text_format() -> None:
-    m = Metrics('m"x', lambda: 2, lambda: 1)
+def test_metrics_exposition_parses_with_vllms_names_and_labels() -> None:
+    m = Metrics('m"x', 2048, lambda: 2, lambda: 1)
     m.ttft.observe(0.03)
     m.observe_tokens(0.2, 4)
     m.e2e.observe(1.2)
-    m.finished("stop")
-    m.prompt_tokens, m.generation_tokens = 7, 4
-    text = m.render()
-    for line in text.splitlines():
-        assert line.startswith("#") or LINE.match(line), line
-    assert 'vllm:time_to_first_token_seconds_bucket{model_name="m\\"x",le="0.04"} 1' in text
-    assert 'vllm:inter_token_latency_seconds_count{model_name="m\\"x"} 4' in text
-    assert 'vllm:time_per_output_token_seconds_count{model_name="m\\"x"} 4' in text
-    assert 'vllm:request_success_total{model_name="m\\"x",finished_reason="stop"} 1' in text
-    assert 'vllm:num_requests_running{model_name="m\\"x"} 2' in text
+    m.prompt_tokens.inc(7)
+    m.generation_tokens.inc(4)
+    for reason in ("stop", "cancelled", "timeout", "queue_full"):
+        m.finished(reason, 7, 4)
+    body, content_type = m.exposition()
+    assert content_type.startswith("text/plain; version=0.0.4")
+    got = _samples(body.decode())
+    assert got[_key("vllm:time_to_first_token_seconds_bucket", **VLLM, le="0.04")] == 1
+    assert got[_key("vllm:inter_token_latency_seconds_count", **VLLM)] == 4
+    assert got[_key("vllm:time_per_output_token_seconds_count", **VLLM)] == 4
+    assert got[_key("vllm:num_requests_running", **VLLM)] == 2
+    assert got[_key("vllm:prompt_tokens_total", **VLLM)] == 7
+    assert got[_key("vllm:request_success_total", **VLLM, finished_reason="stop")] == 1
+    assert got[_key("vllm:request_success_total", **VLLM, finished_reason="abort")] == 2  # cancelled, timeout
+    assert got[_key("vllm:request_prompt_tokens_count", **VLLM)] == 3  # queue_full never ran
+    assert got[_key("vllm:request_generation_tokens_bucket", **VLLM, le="5.0")] == 3
+    assert got[_key("specpipe:requests_ended_total", model_name='m"x', reason="queue_full")] == 1
+    assert m.ended() == {"stop": 1, "cancelled": 1, "timeout": 1, "queue_full": 1}
+    assert not any(name.startswith("vllm:spec_decode") for name, _ in got)  # no snapshot, no scheduler series
+
+
+def test_scheduler_series_come_from_the_snapshot_given() -> None:
+    stats = SchedulerStatsMsg(time=0.0, stages=2, steps=10, num_waiting=3, waiting=[], num_running=1, running=[],
+                              tokens=25, drafts=9, draft_tokens=40, accepted=15, accepted_per_depth=[10, 5],
+                              pruned=7, stage_busy=[1.0, 0.5], useful_rows=30, wasted_rows=12)
+    m = Metrics("m", 2048, lambda: 0, lambda: 0)
+    got = _samples(m.exposition(stats)[0].decode())
+    vllm = {"model_name": "m", "engine": "0"}
+    assert got[_key("vllm:spec_decode_num_drafts_total", **vllm)] == 9
+    assert got[_key("vllm:spec_decode_num_accepted_tokens_per_pos_total", **vllm, position="1")] == 5
+    assert got[_key("specpipe:tokens_per_step", model_name="m")] == 2.5
+    assert got[_key("specpipe:stage_busy_fraction", model_name="m", stage="1")] == 0.5
+    assert got[_key("specpipe:computed_rows_total", model_name="m", fate="wasted")] == 12
+    assert got[_key("specpipe:scheduler_queue_depth", model_name="m")] == 3
+    assert not any(n.startswith("vllm:spec_decode") for n, _ in _samples(m.exposition()[0].decode()))
+
+
+def test_each_metrics_object_has_its_own_registry() -> None:
+    a, b = Metrics("m", 100, lambda: 0, lambda: 0), InstrumentedMetrics(Metrics("m", 100, lambda: 0, lambda: 0))
+    a.generation_tokens.inc(5)
+    assert a.total("vllm:generation_tokens_total") == 5 and b.total("vllm:generation_tokens_total") == 0
+    assert token_buckets(100) == [1, 2, 5, 10, 20, 50, 100] and token_buckets(2048)[-1] == 2000
+    body, content_type = a.exposition(accept="application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
+
+
+@pytest.mark.parametrize("status,reason,shown", [
+    ("finished", "stop", ("finished", "stop")),
+    ("finished", "length", ("finished", "length")),
+    ("finished", "cancelled", ("cancelled", None)),
+    ("finished", "timeout", ("failed", None)),
+    ("finished", "error", ("failed", None)),
+    ("finished", "queue_full", ("failed", None)),
+    ("running", None, ("running", None)),
+], ids=["stop", "length", "cancelled", "timeout", "error", "queue-full", "running"])
+def test_finish_reasons_shown_are_openais_only(status, reason, shown) -> None:
+    assert public_status(status, reason) == shown
+
+
+def test_a_cancelled_request_is_an_error_not_a_finish_reason() -> None:
+    error = outcome_error(Update("", 0, True, "cancelled"), GatewayConfig(model="m"), "cmpl-1")
+    assert error is not None and error.status == 499 and error.code == "request_cancelled"
+    assert outcome_error(Update("", 0, True, "stop"), GatewayConfig(model="m"), "cmpl-1") is None
 
 
 def test_key_matching_and_protected_paths() -> None:
@@ -107,12 +176,43 @@ def test_openapi_patch_standardizes_bounds_and_drops_422() -> None:
 
 
 def test_added_latency_is_one_prometheus_family() -> None:
-    metrics = InstrumentedMetrics(Metrics("m", lambda: 0, lambda: 0))
+    metrics = InstrumentedMetrics(Metrics("m", 100, lambda: 0, lambda: 0))
     metrics.added.observe("submit", 0.0012)
     metrics.added.observe("deliver", -0.0001)  # clock rounding: clamped to 0
-    text = metrics.render()
+    text = metrics.exposition()[0].decode()
     assert text.count(f"# TYPE {NAME} histogram") == 1 and "vllm:e2e_request_latency_seconds" in text
-    assert f'{NAME}_count{{model_name="m",component="submit"}} 1' in text
-    assert f'{NAME}_bucket{{model_name="m",component="deliver",le="0.0005"}} 1' in text
-    assert f'{NAME}_count{{model_name="m",component="round_trip"}} 0' in text
-    assert AddedLatency().render({})[0].startswith(f"# HELP {NAME}")
+    got = _samples(text)
+    assert got[_key(f"{NAME}_count", model_name="m", component="submit")] == 1
+    assert got[_key(f"{NAME}_bucket", model_name="m", component="deliver", le="0.0005")] == 1
+    assert got[_key(f"{NAME}_count", model_name="m", component="round_trip")] == 0
+
+
+@pytest.mark.parametrize("field,value", [
+    ("prompt", ""), ("prompt", []), ("prompt", [[]]), ("prompt", [""]),
+], ids=["empty-string", "empty-ids", "empty-nested-ids", "empty-string-item"])
+def test_empty_prompts_are_outside_the_schema(field, value) -> None:
+    with pytest.raises(ValidationError, match="prompt is empty"):
+        CompletionRequest(**{field: value})
+    prompt = CompletionRequest.model_json_schema()["properties"]["prompt"]["anyOf"]
+    assert [variant.get("minItems", variant.get("minLength")) for variant in prompt] == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "", "content": "x"}, {"role": "tool", "content": "x"},
+    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+    {"role": "user", "content": [{"type": "text"}]},
+], ids=["empty-role", "tool-role", "image-part", "text-part-without-text"])
+def test_chat_messages_the_server_refuses_are_outside_the_schema(message) -> None:
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(messages=[message])
+    role = ChatCompletionRequest.model_json_schema()["$defs"]["ChatMessage"]["properties"]["role"]
+    assert role["enum"] == ["system", "developer", "user", "assistant"]
+
+
+def test_405_allow_lists_every_method_of_the_path(tiny_dir) -> None:
+    with TestClient(create_app(GatewayConfig(model=str(tiny_dir)))) as c:
+        for method, path, allow in (("PUT", "/v1/files", "GET, POST"), ("PATCH", "/v1/files/f-1", "GET, DELETE"),
+                                    ("DELETE", "/v1/batches", "GET, POST"), ("GET", "/v1/completions", "POST")):
+            r = c.request(method, path)
+            assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers)
+            assert r.json()["error"]["type"] == "invalid_request_error"

@@ -1,14 +1,15 @@
 """Batch jobs on Celery against a real cluster, gateway and `python -m gateway.batches.worker` (tiny-random).
 
 A batch's results equal the HTTP endpoint's answers for the same bodies (greedy and
-seeded sampling); a worker SIGKILLed mid-batch leaves it resumable by a new worker,
-with every custom_id answered once and every request published once; bad JSONL is
-refused at upload with the line named.
+seeded sampling) and its usage sums theirs; a worker SIGKILLed mid-batch leaves it resumable
+by a new worker, with every custom_id answered once and every request published once; a bad
+line fails alone (the error file names it) while the others run.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -90,7 +91,12 @@ def test_batch_results_equal_the_http_endpoint(client, worker, cluster) -> None:
         assert got["object"] == "chat.completion" and got["id"] == result["response"]["request_id"]
     bad = results[6]["response"]
     assert bad["status_code"] == 404 and bad["body"]["error"]["code"] == "model_not_found"
+    assert results[6]["error"]["code"] == "model_not_found" and results[6]["error"]["message"]
     assert [r["custom_id"] for r in output_lines(client, done["error_file_id"])] == ["req-6"]
+    usage = done["usage"]
+    assert usage["input_tokens"] == sum(h.json()["usage"]["prompt_tokens"] for h in direct) > 0
+    assert usage["output_tokens"] == sum(h.json()["usage"]["completion_tokens"] for h in direct) > 0
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
     assert set(_published(cluster, batch["id"]).values()) == {1}  # the 404 line never reached the queue
     listed = client.get("/v1/batches", params={"limit": 5}).json()
     assert batch["id"] in [b["id"] for b in listed["data"]]
@@ -132,19 +138,33 @@ def test_cancel_a_batch(client, worker) -> None:
     assert done["request_counts"]["completed"] < 8
 
 
-@pytest.mark.parametrize("line,expected", [
-    ("not json", "line 2: not valid JSON"),
-    ('{"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}}', "line 2: 'method'"),
-    ('{"custom_id": "x", "method": "POST", "url": "/v1/embeddings", "body": {}}', "line 2: 'url'"),
-    ('{"custom_id": "y", "method": "POST", "url": "/v1/completions", "body": {"prompt": 5}}', "line 2: body.prompt"),
-    ('{"custom_id": "ok", "method": "POST", "url": "/v1/completions", "body": {"prompt": "a"}}', "line 2: duplicate"),
-], ids=["json", "method", "url", "body", "duplicate"])
-def test_invalid_jsonl_is_a_400_naming_the_line(client, line, expected) -> None:
-    good = '{"custom_id": "ok", "method": "POST", "url": "/v1/completions", "body": {"prompt": "a"}}'
-    r = upload(client, f"{good}\n{line}\n".encode())
-    assert r.status_code == 400, r.text
-    error = r.json()["error"]
-    assert error["message"].startswith(expected) and error["code"] == "invalid_batch_line"
+def test_bad_lines_fail_alone_and_go_to_the_error_file(client, worker) -> None:
+    good = [_chat_row(0, "hi", temperature=0), _chat_row(6, "bye", temperature=0)]
+    bad = [
+        "not json",
+        json.dumps({**_chat_row(2, "x"), "url": "/v1/completions"}),  # not the batch's endpoint
+        json.dumps({**_chat_row(3, "x"), "body": {**_chat_row(3, "x")["body"], "stream": True}}),
+        json.dumps({**_chat_row(4, "x"), "body": {"messages": [{"role": "", "content": "x"}]}}),
+        json.dumps(_chat_row(0, "again")),  # a duplicate custom_id
+    ]
+    data = "\n".join([json.dumps(good[0]), *bad, json.dumps(good[1])]).encode()
+    f = upload(client, data)
+    assert f.status_code == 200, f.text  # nothing in it is refused at upload
+    b = client.post("/v1/batches", json={"input_file_id": f.json()["id"], "endpoint": CHAT,
+                                         "completion_window": "24h"})
+    assert b.status_code == 200 and b.json()["request_counts"]["failed"] == 3  # the envelope errors, at once
+    done = wait_batch(client, b.json()["id"])
+    assert done["status"] == "completed" and done["request_counts"] == {"total": 7, "completed": 2, "failed": 5}
+    results = output_lines(client, done["output_file_id"])
+    assert [r["custom_id"] for r in results] == ["req-0", None, "req-2", "req-3", "req-4", "req-0", "req-6"]
+    errors = output_lines(client, done["error_file_id"])
+    assert [(r["custom_id"], r["response"] and r["response"]["status_code"]) for r in errors] == [
+        (None, None), ("req-2", None), ("req-3", 400), ("req-4", 400), ("req-0", None)]
+    assert all(set(r["error"]) == {"code", "message"} and r["error"]["message"] for r in errors)
+    assert errors[0]["error"] == {"code": "invalid_batch_line", "message": "line 2: not valid JSON (Expecting value)"}
+    assert errors[3]["response"]["body"]["error"]["param"] == "messages.0.role"
+    answered = [r["response"]["body"]["usage"] for r in results if r["error"] is None]
+    assert done["usage"]["input_tokens"] == sum(u["prompt_tokens"] for u in answered)
 
 
 def test_files_and_batch_errors(client) -> None:
@@ -153,13 +173,15 @@ def test_files_and_batch_errors(client) -> None:
     assert f["object"] == "file" and f["bytes"] == len(data) and f["purpose"] == "batch"
     assert client.get(f"/v1/files/{f['id']}").json() == f
     assert client.get(f"/v1/files/{f['id']}/content").content == data
-    wrong = client.post("/v1/batches", json={"input_file_id": f["id"], "endpoint": CHAT, "completion_window": "24h"})
-    assert wrong.status_code == 400 and wrong.json()["error"]["message"].startswith("line 1:")
     missing = client.post("/v1/batches", json={"input_file_id": "file-nope", "endpoint": CHAT,
                                                "completion_window": "24h"})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "file_not_found"
     assert client.get("/v1/batches/batch_nope").status_code == 404
-    assert upload(client, b"").status_code == 400
+    empty = upload(client, b"")
+    assert empty.status_code == 200, empty.text  # an empty file is a file; a batch of it is refused
+    refused = client.post("/v1/batches", json={"input_file_id": empty.json()["id"], "endpoint": CHAT,
+                                               "completion_window": "24h"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_file"
     purpose = client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("a.jsonl", data)})
     assert purpose.status_code == 400 and purpose.json()["error"]["param"] == "purpose"
     assert client.delete(f"/v1/files/{f['id']}").json()["deleted"] is True
