@@ -39,6 +39,7 @@ class LoadModelConfig:
     runs_dir: Path
     seed: int = 0
     draft_dtype: str = "float32"
+    width_rule: str = "cost"  # specpipe's (PolicyConfig.width_rule); "budget" is the rule before the cost plan
 
 
 def _summary(run: ModeledRun) -> dict:
@@ -59,13 +60,18 @@ def run_point(cfg: LoadModelConfig, cost: CostModel, prompts: list[list[int]], p
               concurrency: int | None = None, rate: float | None = None) -> dict:
     """One load point for one policy (cached as JSON)."""
     label = f"c{concurrency}" if concurrency else f"r{rate:.4g}"
+    if policy == "pp":
+        cfg = replace(cfg, width_rule="cost")  # pp ignores the rule: one cached run serves both
     point_cfg = replace(cfg, concurrency=(), rate_fractions=(), runs_dir=Path())  # not the other points, not where
     path = cfg.runs_dir / f"load-{policy}-N{cfg.stages}-{label}-{digest(point_cfg, prompts, cost.provenance)}.json"
     if path.exists():
         return json.loads(path.read_text())
     sim = SimulationConfig(cfg.model, cfg.draft,
-                           PolicyConfig(policy, cfg.stages, cfg.width, refill_depth=cfg.refill_depth),
+                           PolicyConfig(policy, cfg.stages, cfg.width, refill_depth=cfg.refill_depth,
+                                        width_rule=cfg.width_rule),
                            EngineConfig(max_new_tokens=cfg.max_new_tokens, draft_dtype=cfg.draft_dtype))
+    if cfg.draft == "ngram":
+        cost = replace(cost, draft=None)  # a lookup, not a forward: drafting costs no step time
     pipe, _, arch = build_pipeline(sim, trace_limit=2)
     requests = [Request(f"q{i}", tuple(prompts[i % len(prompts)]), SamplingParams(), cfg.max_new_tokens)
                 for i in range(cfg.requests)]
@@ -98,7 +104,7 @@ def run_all(cfg: LoadModelConfig, cost: CostModel, prompts: list[list[int]], log
 def compare(points: list[dict]) -> list[dict]:
     """specpipe / pp at each load point: throughput ratio, TBT ratio, identical outputs."""
     out = []
-    key = lambda p: (p["concurrency"], p.get("rate_fraction"))  # noqa: E731
+    key = lambda p: (p["concurrency"], p.get("rate_fraction"))
     pp = {key(p): p for p in points if p["policy"] == "pp"}
     for p in points:
         if p["policy"] != "specpipe" or key(p) not in pp:
@@ -116,3 +122,60 @@ def compare(points: list[dict]) -> list[dict]:
             "identical": p["outputs"] == base["outputs"],
         })
     return out
+
+
+def width_rules(cfg: LoadModelConfig, cost: CostModel, prompts: list[list[int]], rules: tuple[str, ...],
+                log=print) -> list[dict]:
+    """pp and specpipe under each width rule (cost: the plan; budget: the rule before it), at every load point."""
+    return [{**r, "rule": rule} for rule in rules
+            for r in compare(run_all(replace(cfg, width_rule=rule), cost, prompts, log))]
+
+
+def markdown(rows: list[dict]) -> list[str]:
+    lines = [("| load | width rule | throughput tok/s pp → specpipe | ratio | tokens/step pp → specpipe "
+              "| TBT mean ms pp → specpipe | identical |"), "|---|---|---|---|---|---|---|"]
+    for x in sorted(rows, key=lambda x: (x["concurrency"] or 0, x["rate_fraction"] or 0, x["rule"])):
+        load = f"{x['concurrency']} concurrent" if x["concurrency"] else f"Poisson {x['rate_fraction']:.2f}× sat."
+        t, k, b = x["throughput"], x["tokens_per_step"], x["tbt_mean"]
+        lines.append(f"| {load} | {x['rule']} | {t['pp']:.2f} → {t['specpipe']:.2f} | **{x['throughput_ratio']:.2f}×** "
+                     f"| {k['pp']:.2f} → {k['specpipe']:.2f} | {b['pp'] * 1e3:.1f} → {b['specpipe'] * 1e3:.1f} "
+                     f"| {'yes' if x['identical'] else 'NO'} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from benchmarks.tbt import workloads_of
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--costs", type=Path, required=True, help="a cost model JSON (benchmarks/costs/)")
+    p.add_argument("--model", default="qwen2.5-coder-1.5b")
+    p.add_argument("--draft", default="qwen2.5-coder-0.5b", help="a draft model, or ngram")
+    p.add_argument("--draft-dtype", default="float32")
+    p.add_argument("--stages", type=int, default=8)
+    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--refill-depth", type=int, default=7)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--concurrency", default="2,8")
+    p.add_argument("--rates", default="1.0", help="Poisson rates as fractions of pp's saturation")
+    p.add_argument("--prompts", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts",
+                   help="a folder of prompt files (*.jsonl)")
+    p.add_argument("--prompts-per-file", type=int, default=1)
+    p.add_argument("--rules", default="cost,budget", help="specpipe's width rules to run")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/load-model"))
+    a = p.parse_args(argv)
+    cfg = LoadModelConfig(a.model, a.draft, a.stages, a.width, a.refill_depth, a.tokens, a.requests,
+                          tuple(int(c) for c in a.concurrency.split(",")),
+                          tuple(float(r) for r in a.rates.split(",") if r), a.out / "runs", draft_dtype=a.draft_dtype)
+    prompts = [ids for w in workloads_of(a.model, sorted(a.prompts.glob("*.jsonl")), a.prompts_per_file)
+               for _, ids in w.prompts]
+    rows = width_rules(cfg, CostModel.load(a.costs), prompts, tuple(a.rules.split(",")))
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "rows.json").write_text(json.dumps(rows, indent=1))
+    print("\n".join(markdown(rows)))
+
+
+if __name__ == "__main__":
+    main()

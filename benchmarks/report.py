@@ -31,10 +31,9 @@ from benchmarks.load_model import LoadModelConfig, compare
 from benchmarks.load_model import run_all as load_all
 from benchmarks.report_md import SECTIONS, render
 from benchmarks.transfer import measure_transfer
-from shared.model_store import load_tokenizer, resolve_model
+from shared.model_store import resolve_model
 from shared.types.config import DTYPES, NUMERICS, ModelArch, SamplingParams
 from shared.types.errors import ConfigError
-from specpipe.prompts import encode_chat, read_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT.parent / "shared" / "data" / "prompts"
@@ -190,10 +189,7 @@ def cost_models(cfg: BenchConfig, log) -> list[CostModel]:
 
 
 def workloads(cfg: BenchConfig) -> list[tbt.Workload]:
-    tokenizer = load_tokenizer(resolve_model(cfg.model))
-    return [tbt.Workload(path.stem, [(p.prompt_id, encode_chat(tokenizer, p.text))
-                                     for p in read_prompts(path, cfg.prompts_per_workload)])
-            for path in cfg.workloads]
+    return tbt.workloads_of(cfg.model, cfg.workloads, cfg.prompts_per_workload)
 
 
 def run_tbt(cfg: BenchConfig, costs: list[CostModel], work: list[tbt.Workload], log) -> dict:

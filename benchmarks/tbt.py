@@ -22,8 +22,10 @@ from benchmarks.costmodel import CostModel
 from benchmarks.timeline import StepClock, StepRecord, replay, run_modeled
 from scheduler.occupancy import Occupancy
 from scheduler.scheduler import Request
+from shared.model_store import load_tokenizer, resolve_model
 from shared.types.config import EngineConfig, PolicyConfig, SamplingParams
 from specpipe.engine import SimulationConfig, build_pipeline
+from specpipe.prompts import encode_chat, read_prompts
 
 POLICIES = ("pp", "tree", "specpipe")
 
@@ -32,6 +34,13 @@ POLICIES = ("pp", "tree", "specpipe")
 class Workload:
     name: str
     prompts: list[tuple[str, list[int]]]  # (prompt id, token ids through the chat template)
+
+
+def workloads_of(model: str, files, per_file: int) -> list[Workload]:
+    """The first `per_file` prompts of each prompt file, chat-encoded for `model`."""
+    tokenizer = load_tokenizer(resolve_model(model))
+    return [Workload(path.stem, [(p.prompt_id, encode_chat(tokenizer, p.text)) for p in read_prompts(path, per_file)])
+            for path in files]
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,8 @@ def run_modeled(pipe: InProcessPipeline, clock: StepClock | None, requests: list
         result = pipe.step()
         records.append(record(pipe))
         seconds, bound = clock.duration(records[-1]) if clock else (0.0, False)
+        if clock:
+            pipe.scheduler.observe_step(seconds)  # as the services report their measured beats
         now, draft_bound = now + seconds, draft_bound + bound
         for rid, tokens in result.new_tokens.items():
             times[rid].token_times += [now] * len(tokens)

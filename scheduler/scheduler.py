@@ -23,9 +23,11 @@ from t.
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass, field
 
 from scheduler.tree import Status, TokenTree
+from scheduler.width import Acceptance, Candidate, StepCosts, WidthPlan, plan, tokens_per_step
 from shared.types.batch import ROOT_PARENT, MicroBatch, PipelineEvent, Row, TargetTokens
 from shared.types.config import EngineConfig, PolicyConfig, SamplingParams
 from shared.types.errors import RequestError
@@ -63,10 +65,11 @@ class RequestStats:
     drafts: int = 0  # speculative levels sent (vLLM's "drafts": one proposal of one or more tokens)
     accepted_per_depth: list[int] = field(default_factory=lambda: [0] * DEPTH_BINS)
     run: int = 0  # accepted tokens since the last bonus token: the depth of the next accepted one
+    acceptance: Acceptance = field(default_factory=Acceptance)  # by rank of the sent child: the width plan's input
 
     COUNTS = ("accepted", "bonus", "sent_speculative", "pruned", "drafts")
 
-    def add(self, other: "RequestStats") -> None:
+    def add(self, other: RequestStats) -> None:
         """Accumulate another request's counts (the scheduler's totals over finished requests)."""
         for name in self.COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -116,6 +119,10 @@ class Scheduler:
         self._next_batch = 0
         self._batch_members: dict[int, set[str]] = {}
         self.retired = RequestStats()  # counts of the requests that have left
+        self.costs = StepCosts()  # step seconds by rows, as the driver reports them (observe_step)
+        self.acceptance = Acceptance()  # pooled over every request so far: the prior of each one's estimate
+        self._plan: WidthPlan | None = None  # the cost rule's widths, made again every 2 x `stages` steps
+        self._planned_rows: deque[int] = deque(maxlen=max(policy.stages, 1))  # plan.rows of the batches in the pipe
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(self, request: Request) -> RequestState:
@@ -156,6 +163,14 @@ class Scheduler:
             total.add(state.stats)
         return total
 
+    def observe_step(self, seconds: float) -> None:
+        """The driver's measured duration of the step just run. The width plan's cost model learns it as the cost
+        of a step under a plan: keyed by the rows per step that plan sends, so that everything a plan's steps
+        cost (refills, their drafting, the wire) is in it and plans are compared as they were measured. The
+        pipe holds the batches of the last `stages` steps, maybe of two plans: the step is the larger one's."""
+        if any(self._planned_rows):
+            self.costs.observe(max(self._planned_rows), seconds)
+
     def active(self) -> list[RequestState]:
         return [s for s in self.requests.values() if s.phase is not Phase.DONE]
 
@@ -183,7 +198,7 @@ class Scheduler:
         if state.phase is not Phase.DECODE or policy.name == "pp":
             return []
         tree = state.tree
-        width = self.effective_width(policy, decoding)
+        width = self.width_of(state, decoding)
         if width == 0:
             return []
         if state.needs_refill:
@@ -202,6 +217,40 @@ class Scheduler:
         decoding = self._decoding() if decoding is None else decoding
         share = self.engine.token_budget // max(decoding, 1) - 1  # one row kept for the request's root
         return max(0, min((policy or self.policy).width, share))
+
+    def width_of(self, state: RequestState, decoding: int) -> int:
+        """This request's width now: the budget's share, and under the cost rule the plan's choice."""
+        policy = self.policy_of(state.request)
+        width = self.effective_width(policy, decoding)
+        if not (policy.streams_levels and policy.width_rule == "cost") or state.phase is not Phase.DECODE:
+            return width
+        if self._plan is None or not self._plan.widths:  # none yet, or made while no request decoded
+            self._plan = self._make_plan(decoding, self.step)
+        return min(width, self._plan.width_of(state.request.request_id))
+
+    def plan_ahead(self) -> None:
+        """Make the next step's width plan now if it will be due: the services call this while the stages
+        compute, so that schedule() finds it made."""
+        if self._plan is None or self._plan_due(self.step + 1):
+            self._plan = self._make_plan(self._decoding(), self.step + 1)
+
+    def _plan_due(self, step: int) -> bool:
+        """Acceptance and costs have moved on since the plan was made, or it was made blind to cost."""
+        period = 2 * self.policy.stages  # the pipe is the new plan's alone for the second half
+        return step - self._plan.step >= period or (not self._plan.informed and bool(self.costs.points))
+
+    def _make_plan(self, decoding: int, step: int) -> WidthPlan:
+        """SpecPipe-DB's widths for the decoding requests under the cost rule (scheduler/width.py)."""
+        candidates, prior = [], self.acceptance.rank_rates()
+        for state in self.active():
+            policy = self.policy_of(state.request)
+            if state.phase is not Phase.DECODE or not policy.streams_levels or policy.width_rule != "cost":
+                continue
+            top = self.effective_width(policy, decoding)
+            stages, refill = policy.stages, policy.refill_levels
+            gain = (1 / stages, *(tokens_per_step(a, stages, refill) for a in state.stats.acceptance.alphas(top, prior)))
+            candidates.append(Candidate(state.request.request_id, top, gain))
+        return plan(candidates, self.costs, self.policy.stages, step)
 
     def _decoding(self) -> int:
         return sum(1 for s in self.requests.values() if s.phase is Phase.DECODE)
@@ -230,6 +279,8 @@ class Scheduler:
     def schedule(self) -> MicroBatch:
         """One micro-batch: decoding requests first (latency), then prefill chunks, within the budget."""
         self.step += 1
+        if self._plan is not None and self._plan_due(self.step):
+            self._plan = None
         rows: list[Row] = []
         members = set()
         states, decoding = self.active(), self._decoding()
@@ -237,13 +288,14 @@ class Scheduler:
             budget = self.engine.token_budget - len(rows)
             if budget <= 0:
                 break
-            new_rows = self._rows_for(state, self.effective_width(self.policy_of(state.request), decoding), budget)
+            new_rows = self._rows_for(state, self.width_of(state, decoding), budget)
             if new_rows:
                 rows.extend(new_rows)
                 state.inflight += 1
                 members.add(state.request.request_id)
         batch = MicroBatch(self._next_batch, rows)
         self._batch_members[batch.batch_id] = members
+        self._planned_rows.append(self._plan.rows if self._plan is not None and decoding else 0)
         self._next_batch += 1
         return batch
 
@@ -348,11 +400,22 @@ class Scheduler:
             frontier = state.frontier
             token = targets[frontier]
             child = state.tree.sent_child_with_token(frontier, token)
+            self._count_acceptance(state, frontier, child)
             if child is None:
                 self._miss(state, frontier, token, result)
             else:
                 self._accept(state, frontier, child, result)
             self._emit(state, token, result)
+
+    def _count_acceptance(self, state: RequestState, frontier: int, child: int | None) -> None:
+        """One verified level for the width plan: how many children were sent, and the accepted one's rank."""
+        tree = state.tree
+        sent = sorted((c for c in tree[frontier].children if tree[c].status is Status.SENT),
+                      key=lambda c: (-tree[c].score, c))
+        if sent:
+            rank = sent.index(child) if child is not None else None
+            state.stats.acceptance.record(len(sent), rank)
+            self.acceptance.record(len(sent), rank)
 
     def _accept(self, state: RequestState, frontier: int, child: int, result: StepResult) -> None:
         tree, rid = state.tree, state.request.request_id

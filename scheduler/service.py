@@ -156,11 +156,13 @@ class SchedulerService:
         self.stages.send(msg)
         published = time.monotonic()
         self._shadow(epoch, msg)
+        self.scheduler.plan_ahead()  # the next step's widths, if due, while the stages compute
         verify = self._await_verify(msg.step)
         if verify is None:
             return
         verified = time.monotonic()
         result = self.scheduler.update_from_output(verify.target_tokens())
+        self.scheduler.observe_step(verified - start)  # the beat, drafting included: the width plan's cost
         self._stage_errors(result)  # after the verification: a request failed by a stage is not verified again
         self.events += result.events  # after any cancellation's, read in the shadow
         self._finish_step(result)

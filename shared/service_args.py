@@ -21,6 +21,7 @@ from shared.types.config import (
     NUMERICS,
     NUMERICS_HELP,
     POLICIES,
+    WIDTH_RULES,
     AttentionConfig,
     EngineConfig,
     PolicyConfig,
@@ -112,6 +113,9 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--refill-depth", type=int, default=None, help="default: stages - 1")
     p.add_argument("--branch", type=int, default=4)
+    p.add_argument("--width-rule", choices=WIDTH_RULES, default="cost", help="specpipe: cost (default) sizes each request's tree width per step from its measured acceptance and "
+                        "the measured step cost, down to 0 (as pp) under saturation; budget keeps --width while the "
+                        "token budget allows")
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help="most prompt rows per prefill micro-batch; a shorter prompt goes in one chunk per stage")
     p.add_argument("--token-budget", type=int, default=256)
@@ -124,7 +128,7 @@ def redis_config(args: argparse.Namespace) -> RedisConfig:
 
 def policy_config(args: argparse.Namespace) -> PolicyConfig:
     refill = args.refill_depth if args.refill_depth is not None else max(args.stages - 1, 1)
-    return PolicyConfig(args.policy, args.stages, args.width, args.depth, refill, args.branch)
+    return PolicyConfig(args.policy, args.stages, args.width, args.depth, refill, args.branch, args.width_rule)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

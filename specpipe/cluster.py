@@ -27,6 +27,7 @@ from shared.types.config import (
     LAYER_SPLIT_HELP,
     NUMERICS,
     NUMERICS_HELP,
+    WIDTH_RULES,
     AttentionConfig,
 )
 from specpipe.supervisor import RESTART_POLICIES, Child, RestartPolicy, Supervisor
@@ -63,6 +64,7 @@ class ClusterConfig:
     policy: str = "specpipe"
     stages: int = 2
     width: int = 4
+    width_rule: str = "cost"  # specpipe: how the scheduler sizes each request's width (PolicyConfig.width_rule)
     drafts: int = 1
     token_budget: int = 256
     redis_url: str = DEFAULTS["REDIS_URL"]
@@ -118,7 +120,7 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
     py = sys.executable
     procs = {
         "scheduler": [py, "-m", "scheduler", *cfg.common_args(), "--policy", cfg.policy, "--stages", str(cfg.stages),
-                      "--width", str(cfg.width), "--token-budget", str(cfg.token_budget),
+                      "--width", str(cfg.width), "--width-rule", cfg.width_rule, "--token-budget", str(cfg.token_budget),
                       *cfg.limits.scheduler_args(), *cfg.extra],
     }
     for k in range(cfg.stages):
@@ -273,6 +275,9 @@ def up_main(argv: list[str]) -> int:
     p.add_argument("--policy", default="specpipe", choices=["pp", "tree", "specpipe"])
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--width", type=int, default=4)
+    p.add_argument("--width-rule", choices=WIDTH_RULES, default="cost",
+                   help="specpipe: cost sizes each request's width from its acceptance and the measured step cost "
+                        "(0 under saturation); budget keeps --width while the token budget allows")
     p.add_argument("--drafts", type=int, default=1, help="draft worker processes")
     p.add_argument("--device", default=None,
                    help="the stages' and drafts' device: cpu, cuda (stage k on GPU k, the drafts on the GPUs after "
@@ -313,7 +318,8 @@ def up_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     env_keys = env("SPECPIPE_API_KEYS")
     cfg = ClusterConfig(
-        model=a.model, draft=a.draft, policy=a.policy, stages=a.stages, width=a.width, drafts=a.drafts,
+        model=a.model, draft=a.draft, policy=a.policy, stages=a.stages, width=a.width,
+        width_rule=a.width_rule, drafts=a.drafts,
         token_budget=a.token_budget, redis_url=a.redis_url, prefix=a.prefix, master_port=a.master_port, port=a.port,
         host=a.host, attention=attention_config(a), device=a.device, dtype=a.dtype, draft_dtype=a.draft_dtype,
         numerics=a.numerics, layer_split=a.layer_split,

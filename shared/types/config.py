@@ -24,6 +24,7 @@ NUMERICS_HELP = ("fast (default): one GEMM per micro-batch and batched attention
                  "decoding whatever the batch")
 Policy = Literal["pp", "tree", "specpipe"]
 POLICIES: tuple[str, ...] = typing.get_args(Policy)
+WIDTH_RULES = ("cost", "budget")
 
 LAYER_SPLITS = ("balanced", "even")
 LAYER_SPLIT_HELP = ("how layers are cut into stages: balanced (default) weighs the LM head in layers' worth of weights "
@@ -174,6 +175,9 @@ class PolicyConfig:
     depth: int = 4  # tree policy: levels per round
     refill_depth: int = 4  # specpipe: drafted levels carried by a refill micro-batch
     branch: int = 4  # draft proposals kept per expanded node
+    # specpipe: "cost" sizes each request's width per step from its acceptance and the measured step cost
+    # (scheduler/width.py; 0 under saturation); "budget" keeps `width` while the token budget allows
+    width_rule: str = "cost"
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -184,6 +188,8 @@ class PolicyConfig:
             raise ConfigError("width must be >= 1 (use --policy pp for no speculation)")
         if self.depth < 1 or self.refill_depth < 0 or self.branch < 1:
             raise ConfigError("depth and branch must be >= 1, refill_depth >= 0")
+        if self.width_rule not in WIDTH_RULES:
+            raise ConfigError(f"unknown width rule '{self.width_rule}': choose one of {', '.join(WIDTH_RULES)}")
 
     @property
     def max_inflight(self) -> int:

@@ -56,7 +56,8 @@ def executor_records(model_dir, draft: str, stages: int, refill: int, prompt: li
     """The executor's records, and the rows of each refill it sent (the bonus token and its drafted levels)."""
     arch = ModelArch.from_model_dir(model_dir)
     cfg = SimulationConfig(model=str(model_dir), draft=draft,
-                           policy=PolicyConfig("specpipe", stages, WIDTH, refill_depth=refill, branch=BRANCH),
+                           policy=PolicyConfig("specpipe", stages, WIDTH, refill_depth=refill, branch=BRANCH,
+                                                        width_rule="budget"),
                            engine=EngineConfig(prefill_chunk=CHUNK, token_budget=BUDGET, numerics="exact"))
     pipe = build_pipeline(cfg, trace_limit=1)[0]
     state = pipe.submit(Request("r", tuple(prompt), sampling, n, frozenset(arch.eos_token_ids)))
@@ -115,7 +116,8 @@ def test_services_and_executor_step_alike(tmp_path, tiny_dir, case, request) -> 
     jobs = _jobs(model, model_dir)
     # a generous draft wait: an answer takes milliseconds, and a late one would change the tree
     cluster = Cluster(tmp_path, str(model_dir), stages=stages, draft=draft,
-                      extra=("--refill-depth", str(refill), "--draft-wait-ms", "20000", "--trace-steps"))
+                      extra=("--refill-depth", str(refill), "--draft-wait-ms", "20000", "--trace-steps",
+                             "--width-rule", "budget"))  # the cost rule learns from wall-clock beats
     try:
         for label, (prompt, n, sampling) in jobs.items():  # one at a time: each request's steps are its own
             s = sampling

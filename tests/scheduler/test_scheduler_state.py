@@ -213,8 +213,10 @@ class FakePipeline:
         draft: FakeDraft | None = None,
         draft_lag: int = 0,
         scheduler_cls: type[Scheduler] = Scheduler,
+        step_cost: Callable[[int], float] | None = None,
     ):
         self.policy = policy
+        self.step_cost = step_cost  # seconds of a step by its largest micro-batch, reported as a driver would
         self.sched = scheduler_cls(policy, engine, context_limit=100_000)
         self.draft = draft if draft is not None else FakeDraft()
         self.draft_lag = draft_lag
@@ -261,6 +263,8 @@ class FakePipeline:
         result = self.sched.update_from_output(self._last_stage(last).target_tokens()) if last is not None else StepResult()
         self._apply(result)
         self.results.append(result)
+        if self.step_cost is not None:
+            self.sched.observe_step(self.step_cost(max(len(b.rows) for b in incoming if b is not None)))
         return result
 
     def run(self, arrivals: list[tuple[int, Request]], max_steps: int = 5_000) -> None:
@@ -657,6 +661,7 @@ class Scenario:
     engine: EngineConfig
     draft: FakeDraft
     arrivals: list[tuple[int, Request]]
+    row_cost: float | None = None  # reported step seconds = 1 + row_cost * rows (the cost rule narrows)
 
 
 @st.composite
@@ -668,6 +673,7 @@ def scenarios(draw: st.DrawFn, policy_names: tuple[str, ...] = POLICIES) -> Scen
         depth=draw(st.integers(1, 4), label="depth"),
         refill_depth=draw(st.integers(0, 4), label="refill_depth"),
         branch=draw(st.integers(1, 4), label="branch"),
+        width_rule=draw(st.sampled_from(["cost", "budget"]), label="width_rule"),
     )
     engine = EngineConfig(prefill_chunk=draw(st.integers(1, 8), label="prefill_chunk"), max_new_tokens=30)
     draft = FakeDraft(
@@ -683,12 +689,13 @@ def scenarios(draw: st.DrawFn, policy_names: tuple[str, ...] = POLICIES) -> Scen
         stop = frozenset(draw(st.sets(st.integers(0, VOCAB - 1), max_size=2), label="stop"))
         request = Request(f"r{i}", prompt, max_new_tokens=draw(st.integers(1, 30), label="max_new"), stop_ids=stop)
         arrivals.append((draw(st.integers(0, 12), label="arrival"), request))
-    return Scenario(policy, engine, draft, arrivals)
+    return Scenario(policy, engine, draft, arrivals, draw(st.sampled_from([None, 0.0, 0.5, 4.0]), label="row_cost"))
 
 
 def check_run(scn: Scenario, draft_lag: int = 0) -> FakePipeline:
     """Run a scenario (per-step invariants are asserted inside) and check the end-to-end properties."""
-    pipe = FakePipeline(scn.policy, scn.engine, scn.draft, draft_lag=draft_lag)
+    cost = None if scn.row_cost is None else (lambda rows: 1.0 + scn.row_cost * rows)
+    pipe = FakePipeline(scn.policy, scn.engine, scn.draft, draft_lag=draft_lag, step_cost=cost)
     pipe.run(scn.arrivals)
     n = scn.policy.stages
     for _, request in scn.arrivals:
@@ -709,6 +716,7 @@ def check_run(scn: Scenario, draft_lag: int = 0) -> FakePipeline:
             assert state.stats.steps == (t - 1) * n
             assert state.stats.accepted == 0 and state.stats.sent_speculative == 0
         perfect = scn.draft.accuracy == 1.0 and scn.draft.top_rank and scn.draft.decline == 0.0 and draft_lag == 0
+        perfect = perfect and (scn.row_cost is None or scn.policy.width_rule == "budget")  # else widths vary
         if perfect:
             # The true path wins every level (see FakeDraft), so a token is never missed while its
             # node could have been sent: the step count is exact for every policy.

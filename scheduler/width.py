@@ -1,0 +1,172 @@
+"""SpecPipe-DB's dynamic width: how many tree nodes per level each request sends, from acceptance and cost.
+
+A request that streams levels at width w accepts a level with probability
+a(w) (the target's token is among the frontier's w best sent children). A
+miss costs a refill: the pipe's `stages` steps pass before the bonus token's
+target returns, carrying `refill` drafted levels. Per cycle (one miss to the
+next), with a = a(w), N = stages, R = refill levels:
+
+    tokens = 1 + a + a^2 + ... + a^R + a^(R+1) / (1 - a)
+    steps  = N + a^(R+1) / (1 - a)
+
+so a request yields tokens/steps per step: 1/N at a = 0 (plain PP), up to 1.
+A step costs the pipeline's slowest stage (and, if slower, the draft) at its
+number of rows, which grows with the widths. The plan picks the widths that
+maximise tokens per second over the decoding requests: the k requests that
+gain most from width w speculate at w, the rest send their roots only (as
+PP), and k = 0 under saturation, where a row of one more request's root is
+worth more than a speculative row of another's tree.
+
+Step costs are learnt online (moving averages per power-of-two row count)
+from the durations the driver reports (StepCosts). Acceptance of a rank never
+sent is guessed optimistically, so that a plan tries it once and learns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MAX_RANK = 8  # acceptance is counted for the frontier's 8 best sent children (rank 7 = 7th best or worse)
+PRIOR_WEIGHT = 4.0  # verifications' worth of the pooled acceptance in one request's estimate
+PRIOR_ALPHA = 0.5  # acceptance assumed at rank 0 before any verification, halved per rank below
+EWMA = 0.25  # weight of the newest step duration in its row bucket
+MAX_ALPHA = 0.95  # an estimate of 1 would make a miss look impossible
+
+
+@dataclass
+class Acceptance:
+    """Verifications of one request (or pooled): `tried[k]` levels whose frontier had more than k sent children,
+    `hits[k]` of them accepted the child of rank k (0 = highest draft score)."""
+
+    tried: list[int] = field(default_factory=lambda: [0] * MAX_RANK)
+    hits: list[int] = field(default_factory=lambda: [0] * MAX_RANK)
+
+    def record(self, sent: int, rank: int | None) -> None:
+        for k in range(min(sent, MAX_RANK)):
+            self.tried[k] += 1
+        if rank is not None:
+            self.hits[min(rank, MAX_RANK - 1)] += 1
+
+    def alphas(self, width: int, prior: list[float]) -> list[float]:
+        """P(accept) at widths 1..width: sums over ranks < w of P(hit at rank k), each rank estimated from the
+        levels that sent it (a narrow level says nothing about rank k), shrunk towards the pooled `prior`
+        (rank_rates of all requests)."""
+        out, total = [], 0.0
+        for k in range(min(width, MAX_RANK)):
+            total += (self.hits[k] + PRIOR_WEIGHT * prior[k]) / (self.tried[k] + PRIOR_WEIGHT)
+            out.append(min(total, MAX_ALPHA))
+        return out + out[-1:] * (width - len(out))  # past the last rank counted, no more
+
+    def rank_rates(self) -> list[float]:
+        """Pooled P(hit at rank k); a rank never sent is assumed worth half the one above it (optimistic, so
+        that a plan tries it once and learns)."""
+        return [(self.hits[k] + PRIOR_ALPHA ** (k + 1)) / (self.tried[k] + 1) for k in range(MAX_RANK)]
+
+
+def tokens_per_step(alpha: float, stages: int, refill: int) -> float:
+    """Expected tokens a streaming request yields per pipeline step (module docstring)."""
+    a = min(max(alpha, 0.0), MAX_ALPHA)
+    tail = a ** (refill + 1) / (1 - a)
+    return ((1 - a ** (refill + 1)) / (1 - a) + tail) / (stages + tail)
+
+
+@dataclass
+class StepCosts:
+    """Seconds per pipeline step by the most rows a micro-batch in the pipe had, learnt from reported steps.
+
+    Per power-of-two bucket of rows, moving averages of the rows and the seconds. Between two measured
+    buckets the cost is interpolated; outside them it follows a line fitted through all of them (never falling
+    with rows). Below the narrowest bucket it is never dearer per row than there; with one bucket only, it is
+    proportional to rows below it and flat above it: optimistic both ways, so that a plan tries and learns: a CPU's step grows about linearly with rows, a GPU's hardly at all."""
+
+    points: dict[int, tuple[float, float]] = field(default_factory=dict)  # bucket -> (rows, seconds) averages
+    _fit: tuple[list[tuple[float, float]], float, float] | None = None  # sorted points and their line, cached
+
+    @staticmethod
+    def bucket(rows: int) -> int:
+        return max(0, math.ceil(math.log2(max(rows, 1))))
+
+    def observe(self, rows: int, seconds: float) -> None:
+        b = self.bucket(rows)
+        old = self.points.get(b)
+        new = (float(rows), seconds)
+        self.points[b] = new if old is None else tuple((1 - EWMA) * o + EWMA * n for o, n in zip(old, new))
+        self._fit = None
+
+    def __call__(self, rows: float) -> float:
+        """Expected seconds of a step whose largest micro-batch has `rows` rows (1.0 when nothing is known)."""
+        if not self.points:
+            return 1.0
+        if self._fit is None:
+            pts = sorted(self.points.values())
+            self._fit = (pts, *_line(pts))
+        pts, slope, intercept = self._fit
+        (x0, y0), (xn, yn) = pts[0], pts[-1]
+        if rows < x0:  # narrower than anything measured: the line, but no dearer per row than at x0 (one point:
+            return max(intercept + slope * rows, y0 * max(rows, 1) / x0) if len(pts) > 1 else y0 * max(rows, 1) / x0
+        if rows > xn:  # wider: the line (one point: no dearer); optimistic both ways, so a plan tries it and learns
+            return intercept + slope * rows
+        i = next(k for k in range(1, len(pts)) if pts[k][0] >= rows) if len(pts) > 1 else 0
+        (xa, ya), (xb, yb) = (pts[i - 1], pts[i]) if i else (pts[0], pts[0])
+        return ya if xb == xa else ya + (yb - ya) * (rows - xa) / (xb - xa)
+
+
+def _line(pts: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares line through the points, its slope clamped at >= 0 (flat through their mean if one)."""
+    n = len(pts)
+    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+    var = sum((x - mx) ** 2 for x, _ in pts)
+    slope = max(sum((x - mx) * (y - my) for x, y in pts) / var, 0.0) if var > 0 else 0.0
+    return slope, my - slope * mx
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One decoding request the plan may let speculate."""
+
+    request_id: str
+    max_width: int  # its policy's width, capped by its share of the token budget
+    gain: tuple[float, ...]  # tokens per step at widths 0..max_width
+
+
+@dataclass(frozen=True)
+class WidthPlan:
+    widths: dict[str, int]  # per request planned
+    default: int  # for a request that started decoding since: the width its speculating peers got
+    step: int  # the step it was made for (it is made again 2 x `stages` steps later)
+    informed: bool = True  # made knowing some step's cost; if not, it is made again once one is known
+    rows: int = 0  # rows per step it sends (speculating requests' widths, the others' roots): its cost's key
+
+    def width_of(self, request_id: str) -> int:
+        return self.widths.get(request_id, self.default)
+
+
+def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int = 0) -> WidthPlan:
+    """Widths that maximise expected tokens per second of the whole batch (ties: the wider plan).
+
+    For each width w, each request would speculate at min(w, its max width); the k requests that gain most
+    do, the others send their roots only. k and w are chosen together."""
+    if not candidates:
+        return WidthPlan({}, 0, step, bool(costs.points))
+    stages = max(stages, 1)
+
+    def roots(k: int) -> int:  # rows of the requests not speculating, as PP: each root once every `stages` steps
+        return math.ceil((len(candidates) - k) / stages)
+
+    base = sum(c.gain[0] for c in candidates)
+    best, best_w, best_rows = {}, 0, roots(0)
+    best_rate = base / costs(best_rows)
+    for w in range(1, max(c.max_width for c in candidates) + 1):
+        widths = {c.request_id: min(w, c.max_width) for c in candidates}
+        ranked = sorted(candidates, key=lambda c: c.gain[0] - c.gain[widths[c.request_id]])  # most gain first
+        tokens, rows = base, 0
+        for k, c in enumerate(ranked, start=1):
+            tokens += c.gain[widths[c.request_id]] - c.gain[0]
+            rows += widths[c.request_id]
+            rate = tokens / costs(rows + roots(k))
+            if rate >= best_rate:
+                best, best_w, best_rows, best_rate = {r.request_id: widths[r.request_id] for r in ranked[:k]}, w, \
+                    rows + roots(k), rate
+    return WidthPlan({c.request_id: best.get(c.request_id, 0) for c in candidates}, best_w, step, bool(costs.points),
+                     best_rows)

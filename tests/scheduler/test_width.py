@@ -1,0 +1,150 @@
+"""SpecPipe-DB's width plan (scheduler/width.py): acceptance, the tokens-per-step model, step costs, the plan,
+and the scheduler narrowing under load while staying lossless."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.width import MAX_ALPHA, Acceptance, Candidate, StepCosts, plan, tokens_per_step
+from shared.types.config import EngineConfig, PolicyConfig
+from shared.types.errors import ConfigError
+from tests.scheduler.test_scheduler_state import FakeDraft, FakePipeline, Request, reference_decode
+
+pytestmark = pytest.mark.unit
+
+TOKENS_PER_STEP = {
+    # label: (alpha, stages, refill, expected)
+    "no acceptance is plain PP: one token per N steps": (0.0, 8, 3, 1 / 8),
+    "one stage, no acceptance: a token a step": (0.0, 1, 0, 1.0),
+    "alpha 0.5, 4 stages, no refill": (0.5, 4, 0, (1 + 1.0) / (4 + 1.0)),
+    "alpha 0.5, 4 stages, refill 2: the refill's levels add tokens": (0.5, 4, 2, (1.75 + 0.25) / (4 + 0.25)),
+}
+
+
+@pytest.mark.parametrize("case", list(TOKENS_PER_STEP))
+def test_tokens_per_step(case) -> None:
+    alpha, stages, refill, expected = TOKENS_PER_STEP[case]
+    assert tokens_per_step(alpha, stages, refill) == pytest.approx(expected)
+
+
+def test_tokens_per_step_grows_with_acceptance() -> None:
+    rates = [tokens_per_step(a / 10, 8, 3) for a in range(10)]
+    assert rates == sorted(rates) and rates[-1] < 1.0
+
+
+def test_acceptance_counts_a_rank_only_where_it_was_sent() -> None:
+    acc = Acceptance()
+    for _ in range(10):
+        acc.record(sent=1, rank=0)  # width 1: always the best child
+    for _ in range(10):
+        acc.record(sent=2, rank=None)  # width 2: missed both
+    for _ in range(10):
+        acc.record(sent=2, rank=1)  # width 2: the second best
+    # rank 0: 10 hits in 30 levels; rank 1: 10 in the 20 levels that sent it
+    alphas = acc.alphas(8, Acceptance().rank_rates())  # no pooled data: the prior alone
+    assert alphas[0] == pytest.approx((10 + 4 * 0.5) / (30 + 4))
+    assert alphas[1] == pytest.approx((10 + 2) / 34 + (10 + 4 * 0.25) / 24)
+    # a rank never sent adds its optimistic prior, half the rank above's (1/8 for rank 2); capped below 1
+    assert alphas[2] == pytest.approx(alphas[1] + 0.125)
+    assert alphas[7] == MAX_ALPHA
+
+
+STEP_COSTS = {
+    # label: (observations, rows asked, expected seconds)
+    "nothing known: 1": ([], 16, 1.0),
+    "a measured point": ([(8, 0.2)], 8, 0.2),
+    "one bucket known: proportional, narrower": ([(8, 0.2)], 2, 0.05),
+    "one bucket known: flat, wider": ([(8, 0.2)], 64, 0.2),
+    "between known buckets: interpolated": ([(2, 0.1), (32, 0.5)], 8, 0.18),
+    "beyond them: the fitted line": ([(2, 0.1), (32, 0.5)], 62, 0.9),
+    "below them: the fitted line": ([(2, 0.1), (32, 0.5)], 1, 0.1 - 0.4 / 30),
+    "a line never falls with rows": ([(2, 0.5), (32, 0.1)], 64, 0.3),
+    "moving average": ([(4, 1.0), (4, 0.0)], 4, 0.75),
+}
+
+
+@pytest.mark.parametrize("case", list(STEP_COSTS))
+def test_step_costs(case) -> None:
+    observations, rows, expected = STEP_COSTS[case]
+    costs = StepCosts()
+    for n, s in observations:
+        costs.observe(n, s)
+    assert costs(rows) == pytest.approx(expected)
+
+
+def _candidates(alphas: list[float], width: int = 4, stages: int = 8) -> list[Candidate]:
+    """Acceptance `a` at width 1, growing by 0.05 per extra node."""
+    return [Candidate(f"r{i}", width, (1 / stages, *(tokens_per_step(a + 0.05 * (w - 1) if a else 0.0, stages, 3)
+                                                   for w in range(1, width + 1))))
+            for i, a in enumerate(alphas)]
+
+
+def _costs(per_row: float, fixed: float = 1.0) -> StepCosts:
+    costs = StepCosts()
+    for rows in (1, 2, 4, 8, 16, 32, 64, 128):
+        costs.observe(rows, fixed + per_row * rows)
+    return costs
+
+
+PLANS = {
+    # label: (acceptance per request, per-row cost, expected widths)
+    "free rows: everyone at full width": ([0.3, 0.3], 0.0, {"r0": 4, "r1": 4}),
+    "nothing measured yet: full width (the old rule)": ([0.3, 0.3], None, {"r0": 4, "r1": 4}),
+    "rows dear, many requests: PP (width 0)": ([0.2] * 16, 1.0, {f"r{i}": 0 for i in range(16)}),
+    "the request that accepts speculates, the other does not": ([0.3, 0.0], 0.02, {"r0": 4, "r1": 0}),
+    "moderate cost: a narrower tree": ([0.3], 0.2, {"r0": 1}),
+}
+
+
+@pytest.mark.parametrize("case", list(PLANS))
+def test_plan(case) -> None:
+    alphas, per_row, expected = PLANS[case]
+    costs = StepCosts() if per_row is None else _costs(per_row)
+    assert plan(_candidates(alphas), costs, 8).widths == expected
+
+
+def test_plan_keeps_a_request_below_its_own_max_width() -> None:
+    cands = [Candidate("narrow", 1, (0.125, 0.3)), Candidate("wide", 4, (0.125, 0.3, 0.35, 0.4, 0.45))]
+    made = plan(cands, StepCosts(), 8)
+    assert made.widths == {"narrow": 1, "wide": 4}
+    assert made.width_of("new since") == 4  # a request decoding since the plan gets its peers' width
+
+
+def test_width_rule_is_validated() -> None:
+    with pytest.raises(ConfigError, match="width rule"):
+        PolicyConfig("specpipe", width_rule="fixed")
+
+
+def _run(policy_name: str, width_rule: str, requests: int, row_cost: float, n: int = 24) -> tuple[FakePipeline, float]:
+    """Serve `requests` of `n` tokens at once, twice (a long-lived scheduler has learnt its costs by the second
+    time); the modeled seconds of the second (step cost 1 + row_cost per row)."""
+    policy = PolicyConfig(policy_name, stages=4, width=4, refill_depth=2, width_rule=width_rule)
+    spent = []
+    cost = lambda rows: spent.append(1.0 + row_cost * rows) or spent[-1]  # noqa: E731
+    pipe = FakePipeline(policy, EngineConfig(prefill_chunk=8, max_new_tokens=n), FakeDraft(accuracy=0.3, seed=1),
+                        step_cost=cost)
+    for round_ in ("a", "b"):
+        spent.clear()
+        pipe.run([(0, Request(f"{round_}{i}", (i + 1, 2, 3), max_new_tokens=n)) for i in range(requests)])
+    for rid, request in pipe.requests.items():
+        assert pipe.sched.requests[rid].output == reference_decode(request.prompt, n)
+    return pipe, sum(spent)
+
+
+RUNS = {"pp": ("pp", "cost"), "specpipe, budget rule": ("specpipe", "budget"), "specpipe, cost rule": ("specpipe", "cost")}
+
+
+def test_cost_rule_never_falls_below_pp_under_saturation() -> None:
+    """16 requests, a draft mostly wrong, rows dear: the budget rule's speculation makes the run far slower than
+    plain PP; the cost rule has learnt it and stays near PP's time, losslessly."""
+    seconds = {label: _run(*RUNS[label], 16, 1.0)[1] for label in RUNS}
+    assert seconds["specpipe, budget rule"] > 1.5 * seconds["pp"], seconds
+    assert seconds["specpipe, cost rule"] < 1.1 * seconds["pp"], seconds
+
+
+def test_cost_rule_keeps_speculating_when_rows_are_free() -> None:
+    """One request, rows free (a GPU's step): the plan stays at full width, as the budget rule, and beats PP."""
+    runs = {label: _run(*RUNS[label], 1, 0.0) for label in RUNS}
+    sent = {label: pipe.sched.requests["b0"].stats.sent_speculative for label, (pipe, _) in runs.items()}
+    assert sent["specpipe, cost rule"] == sent["specpipe, budget rule"] > 0
+    assert runs["specpipe, cost rule"][1] < runs["pp"][1]
