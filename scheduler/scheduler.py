@@ -284,6 +284,7 @@ class Scheduler:
         rows: list[Row] = []
         members = set()
         states, decoding = self.active(), self._decoding()
+        prefill = 0  # prompt rows in this batch
         for state in sorted(states, key=lambda s: s.phase is Phase.PREFILL):
             budget = self.engine.token_budget - len(rows)
             if budget <= 0:
@@ -291,11 +292,14 @@ class Scheduler:
             new_rows = self._rows_for(state, self.width_of(state, decoding), budget)
             if new_rows:
                 rows.extend(new_rows)
+                prefill += len(new_rows) if state.phase is Phase.PREFILL else 0
                 state.inflight += 1
                 members.add(state.request.request_id)
         batch = MicroBatch(self._next_batch, rows)
         self._batch_members[batch.batch_id] = members
-        self._planned_rows.append(self._plan.rows if self._plan is not None and decoding else 0)
+        # the cost key of this batch: the plan's rows per step, or its prompt chunk's rows if larger (a prefill
+        # step costs what its rows cost, whatever the plan)
+        self._planned_rows.append(max(self._plan.rows if self._plan is not None and decoding else 0, prefill))
         self._next_batch += 1
         return batch
 
@@ -412,10 +416,11 @@ class Scheduler:
         tree = state.tree
         sent = sorted((c for c in tree[frontier].children if tree[c].status is Status.SENT),
                       key=lambda c: (-tree[c].score, c))
-        if sent:
-            rank = sent.index(child) if child is not None else None
-            state.stats.acceptance.record(len(sent), rank)
-            self.acceptance.record(len(sent), rank)
+        if not sent and not (self._plan is not None and self._plan.width_of(state.request.request_id)):
+            return  # nothing was meant to be sent (PP, or before any plan): not a verification of speculation
+        rank = sent.index(child) if child is not None else None  # a draft that proposed nothing: a miss at rank 0
+        state.stats.acceptance.record(max(len(sent), 1), rank)
+        self.acceptance.record(max(len(sent), 1), rank)
 
     def _accept(self, state: RequestState, frontier: int, child: int, result: StepResult) -> None:
         tree, rid = state.tree, state.request.request_id
