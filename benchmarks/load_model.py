@@ -134,7 +134,7 @@ def width_rules(cfg: LoadModelConfig, cost: CostModel, prompts: list[list[int]],
 def markdown(rows: list[dict]) -> list[str]:
     lines = [("| load | width rule | throughput tok/s pp → specpipe | ratio | tokens/step pp → specpipe "
               "| TBT mean ms pp → specpipe | identical |"), "|---|---|---|---|---|---|---|"]
-    for x in sorted(rows, key=lambda x: (x["concurrency"] or 0, x["rate_fraction"] or 0, x["rule"])):
+    for x in sorted(rows, key=lambda x: (x["concurrency"] is None, x["concurrency"] or 0, x["rate_fraction"] or 0, x["rule"])):
         load = f"{x['concurrency']} concurrent" if x["concurrency"] else f"Poisson {x['rate_fraction']:.2f}× sat."
         t, k, b = x["throughput"], x["tokens_per_step"], x["tbt_mean"]
         lines.append(f"| {load} | {x['rule']} | {t['pp']:.2f} → {t['specpipe']:.2f} | **{x['throughput_ratio']:.2f}×** "

@@ -122,7 +122,7 @@ class Scheduler:
         self.costs = StepCosts()  # step seconds by rows, as the driver reports them (observe_step)
         self.acceptance = Acceptance()  # pooled over every request so far: the prior of each one's estimate
         self._plan: WidthPlan | None = None  # the cost rule's widths, made again every 2 x `stages` steps
-        self._planned_rows: deque[int] = deque(maxlen=max(policy.stages, 1))  # plan.rows of the batches in the pipe
+        self._planned_rows: deque[int] = deque(maxlen=max(policy.stages, 1))  # cost keys of the batches in the pipe
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(self, request: Request) -> RequestState:
