@@ -24,6 +24,7 @@ sent is guessed optimistically, so that a plan tries it once and learns.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 
@@ -95,21 +96,22 @@ class StepCosts:
         self._fit = None
 
     def __call__(self, rows: float) -> float:
-        """Expected seconds of a step whose largest micro-batch has `rows` rows (1.0 when nothing is known)."""
+        """Expected seconds of a step under a plan that sends `rows` rows per step (1.0 when nothing is known)."""
         if not self.points:
             return 1.0
         if self._fit is None:
             pts = sorted(self.points.values())
             self._fit = (pts, *_line(pts))
         pts, slope, intercept = self._fit
-        (x0, y0), (xn, yn) = pts[0], pts[-1]
-        if rows < x0:  # narrower than anything measured: the line, but no dearer per row than at x0 (one point:
-            return max(intercept + slope * rows, y0 * max(rows, 1) / x0) if len(pts) > 1 else y0 * max(rows, 1) / x0
-        if rows > xn:  # wider: the line (one point: no dearer); optimistic both ways, so a plan tries it and learns
+        (x0, y0), xn = pts[0], pts[-1][0]
+        if rows < x0:  # narrower than anything measured: no dearer per row than at x0
+            proportional = y0 * max(rows, 1) / x0
+            return proportional if len(pts) == 1 else max(intercept + slope * rows, proportional)
+        if rows > xn:  # wider: the line (flat with one point)
             return intercept + slope * rows
-        i = next(k for k in range(1, len(pts)) if pts[k][0] >= rows) if len(pts) > 1 else 0
-        (xa, ya), (xb, yb) = (pts[i - 1], pts[i]) if i else (pts[0], pts[0])
-        return ya if xb == xa else ya + (yb - ya) * (rows - xa) / (xb - xa)
+        i = bisect.bisect_left([x for x, _ in pts], rows)  # pts[i - 1] < rows <= pts[i]
+        (xa, ya), (xb, yb) = pts[max(i - 1, 0)], pts[i]
+        return yb if xb == xa else ya + (yb - ya) * (rows - xa) / (xb - xa)
 
 
 def _line(pts: list[tuple[float, float]]) -> tuple[float, float]:
