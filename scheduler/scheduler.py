@@ -413,6 +413,9 @@ class Scheduler:
 
     def _count_acceptance(self, state: RequestState, frontier: int, child: int | None) -> None:
         """One verified level for the width plan: how many children were sent, and the accepted one's rank."""
+        policy = self.policy_of(state.request)
+        if not (policy.streams_levels and policy.width_rule == "cost"):
+            return  # no plan reads it
         tree = state.tree
         sent = sorted((c for c in tree[frontier].children if tree[c].status is Status.SENT),
                       key=lambda c: (-tree[c].score, c))
