@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from scheduler.tree import Status, TokenTree
-from scheduler.width import Acceptance, Candidate, StepCosts, WidthPlan, plan, tokens_per_step
+from scheduler.width import Acceptance, Candidate, StepCosts, WidthPlan, plan
 from shared.types.batch import ROOT_PARENT, MicroBatch, PipelineEvent, Row, TargetTokens
 from shared.types.config import EngineConfig, PolicyConfig, SamplingParams
 from shared.types.errors import RequestError
@@ -120,6 +120,11 @@ class Scheduler:
         self._batch_members: dict[int, set[str]] = {}
         self.retired = RequestStats()  # counts of the requests that have left
         self.costs = StepCosts()  # step seconds by rows, as the driver reports them (observe_step)
+        self.plain_costs = StepCosts()  # step seconds by rows of the steps nothing was drafted for (prefill, PP)
+        self.refill_costs = StepCosts(unknown=0.0)  # extra seconds of a step whose batch carried a refill, by levels
+        self._refill_sent = 0  # drafted levels of the deepest refill in the batch just scheduled
+        self._drafting = False  # expansion jobs went out since the last schedule(): for the next batch
+        self._drafted = False  # ... and for the batch just scheduled
         self.acceptance = Acceptance()  # pooled over every request so far: the prior of each one's estimate
         self._plan: WidthPlan | None = None  # the cost rule's widths, made again every 2 x `stages` steps
         self._planned_rows: deque[int] = deque(maxlen=max(policy.stages, 1))  # cost keys of the batches in the pipe
@@ -167,9 +172,19 @@ class Scheduler:
         """The driver's measured duration of the step just run. The width plan's cost model learns it as the cost
         of a step under a plan: keyed by the rows per step that plan sends, so that everything a plan's steps
         cost (refills, their drafting, the wire) is in it and plans are compared as they were measured. The
-        pipe holds the batches of the last `stages` steps, maybe of two plans: the step is the larger one's."""
-        if any(self._planned_rows):
-            self.costs.observe(max(self._planned_rows), seconds)
+        pipe holds the batches of the last `stages` steps, maybe of two plans: the step is the larger one's.
+        A step whose batch carried a refill of r drafted levels waited for their drafting: what it took beyond a
+        step's cost is learnt as the cost of a refill of r levels. A step nothing was drafted for (prefill, a
+        plan of PP) is learnt apart: where the draft paces the pipe, not drafting is what makes PP cheap."""
+        if not any(self._planned_rows):
+            return
+        key = max(self._planned_rows)
+        if not self._drafted:
+            self.plain_costs.observe(key, seconds)
+        elif self._refill_sent == 0:
+            self.costs.observe(key, seconds)
+        elif self.costs.points:
+            self.refill_costs.observe(self._refill_sent, max(seconds - self.costs(key), 0.0))
 
     def active(self) -> list[RequestState]:
         return [s for s in self.requests.values() if s.phase is not Phase.DONE]
@@ -183,6 +198,7 @@ class Scheduler:
                 state.expanding.update(nodes)
                 refs = [self._ref(state, n) for n in nodes]
                 jobs.append(ExpansionJob(state.request.request_id, state.text, refs, self.policy_of(state.request).branch))
+        self._drafting = self._drafting or bool(jobs)
         return jobs
 
     def add_proposals(self, request_id: str, node_id: int, proposals: list[tuple[int, float]]) -> None:
@@ -222,11 +238,20 @@ class Scheduler:
         """This request's width now: the budget's share, and under the cost rule the plan's choice."""
         policy = self.policy_of(state.request)
         width = self.effective_width(policy, decoding)
-        if not (policy.streams_levels and policy.width_rule == "cost") or state.phase is not Phase.DECODE:
+        if not self._uses_plan(state):
             return width
         if self._plan is None or not self._plan.widths:  # none yet, or made while no request decoded
             self._plan = self._make_plan(decoding, self.step)
         return min(width, self._plan.width_of(state.request.request_id))
+
+    def refill_of(self, state: RequestState) -> int:
+        """Drafted levels this request's refill carries: its policy's, and under the cost rule the plan's choice."""
+        levels = self.policy_of(state.request).refill_levels
+        return min(levels, self._plan.refill) if self._plan is not None and self._uses_plan(state) else levels
+
+    def _uses_plan(self, state: RequestState) -> bool:
+        policy = self.policy_of(state.request)
+        return policy.streams_levels and policy.width_rule == "cost" and state.phase is Phase.DECODE
 
     def plan_ahead(self) -> None:
         """Make the next step's width plan now if it will be due: the services call this while the stages
@@ -243,14 +268,13 @@ class Scheduler:
         """SpecPipe-DB's widths for the decoding requests under the cost rule (scheduler/width.py)."""
         candidates, prior = [], self.acceptance.rank_rates()
         for state in self.active():
-            policy = self.policy_of(state.request)
-            if state.phase is not Phase.DECODE or not policy.streams_levels or policy.width_rule != "cost":
+            if not self._uses_plan(state):
                 continue
+            policy = self.policy_of(state.request)
             top = self.effective_width(policy, decoding)
-            stages, refill = policy.stages, policy.refill_levels
-            gain = (1 / stages, *(tokens_per_step(a, stages, refill) for a in state.stats.acceptance.alphas(top, prior)))
-            candidates.append(Candidate(state.request.request_id, top, gain))
-        return plan(candidates, self.costs, self.policy.stages, step)
+            alphas = tuple(state.stats.acceptance.alphas(top, prior))
+            candidates.append(Candidate(state.request.request_id, top, alphas, policy.refill_levels))
+        return plan(candidates, self.costs, self.policy.stages, step, self.refill_costs, self.plain_costs)
 
     def _decoding(self) -> int:
         return sum(1 for s in self.requests.values() if s.phase is Phase.DECODE)
@@ -260,7 +284,7 @@ class Scheduler:
     ) -> tuple[list[list[int]], list[int]]:
         """Levels below `roots` that are drafted already, and the nodes whose expansion would add one."""
         tree, levels, level = state.tree, [], roots
-        for _ in range(self.policy_of(state.request).refill_levels if width else 0):
+        for _ in range(self.refill_of(state) if width else 0):
             unexpanded = [n for n in level if not tree[n].expanded]
             if unexpanded:
                 return levels, unexpanded
@@ -285,6 +309,7 @@ class Scheduler:
         members = set()
         states, decoding = self.active(), self._decoding()
         prefill = 0  # prompt rows in this batch
+        self._refill_sent, self._drafted, self._drafting = 0, self._drafting, False
         for state in sorted(states, key=lambda s: s.phase is Phase.PREFILL):
             budget = self.engine.token_budget - len(rows)
             if budget <= 0:
@@ -356,6 +381,7 @@ class Scheduler:
         rid = state.request.request_id
         rows = [Row(rid, root.node_id, ROOT_PARENT, root.position, root.token, committed=True, needs_target=True)]
         levels, _ = self._drafted_levels(state, [root.node_id], width, budget)
+        self._refill_sent = max(self._refill_sent, len(levels))
         for level in levels:
             rows.extend(self._send(state, level))
         state.needs_refill = False

@@ -17,6 +17,12 @@ gain most from width w speculate at w, the rest send their roots only (as
 PP), and k = 0 under saturation, where a row of one more request's root is
 worth more than a speculative row of another's tree.
 
+A refill's R levels are drafted after the miss, one sequential draft forward
+per level, before its micro-batch can enter: where the draft is slow (a CPU,
+a large draft) that wait costs more than the levels it saves, so the plan
+chooses R too (0 = the bonus token alone, the levels then stream), from the
+measured extra seconds of the steps that carried a refill of R levels.
+
 Step costs are learnt online (moving averages per power-of-two row count)
 from the durations the driver reports (StepCosts). Acceptance of a rank never
 sent is guessed optimistically, so that a plan tries it once and learns.
@@ -82,6 +88,7 @@ class StepCosts:
     proportional to rows below it and flat above it: optimistic both ways, so that a plan tries and learns: a CPU's step grows about linearly with rows, a GPU's hardly at all."""
 
     points: dict[int, tuple[float, float]] = field(default_factory=dict)  # bucket -> (rows, seconds) averages
+    unknown: float = 1.0  # seconds assumed before any step is measured
     _fit: tuple[list[tuple[float, float]], float, float] | None = None  # sorted points and their line, cached
 
     @staticmethod
@@ -98,7 +105,7 @@ class StepCosts:
     def __call__(self, rows: float) -> float:
         """Expected seconds of a step under a plan that sends `rows` rows per step (1.0 when nothing is known)."""
         if not self.points:
-            return 1.0
+            return self.unknown
         if self._fit is None:
             pts = sorted(self.points.values())
             self._fit = (pts, *_line(pts))
@@ -129,7 +136,17 @@ class Candidate:
 
     request_id: str
     max_width: int  # its policy's width, capped by its share of the token budget
-    gain: tuple[float, ...]  # tokens per step at widths 0..max_width
+    alphas: tuple[float, ...]  # P(accept a level) at widths 1..max_width
+    max_refill: int  # its policy's refill depth
+
+    def gain(self, width: int, refill: int, stages: int) -> float:
+        """Tokens per step at this width (0: its root alone, as PP) and refill depth."""
+        return 1 / stages if width == 0 else tokens_per_step(self.alphas[width - 1], stages, min(refill, self.max_refill))
+
+    def miss_rate(self, width: int, refill: int, stages: int) -> float:
+        """Misses per step when speculating (one per cycle of N + streamed steps, module docstring)."""
+        a = min(self.alphas[width - 1], MAX_ALPHA)
+        return 1 / (stages + a ** (min(refill, self.max_refill) + 1) / (1 - a))
 
 
 @dataclass(frozen=True)
@@ -139,36 +156,48 @@ class WidthPlan:
     step: int  # the step it was made for (it is made again 2 x `stages` steps later)
     informed: bool = True  # made knowing some step's cost; if not, it is made again once one is known
     rows: int = 0  # rows per step it sends (speculating requests' widths, the others' roots): its cost's key
+    refill: int = 1 << 30  # drafted levels a speculating request's refill carries (capped by its policy's)
 
     def width_of(self, request_id: str) -> int:
         return self.widths.get(request_id, self.default)
 
 
-def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int = 0) -> WidthPlan:
-    """Widths that maximise expected tokens per second of the whole batch (ties: the wider plan).
+def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int = 0,
+         refill_costs: StepCosts | None = None, plain_costs: StepCosts | None = None) -> WidthPlan:
+    """Widths and refill depth that maximise expected tokens per second of the whole batch (ties: the wider,
+    deeper plan).
 
-    For each width w, each request would speculate at min(w, its max width); the k requests that gain most
-    do, the others send their roots only. k and w are chosen together."""
+    For each width w and refill depth r, each request would speculate at min(w, its max width); the k requests
+    that gain most do, the others send their roots only. k, w and r are chosen together. A step costs
+    costs(rows), plus refill_costs(r) (the refill's sequential drafting, where the pipe waits for it) when a
+    speculating request misses in it. With no request speculating nothing is drafted: such a step costs
+    plain_costs(rows) (steps measured with nothing drafted: prefill, PP), costs(rows) until one is measured."""
     if not candidates:
         return WidthPlan({}, 0, step, bool(costs.points))
     stages = max(stages, 1)
+    refill_costs = refill_costs or StepCosts(unknown=0.0)
 
     def roots(k: int) -> int:  # rows of the requests not speculating, as PP: each root once every `stages` steps
         return math.ceil((len(candidates) - k) / stages)
 
-    base = sum(c.gain[0] for c in candidates)
-    best, best_w, best_rows = {}, 0, roots(0)
-    best_rate = base / costs(best_rows)
-    for w in range(1, max(c.max_width for c in candidates) + 1):
-        widths = {c.request_id: min(w, c.max_width) for c in candidates}
-        ranked = sorted(candidates, key=lambda c: c.gain[0] - c.gain[widths[c.request_id]])  # most gain first
-        tokens, rows = base, 0
-        for k, c in enumerate(ranked, start=1):
-            tokens += c.gain[widths[c.request_id]] - c.gain[0]
-            rows += widths[c.request_id]
-            rate = tokens / costs(rows + roots(k))
-            if rate >= best_rate:
-                best, best_w, best_rows, best_rate = {r.request_id: widths[r.request_id] for r in ranked[:k]}, w, \
-                    rows + roots(k), rate
+    base = sum(c.gain(0, 0, stages) for c in candidates)
+    best, best_w, best_r, best_rows = {}, 0, 0, roots(0)
+    plain = plain_costs if plain_costs is not None and plain_costs.points else costs
+    best_rate = base / plain(best_rows)
+    for r in range(max(c.max_refill for c in candidates) + 1):
+        refill = refill_costs(r) if r else 0.0
+        for w in range(1, max(c.max_width for c in candidates) + 1):
+            widths = {c.request_id: min(w, c.max_width) for c in candidates}
+            gains = {c.request_id: c.gain(widths[c.request_id], r, stages) - c.gain(0, 0, stages) for c in candidates}
+            ranked = sorted(candidates, key=lambda c: -gains[c.request_id])  # most gain first
+            tokens, rows, no_miss = base, 0, 1.0
+            for k, c in enumerate(ranked, start=1):
+                tokens += gains[c.request_id]
+                rows += widths[c.request_id]
+                no_miss *= 1 - c.miss_rate(widths[c.request_id], r, stages)
+                rate = tokens / (costs(rows + roots(k)) + (1 - no_miss) * refill)
+                if rate >= best_rate:
+                    best, best_w, best_r, best_rows, best_rate = {x.request_id: widths[x.request_id] for x in ranked[:k]}, \
+                        w, r, rows + roots(k), rate
     return WidthPlan({c.request_id: best.get(c.request_id, 0) for c in candidates}, best_w, step, bool(costs.points),
-                     best_rows)
+                     best_rows, best_r)

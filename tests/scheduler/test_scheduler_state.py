@@ -214,9 +214,11 @@ class FakePipeline:
         draft_lag: int = 0,
         scheduler_cls: type[Scheduler] = Scheduler,
         step_cost: Callable[[int], float] | None = None,
+        draft_cost: float = 0.0,
     ):
         self.policy = policy
         self.step_cost = step_cost  # seconds of a step by its largest micro-batch, reported as a driver would
+        self.draft_cost = draft_cost  # seconds of one draft forward; a step lasts at least its drafting (specpipe)
         self.sched = scheduler_cls(policy, engine, context_limit=100_000)
         self.draft = draft if draft is not None else FakeDraft()
         self.draft_lag = draft_lag
@@ -249,7 +251,7 @@ class FakePipeline:
         return all(s.phase is Phase.DONE for s in self.sched.requests.values())
 
     def step(self) -> StepResult:
-        self._draft()
+        forwards = self._draft()
         batch = self.sched.schedule()
         self._check_scheduled(batch)
         incoming = [batch, *self.in_flight]
@@ -264,7 +266,8 @@ class FakePipeline:
         self._apply(result)
         self.results.append(result)
         if self.step_cost is not None:
-            self.sched.observe_step(self.step_cost(max(len(b.rows) for b in incoming if b is not None)))
+            pipe = self.step_cost(max(len(b.rows) for b in incoming if b is not None))
+            self.sched.observe_step(max(pipe, forwards * self.draft_cost))
         return result
 
     def run(self, arrivals: list[tuple[int, Request]], max_steps: int = 5_000) -> None:
@@ -278,11 +281,14 @@ class FakePipeline:
             assert self.sched.step < max_steps, f"no progress: still running after {max_steps} steps"
             self.step()
 
-    def _draft(self) -> None:
+    def _draft(self) -> int:
+        """Answer expansion jobs; the number of sequential draft forwards this step waited for."""
+        forwards = 0
         if self.draft_lag == 0:  # in process: synchronous, until the scheduler wants nothing more
             while jobs := self.sched.expansion_jobs():
                 self._answer(jobs)
-            return
+                forwards += 1
+            return forwards
         now = self.sched.step + 1
         jobs = self.sched.expansion_jobs()
         if jobs:
@@ -291,6 +297,7 @@ class FakePipeline:
         self._pending_jobs = [(d, j) for d, j in self._pending_jobs if d > now]
         for jobs in due:
             self._answer(jobs)
+        return forwards
 
     def _answer(self, jobs: list[ExpansionJob]) -> None:
         for request_id, node_id, proposals in self.draft.expand(jobs):

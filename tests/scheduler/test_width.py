@@ -74,8 +74,7 @@ def test_step_costs(case) -> None:
 
 def _candidates(alphas: list[float], width: int = 4, stages: int = 8) -> list[Candidate]:
     """Acceptance `a` at width 1, growing by 0.05 per extra node."""
-    return [Candidate(f"r{i}", width, (1 / stages, *(tokens_per_step(a + 0.05 * (w - 1) if a else 0.0, stages, 3)
-                                                   for w in range(1, width + 1))))
+    return [Candidate(f"r{i}", width, tuple(a + 0.05 * (w - 1) if a else 0.0 for w in range(1, width + 1)), 3)
             for i, a in enumerate(alphas)]
 
 
@@ -103,8 +102,27 @@ def test_plan(case) -> None:
     assert plan(_candidates(alphas), costs, 8).widths == expected
 
 
+REFILLS = {
+    # label: (extra seconds of a refill of 3 levels, or None: never measured; expected refill depth)
+    "refill drafting never measured: the deepest (the old rule)": (None, 3),
+    "refill drafting free (a GPU's draft): the deepest": (0.0, 3),
+    "refill drafting dear (a draft slower than a step): the bonus token alone": (30.0, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(REFILLS))
+def test_plan_chooses_the_refill_depth(case) -> None:
+    extra, expected = REFILLS[case]
+    refill_costs = StepCosts(unknown=0.0)
+    if extra is not None:
+        refill_costs.observe(3, extra)
+    made = plan(_candidates([0.5, 0.5]), _costs(0.0), 8, refill_costs=refill_costs)
+    assert made.refill == expected
+    assert made.widths == {"r0": 4, "r1": 4}  # acceptance is worth its rows: they still speculate
+
+
 def test_plan_keeps_a_request_below_its_own_max_width() -> None:
-    cands = [Candidate("narrow", 1, (0.125, 0.3)), Candidate("wide", 4, (0.125, 0.3, 0.35, 0.4, 0.45))]
+    cands = [Candidate("narrow", 1, (0.3,), 3), Candidate("wide", 4, (0.3, 0.35, 0.4, 0.45), 3)]
     made = plan(cands, StepCosts(), 8)
     assert made.widths == {"narrow": 1, "wide": 4}
     assert made.width_of("new since") == 4  # a request decoding since the plan gets its peers' width
@@ -115,14 +133,16 @@ def test_width_rule_is_validated() -> None:
         PolicyConfig("specpipe", width_rule="fixed")
 
 
-def _run(policy_name: str, width_rule: str, requests: int, row_cost: float, n: int = 24) -> tuple[FakePipeline, float]:
+def _run(policy_name: str, width_rule: str, requests: int, row_cost: float, n: int = 24, draft_cost: float = 0.0,
+         accuracy: float = 0.3, refill: int = 2) -> tuple[FakePipeline, float]:
     """Serve `requests` of `n` tokens at once, twice (a long-lived scheduler has learnt its costs by the second
-    time); the modeled seconds of the second (step cost 1 + row_cost per row)."""
-    policy = PolicyConfig(policy_name, stages=4, width=4, refill_depth=2, width_rule=width_rule)
+    time); the modeled seconds of the second (step cost 1 + row_cost per row, or its drafting if longer)."""
+    policy = PolicyConfig(policy_name, stages=4, width=4, refill_depth=refill, width_rule=width_rule)
     spent = []
-    cost = lambda rows: spent.append(1.0 + row_cost * rows) or spent[-1]  # noqa: E731
-    pipe = FakePipeline(policy, EngineConfig(prefill_chunk=8, max_new_tokens=n), FakeDraft(accuracy=0.3, seed=1),
-                        step_cost=cost)
+    pipe = FakePipeline(policy, EngineConfig(prefill_chunk=8, max_new_tokens=n), FakeDraft(accuracy=accuracy, seed=1),
+                        step_cost=lambda rows: 1.0 + row_cost * rows, draft_cost=draft_cost)
+    observe = pipe.sched.observe_step
+    pipe.sched.observe_step = lambda seconds: spent.append(seconds) or observe(seconds)
     for round_ in ("a", "b"):
         spent.clear()
         pipe.run([(0, Request(f"{round_}{i}", (i + 1, 2, 3), max_new_tokens=n)) for i in range(requests)])
@@ -148,3 +168,20 @@ def test_cost_rule_keeps_speculating_when_rows_are_free() -> None:
     sent = {label: pipe.sched.requests["b0"].stats.sent_speculative for label, (pipe, _) in runs.items()}
     assert sent["specpipe, cost rule"] == sent["specpipe, budget rule"] > 0
     assert runs["specpipe, cost rule"][1] < runs["pp"][1]
+
+
+def test_cost_rule_shortens_refills_when_the_draft_paces_the_pipe() -> None:
+    """Two requests, a draft forward 1.5x a step (a CPU's large draft): a refill of 3 levels waits for 3 sequential
+    forwards. The cost rule learns that wait and refills with fewer levels, faster than the budget rule, losslessly."""
+    runs = {label: _run(*RUNS[label], 2, 0.0, n=40, draft_cost=1.5, accuracy=0.6, refill=3) for label in RUNS}
+    assert runs["specpipe, cost rule"][0].sched._plan.refill < 3
+    assert runs["specpipe, cost rule"][1] < 0.9 * runs["specpipe, budget rule"][1], runs
+
+
+def test_cost_rule_never_falls_below_pp_when_the_draft_paces_the_pipe() -> None:
+    """Eight requests on 4 stages, a draft forward 1.5x a step and a draft mostly wrong: every drafted step costs the
+    draft's time, where PP drafts nothing. The plan learns that from the steps nothing was drafted for (prefill) and
+    sends roots only, as PP, where the budget rule's speculation takes over twice PP's time."""
+    runs = {label: _run(*RUNS[label], 8, 0.0, n=40, draft_cost=1.5, accuracy=0.3, refill=3)[1] for label in RUNS}
+    assert runs["specpipe, budget rule"] > 2 * runs["pp"], runs
+    assert runs["specpipe, cost rule"] <= 1.02 * runs["pp"], runs
