@@ -171,7 +171,8 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
     that gain most do, the others send their roots only. k, w and r are chosen together. A step costs
     costs(rows), plus refill_costs(r) (the refill's sequential drafting, where the pipe waits for it) when a
     speculating request misses in it. With no request speculating nothing is drafted: such a step costs
-    plain_costs(rows) (steps measured with nothing drafted: prefill, PP), costs(rows) until one is measured."""
+    plain_costs(rows) (steps measured with nothing drafted: prefill, PP). Until one kind is measured it is
+    assumed to cost what the other does (drafting free, optimistically, so that a plan tries it and learns)."""
     if not candidates:
         return WidthPlan({}, 0, step, bool(costs.points))
     stages = max(stages, 1)
@@ -182,7 +183,9 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
 
     base = sum(c.gain(0, 0, stages) for c in candidates)
     best, best_w, best_r, best_rows = {}, 0, 0, roots(0)
+    informed = bool(costs.points)  # a drafted step's cost is known (else the plan is made again once it is)
     plain = plain_costs if plain_costs is not None and plain_costs.points else costs
+    costs = costs if informed else plain
     best_rate = base / plain(best_rows)
     for r in range(max(c.max_refill for c in candidates) + 1):
         refill = refill_costs(r) if r else 0.0
@@ -199,5 +202,5 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
                 if rate >= best_rate:
                     best, best_w, best_r, best_rows, best_rate = {x.request_id: widths[x.request_id] for x in ranked[:k]}, \
                         w, r, rows + roots(k), rate
-    return WidthPlan({c.request_id: best.get(c.request_id, 0) for c in candidates}, best_w, step, bool(costs.points),
+    return WidthPlan({c.request_id: best.get(c.request_id, 0) for c in candidates}, best_w, step, informed,
                      best_rows, best_r)
