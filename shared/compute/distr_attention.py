@@ -72,7 +72,8 @@ def distr_attention_reference(
         k_fused = torch.stack([fuse_keys(keys[j], groups[block, j], cfg.fuse) for j in range(h)])  # [h, L, d/G]
         scores = q_fused @ k_fused.transpose(-1, -2) * d**-0.5  # [h, m, L]
         if causal:
-            scores = scores.masked_fill(causal_mask(q_offset + start, q_block.shape[1], 0, k.shape[0]), float("-inf"))
+            later = causal_mask(q_offset + start, q_block.shape[1], 0, k.shape[0], q.device)  # [m, L]
+            scores = scores.masked_fill(later, float("-inf"))
         out[start : start + l] = (torch.softmax(scores, dim=-1) @ values).transpose(0, 1)  # [m, h, d]
     return out
 

@@ -49,14 +49,15 @@ def simhash_codes(columns: torch.Tensor, projections: torch.Tensor, bucket: str 
 def column_groups(q: torch.Tensor, cfg: AttentionConfig) -> torch.Tensor:
     """Each query block's column groups for each head. q: [n, h, d] -> [nb, h, G, d/G] int64.
 
-    All blocks at once: the ragged last block is zero-padded, which hashes as its own m rows would.
+    All blocks at once: the ragged last block is zero-padded, which hashes as its own m rows would. The hash
+    runs in fp32 whatever q's dtype, so a bf16 kernel and an fp32 reference of the same inputs group alike.
     """
     (n, h, d), l, G = q.shape, cfg.block_rows, cfg.group_size
     blocks = -(-n // l)
-    padded = torch.zeros(blocks * l, h, d, dtype=q.dtype, device=q.device)
+    padded = torch.zeros(blocks * l, h, d, device=q.device)
     padded[:n] = q
     columns = padded.view(blocks, l, h, d).permute(0, 2, 3, 1)  # [nb, h, d, l]
-    codes = simhash_codes(columns, hash_projections(cfg, q.dtype, q.device), cfg.bucket)  # [nb, h, d]
+    codes = simhash_codes(columns, hash_projections(cfg, torch.float32, q.device), cfg.bucket)  # [nb, h, d]
     order = torch.sort(codes, dim=-1, stable=True).indices  # [nb, h, d]
     if cfg.layout == "strided":
         return order.view(blocks, h, G, d // G)
