@@ -1,17 +1,21 @@
 """DistrAttention's accuracy on real models: perplexity on long inputs, and greedy outputs against exact.
 
-    python -m benchmarks.distr_accuracy --model smollm2-135m --settings "G=2" "G=2,layers=20-" [--greedy 20]
-        [--segments 2] [--segment-len 2048] [--new-tokens 24] [--out results.jsonl] [--threads N]
+    python -m benchmarks.distr_accuracy --model smollm2-135m --settings exact "G=2" "G=2,layers=20-" [--greedy 20]
+        [--no-perplexity] [--segments 2] [--segment-len 2048] [--new-tokens 24] [--prompt-tokens 256]
+        [--out results.jsonl] [--threads N]
 
 A setting is a comma-separated list of AttentionConfig fields on top of `kind=distr` (G is group_size),
-e.g. "G=4,fuse=sum_one,layout=adjacent,layers=0-3"; "exact" is exact attention.
+e.g. "G=4,fuse=sum_one,layout=adjacent,layers=0,3-5" (layers last: its list goes on to the end); "exact" is
+exact attention.
 1. Perplexity: `segments` x `segment_len` tokens of the prompt sets' turns and reference answers
    (benchmarks.attention.corpus_text), each segment one prefill chunk through StageRunner, so every
    layer that the setting names attends with DistrAttention; segments x (segment_len - 1) predictions.
-2. Greedy (--greedy N): the first N summarization prompts (sum.jsonl, articles of several hundred tokens,
-   each longer than one query block) prefilled in one chunk, then `new_tokens` greedy decode steps (decode
-   is always exact); a prompt counts as identical when all its new tokens equal exact attention's.
-Each (model, setting) result is one JSON line appended to --out, so runs add up and resume.
+2. Greedy (--greedy N): the first N summarization prompts (sum.jsonl: articles of several hundred tokens),
+   each cut to its first --prompt-tokens tokens (default 256: two query blocks of 128) and prefilled in one
+   chunk, then `new_tokens` greedy decode steps (decode is always exact); a prompt counts as identical when
+   all its new tokens equal exact attention's.
+Each result (a setting's perplexity, or its greedy outputs) is one JSON line appended to --out; results already
+there with the same parameters are skipped, so runs add up and resume.
 """
 
 from __future__ import annotations
@@ -42,7 +46,11 @@ def parse_setting(text: str) -> AttentionConfig:
         return AttentionConfig()
     known = {f.name: f.type for f in fields(AttentionConfig)}
     values: dict = {"kind": "distr"}
+    key = None
     for item in text.split(","):
+        if "=" not in item and key == "layers":  # "layers=0,3-5": the layer list goes on
+            values[key] += f",{item}"
+            continue
         key, _, value = item.partition("=")
         key = "group_size" if key == "G" else key
         if key not in known or not value:
@@ -60,9 +68,12 @@ def perplexity(runner: StageRunner, tokens: list[int], segments: int, segment_le
     return {"perplexity": math.exp(nll / predictions), "predictions": predictions, "prefill_s": seconds}
 
 
-def greedy_prompts(tokenizer, count: int) -> list[list[int]]:
+def greedy_prompts(tokenizer, count: int, tokens: int) -> list[list[int]]:
     lines = (PROMPTS_DIR / GREEDY_SET).read_text().splitlines()
-    return [tokenizer.encode(json.loads(line)["turns"][0]) for line in lines[:count]]
+    prompts = [tokenizer.encode(json.loads(line)["turns"][0])[:tokens] for line in lines[:count]]
+    if len(prompts) < count or min(map(len, prompts)) < tokens:
+        raise SpecPipeError(f"{GREEDY_SET} has fewer than {count} prompts of {tokens} tokens")
+    return prompts
 
 
 def greedy(runner: StageRunner, prompt: list[int], new_tokens: int) -> list[int]:
@@ -90,27 +101,40 @@ class LoadedModel:
         self.tokens = self.tokenizer.encode(corpus_text())
 
 
-def run_setting(model: LoadedModel, setting: str, args: argparse.Namespace,
-                exact_greedy: list[list[int]] | None) -> dict:
+def run_setting(model: LoadedModel, setting: str, args: argparse.Namespace, parts: list[str],
+                exact_greedy: list[list[int]] | None) -> list[dict]:
+    """The parts ("perplexity", "greedy") of one setting, one result each."""
     if len(model.tokens) < args.segments * args.segment_len:
         raise SpecPipeError(f"the prompt sets hold {len(model.tokens)} tokens, fewer than {args.segments} x "
                             f"{args.segment_len}")
     runner = StageRunner(model.arch, model.weights, parse_setting(setting))
-    result = {"model": model.name, "setting": setting, "segments": args.segments, "segment_len": args.segment_len,
-              **perplexity(runner, model.tokens, args.segments, args.segment_len)}
-    if args.greedy:
+    head = {"model": model.name, "setting": setting}
+    results = []
+    if "perplexity" in parts:
+        results.append({**head, "kind": "perplexity", "segments": args.segments, "segment_len": args.segment_len,
+                        **perplexity(runner, model.tokens, args.segments, args.segment_len)})
+    if "greedy" in parts:
         start = time.perf_counter()
-        outputs = [greedy(runner, p, args.new_tokens) for p in greedy_prompts(model.tokenizer, args.greedy)]
-        result |= {"greedy": outputs, "greedy_s": time.perf_counter() - start, "new_tokens": args.new_tokens}
+        prompts = greedy_prompts(model.tokenizer, args.greedy, args.prompt_tokens)
+        outputs = [greedy(runner, p, args.new_tokens) for p in prompts]
+        result = {**head, "kind": "greedy", "prompts": args.greedy, "prompt_tokens": args.prompt_tokens,
+                  "new_tokens": args.new_tokens, "greedy": outputs, "greedy_s": time.perf_counter() - start}
         if exact_greedy is not None:
             result["greedy_identical"] = sum(a == b for a, b in zip(outputs, exact_greedy)) / len(outputs)
-    return result
+        results.append(result)
+    return results
 
 
-def _previous(path: Path | None) -> list[dict]:
+def _done(path: Path | None, args: argparse.Namespace) -> list[dict]:
+    """Earlier results of this model with the same measurement parameters."""
     if path is None or not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    same = {"perplexity": ("segments", "segment_len"), "greedy": ("prompts", "prompt_tokens", "new_tokens")}
+    wanted = {"segments": args.segments, "segment_len": args.segment_len, "prompts": args.greedy,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
+    return [r for r in rows if r["model"] == args.model
+            and all(r.get(key) == wanted[key] for key in same[r.get("kind", "perplexity")])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,33 +143,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", nargs="+", default=["exact", "G=2", "G=4"])
     p.add_argument("--segments", type=int, default=2)
     p.add_argument("--segment-len", type=int, default=2048)
+    p.add_argument("--no-perplexity", action="store_true", help="greedy outputs only")
     p.add_argument("--greedy", type=int, default=0, help="greedy outputs of this many prompts against exact's")
     p.add_argument("--new-tokens", type=int, default=24)
-    p.add_argument("--out", type=Path, help="append one JSON line per setting; settings already there are skipped")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="greedy: each prompt cut to this many tokens")
+    p.add_argument("--out", type=Path, help="append one JSON line per result; results already there are skipped")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
     set_threads(args.threads)
-    done = [r for r in _previous(args.out) if r["model"] == args.model and r["segments"] == args.segments
-            and r["segment_len"] == args.segment_len]
-    exact = next((r.get("greedy") for r in done if r["setting"] == "exact" and r.get("greedy")), None)
-    todo = [s for s in args.settings if not any(r["setting"] == s and (r.get("greedy") or not args.greedy) for r in done)]
+    done = _done(args.out, args)
+    exact = next((r["greedy"] for r in done if r["setting"] == "exact" and r.get("kind") == "greedy"), None)
+    wanted = ([] if args.no_perplexity else ["perplexity"]) + (["greedy"] if args.greedy else [])
+    todo = {s: [k for k in wanted if not any(r["setting"] == s and r.get("kind", "perplexity") == k for r in done)]
+            for s in args.settings}
     try:
-        model = LoadedModel(args.model) if todo else None
+        model = LoadedModel(args.model) if any(todo.values()) else None
+        for setting, parts in todo.items():
+            for result in run_setting(model, setting, args, parts, exact) if parts else []:
+                if setting == "exact" and result["kind"] == "greedy":
+                    exact = result["greedy"]
+                print(json.dumps({k: v for k, v in result.items() if k != "greedy"}), flush=True)
+                if args.out:
+                    with args.out.open("a") as f:
+                        f.write(json.dumps(result) + "\n")
     except SpecPipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for setting in todo:
-        try:
-            result = run_setting(model, setting, args, exact)
-        except SpecPipeError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        if setting == "exact":
-            exact = result.get("greedy")
-        print(json.dumps({k: v for k, v in result.items() if k != "greedy"}), flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(json.dumps(result) + "\n")
     return 0
 
 
