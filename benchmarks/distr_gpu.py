@@ -84,7 +84,8 @@ def markdown(rows: list[dict], errors: dict, skipped: list[str], gpu: str) -> st
         cells = [f"{r['ms'][n]:.2f}" + ("" if n == "sdpa flash" else f" ({r['ms'][n] / base:.2f}x)") for n in names]
         lines.append(f"| {r['length']} | {r['heads']} | {r['d']} | " + " | ".join(cells) + " |")
     lines += ["", "Max |Δ| / max |reference| at L = 2048 (bf16 kernel, fp32 torch reference): "
-              + "; ".join(f"d={d}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()) for d, errs in errors.items())]
+              + "; ".join(f"d={d}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items())
+                          for d, errs in errors.items())]
     if skipped:
         lines += ["", f"Left out (budget spent): {', '.join(skipped)}"]
     return "\n".join(lines) + "\n"
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() > deadline:
                 skipped.append(f"L={length} d={d}")
                 continue
-            rows.append({"length": length, "d": d, "heads": args.heads, "ms": measure(length, d, args.heads, args.reps)})
+            ms = measure(length, d, args.heads, args.reps)
+            rows.append({"length": length, "d": d, "heads": args.heads, "ms": ms})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     text = markdown(rows, errors, skipped, torch.cuda.get_device_name())
     print(text)

@@ -110,7 +110,8 @@ def distr_attention(
             for s in range(0, q_block.shape[1], sub_rows):
                 rows = min(sub_rows, q_block.shape[1] - s)
                 seen = q_offset + start + s + rows if causal else length  # keys [0, seen) reach these rows
-                scores = torch.mm(q_fused[j, s : s + rows], k_fused[:seen].T, out=buffers[0, : rows * seen].view(rows, seen))
+                scores = buffers[0, : rows * seen].view(rows, seen)
+                torch.mm(q_fused[j, s : s + rows], k_fused[:seen].T, out=scores)
                 if causal:  # the last `rows` keys are the rows' own positions: mask above the diagonal
                     scores[:, seen - rows :] += diagonal[:rows, :rows]
                 probs = torch.ops.aten._softmax.out(scores, -1, False, out=buffers[1, : rows * seen].view(rows, seen))

@@ -241,9 +241,12 @@ class EngineConfig:
 
 
 ATTENTION_KINDS: tuple[str, ...] = ("exact", "distr")
-DISTR_BUCKETS = ("gray", "binary")  # a column's bucket: the Gray code of its SimHash bits (the authors'), or the bits
-DISTR_LAYOUTS = ("strided", "adjacent")  # group j of the sorted order: {order[j + t·d/G]} (authors') or order[G·j : G·j+G]
-DISTR_FUSES = ("mean_sum", "sum_one")  # Q' / K' per group: mean / sum (authors' accuracy path), sum / slot 1 (kernels)
+# DistrAttention's choices (docs/distrattention.md): a column's bucket is the Gray code of its SimHash bits (the
+# authors') or the bits; group j of the sorted order is {order[j + t·d/G]} (strided, the authors') or
+# order[G·j : G·j+G]; Q' / K' per group are mean / sum (their accuracy path) or sum / the column in slot 1 (kernels)
+DISTR_BUCKETS = ("gray", "binary")
+DISTR_LAYOUTS = ("strided", "adjacent")
+DISTR_FUSES = ("mean_sum", "sum_one")
 
 
 @dataclass(frozen=True)
@@ -279,7 +282,8 @@ class AttentionConfig:
             raise ConfigError("attention hash_bits must be in 1..62 (the codes are int64)")
         for name, choices in (("bucket", DISTR_BUCKETS), ("layout", DISTR_LAYOUTS), ("fuse", DISTR_FUSES)):
             if getattr(self, name) not in choices:
-                raise ConfigError(f"unknown attention {name} '{getattr(self, name)}': choose one of {', '.join(choices)}")
+                raise ConfigError(f"unknown attention {name} '{getattr(self, name)}': choose one of "
+                                  f"{', '.join(choices)}")
         layer_ranges(self.layers)  # ConfigError unless "all" or a list of ranges
 
     def check_head_dim(self, head_dim: int) -> None:
@@ -289,7 +293,8 @@ class AttentionConfig:
 
     def uses_distr(self, layer: int) -> bool:
         """Whether model layer `layer` (0-based, counted over the whole model) attends with distr in prefill."""
-        return self.kind == "distr" and any(a <= layer and (b is None or layer <= b) for a, b in layer_ranges(self.layers))
+        ranges = layer_ranges(self.layers)
+        return self.kind == "distr" and any(a <= layer and (b is None or layer <= b) for a, b in ranges)
 
 
 def layer_ranges(spec: str) -> list[tuple[int, int | None]]:
