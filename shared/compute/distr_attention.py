@@ -13,9 +13,8 @@ Two forms here, equal up to rounding:
 - distr_attention_reference: each block's whole score matrix at once, readable;
 - distr_attention: the CPU path the runner takes. Per (query block, head) one
   gather-and-sum builds K' [L, d/G] in that block's grouping, then each sub-block
-  of `sub_rows` rows is one Q'·K'ᵀ matmul into a reused score buffer, an in-place
-  softmax and one P·V matmul: the score rows of a sub-block stay in cache, and
-  nothing is allocated per step.
+  of `sub_rows` rows is one Q'·K'ᵀ matmul into a reused score buffer, a softmax
+  into a second one and one P·V matmul; nothing is allocated per step.
 The CUDA form is shared/compute/distr_triton.py.
 
 Notation: n = query rows, h = query heads, g = kv heads, r = h // g (GQA: query
@@ -33,7 +32,7 @@ from shared.types.config import AttentionConfig
 SUB_ROWS = 64  # query rows per score matmul in distr_attention: a [64, 16k] fp32 score buffer is 4 MiB
 
 
-def _check(
+def check_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig, causal: bool, q_offset: int
 ) -> None:
     """Shapes must fit ([n, h, d] against [L, g, d] with g dividing h) and causal queries need their keys."""
@@ -59,7 +58,7 @@ def distr_attention_reference(
 
     q: [n, h, d]; k, v: [L, g, d] -> [n, h, d].
     """
-    _check(q, k, v, cfg, causal, q_offset)
+    check_inputs(q, k, v, cfg, causal, q_offset)
     (n, h, d), l = q.shape, cfg.block_rows
     r = h // k.shape[1]
     keys = k.transpose(0, 1).repeat_interleave(r, 0)  # [h, L, d]
@@ -92,7 +91,7 @@ def distr_attention(
     Equals distr_attention_reference up to rounding. Memory: K and V once more
     head-major, and two [sub_rows, L] score buffers.
     """
-    _check(q, k, v, cfg, causal, q_offset)
+    check_inputs(q, k, v, cfg, causal, q_offset)
     if sub_rows < 1:
         raise ValueError("sub_rows must be >= 1")
     (n, h, d), (length, g, _), l = q.shape, k.shape, cfg.block_rows

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shared.compute.distr_attention import _check
+from shared.compute.distr_attention import check_inputs
 from shared.compute.distr_groups import KEY_SLOT, column_groups
 from shared.types.config import AttentionConfig
 
@@ -97,7 +97,7 @@ def distr_attention_triton(
     On CUDA tensors; on CPU tensors when Triton runs its interpreter (TRITON_INTERPRET=1 in the environment
     before triton is first imported: Triton reads it when it jits, at import).
     """
-    _check(q, k, v, cfg, causal, q_offset)
+    check_inputs(q, k, v, cfg, causal, q_offset)
     (n, h, d), (length, g, _), G = q.shape, k.shape, cfg.group_size
     _check_tiles(d, cfg, block_keys)
     if any(x.stride(-1) != 1 for x in (q, k, v)):
