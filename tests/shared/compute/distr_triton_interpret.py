@@ -26,6 +26,7 @@ from shared.compute.weights import load_stage_weights
 from shared.model_store import load_tokenizer, resolve_model
 from shared.types.batch import MicroBatch, Row
 from shared.types.config import AttentionConfig, ModelArch, SamplingParams
+from tests.shared.compute.test_distr_attention import exact_attention
 
 TEXT = ("Pipeline parallel serving splits a model's layers into stages, and speculative decoding keeps every stage "
         "busy by sending draft tokens ahead. ") * 12
@@ -61,17 +62,8 @@ def model_qkv(name: str, layer: int, tokens: int) -> tuple[torch.Tensor, torch.T
     return captured[0]
 
 
-def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int) -> torch.Tensor:
-    """Causal softmax(Q·Kᵀ/sqrt(d))·V. q: [n, h, d]; k, v: [L, g, d] -> [n, h, d]."""
-    r = q.shape[1] // k.shape[1]
-    keys, values = (x.repeat_interleave(r, 1).transpose(0, 1) for x in (k, v))  # [h, L, d]
-    later = torch.arange(k.shape[0])[None, :] > torch.arange(q_offset, q_offset + q.shape[0])[:, None]
-    scores = (q.transpose(0, 1) @ keys.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(later, float("-inf"))
-    return (torch.softmax(scores, -1) @ values).transpose(0, 1)
-
-
 def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).abs().max() / ref.abs().max()).item()
+    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
 
 
 def run_case(case: dict) -> dict:
