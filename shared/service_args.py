@@ -17,6 +17,9 @@ from shared.transport.redis_io import RedisConfig
 from shared.types.config import (
     ATTENTION_KINDS,
     DEFAULT_NUMERICS,
+    DISTR_BUCKETS,
+    DISTR_FUSES,
+    DISTR_LAYOUTS,
     DTYPES,
     NUMERICS,
     NUMERICS_HELP,
@@ -90,12 +93,23 @@ def add_attention_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=ATTENTION_KINDS, default="exact",
                    help="prefill attention: exact (lossless) or distr (DistrAttention, approximate)")
     p.add_argument("--group-size", type=int, default=2, help="distr: Q columns fused per group (divides head dim)")
-    p.add_argument("--block-rows", type=int, default=64, help="distr: query rows sharing one column grouping")
+    p.add_argument("--block-rows", type=int, default=AttentionConfig.block_rows,
+                   help="distr: query rows sharing one column grouping")
+    p.add_argument("--distr-layers", default=AttentionConfig.layers,
+                   help="distr: the layers that use it, 'all' or indices and ranges such as 0,3-5,20- (others exact)")
+    p.add_argument("--distr-layout", choices=DISTR_LAYOUTS, default=AttentionConfig.layout,
+                   help="distr: group j = sorted columns {j + t*d/G} (strided, the authors') or G adjacent ones")
+    p.add_argument("--distr-fuse", choices=DISTR_FUSES, default=AttentionConfig.fuse,
+                   help="distr: Q'/K' per group, mean/sum (mean_sum) or sum/one column (sum_one)")
+    p.add_argument("--distr-bucket", choices=DISTR_BUCKETS, default=AttentionConfig.bucket,
+                   help="distr: sort columns by the Gray code of their SimHash (gray) or by the hash (binary)")
 
 
 def attention_config(args: argparse.Namespace) -> AttentionConfig:
     """Raises ConfigError on bad values (run_main turns it into one line)."""
-    return AttentionConfig(args.attention, group_size=args.group_size, block_rows=args.block_rows)
+    return AttentionConfig(args.attention, group_size=args.group_size, block_rows=args.block_rows,
+                           bucket=args.distr_bucket, layout=args.distr_layout, fuse=args.distr_fuse,
+                           layers=args.distr_layers)
 
 
 def set_threads(threads: int) -> None:

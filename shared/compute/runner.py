@@ -201,7 +201,7 @@ class StageRunner:
             out = torch.empty(q.shape[0], a.num_kv_heads, a.rep, a.head_dim, dtype=q.dtype, device=q.device)
             for request_id, plan in plans.items():
                 cache = self.kv[request_id]
-                if self._distr(plan):
+                if self._distr(plan, layer):
                     end = plan.prefill_start + len(plan.rows)  # keys [0, end): the prefix and the chunk itself
                     chunk = distr_attention(q[plan.rows], cache.k[layer, :end], cache.v[layer, :end], self.attention,
                                             causal=True, q_offset=plan.prefill_start)  # [m, h, d]
@@ -225,10 +225,12 @@ class StageRunner:
             out[plan.prompt_rows] = tiled.view(-1, a.num_kv_heads, a.rep, a.head_dim)
         tree_attention(q, cache.k[layer], cache.v[layer], plan.attention, a, out)
 
-    def _distr(self, plan: _RequestPlan) -> bool:
-        """DistrAttention only for prefill chunks of at least one query block; all else stays exact."""
+    def _distr(self, plan: _RequestPlan, layer: int) -> bool:
+        """DistrAttention only in the config's layers, for prefill chunks of at least one query block; all else
+        stays exact. layer: this stage's own index."""
         cfg = self.attention
-        return cfg.kind == "distr" and plan.prefill_start is not None and len(plan.rows) >= cfg.block_rows
+        return (cfg.uses_distr(self.weights.start + layer) and plan.prefill_start is not None
+                and len(plan.rows) >= cfg.block_rows)
 
     def _targets(self, rows: list[Row], x: torch.Tensor) -> list[int]:
         """Target token after each row that asked for one (-1 elsewhere)."""

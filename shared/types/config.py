@@ -241,24 +241,35 @@ class EngineConfig:
 
 
 ATTENTION_KINDS: tuple[str, ...] = ("exact", "distr")
+# DistrAttention's choices (docs/distrattention.md): a column's bucket is the Gray code of its SimHash bits (the
+# authors') or the bits; group j of the sorted order is {order[j + t·d/G]} (strided, the authors') or
+# order[G·j : G·j+G]; Q' / K' per group are mean / sum (their accuracy path) or sum / the column in slot 1 (kernels)
+DISTR_BUCKETS = ("gray", "binary")
+DISTR_LAYOUTS = ("strided", "adjacent")
+DISTR_FUSES = ("mean_sum", "sum_one")
 
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """How a stage attends during long prefills (shared/compute/distr_attention.py).
+    """How a stage attends during long prefills (shared/compute/distr_attention.py; docs/distrattention.md).
 
     exact: every row attends with full-width Q·Kᵀ; outputs are bit-identical
            to plain decoding (the default, and the only choice that is lossless).
-    distr: a prefill chunk of at least `block_rows` rows uses DistrAttention,
-           which groups similar columns of Q so Q·Kᵀ has inner dimension
-           d / group_size; decode steps and tree verification stay exact.
+    distr: a prefill chunk of at least `block_rows` rows uses DistrAttention in
+           the layers `layers` names, which groups columns of Q so Q·Kᵀ has
+           inner dimension d / group_size; decode steps, tree verification and
+           the other layers stay exact.
     """
 
     kind: str = "exact"
     group_size: int = 2  # G: columns fused per group; must divide the head dim (1 is exact up to rounding)
-    block_rows: int = 64  # l: query rows that share one column grouping (the flash query tile)
+    block_rows: int = 128  # l: query rows that share one column grouping (the authors' BLOCK_M)
     hash_bits: int = 16  # SimHash projections per column; codes must fit a non-negative int64
     seed: int = 0  # seeds the SimHash projections, so a run is reproducible
+    bucket: str = "gray"  # DISTR_BUCKETS
+    layout: str = "strided"  # DISTR_LAYOUTS
+    fuse: str = "mean_sum"  # DISTR_FUSES
+    layers: str = "all"  # the layers that use distr: "all", or indices and ranges "0,3,8-12,20-" (20-: 20 to the end)
 
     def __post_init__(self) -> None:
         if self.kind not in ATTENTION_KINDS:
@@ -269,11 +280,34 @@ class AttentionConfig:
             raise ConfigError("attention block_rows must be >= 1")
         if not 1 <= self.hash_bits <= 62:
             raise ConfigError("attention hash_bits must be in 1..62 (the codes are int64)")
+        for name, choices in (("bucket", DISTR_BUCKETS), ("layout", DISTR_LAYOUTS), ("fuse", DISTR_FUSES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"unknown attention {name} '{getattr(self, name)}': choose one of "
+                                  f"{', '.join(choices)}")
+        layer_ranges(self.layers)  # ConfigError unless "all" or a list of ranges
 
     def check_head_dim(self, head_dim: int) -> None:
         """Groups of G columns must tile the head dim exactly."""
         if self.kind == "distr" and head_dim % self.group_size:
             raise ConfigError(f"attention group_size {self.group_size} does not divide the head dim {head_dim}")
+
+    def uses_distr(self, layer: int) -> bool:
+        """Whether model layer `layer` (0-based, counted over the whole model) attends with distr in prefill."""
+        ranges = layer_ranges(self.layers)
+        return self.kind == "distr" and any(a <= layer and (b is None or layer <= b) for a, b in ranges)
+
+
+def layer_ranges(spec: str) -> list[tuple[int, int | None]]:
+    """A layer list as inclusive ranges: "all" -> [(0, None)]; "0,3-5,20-" -> [(0, 0), (3, 5), (20, None)]."""
+    if spec == "all":
+        return [(0, None)]
+    ranges = []
+    for part in spec.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()) or (last and int(last) < int(first)):
+            raise ConfigError(f"attention layers '{spec}': 'all', or indices and ranges such as 0,3-5,20-")
+        ranges.append((int(first), None if dash and not last else int(last or first)))
+    return ranges
 
 
 def split_layers(num_layers: int, stages: int, head_layers: float = 0.0) -> list[tuple[int, int]]:

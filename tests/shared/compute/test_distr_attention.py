@@ -1,9 +1,9 @@
-"""DistrAttention: exact at G = 1, error falling with G, tiled = untiled, and the runner's prefill path.
+"""DistrAttention: exact at G = 1, error falling with G, the CPU path = the reference, and the runner's prefill path.
 
 Tolerances: fp32 kernels against a float64 causal softmax(Q·Kᵀ/sqrt(d))·V on
 values of order 1 agree to max |Δ| < 1e-5 (fp32 rounding over d <= 64 terms is
-~1e-6); the tiled loop against the untiled reference differs only in summation
-order (online softmax), also < 1e-5.
+~1e-6); the CPU path against the untiled reference differs only in summation
+order, also < 1e-5.
 """
 
 from __future__ import annotations
@@ -15,14 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.compute.distr_attention import (
-    distr_attention,
-    distr_attention_reference,
-    fuse_keys,
-    fuse_queries,
-    group_permutation,
-    simhash_codes,
-)
+from shared.compute.distr_attention import distr_attention, distr_attention_reference
+from shared.compute.distr_groups import column_groups, fuse_keys, fuse_queries
 from shared.compute.runner import RequestInfo, StageRunner, load_stage
 from shared.compute.weights import load_stage_weights
 from shared.model_store import load_tokenizer
@@ -101,94 +95,84 @@ def test_error_falls_as_group_size_falls(data) -> None:
     assert errors[-1] < TOL and errors[0] > 10 * TOL, errors
 
 
-def block_scores(q_block: torch.Tensor, k: torch.Tensor, order: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Q'·K'ᵀ of one block under a column order. q_block: [g, r, l, d]; k: [L, g, d] -> [g, r, l, L]."""
-    return fuse_queries(q_block, order, group_size) @ fuse_keys(k, order, group_size).transpose(-1, -2)
+def block_scores(q_block: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor, fuse: str) -> torch.Tensor:
+    """Q'·K'ᵀ of one block. q_block: [h, l, d]; keys: [h, L, d]; groups: [h, G, d/G] -> [h, l, L]."""
+    k_fused = torch.stack([fuse_keys(keys[j], groups[j], fuse) for j in range(keys.shape[0])])  # [h, L, d/G]
+    return fuse_queries(q_block, groups, fuse) @ k_fused.transpose(-1, -2)
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("seed", [0, 1, 2], ids=["seed-0", "seed-1", "seed-2"])
 def test_hash_order_beats_original_order_on_structured_q(seed) -> None:
-    """Grouping columns in SimHash order fuses similar columns: on structured Q the score error
-    of G = 2 is well below that of grouping neighbours in their original order."""
-    q, k, _ = structured_qkv(32, 4, 2, 64, seed=seed)
-    q_block = q.permute(1, 0, 2).unflatten(0, (2, 2))  # [g, r, l, d]
-    exact = block_scores(q_block, k, torch.arange(64).expand(2, 2, 64), 1)
-    hashed = block_scores(q_block, k, group_permutation(q_block, AttentionConfig("distr")), 2)
-    original = block_scores(q_block, k, torch.arange(64).expand(2, 2, 64), 2)
+    """Grouping columns in SimHash order fuses similar columns: on structured Q the score error of G = 2
+    (adjacent groups, mean_sum) is well below that of grouping neighbours in their original order."""
+    q, k, _ = structured_qkv(32, 4, 4, 64, seed=seed)
+    cfg = AttentionConfig("distr", block_rows=32, layout="adjacent")
+    q_block, keys = q.transpose(0, 1), k.transpose(0, 1)  # [h, 32, d], [h, 32, d]
+    identity = torch.arange(64).view(32, 2).T.expand(4, 2, 32)  # [h, G, d/G]: groups (0, 1), (2, 3), ...
+    exact = q_block @ keys.transpose(-1, -2)
+    hashed = block_scores(q_block, keys, column_groups(q, cfg)[0], "mean_sum")
+    original = block_scores(q_block, keys, identity, "mean_sum")
     assert (hashed - exact).norm() < 0.6 * (original - exact).norm()
 
 
-TILES = {  # k_tile, q_offset, causal, group_size
-    "tile-3": (3, 0, True, 2),
-    "tile-7-does-not-divide": (7, 11, True, 4),
-    "tile-32-divides": (32, 0, True, 2),
-    "tile-50-offset": (50, 30, True, 4),
-    "tile-longer-than-keys": (1000, 30, True, 2),
-    "non-causal-tile-13": (13, 0, False, 4),
+TILES = {  # sub_rows, q_offset, causal, group_size, block_rows, fuse, layout
+    "sub-3": (3, 0, True, 2, 32, "mean_sum", "strided"),
+    "sub-7-does-not-divide": (7, 11, True, 4, 32, "sum_one", "strided"),
+    "sub-32-is-the-block": (32, 0, True, 2, 32, "mean_sum", "adjacent"),
+    "sub-50-offset": (50, 30, True, 4, 64, "sum_one", "adjacent"),
+    "sub-longer-than-block": (1000, 30, True, 2, 32, "mean_sum", "strided"),
+    "non-causal-sub-13": (13, 0, False, 4, 32, "mean_sum", "strided"),
 }
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("tile", list(TILES.values()), ids=list(TILES))
-def test_tiled_equals_reference(tile) -> None:
-    k_tile, q_offset, causal, group_size = tile
-    q, k, v = random_qkv(100, 6, 2, 32, q_offset, seed=k_tile)
-    cfg = AttentionConfig("distr", group_size=group_size, block_rows=32)
-    tiled = distr_attention(q, k, v, cfg, causal=causal, q_offset=q_offset, k_tile=k_tile)
+def test_cpu_path_equals_reference(tile) -> None:
+    sub_rows, q_offset, causal, group_size, block_rows, fuse, layout = tile
+    q, k, v = random_qkv(100, 6, 2, 32, q_offset, seed=sub_rows)
+    cfg = AttentionConfig("distr", group_size=group_size, block_rows=block_rows, fuse=fuse, layout=layout)
+    fast = distr_attention(q, k, v, cfg, causal=causal, q_offset=q_offset, sub_rows=sub_rows)
     reference = distr_attention_reference(q, k, v, cfg, causal=causal, q_offset=q_offset)
-    assert (tiled - reference).abs().max().item() < TOL
+    assert (fast - reference).abs().max().item() < TOL
 
 
-# ---- the column permutation ---------------------------------------------------------------------
+# ---- fused columns: when each representative is exact -------------------------------------------
 
 
-@pytest.mark.unit
-def test_simhash_codes_are_seeded_and_in_range() -> None:
-    columns = torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(0))  # [heads, d, l]
-    codes = simhash_codes(columns, 12, torch.Generator().manual_seed(7))
-    again = simhash_codes(columns, 12, torch.Generator().manual_seed(7))
-    assert codes.shape == (3, 16) and codes.dtype == torch.long
-    assert torch.equal(codes, again) and 0 <= codes.min() and codes.max() < 2**12
-    assert torch.equal(simhash_codes(3.0 * columns, 12, torch.Generator().manual_seed(7)), codes)  # angular
+def equal_within_groups(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """x with every column of a group replaced by the group's first column. x: [L, d]; groups: [G, d/G]."""
+    out = x.clone()
+    for slot in groups[1:]:
+        out[:, slot] = x[:, groups[0]]
+    return out
 
 
-def paired_q(n: int, h: int, d: int, seed: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Q whose d columns come in identical pairs at random places. -> q [n, h, d], the pairs."""
-    gen = torch.Generator().manual_seed(seed)
-    places = torch.randperm(d, generator=gen).view(-1, 2)  # [d/2, 2]
-    distinct = torch.randn(n, h, d // 2, generator=gen)
-    q = torch.empty(n, h, d)
-    q[..., places[:, 0]], q[..., places[:, 1]] = distinct, distinct
-    return q, [tuple(sorted(p)) for p in places.tolist()]
+FUSES_EXACT_WHEN = {  # fuse, the tensor whose columns are equal within each group, exact?
+    "mean_sum, equal K columns": ("mean_sum", "k", True),
+    "sum_one, equal K columns": ("sum_one", "k", True),
+    "mean_sum, equal Q columns": ("mean_sum", "q", True),
+    "sum_one, equal Q columns": ("sum_one", "q", False),
+}
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("kernel", list(KERNELS), ids=list(KERNELS))
-def test_identical_column_pairs_make_g2_exact(kernel) -> None:
-    """The sort puts each identical pair in one group, and fusing Q's pair with K's matching pair is exact."""
-    q, pairs = paired_q(64, 4, 32, seed=3)
-    _, k, v = random_qkv(64, 4, 2, 32, seed=3)
-    cfg = AttentionConfig("distr", group_size=2, block_rows=32)
-    order = group_permutation(q[:32].permute(1, 0, 2).unflatten(0, (2, 2)), cfg)  # [g, r, d]
-    for head_order in order.flatten(0, 1).tolist():
-        assert sorted(tuple(sorted(head_order[i : i + 2])) for i in range(0, 32, 2)) == sorted(pairs)
-    out = KERNELS[kernel](q, k, v, cfg)
-    assert (out.double() - exact_attention(q, k, v)).abs().max().item() < TOL
-    assert pairs != [(i, i + 1) for i in range(0, 32, 2)]  # the pairs were not neighbours to begin with
-
-
-@pytest.mark.unit
-def test_same_permutation_of_q_and_k_columns_leaves_result_unchanged() -> None:
-    q, k, v = random_qkv(96, 4, 2, 32, seed=5)
-    cfg = AttentionConfig("distr", group_size=4, block_rows=32, hash_bits=32)
-    blocks = q.view(3, 32, 4, 32).permute(0, 2, 3, 1)  # [blocks, h, d, l]
-    codes = simhash_codes(blocks, cfg.hash_bits, torch.Generator().manual_seed(cfg.seed))  # [blocks, h, d]
-    assert all(len(set(c)) == 32 for c in codes.flatten(0, 1).tolist())  # no ties: the sort is order-free
-    shuffle, other = torch.randperm(32, generator=torch.Generator().manual_seed(1)), torch.arange(31, -1, -1)
-    out = distr_attention(q, k, v, cfg)
-    assert torch.equal(distr_attention(q[..., shuffle], k[..., shuffle], v, cfg), out)
-    assert relative_error(distr_attention(q[..., shuffle], k[..., other], v, cfg), out.double()) > 0.1
+@pytest.mark.parametrize("layout", ["strided", "adjacent"])
+@pytest.mark.parametrize("case", list(FUSES_EXACT_WHEN), ids=list(FUSES_EXACT_WHEN))
+def test_fused_scores_are_exact_when_group_columns_are_equal(case, layout) -> None:
+    """Per pair (a, b): sum_one errs by q_a·(k_a − k_b), mean_sum by (q_a − q_b)·(k_a − k_b)/2
+    (docs/distrattention.md, section 3), so equal K columns make both exact, equal Q columns only mean_sum."""
+    fuse, equal, exact = FUSES_EXACT_WHEN[case]
+    q, k, _ = random_qkv(32, 1, 1, 16, seed=4)
+    q_block, keys = q[:, 0].double(), k[:, 0].double()  # [32, 16] each
+    groups = column_groups(q, AttentionConfig("distr", group_size=4, block_rows=32, layout=layout))[0, 0]  # [4, 4]
+    if equal == "k":
+        keys = equal_within_groups(keys, groups)
+    else:
+        q_block = equal_within_groups(q_block, groups)
+    fused = block_scores(q_block[None], keys[None], groups[None], fuse)[0]
+    error = (fused - q_block @ keys.T).abs().max().item()
+    assert (error < 1e-9) == exact, error
 
 
 # ---- masking and GQA ------------------------------------------------------------------------------
@@ -227,8 +211,8 @@ def test_bad_shapes_are_refused() -> None:
         distr_attention(q, k, v, AttentionConfig("distr"), q_offset=1)
     with pytest.raises(ConfigError, match="does not divide the head dim 32"):
         distr_attention(q, k, v, AttentionConfig("distr", group_size=3))
-    with pytest.raises(ValueError, match="k_tile must be >= 1"):
-        distr_attention(q, k, v, AttentionConfig("distr"), k_tile=0)
+    with pytest.raises(ValueError, match="sub_rows must be >= 1"):
+        distr_attention(q, k, v, AttentionConfig("distr"), sub_rows=0)
 
 
 # ---- configuration -----------------------------------------------------------------------------
@@ -239,6 +223,12 @@ BAD_CONFIGS = {
     "block-rows-zero": ({"block_rows": 0}, "block_rows must be >= 1"),
     "hash-bits-zero": ({"hash_bits": 0}, "hash_bits must be in 1..62"),
     "hash-bits-63": ({"hash_bits": 63}, "hash_bits must be in 1..62"),
+    "unknown-layout": ({"layout": "zigzag"}, "unknown attention layout 'zigzag'"),
+    "unknown-fuse": ({"fuse": "max"}, "unknown attention fuse 'max'"),
+    "unknown-bucket": ({"bucket": "morton"}, "unknown attention bucket 'morton'"),
+    "layers-not-numbers": ({"layers": "first"}, "attention layers 'first'"),
+    "layers-range-backwards": ({"layers": "5-3"}, "attention layers '5-3'"),
+    "layers-empty-item": ({"layers": "1,,2"}, "attention layers '1,,2'"),
 }
 
 
@@ -250,9 +240,27 @@ def test_bad_config_is_refused(case) -> None:
         AttentionConfig(**fields)
 
 
+LAYER_SPECS = {  # spec: the layers of a 12-layer model that use distr
+    "all": ("all", list(range(12))),
+    "one layer": ("3", [3]),
+    "list and ranges": ("0,4-5,9", [0, 4, 5, 9]),
+    "from 8 to the end": ("8-", [8, 9, 10, 11]),
+    "spaces allowed": ("1, 2", [1, 2]),
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("case", list(LAYER_SPECS), ids=list(LAYER_SPECS))
+def test_layer_spec_picks_the_layers(case) -> None:
+    spec, layers = LAYER_SPECS[case]
+    assert [i for i in range(12) if AttentionConfig("distr", layers=spec).uses_distr(i)] == layers
+    assert not any(AttentionConfig("exact", layers=spec).uses_distr(i) for i in range(12))
+
+
 STAGE_WORKER_ERRORS = {
     "group-size-does-not-divide": (["--group-size", "3"], "group_size 3 does not divide the head dim 16"),
     "block-rows-negative": (["--block-rows", "-1"], "block_rows must be >= 1"),
+    "layers-unparsable": (["--distr-layers", "last"], "attention layers 'last'"),
 }
 
 
@@ -333,6 +341,24 @@ def test_runner_tree_rows_stay_exact(tiny_dir) -> None:
         rows = [Row("r", i, i - 1, 10 + i, t, False, True) for i, t in enumerate(chain)]
         outs.append(runner.hidden(MicroBatch(99, rows)))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("stage", [(0, 1), (0, 2), (1, 2)], ids=["whole-model", "stage-0-of-2", "stage-1-of-2"])
+def test_runner_uses_distr_in_the_named_layers_only(tiny_dir, stage) -> None:
+    """layers counts the model's layers, not the stage's: on a stage that holds none of them the prefill is
+    bit-identical to exact; on one that holds some it is not."""
+    rank, world = stage
+    arch = ModelArch.from_model_dir(tiny_dir)
+    cfg = AttentionConfig("distr", group_size=4, block_rows=16, layers="5-")  # tiny-random: 8 layers; 2 stages: 4 + 4
+    outs = []
+    for attention in (AttentionConfig(), cfg):
+        runner = load_stage(tiny_dir, arch, rank, world, torch.float32, attention, split="even")
+        runner.add_request("r", RequestInfo(96, SamplingParams()), 112)
+        rows = [Row("r", -(p + 2), -(p + 1), p, t, True, False) for p, t in enumerate(TINY_PROMPT)]
+        hidden = torch.randn(96, arch.hidden_size, generator=torch.Generator().manual_seed(1)) if rank else None
+        outs.append(runner.hidden(MicroBatch(0, rows, hidden)))
+    assert torch.equal(outs[0], outs[1]) == (rank == 0 and world == 2)
 
 
 @pytest.mark.unit

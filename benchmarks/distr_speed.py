@@ -1,0 +1,127 @@
+"""DistrAttention's CPU path against torch's SDPA, side by side, and where its time goes.
+
+    python -m benchmarks.distr_speed [--lengths 4096 8192 16384] [--dims 64 128] [--threads 1] [--reps 3]
+
+Causal attention over one random fp32 sequence [L, h, d] (MHA), per (L, d), methods interleaved, median of
+`reps` runs:
+- sdpa: torch.nn.functional.scaled_dot_product_attention(is_causal=True) on [1, h, L, d] (its CPU flash kernel);
+- sdpa_fused_qk: SDPA fed the fused Q' and K' (width d/G = d/2) with V at width d and scale 1/sqrt(d). torch's
+  CPU flash kernel needs one head dim for q, k and v, so SDPA falls back to its math path, which materializes
+  the [h, L, L] scores: timed only up to --math-max-len;
+- distr G=1 / G=2 / G=4: shared.compute.distr_attention.distr_attention with the default AttentionConfig
+  (G = 1 is the same loop with nothing fused: the loop's own cost against SDPA's kernel);
+- the parts of distr at G = 2 and 4: `groups` (SimHash, Gray code, argsort of every block's columns) and `fuse`
+  (Q' per block, and K' [keys, d/G] for every (block, head): the gather-and-sum the method repeats per block);
+  the rest of distr's time is its Q'·K'ᵀ, softmax and P·V matmuls.
+Prints one markdown table; the machine's load average at the start and end says how busy the CPU was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.provenance import load_average, machine_fields
+from shared.compute.distr_attention import distr_attention
+from shared.compute.distr_groups import column_groups, fuse_keys, fuse_queries
+from shared.service_args import set_threads
+from shared.types.config import AttentionConfig
+
+
+def median_ms(fns: dict, reps: int) -> dict[str, float]:
+    """Median wall time of each callable in ms after one untimed call; one call of each per round, so load drift
+    hits all alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[L, h, d] each -> [1, h, L, d]; 4-D inputs and one head dim select torch's CPU flash kernel."""
+    q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))
+    return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True)
+
+
+def sdpa_fused_qk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA with q and k at width d/2 and v at width d (what fused inputs look like; the values do not matter)."""
+    half = q.shape[-1] // 2
+    q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q[..., :half], k[..., :half], v))
+    return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=q.shape[-1] ** -0.5)
+
+
+def fuse_only(q: torch.Tensor, k: torch.Tensor, cfg: AttentionConfig, groups: torch.Tensor) -> None:
+    """distr_attention's fusing alone: Q' per block, K' [block keys, d/G] per (block, head). q, k: [L, h, d]."""
+    keys = k.permute(1, 0, 2).contiguous()  # [h, L, d]
+    for block, start in enumerate(range(0, q.shape[0], cfg.block_rows)):
+        q_block = q[start : start + cfg.block_rows].transpose(0, 1)  # [h, m, d]
+        fuse_queries(q_block, groups[block], cfg.fuse)
+        for j in range(q.shape[1]):
+            fuse_keys(keys[j, : start + q_block.shape[1]], groups[block, j], cfg.fuse)
+
+
+def measure(length: int, d: int, heads: int, reps: int, math_max_len: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(length, heads, d, generator=gen) for _ in range(3))  # [L, h, d]
+    cfgs = {G: AttentionConfig("distr", group_size=G) for G in (1, 2, 4)}
+    groups = {G: column_groups(q, cfgs[G]) for G in (2, 4)}
+    fns = {"sdpa": lambda: sdpa(q, k, v)}
+    if length <= math_max_len:
+        fns["sdpa_fused_qk"] = lambda: sdpa_fused_qk(q, k, v)
+    fns |= {f"distr_g{G}": (lambda c=c: distr_attention(q, k, v, c)) for G, c in cfgs.items()}
+    for G in (2, 4):
+        fns[f"groups_g{G}"] = lambda c=cfgs[G]: column_groups(q, c)
+        fns[f"fuse_g{G}"] = lambda c=cfgs[G], g=groups[G]: fuse_only(q, k, c, g)
+    return {"length": length, "d": d, "heads": heads, "ms": median_ms(fns, reps)}
+
+
+def markdown(rows: list[dict], args: argparse.Namespace, machine: dict, load_end: float) -> str:
+    lines = [
+        (f"`python -m benchmarks.distr_speed --threads {args.threads}` on {machine['cpu']}, {machine['cores']} cores, "
+        f"torch {machine['torch']}, {args.threads} thread(s), fp32, causal, MHA; median of {args.reps}; load "
+        f"average {machine['load_avg_start']:.1f} at the start, {load_end:.1f} at the end. Times in ms; x = / SDPA."),
+        "",
+        ("| L | h | d | SDPA | SDPA fused Q,K (math) | distr G=1 | G=2 | G=4 | G=2 x | G=4 x "
+        "| G=2: groups | fuse | matmuls+softmax | G=4: groups | fuse | matmuls+softmax |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ms = r["ms"]
+        rest = {G: ms[f"distr_g{G}"] - ms[f"groups_g{G}"] - ms[f"fuse_g{G}"] for G in (2, 4)}
+        math = f"{ms['sdpa_fused_qk']:.0f}" if "sdpa_fused_qk" in ms else "—"
+        lines.append(
+            f"| {r['length']} | {r['heads']} | {r['d']} | {ms['sdpa']:.0f} | {math} | {ms['distr_g1']:.0f} | "
+            f"{ms['distr_g2']:.0f} | {ms['distr_g4']:.0f} | {ms['distr_g2'] / ms['sdpa']:.2f}x | "
+            f"{ms['distr_g4'] / ms['sdpa']:.2f}x | "
+            + " | ".join(f"{ms[f'groups_g{G}']:.0f} | {ms[f'fuse_g{G}']:.0f} | {rest[G]:.0f}" for G in (2, 4)) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.distr_speed")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    p.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--math-max-len", type=int, default=4096, help="longest L for SDPA's math fallback ([h, L, L])")
+    args = p.parse_args(argv)
+    set_threads(args.threads)
+    machine = machine_fields()
+    rows = [measure(length, d, args.heads, args.reps, args.math_max_len) for length in args.lengths for d in args.dims]
+    print(markdown(rows, args, machine, load_average()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

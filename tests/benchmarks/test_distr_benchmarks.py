@@ -1,0 +1,59 @@
+"""The DistrAttention benchmarks' own logic: settings parsed into configs, the speed table's parts, the GPU table."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import distr_gpu, distr_speed
+from benchmarks.distr_accuracy import parse_setting
+from shared.types.config import AttentionConfig
+from shared.types.errors import ConfigError
+
+SETTINGS = {
+    "exact": ("exact", AttentionConfig()),
+    "group size only": ("G=2", AttentionConfig("distr", group_size=2)),
+    "every knob": ("G=4,fuse=sum_one,layout=adjacent,bucket=binary,block_rows=64",
+                   AttentionConfig("distr", group_size=4, fuse="sum_one", layout="adjacent", bucket="binary",
+                                   block_rows=64)),
+    "layer list goes on": ("G=2,layers=0,3-5", AttentionConfig("distr", group_size=2, layers="0,3-5")),
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("case", list(SETTINGS), ids=list(SETTINGS))
+def test_setting_parses_into_its_config(case) -> None:
+    text, cfg = SETTINGS[case]
+    assert parse_setting(text) == cfg
+
+
+BAD_SETTINGS = {"unknown field": "G=2,speed=9", "no value": "G=", "bad layout": "layout=zigzag"}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("case", list(BAD_SETTINGS), ids=list(BAD_SETTINGS))
+def test_bad_setting_is_refused(case) -> None:
+    with pytest.raises(ConfigError):
+        parse_setting(BAD_SETTINGS[case])
+
+
+@pytest.mark.unit
+def test_speed_table_splits_distr_time_into_its_parts() -> None:
+    """A small real measurement: every method timed, and the matmul share is what is left of distr's time."""
+    row = distr_speed.measure(512, 32, 2, reps=1, math_max_len=512)
+    assert set(row["ms"]) == {"sdpa", "sdpa_fused_qk", "distr_g1", "distr_g2", "distr_g4", "groups_g2", "fuse_g2",
+                              "groups_g4", "fuse_g4"}
+    args = type("Args", (), {"threads": 1, "reps": 1})()
+    machine = {"cpu": "cpu", "cores": 2, "torch": "t", "load_avg_start": 0.0}
+    table = distr_speed.markdown([row], args, machine, 0.0).splitlines()
+    cells = [c.strip() for c in table[-1].strip("|").split("|")]
+    ms = row["ms"]
+    assert cells[:3] == ["512", "2", "32"]
+    assert cells[12] == f"{ms['distr_g2'] - ms['groups_g2'] - ms['fuse_g2']:.0f}"
+
+
+@pytest.mark.unit
+def test_gpu_table_names_what_the_budget_left_out() -> None:
+    ms = {name: 2.0 for name in ["sdpa flash", *distr_gpu.VARIANTS]}
+    text = distr_gpu.markdown([{"length": 4096, "d": 64, "heads": 16, "ms": ms}], {64: {"distr G=2 mean_sum": 1e-3}},
+                              ["L=32768 d=128"], "GPU")
+    assert "| 4096 | 16 | 64 | 2.00 | 2.00 (1.00x) |" in text and "Left out (budget spent): L=32768 d=128" in text
