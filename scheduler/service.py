@@ -33,6 +33,7 @@ from scheduler.telemetry import Telemetry
 from shared.transport.control import ControlConfig, Inbox, Outbox
 from shared.transport.membership import trim_old_runs
 from shared.transport.redis_io import (
+    SCHEDULER_GROUP,
     RedisConfig,
     connect,
     decode_or_log,
@@ -76,7 +77,7 @@ class SchedulerServiceConfig:
     # this and none of its output went out; otherwise it is failed cleanly (its client is gone or has part of it).
     recover_within_s: float = 600.0
     stats_interval_s: float = 0.5  # how often the stats snapshot (metrics, dashboard) is rewritten
-    group: str = "schedulers"
+    group: str = SCHEDULER_GROUP
     consumer: str = "scheduler-0"
     control: ControlConfig = ControlConfig()  # this scheduler's control inbox (verifications, proposals)
     trace_steps: bool = False  # also write every StepMsg to the `steps` stream (off the beat): tests, debugging
