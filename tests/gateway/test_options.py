@@ -1,5 +1,6 @@
-"""Every sampling option through the real services (gateway, scheduler, 2 stages, specpipe with a draft) equals
-in-process plain decoding (pp, one stage) with the same option: streamed, not streamed, n > 1, batched prompts."""
+"""Every sampling option through the real services (gateway, scheduler, 2 stages, a draft; specpipe and tree
+per request) equals in-process plain decoding (pp, one stage) with the same option: streamed, not streamed,
+n > 1, batched prompts, echo, logprobs."""
 
 from __future__ import annotations
 
@@ -67,11 +68,13 @@ def _streamed_texts(chunks: list[dict], chat: bool) -> dict[int, str]:
     return texts
 
 
+@pytest.mark.parametrize("policy", ["specpipe", "tree"])
 @pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("option", list(OPTIONS))
-def test_option_equals_plain_decoding_through_the_services(client, tiny_dir, option, base) -> None:
+def test_option_equals_plain_decoding_through_the_services(client, tiny_dir, option, base, policy) -> None:
     fields, ref_fields = OPTIONS[option]
-    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": MAX_TOKENS, **BASES[base], **fields}
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": MAX_TOKENS, **BASES[base], **fields,
+            "speculation": {"policy": policy}}
     text, _, _ = reference(tiny_dir, tuple(_codec(tiny_dir).encode(PROMPT)), _params(base, ref_fields))
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text

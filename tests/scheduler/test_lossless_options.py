@@ -101,3 +101,33 @@ def test_logprobs_are_the_raw_models(tiny_dir, plain) -> None:
     for token, (logprob, ids) in zip(output, logprobs):
         assert ids[0] == token and logprob <= 0
     assert json.dumps(logprobs)  # plain data
+
+
+PEOPLE_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
+                 "properties": {"name": {"type": "string", "maxLength": 24},
+                                "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                "city": {"type": "string", "maxLength": 24}}}
+TOPICS = ["a pirate", "a chef", "a nurse", "an astronaut", "a farmer", "a poet", "a pilot", "a baker", "a judge",
+          "a painter", "a miner", "a sailor", "a teacher", "a dancer", "a monk", "a knight", "a clown", "a coder",
+          "a doctor", "a spy"]
+
+
+@pytest.mark.slow
+def test_json_schema_is_valid_and_lossless_smollm2(smollm2_dir) -> None:
+    """20 prompts with a JSON schema: specpipe's tokens are pp's, and each output is JSON the schema describes."""
+    from scheduler.scheduler import Request
+    from shared.model_store import load_tokenizer
+    from specpipe.prompts import encode_chat
+
+    tokenizer = load_tokenizer(smollm2_dir)
+    eos = frozenset(ModelArch.from_model_dir(smollm2_dir).eos_token_ids)
+    params = SamplingParams(grammar=grammar_of({"type": "json_schema", "json_schema": {"schema": PEOPLE_SCHEMA}}))
+    pp, spec = pipeline(smollm2_dir, "pp", 1), pipeline(smollm2_dir, "specpipe", 2, "ngram", width=3)
+    for i, topic in enumerate(TOPICS):
+        prompt = tuple(encode_chat(tokenizer, f"Describe {topic} as JSON with a name, an age and a city."))
+        expected = pp.generate(Request(f"pp{i}", prompt, params, 48, eos))
+        got = spec.generate(Request(f"sp{i}", prompt, params, 48, eos))
+        assert got.output == expected.output, topic
+        assert expected.finish_reason == "stop", topic
+        value = json.loads(tokenizer.decode(expected.output[:-1]))
+        assert set(value) == {"name", "age", "city"} and 0 <= value["age"] <= 120
