@@ -20,10 +20,10 @@ def _entry(text: str, logprob: float) -> dict[str, Any]:
 
 
 class LogprobsShaper:
-    """One choice's logprobs; `text_offset` counts from `offset` (the echoed prompt's length, or 0)."""
+    """One choice's logprobs; `text_offset` counts characters of the completion's text from 0 across chunks."""
 
-    def __init__(self, codec: TextCodec, chat: bool, offset: int = 0):
-        self.codec, self.chat, self.offset = codec, chat, offset
+    def __init__(self, codec: TextCodec, chat: bool):
+        self.codec, self.chat, self.offset = codec, chat, 0
 
     def shape(self, tokens: Sequence[int], logprobs: Sequence[TokenLogprob]) -> dict[str, Any] | None:
         """The logprobs object for these tokens (a streamed chunk's or the whole reply's); None without any."""

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from gateway.choices import Choice, indexed, merge, submit_all
 from gateway.completions import check_request, collect
 from gateway.engine import outcome_error
-from gateway.errors import APIError
+from gateway.errors import APIError, bad_request
 from gateway.logprobs import LogprobsShaper
 from gateway.prompts import echo_texts, generation_spec, prompt_list
 from gateway.responses import ResponseBuilder, sse
@@ -22,6 +22,7 @@ from gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingRe
 from gateway.state import GatewayState, get_state
 from gateway.streaming import DisconnectWatch, SSEResponse
 
+MAX_CHOICES = 64  # pipeline requests one HTTP request may start (prompts x n)
 router = APIRouter()
 log = logging.getLogger("gateway")
 
@@ -46,13 +47,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, gw: Ga
 async def generate(request: Request, gw: GatewayState, body: SamplingRequest, prompts: list[list[int]],
                    echoes: list[str], chat: bool, prompt_field: str):
     n = body.n or 1
+    if len(prompts) * n > MAX_CHOICES:
+        raise bad_request(f"at most {MAX_CHOICES} choices per request (prompts x n); this asks {len(prompts) * n}",
+                          "prompt" if len(prompts) > 1 else "n")
     specs = [generation_spec(body, ids, gw.cfg, prompt_field, i, gw.codec.vocab_size) for ids in prompts
              for i in range(n)]
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     records = await submit_all(gw, request_id, specs)
     logprobs = body.top_logprobs_count() is not None
-    choices = [Choice(k, record, spec, LogprobsShaper(gw.codec, chat, len(echoes[k // n])) if logprobs else None,
-                      echoes[k // n]) for k, (record, spec) in enumerate(zip(records, specs))]
+    choices = [Choice(k, record, spec, LogprobsShaper(gw.codec, chat) if logprobs else None, echoes[k // n])
+               for k, (record, spec) in enumerate(zip(records, specs))]
     build = ResponseBuilder(request_id, gw.cfg.model_name, chat)
     watch = DisconnectWatch(request)
     prompt_tokens = sum(len(ids) for ids in prompts)

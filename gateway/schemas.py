@@ -81,7 +81,7 @@ class SamplingRequest(BaseModel):
     def unsupported(self) -> str | None:
         """The first field set to something this server does not implement, else None."""
         checks = {
-            "best_of": self.best_of not in (None, 1, self.n), "tools": bool(self.tools),
+            "best_of": self.best_of not in (None, self.n or 1), "tools": bool(self.tools),
             "functions": bool(self.functions), "tool_choice": self.tool_choice not in (None, "none"),
             "parallel_tool_calls": self.parallel_tool_calls not in (None, True), "suffix": bool(self.suffix),
             **self._unsupported(),

@@ -266,7 +266,7 @@ class BatchRunner:
                 record = await gw.engine.submit(rid, spec)
             build = ResponseBuilder(rid, gw.cfg.model_name, chat)
             echo = echo_texts(req, [ids], gw.codec)[0] if req.echo_prompt() else ""
-            shaper = LogprobsShaper(gw.codec, chat, len(echo)) if req.top_logprobs_count() is not None else None
+            shaper = LogprobsShaper(gw.codec, chat) if req.top_logprobs_count() is not None else None
             return 200, await full_body(gw, gw.engine.updates(record, spec), record, build, shaper, echo)
         except APIError as exc:
             return exc.status, error_body(exc.message, exc.type, exc.param, exc.code)

@@ -33,7 +33,7 @@ def grammar_of(response_format: dict[str, Any] | None) -> str | None:
         raise ConfigError(f"response_format type '{kind}': choose text, json_object or json_schema")
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
-    except ValueError as exc:
+    except (ValueError, TypeError, RuntimeError) as exc:  # not a JSON object, or one the compiler cannot take
         raise ConfigError(f"response_format: {exc}") from exc
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:

@@ -139,10 +139,10 @@ class RequestMsg(Message, frozen=True, tag="request"):
     max_new_tokens: int
     sampling: SamplingFields = SamplingFields()
     stop_ids: list[int] = []  # end the request after emitting one of these
-    ignore_eos: bool = False  # the model's end-of-sequence ids do not end it (only stop_ids and the length do)
     policy: str | None = None  # per-request override of the server's speculation policy
     width: int | None = None  # per-request override of the tree width
     arrival: float = 0.0  # gateway wall-clock time, for queue-time metrics
+    ignore_eos: bool = False  # the model's end-of-sequence ids do not end it (only stop_ids and the length do)
 
 
 class TokensMsg(Message, frozen=True, tag="tokens"):
@@ -150,11 +150,11 @@ class TokensMsg(Message, frozen=True, tag="tokens"):
 
     request_id: str
     tokens: list[int]  # appended to the output, never revised (tokens are final when verified)
-    logprobs: list[TokenLogprob] = []  # one per token when the request asked for logprobs, else empty
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None  # a clear message when finish_reason == "error"
     step: int = 0  # pipeline step that produced them (speculation metrics)
+    logprobs: list[TokenLogprob] = []  # one per token when the request asked for logprobs, else empty
 
 
 class StepMsg(Message, frozen=True, tag="step"):
@@ -199,9 +199,9 @@ class VerifyMsg(Message, frozen=True, tag="verify"):
     request_ids: list[str]
     node_ids: list[int]
     targets: list[int]  # the target's token after each row (argmax or seeded draw); -1 if not asked
-    logprobs: list[TokenLogprob | None] = []  # per row when some row's request asked for logprobs, else empty
     compute_s: float = 0.0  # the last stage's compute time for this step (overhead accounting)
     epoch: int = 0  # the run of `step` (step numbers restart when a new scheduler starts)
+    logprobs: list[TokenLogprob | None] = []  # per row when some row's request asked for logprobs, else empty
 
     def target_tokens(self) -> TargetTokens:
         return TargetTokens(self.batch_id, self.request_ids, self.node_ids, self.targets, self.logprobs)

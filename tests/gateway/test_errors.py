@@ -53,6 +53,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None, code:
     ("/v1/completions", {**COMPLETION, "stream": "yes"}, "stream"),
     ("/v1/completions", {k: v for k, v in COMPLETION.items() if k != "prompt"}, "prompt"),
     ("/v1/completions", {**COMPLETION, "prompt": ["a", ""]}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": ["a"] * 5, "n": 16}, "prompt"),  # over MAX_CHOICES
     ("/v1/completions", {**COMPLETION, "prompt": []}, "prompt"),
     ("/v1/completions", {**COMPLETION, "prompt": [[]]}, "prompt"),
     ("/v1/completions", {**COMPLETION, "prompt": ""}, "prompt"),
