@@ -96,6 +96,10 @@ class TextCodec:
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         return self.tokenizer.encode_batch([self.render_chat(messages)], add_special_tokens=False)[0].ids
 
+    def token_text(self, token: int) -> str:
+        """One token as text, special tokens included (logprobs' `token`)."""
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
     def decode(self, ids: list[int]) -> str:
         """Output text: special tokens skipped (vLLM's default), a trailing eos removed."""
         if ids and ids[-1] in self.eos_ids:

@@ -27,7 +27,8 @@ from gateway.prompts import GenerationSpec
 from gateway.queue import AsyncQueue, QueueError
 from gateway.records import FINISHED, RUNNING, RecordBook, RequestRecord
 from gateway.textstream import TextAssembler
-from shared.wire.messages import RequestMsg, SamplingFields, TokensMsg
+from shared.types.batch import TokenLogprob
+from shared.wire.messages import RequestMsg, TokensMsg
 
 log = logging.getLogger("gateway")
 POLL_S = 0.25  # longest wait for out-stream entries: disconnects and deadlines are checked at least this often
@@ -42,6 +43,8 @@ class Update:
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
+    tokens: tuple[int, ...] = ()  # the new tokens themselves
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per new token when the request asked for logprobs
 
 
 @dataclass
@@ -87,8 +90,9 @@ class Engine:
                                code="not_ready")
             entry_id = await self.queue.submit(RequestMsg(
                 request_id=request_id, prompt_ids=list(spec.prompt_ids), max_new_tokens=spec.max_tokens,
-                sampling=SamplingFields(spec.temperature, spec.top_p, spec.top_k, spec.seed),
-                stop_ids=list(self.codec.eos_ids), policy=spec.policy, width=spec.width, arrival=time.time()))
+                sampling=spec.sampling(), stop_ids=list(spec.stop_token_ids) + ([] if spec.ignore_eos else
+                                                                                 list(self.codec.eos_ids)),
+                ignore_eos=spec.ignore_eos, policy=spec.policy, width=spec.width, arrival=time.time()))
         except QueueError as exc:
             log.warning("submit %s: redis error: %s", request_id, exc)
             raise APIError(503, "the request queue is not reachable", code="queue_unavailable") from exc
@@ -161,14 +165,15 @@ class Engine:
             record.tokens.extend(msg.tokens)
         delta = run.text.add(msg.tokens, msg.finished)
         record.text = run.text.text
+        tokens, logprobs = tuple(msg.tokens), tuple(msg.logprobs)
         if run.text.stopped and not msg.finished:
             await self._end(run, "stop", None, cancel=True)
-            return Update(delta, len(msg.tokens), True, "stop")
+            return Update(delta, len(msg.tokens), True, "stop", None, tokens, logprobs)
         if msg.finished:
             reason = "stop" if run.text.stopped else msg.finish_reason or "stop"
             await self._end(run, reason, msg.error, cancel=False)
-            return Update(delta, len(msg.tokens), True, reason, msg.error)
-        return Update(delta, len(msg.tokens))
+            return Update(delta, len(msg.tokens), True, reason, msg.error, tokens, logprobs)
+        return Update(delta, len(msg.tokens), tokens=tokens, logprobs=logprobs)
 
     async def _time_queue(self, run: _Run) -> None:
         """Queue time: the request's XADD -> the scheduler's read of it (its first scheduler event that Redis

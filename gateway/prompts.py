@@ -16,7 +16,10 @@ import anyio
 from gateway.codec import TemplateError, TextCodec
 from gateway.config import GatewayConfig
 from gateway.errors import APIError, bad_request
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from gateway.schemas import MAX_SEED, ChatCompletionRequest, CompletionRequest, SamplingRequest
+from shared.types.errors import ConfigError
+from shared.types.structured import grammar_of
+from shared.wire.messages import SamplingFields
 
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -34,16 +37,44 @@ class GenerationSpec:
     stops: tuple[str, ...] = ()
     policy: str | None = None
     width: int | None = None
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: str | None = None  # llguidance grammar of response_format
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def sampling(self) -> SamplingFields:
+        return SamplingFields(self.temperature, self.top_p, self.top_k, self.seed, self.min_p, self.presence_penalty,
+                              self.frequency_penalty, self.repetition_penalty, dict(self.logit_bias), self.grammar,
+                              self.logprobs)
+
+
+def completion_prompts(req: CompletionRequest, codec: TextCodec) -> list[list[int]]:
+    """A string, token ids, or a list of either (a batch): each prompt's ids, checked."""
+    prompt = req.prompt
+    batch = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+    return [_checked_ids(codec.encode(p) if isinstance(p, str) else list(p), codec) for p in batch]
 
 
 def completion_prompt_ids(req: CompletionRequest, codec: TextCodec) -> list[int]:
-    """A string, a token-id list, or a one-element list of either; batches are refused."""
-    prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise bad_request("batched prompts are not supported: send one prompt per request", "prompt")
-        prompt = prompt[0]
-    ids = codec.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    """One prompt (the batch API's lines): a batch of several is refused."""
+    prompts = completion_prompts(req, codec)
+    if len(prompts) != 1:
+        raise bad_request("batched prompts are not supported here: send one prompt per request", "prompt")
+    return prompts[0]
+
+
+def echo_texts(req: CompletionRequest, prompts: list[list[int]], codec: TextCodec) -> list[str]:
+    """Each prompt's text for `echo`: a string prompt as sent, token ids decoded."""
+    sent = req.prompt if isinstance(req.prompt, list) and isinstance(req.prompt[0], (str, list)) else [req.prompt]
+    return [p if isinstance(p, str) else codec.decode(ids) for p, ids in zip(sent, prompts)]
+
+
+def _checked_ids(ids: list[int], codec: TextCodec) -> list[int]:
     if not ids:
         raise bad_request("prompt is empty", "prompt")
     bad = next((t for t in ids if not 0 <= t < codec.vocab_size), None)
@@ -89,18 +120,48 @@ async def prompt_ids(req: SamplingRequest, codec: TextCodec, chat: bool) -> list
     return await anyio.to_thread.run_sync(completion_prompt_ids, req, codec)
 
 
-def generation_spec(req: SamplingRequest, prompt_ids: list[int], cfg: GatewayConfig,
-                    prompt_field: str) -> GenerationSpec:
-    """Sampling settings with defaults filled in, after the context-length check."""
+async def prompt_list(req: SamplingRequest, codec: TextCodec, chat: bool) -> list[list[int]]:
+    """Every prompt of the request (several for a batched completion), in a worker thread."""
+    if chat:
+        return [await anyio.to_thread.run_sync(chat_prompt_ids, req, codec)]
+    return await anyio.to_thread.run_sync(completion_prompts, req, codec)
+
+
+def generation_spec(req: SamplingRequest, prompt_ids: list[int], cfg: GatewayConfig, prompt_field: str,
+                    choice: int = 0, vocab_size: int | None = None) -> GenerationSpec:
+    """Sampling settings with defaults filled in, after the context-length check. Choice i of n is seeded with
+    seed + i (mod 2**63): each choice is reproducible alone, as the request with that seed and n = 1."""
     max_tokens = _max_tokens(req, len(prompt_ids), cfg, prompt_field)
     temperature = float(req.temperature if req.temperature is not None else 1.0)
     seed = req.seed if req.seed is not None else (0 if temperature == 0 else random.SystemRandom().randrange(2**31))
     spec = req.speculation
     return GenerationSpec(
         prompt_ids=tuple(prompt_ids), max_tokens=max_tokens, temperature=temperature,
-        top_p=float(req.top_p if req.top_p is not None else 1.0), top_k=max(req.top_k or 0, 0), seed=seed,
-        stops=req.stops(), policy=spec.policy if spec else None, width=spec.width if spec else None,
+        top_p=float(req.top_p if req.top_p is not None else 1.0), top_k=max(req.top_k or 0, 0),
+        seed=(seed + choice) % (MAX_SEED + 1), stops=req.stops(), policy=spec.policy if spec else None,
+        width=spec.width if spec else None, min_p=float(req.min_p or 0.0),
+        presence_penalty=float(req.presence_penalty or 0.0), frequency_penalty=float(req.frequency_penalty or 0.0),
+        repetition_penalty=float(req.repetition_penalty if req.repetition_penalty is not None else 1.0),
+        logit_bias=_logit_bias(req, vocab_size), grammar=_grammar(req), logprobs=req.top_logprobs_count(),
+        stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos),
     )
+
+
+def _logit_bias(req: SamplingRequest, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} -> sorted (id, bias) pairs; 400 for a key that is not a token id."""
+    out = []
+    for key, bias in (req.logit_bias or {}).items():
+        if not key.isdigit() or (vocab_size is not None and int(key) >= vocab_size):
+            raise bad_request(f"logit_bias key '{key}' is not a token id of this model's vocabulary", "logit_bias")
+        out.append((int(key), float(bias)))
+    return tuple(sorted(out))
+
+
+def _grammar(req: SamplingRequest) -> str | None:
+    try:
+        return grammar_of(req.response_format)
+    except ConfigError as exc:
+        raise bad_request(str(exc), "response_format") from exc
 
 
 def _max_tokens(req: SamplingRequest, prompt_len: int, cfg: GatewayConfig, prompt_field: str) -> int:

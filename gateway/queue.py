@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.outstreams import OutStreams, Subscription, decode_entries
-from shared.transport.redis_io import RedisConfig, decode_or_log, pipeline_components
+from shared.transport.redis_io import SCHEDULER_GROUP, RedisConfig, decode_or_log, pipeline_components
 from shared.wire.messages import CancelMsg, Message, OccupancyMsg, RequestMsg, SchedulerStatsMsg, TokensMsg
 
 log = logging.getLogger("gateway")
@@ -27,7 +27,6 @@ log = logging.getLogger("gateway")
 QueueError = RedisError  # what callers catch when Redis is unreachable or answers an error
 POOL_SIZE = 16
 POOL_WAIT_S = 10.0  # longest wait for a free pooled connection before QueueError
-SCHEDULER_GROUP = "schedulers"  # the scheduler's consumer group on `requests` (SchedulerServiceConfig.group)
 
 
 class AsyncQueue:

@@ -30,26 +30,33 @@ class ResponseBuilder:
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict:
-        """The non-streamed reply."""
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+        """One choice of the non-streamed reply."""
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
-            body = self._head("chat.completion")
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            body = self._head("text_completion")
-        return {**body, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    def chunk(self, delta: str, finish_reason: str | None = None, first: bool = False) -> dict:
+    def reply(self, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+        """The non-streamed reply with its choices."""
+        body = self._head("chat.completion" if self.chat else "text_completion")
+        return {**body, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+    def full(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int,
+             logprobs: dict | None = None) -> dict:
+        """The non-streamed reply of one choice."""
+        return self.reply([self.choice(0, text, finish_reason, logprobs)], prompt_tokens, completion_tokens)
+
+    def chunk(self, delta: str, finish_reason: str | None = None, first: bool = False, index: int = 0,
+              logprobs: dict | None = None) -> dict:
         """A streamed chunk with a text delta (the first chat chunk also carries the role)."""
         if self.chat:
             d: dict[str, Any] = {"content": delta} if delta or first else {}
             if first:
                 d = {"role": "assistant", **d}
-            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish_reason}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice]}
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:

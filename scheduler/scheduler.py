@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from scheduler.tree import Status, TokenTree
 from scheduler.width import Acceptance, Candidate, StepCosts, WidthPlan, plan
-from shared.types.batch import ROOT_PARENT, MicroBatch, PipelineEvent, Row, TargetTokens
+from shared.types.batch import ROOT_PARENT, MicroBatch, PipelineEvent, Row, TargetTokens, TokenLogprob
 from shared.types.config import EngineConfig, PolicyConfig, SamplingParams
 from shared.types.errors import RequestError
 from shared.types.speculation import ExpansionJob, NodeRef
@@ -94,6 +94,7 @@ class RequestState:
     inflight: int = 0  # micro-batches of this request in the pipe
     expanding: set[int] = field(default_factory=set)  # nodes with an expansion job out
     output: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token when the request asked
     finish_reason: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
 
@@ -106,6 +107,7 @@ class RequestState:
 class StepResult:
     events: list[PipelineEvent] = field(default_factory=list)
     new_tokens: dict[str, list[int]] = field(default_factory=dict)
+    new_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)  # aligned with new_tokens, if asked
     finished: list[str] = field(default_factory=list)
 
 
@@ -422,20 +424,24 @@ class Scheduler:
             if request_id in self.requests:
                 self.requests[request_id].inflight -= 1
         targets: dict[str, dict[int, int]] = {}
-        for request_id, node_id, target in zip(output.request_ids, output.node_ids, output.targets):
+        logprobs: dict[str, dict[int, TokenLogprob]] = {}
+        for j, (request_id, node_id, target) in enumerate(zip(output.request_ids, output.node_ids, output.targets)):
             if target >= 0:
                 targets.setdefault(request_id, {})[node_id] = target
+                if output.logprobs and output.logprobs[j] is not None:
+                    logprobs.setdefault(request_id, {})[node_id] = output.logprobs[j]
         result = StepResult()
         for request_id, by_node in targets.items():
             state = self.requests.get(request_id)
             if state is not None and state.phase is not Phase.DONE:
-                self._verify(state, by_node, result)
+                self._verify(state, by_node, result, logprobs.get(request_id, {}))
         if self._plan is not None and self.step >= self._plan.step + self.policy.stages:  # its own batches only
             self._realized[0] += sum(len(t) for t in result.new_tokens.values())
             self._realized[1] += 1
         return result
 
-    def _verify(self, state: RequestState, targets: dict[int, int], result: StepResult) -> None:
+    def _verify(self, state: RequestState, targets: dict[int, int], result: StepResult,
+                logprobs: dict[int, TokenLogprob]) -> None:
         if state.phase is Phase.PREFILL:
             last_prompt_node = -(len(state.request.prompt) + 1)
             if last_prompt_node not in targets:
@@ -443,7 +449,7 @@ class Scheduler:
             root = state.tree.add_accepted(targets[last_prompt_node], ROOT_PARENT, len(state.request.prompt))
             state.phase, state.frontier, state.needs_refill = Phase.DECODE, root.node_id, True
             state.stats.bonus += 1
-            self._emit(state, root.token, result)
+            self._emit(state, root.token, result, logprobs.get(last_prompt_node))
             return
         while state.phase is Phase.DECODE and state.frontier in targets:
             frontier = state.frontier
@@ -454,7 +460,7 @@ class Scheduler:
                 self._miss(state, frontier, token, result)
             else:
                 self._accept(state, frontier, child, result)
-            self._emit(state, token, result)
+            self._emit(state, token, result, logprobs.get(frontier))
 
     def _count_acceptance(self, state: RequestState, frontier: int, child: int | None) -> None:
         """One verified level for the width plan: how many children were sent, and the accepted one's rank."""
@@ -499,12 +505,16 @@ class Scheduler:
         state.stats.pruned += len(node_ids)
         result.events.append(PipelineEvent(state.request.request_id, "prune", tuple(node_ids)))
 
-    def _emit(self, state: RequestState, token: int, result: StepResult) -> None:
-        """Append one target token; finish the request at a stop token or the length limit."""
+    def _emit(self, state: RequestState, token: int, result: StepResult, logprob: TokenLogprob | None) -> None:
+        """Append one target token (and its logprobs, if asked); finish the request at a stop token or the
+        length limit."""
         rid = state.request.request_id
         state.output.append(token)
         state.stats.last_token_step = self.step
         result.new_tokens.setdefault(rid, []).append(token)
+        if logprob is not None:
+            state.logprobs.append(logprob)
+            result.new_logprobs.setdefault(rid, []).append(logprob)
         if token in state.request.stop_ids:
             self.finish(state, "stop", result)
         elif len(state.output) >= state.request.max_new_tokens:

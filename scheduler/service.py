@@ -33,6 +33,7 @@ from scheduler.telemetry import Telemetry
 from shared.transport.control import ControlConfig, Inbox, Outbox
 from shared.transport.membership import trim_old_runs
 from shared.transport.redis_io import (
+    SCHEDULER_GROUP,
     RedisConfig,
     connect,
     decode_or_log,
@@ -76,7 +77,7 @@ class SchedulerServiceConfig:
     # this and none of its output went out; otherwise it is failed cleanly (its client is gone or has part of it).
     recover_within_s: float = 600.0
     stats_interval_s: float = 0.5  # how often the stats snapshot (metrics, dashboard) is rewritten
-    group: str = "schedulers"
+    group: str = SCHEDULER_GROUP
     consumer: str = "scheduler-0"
     control: ControlConfig = ControlConfig()  # this scheduler's control inbox (verifications, proposals)
     trace_steps: bool = False  # also write every StepMsg to the `steps` stream (off the beat): tests, debugging
@@ -230,8 +231,9 @@ class SchedulerService:
         if msg.policy is not None or msg.width is not None:
             base = self.scheduler.policy
             policy = dataclasses.replace(base, name=msg.policy or base.name, width=msg.width or base.width)
+        stop_ids = frozenset(msg.stop_ids) | (frozenset() if msg.ignore_eos else self.stop_ids)
         request = Request(msg.request_id, tuple(msg.prompt_ids), msg.sampling.params(), msg.max_new_tokens,
-                          frozenset(msg.stop_ids) | self.stop_ids, policy)
+                          stop_ids, policy)
         self.scheduler.check(request)
         return request
 
@@ -289,8 +291,9 @@ class SchedulerService:
             state = self.scheduler.requests[rid]
             reason = state.finish_reason if rid in done else None
             first = first or len(state.output) == len(tokens)
-            self.unsent.append((self.cfg.redis.out(rid), TokensMsg(request_id=rid, tokens=tokens, finished=rid in done,
-                                                                   finish_reason=reason, step=self.scheduler.step)))
+            msg = TokensMsg(request_id=rid, tokens=tokens, logprobs=result.new_logprobs.get(rid, []),
+                            finished=rid in done, finish_reason=reason, step=self.scheduler.step)
+            self.unsent.append((self.cfg.redis.out(rid), msg))
         for rid in done:
             self.scheduler.remove(rid)
         if first:

@@ -217,7 +217,7 @@ class StageService:
             self.link.send(msg.step, out, self.slots)
         else:
             verify = VerifyMsg(step=msg.step, batch_id=out.batch_id, request_ids=[r.request_id for r in out.rows],
-                               node_ids=[r.node_id for r in out.rows], targets=out.targets,
+                               node_ids=[r.node_id for r in out.rows], targets=out.targets, logprobs=out.logprobs,
                                compute_s=self.compute_s, epoch=self.run_.epoch)
             self.scheduler.send(verify)
         if len(self.timings) >= 64 or not batch.rows:  # off the critical path: after this step's output

@@ -36,9 +36,10 @@ from gateway.codec import TextCodec
 from gateway.completions import check_request, full_body
 from gateway.config import GatewayConfig
 from gateway.engine import Engine
-from gateway.errors import APIError, error_body
+from gateway.errors import APIError, bad_request, error_body
 from gateway.metrics import Metrics
-from gateway.prompts import generation_spec, prompt_ids
+from gateway.logprobs import LogprobsShaper
+from gateway.prompts import echo_texts, generation_spec, prompt_ids
 from gateway.queue import AsyncQueue
 from gateway.records import RecordBook, RequestRecord
 from gateway.responses import ResponseBuilder
@@ -254,15 +255,19 @@ class BatchRunner:
         try:
             req = check_body(line.url, line.body)
             check_request(req, gw)
+            if (req.n or 1) > 1:
+                raise bad_request("n > 1 is not supported in batches: one line per choice", "n")
             ids = await prompt_ids(req, gw.codec, chat)  # in a worker thread: the runner's loop keeps going
-            spec = generation_spec(req, ids, gw.cfg, "messages" if chat else "prompt")
+            spec = generation_spec(req, ids, gw.cfg, "messages" if chat else "prompt", 0, gw.codec.vocab_size)
             if await self.store.was_submitted(self.batch_id, rid):
                 record = RequestRecord(rid, gw.cfg.model_name, len(ids))
                 gw.records.add(record)
             else:
                 record = await gw.engine.submit(rid, spec)
             build = ResponseBuilder(rid, gw.cfg.model_name, chat)
-            return 200, await full_body(gw, gw.engine.updates(record, spec), record, build)
+            echo = echo_texts(req, [ids], gw.codec)[0] if req.echo_prompt() else ""
+            shaper = LogprobsShaper(gw.codec, chat) if req.top_logprobs_count() is not None else None
+            return 200, await full_body(gw, gw.engine.updates(record, spec), record, build, shaper, echo)
         except APIError as exc:
             return exc.status, error_body(exc.message, exc.type, exc.param, exc.code)
 

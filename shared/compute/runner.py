@@ -29,11 +29,14 @@ from shared.compute.model import (
     tree_attention,
 )
 from shared.compute.onednn import onednn_linear
-from shared.compute.sampling import target_tokens
+from shared.compute.grammar import Grammars, NodeGrammar
+from shared.compute.history import NodePaths
+from shared.compute.processing import NodeContext
+from shared.compute.sampling import target_tokens, token_logprob
 from shared.compute.weights import StageWeights, load_stage_weights
-from shared.types.batch import MicroBatch, PipelineEvent, Row, StageOutput
+from shared.types.batch import MicroBatch, PipelineEvent, Row, StageOutput, TokenLogprob
 from shared.types.config import NUMERICS, AttentionConfig, ModelArch, SamplingParams, stage_bounds
-from shared.types.errors import ConfigError, ProtocolError
+from shared.types.errors import ConfigError, ProtocolError, RequestError
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class _RequestPlan:
 
 class StageRunner:
     def __init__(self, arch: ModelArch, weights: StageWeights, attention: AttentionConfig = AttentionConfig(),
-                 numerics: str = "exact"):
+                 numerics: str = "exact", grammars: Grammars | None = None):
         attention.check_head_dim(arch.head_dim)
         if numerics not in NUMERICS:
             raise ConfigError(f"unknown numerics '{numerics}': choose one of {', '.join(NUMERICS)}")
@@ -79,6 +82,9 @@ class StageRunner:
         self.cos, self.sin = (t.to(self.device, self.dtype) for t in rope_table(arch, arch.max_positions))
         self.kv: dict[str, RequestKV] = {}
         self.info: dict[str, RequestInfo] = {}
+        self.grammars = grammars  # last stage: the model's tokenizer for requests with a grammar
+        self.paths: dict[str, NodePaths] = {}  # last stage: requests whose choice depends on each node's history
+        self.matchers: dict[str, NodeGrammar] = {}  # last stage: requests with a grammar
 
     @property
     def num_layers(self) -> int:
@@ -88,24 +94,32 @@ class StageRunner:
     # ---- request lifecycle -------------------------------------------------------------
     def add_request(self, request_id: str, info: RequestInfo, capacity: int) -> None:
         a = self.arch
+        if self.is_last and info.sampling.grammar is not None:
+            if self.grammars is None:
+                raise RequestError("this stage has no tokenizer for grammars")
+            self.matchers[request_id] = self.grammars.matcher(info.sampling.grammar)
+        if self.is_last and info.sampling.needs_history:
+            self.paths[request_id] = NodePaths()
         self.kv[request_id] = allocate(self.num_layers, capacity, a.num_kv_heads, a.head_dim, self.dtype,
                                        self.device)
         self.info[request_id] = info
 
     def release(self, request_id: str) -> None:
-        self.kv.pop(request_id, None)
-        self.info.pop(request_id, None)
+        for table in (self.kv, self.info, self.paths, self.matchers):
+            table.pop(request_id, None)
 
     def apply(self, events: list[PipelineEvent]) -> None:
         """Prune / commit / finish events from verification, before the next compute."""
         for event in events:
-            cache = self.kv.get(event.request_id)
+            cache, paths = self.kv.get(event.request_id), self.paths.get(event.request_id)
             if event.kind == "finish":
                 self.release(event.request_id)
             elif cache is not None and event.kind == "prune":
                 cache.prune(set(event.node_ids))
             elif cache is not None and event.kind == "commit":
                 cache.commit(set(event.node_ids))
+            if paths is not None and event.kind in ("prune", "commit"):
+                (paths.prune if event.kind == "prune" else paths.commit)(event.node_ids)
 
     # ---- compute ---------------------------------------------------------------------------
     def forward(self, batch: MicroBatch) -> MicroBatch | StageOutput:
@@ -115,7 +129,7 @@ class StageRunner:
         x = self.hidden(batch)  # [n, H]
         if not self.is_last:
             return MicroBatch(batch.batch_id, batch.rows, x)
-        return StageOutput(batch.batch_id, batch.rows, self._targets(batch.rows, x))
+        return StageOutput(batch.batch_id, batch.rows, *self._targets(batch.rows, x))
 
     def hidden(self, batch: MicroBatch) -> torch.Tensor:
         """Append the rows' KV to their caches and return this stage's output states [n, H]."""
@@ -232,19 +246,44 @@ class StageRunner:
         return (cfg.uses_distr(self.weights.start + layer) and plan.prefill_start is not None
                 and len(plan.rows) >= cfg.block_rows)
 
-    def _targets(self, rows: list[Row], x: torch.Tensor) -> list[int]:
-        """Target token after each row that asked for one (-1 elsewhere)."""
+    def _targets(self, rows: list[Row], x: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Target token after each row that asked for one (-1 elsewhere), and the logprobs of the rows whose
+        request asked for them (None elsewhere; [] when no row's request did)."""
+        for row in rows:  # every row, prompt chunks too: a node's history is what came before it
+            if row.request_id in self.paths:
+                self.paths[row.request_id].see(row)
         wanted = [i for i, r in enumerate(rows) if r.needs_target]
         targets = [-1] * len(rows)
         if not wanted:
-            return targets
+            return targets, []
         logits = self.logits(x[self._index(wanted)])  # [m, V]
         infos = [self.info[rows[i].request_id] for i in wanted]
         picks = target_tokens(logits, [info.sampling for info in infos],
-                              [rows[i].position + 1 - info.prompt_len for i, info in zip(wanted, infos)])
+                              [rows[i].position + 1 - info.prompt_len for i, info in zip(wanted, infos)],
+                              self._contexts(rows, wanted))
         for i, token in zip(wanted, picks):
             targets[i] = token
-        return targets
+        if all(info.sampling.logprobs is None for info in infos):
+            return targets, []
+        logprobs: list[TokenLogprob | None] = [None] * len(rows)
+        for j, (i, info) in enumerate(zip(wanted, infos)):
+            if info.sampling.logprobs is not None:
+                logprobs[i] = token_logprob(logits[j].cpu(), targets[i], info.sampling.logprobs)
+        return targets, logprobs
+
+    def _contexts(self, rows: list[Row], wanted: list[int]) -> list[NodeContext | None]:
+        """Each wanted row's history (penalties) and grammar mask, for the requests that have them."""
+        contexts: list[NodeContext | None] = []
+        for i in wanted:
+            rid = rows[i].request_id
+            if rid not in self.paths:
+                contexts.append(None)
+                continue
+            text, prompt_len = self.paths[rid].history(rows[i]), self.info[rid].prompt_len
+            matcher = self.matchers.get(rid)
+            allowed = matcher.allowed(text[prompt_len:]) if matcher is not None else None
+            contexts.append(NodeContext(text[:prompt_len], text[prompt_len:], allowed))
+        return contexts
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head for hidden states [n, H] -> [n, V] (last stage only)."""
@@ -289,4 +328,6 @@ def load_stage(model_dir: Path, arch: ModelArch, rank: int, world: int, dtype: t
     attention.check_head_dim(arch.head_dim)  # before any weights are read
     start, end = stage_bounds(arch, world, split)[rank]
     weights = load_stage_weights(model_dir, arch, start, end, dtype, torch.device(device))
-    return StageRunner(arch, weights, attention, numerics)
+    tokenizer = Path(model_dir) / "tokenizer.json"
+    grammars = Grammars(tokenizer, arch.vocab_size, arch.eos_token_ids) if rank == world - 1 else None
+    return StageRunner(arch, weights, attention, numerics, grammars if tokenizer.exists() else None)

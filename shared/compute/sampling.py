@@ -4,12 +4,16 @@ Lossless sampling: the token at output position i is drawn from the target's
 distribution at the accepted prefix with a generator seeded by (seed, i). A
 speculative child is accepted only if it equals that draw, so every policy,
 stage count and batch composition yields the same tokens as plain decoding.
+Requests with processing (grammar, bias, penalties, min_p) have their rows
+processed on the CPU first (processing.py), each with its own node's history.
 """
 
 from __future__ import annotations
 
 import torch
 
+from shared.compute.processing import NodeContext, process
+from shared.types.batch import TokenLogprob
 from shared.types.config import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -24,8 +28,11 @@ def position_seed(seed: int, index: int) -> int:
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k and top-p applied to one row of logits [V] -> probs [V]."""
+    """Temperature, min_p, top-k and top-p applied to one row of logits [V] -> probs [V]."""
     scaled = logits.float() / params.temperature
+    if params.min_p > 0:
+        probs = torch.softmax(scaled, dim=-1)
+        scaled = scaled.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     if params.top_k > 0 and params.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -37,20 +44,32 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return torch.softmax(scaled, dim=-1)
 
 
-def target_tokens(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int]) -> list[int]:
-    """target_token for each row of logits [m, V] on any device: the greedy rows by one argmax there, the seeded
-    rows drawn on the CPU (one row's logits copied over), so CPU and CUDA pick the same token for the same logits
-    and only the chosen tokens cross back to the host."""
-    greedy = [j for j, p in enumerate(params) if p.greedy]
+def target_tokens(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int],
+                  contexts: list[NodeContext | None] | None = None) -> list[int]:
+    """target_token for each row of logits [m, V] on any device: the plain greedy rows by one argmax there, the
+    others on the CPU (one row's logits copied over, processed with its node's context), so CPU and CUDA pick the
+    same token for the same logits and only the chosen tokens cross back to the host."""
+    contexts = contexts or [None] * len(params)
+    greedy = [j for j, p in enumerate(params) if p.greedy and not p.processed]
     picks = [0] * len(params)
     if greedy:
         rows = logits if len(greedy) == len(params) else logits[greedy]
         for j, token in zip(greedy, torch.argmax(rows, dim=-1).tolist()):
             picks[j] = token
     for j, p in enumerate(params):
-        if not p.greedy:
-            picks[j] = target_token(logits[j].float().cpu(), p, output_indices[j])
+        if not (p.greedy and not p.processed):
+            row = logits[j].float().cpu()
+            picks[j] = target_token(process(row, p, contexts[j]) if p.processed else row, p, output_indices[j])
     return picks
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The raw model's log-probability of `token` and its `top` most likely tokens, from logits [V] (before any
+    processing: vLLM's default logprobs mode, so a penalty or a grammar does not change what is reported)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logprobs, top) if top else None
+    return TokenLogprob(float(logprobs[token]), best.indices.tolist() if best else [],
+                        best.values.tolist() if best else [])
 
 
 def target_token(logits: torch.Tensor, params: SamplingParams, output_index: int) -> int:

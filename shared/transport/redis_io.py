@@ -25,6 +25,9 @@ from shared.wire.messages import Message, decode
 log = logging.getLogger(__name__)
 
 
+SCHEDULER_GROUP = "schedulers"  # the scheduler's consumer group on `requests`; the gateway reads its pending entries
+
+
 @dataclass(frozen=True)
 class RedisConfig:
     url: str = DEFAULTS["REDIS_URL"]

@@ -72,10 +72,11 @@ class StageOutput:
     batch_id: int
     rows: list[Row]
     targets: list[int] = field(default_factory=list)  # -1 where the row did not ask
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per row if any row's request asked, else []
 
     def target_tokens(self) -> "TargetTokens":
         return TargetTokens(self.batch_id, [r.request_id for r in self.rows], [r.node_id for r in self.rows],
-                            list(self.targets))
+                            list(self.targets), list(self.logprobs))
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,15 @@ class TargetTokens:
     request_ids: list[str]
     node_ids: list[int]
     targets: list[int]  # -1 where the row did not ask
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)  # aligned with the rows, or [] if none asked
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """What a request with logprobs learns about one output token (on the wire: [logprob, ids, logprobs])."""
+
+    logprob: float  # the chosen token's log-probability under the raw model
+    top_ids: list[int] = []  # the most likely tokens, most likely first
+    top_logprobs: list[float] = []  # their log-probabilities
 
 
 class PipelineEvent(msgspec.Struct, frozen=True, array_like=True):

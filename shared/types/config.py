@@ -132,17 +132,28 @@ class ModelArch:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the target picks each output token.
+    """How the target picks each output token, and what it reports about it.
 
     temperature == 0 is greedy (argmax). Otherwise the token at output
-    position i is drawn from the filtered distribution with a generator
+    position i is drawn from the processed distribution with a generator
     seeded by (seed, i), so every policy draws the same token at i.
+    Processing (shared/compute/processing.py, vLLM's order): grammar mask,
+    logit bias, penalties over the node's own history, then (sampled)
+    temperature, min_p, top-k, top-p. Every step is a function of the node's
+    prefix alone, so speculation stays lossless.
     """
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability (after temperature)
+    presence_penalty: float = 0.0  # subtracted once from each token already in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # tokens of prompt + output: positive logits divided, negative multiplied
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    grammar: str | None = None  # an llguidance grammar (JSON text): every token must keep the output in it
+    logprobs: int | None = None  # report the chosen token's logprob and the `logprobs` most likely; None: nothing
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -151,10 +162,34 @@ class SamplingParams:
             raise ConfigError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ConfigError("top_k must be >= 0 (0 disables it)")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ConfigError("min_p must be in [0, 1]")
+        if not (-2.0 <= self.presence_penalty <= 2.0 and -2.0 <= self.frequency_penalty <= 2.0):
+            raise ConfigError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if self.repetition_penalty <= 0:
+            raise ConfigError("repetition_penalty must be > 0 (1 disables it)")
+        if any(not -100.0 <= bias <= 100.0 or token < 0 for token, bias in self.logit_bias):
+            raise ConfigError("logit_bias: token ids >= 0, biases in [-100, 100]")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ConfigError("logprobs must be >= 0")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def needs_history(self) -> bool:
+        """The choice at a node depends on the tokens before it (penalties, grammar), not only on its logits."""
+        return self.penalized or self.grammar is not None
+
+    @property
+    def processed(self) -> bool:
+        """Anything beyond plain argmax / temperature, top-k, top-p."""
+        return self.needs_history or bool(self.logit_bias) or self.min_p > 0
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,14 @@ from typing import Any, Union
 
 import msgspec
 
-from shared.types.batch import PipelineEvent, Row, TargetTokens
+from shared.types.batch import PipelineEvent, Row, TargetTokens, TokenLogprob
 from shared.types.config import SamplingParams
 from shared.types.errors import ProtocolError
 from shared.types.speculation import NodeRef
 
-SCHEMA_VERSION = 2  # 2: sampling settings travel as one nested map (RequestMsg.sampling, AdmittedRequest.sampling)
+# 2: sampling settings travel as one nested map (RequestMsg.sampling, AdmittedRequest.sampling)
+# 3: processing (min_p, penalties, logit_bias, grammar) and logprobs in it: an older stage would ignore them
+SCHEMA_VERSION = 3
 COMMITTED, NEEDS_TARGET = 1, 2  # row flags (StepMsg.flags, LinkRow.flags)
 
 
@@ -63,20 +65,31 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 
 
 class SamplingFields(msgspec.Struct, frozen=True):
-    """A request's sampling settings, spelled out once: the gateway sends them, every stage draws with them."""
+    """A request's sampling settings, spelled out once: the gateway sends them, the last stage picks with them
+    (SamplingParams documents each; validated there)."""
 
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int = 0  # the token at output position i is drawn with a generator seeded by (seed, i)
+    min_p: float = 0.0  # 0 = off
+    presence_penalty: float = 0.0  # OpenAI's: over the generated tokens before each position
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's: over prompt and generated tokens; 1 = off
+    logit_bias: dict[int, float] = {}  # token id -> added to its logit (OpenAI's logit_bias)
+    grammar: str | None = None  # llguidance grammar JSON (response_format): the last stage masks every node with it
+    logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely (TokenLogprob)
 
     def params(self) -> SamplingParams:
         """Validated (SpecPipeError on a bad value)."""
-        return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed, self.min_p, self.presence_penalty,
+                              self.frequency_penalty, self.repetition_penalty, tuple(sorted(self.logit_bias.items())),
+                              self.grammar, self.logprobs)
 
     @staticmethod
     def of(s: SamplingParams) -> SamplingFields:
-        return SamplingFields(s.temperature, s.top_p, s.top_k, s.seed)
+        return SamplingFields(s.temperature, s.top_p, s.top_k, s.seed, s.min_p, s.presence_penalty,
+                              s.frequency_penalty, s.repetition_penalty, dict(s.logit_bias), s.grammar, s.logprobs)
 
 
 class AdmittedRequest(msgspec.Struct, frozen=True):
@@ -129,6 +142,7 @@ class RequestMsg(Message, frozen=True, tag="request"):
     policy: str | None = None  # per-request override of the server's speculation policy
     width: int | None = None  # per-request override of the tree width
     arrival: float = 0.0  # gateway wall-clock time, for queue-time metrics
+    ignore_eos: bool = False  # the model's end-of-sequence ids do not end it (only stop_ids and the length do)
 
 
 class TokensMsg(Message, frozen=True, tag="tokens"):
@@ -140,6 +154,7 @@ class TokensMsg(Message, frozen=True, tag="tokens"):
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None  # a clear message when finish_reason == "error"
     step: int = 0  # pipeline step that produced them (speculation metrics)
+    logprobs: list[TokenLogprob] = []  # one per token when the request asked for logprobs, else empty
 
 
 class StepMsg(Message, frozen=True, tag="step"):
@@ -186,9 +201,10 @@ class VerifyMsg(Message, frozen=True, tag="verify"):
     targets: list[int]  # the target's token after each row (argmax or seeded draw); -1 if not asked
     compute_s: float = 0.0  # the last stage's compute time for this step (overhead accounting)
     epoch: int = 0  # the run of `step` (step numbers restart when a new scheduler starts)
+    logprobs: list[TokenLogprob | None] = []  # per row when some row's request asked for logprobs, else empty
 
     def target_tokens(self) -> TargetTokens:
-        return TargetTokens(self.batch_id, self.request_ids, self.node_ids, self.targets)
+        return TargetTokens(self.batch_id, self.request_ids, self.node_ids, self.targets, self.logprobs)
 
 
 class DraftEventsMsg(Message, frozen=True, tag="draft_events"):

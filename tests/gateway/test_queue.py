@@ -14,12 +14,12 @@ import uuid
 import pytest
 import redis
 
-from gateway.queue import SCHEDULER_GROUP, AsyncQueue
+from gateway.queue import AsyncQueue
 from scheduler.service import SchedulerServiceConfig
-from shared.transport.redis_io import RedisConfig, ensure_group
+from shared.transport.redis_io import SCHEDULER_GROUP, RedisConfig, ensure_group
 from shared.wire.messages import RequestMsg
 from specpipe.cluster import delete_keys
-from tests.cluster import REDIS_URL
+from tests.cluster import REDIS_URL, ROOT
 
 pytestmark = pytest.mark.unit
 WAIT_S = 0.2  # how long the request sits in the stream before the "scheduler" reads it
@@ -33,8 +33,11 @@ def rcfg():
 
 
 def test_the_group_is_the_schedulers() -> None:
+    """Both sides take the group's name from shared/, neither spells it."""
     group = next(f for f in dataclasses.fields(SchedulerServiceConfig) if f.name == "group")
     assert SCHEDULER_GROUP == group.default
+    for path in ("gateway/queue.py", "scheduler/service.py"):
+        assert '"schedulers"' not in (ROOT / path).read_text()
 
 
 def test_queue_time_runs_from_the_xadd_to_the_schedulers_read(rcfg) -> None:

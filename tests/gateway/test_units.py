@@ -3,6 +3,8 @@ patch, the added-latency histogram, finish reasons, 405's Allow header."""
 
 from __future__ import annotations
 
+import functools
+
 import subprocess
 import sys
 
@@ -131,13 +133,46 @@ def test_key_matching_and_protected_paths() -> None:
     assert not protected("/health") and not protected("/ready") and not protected("/v1x")
 
 
-def test_unsupported_fields_are_named() -> None:
-    cases = {"n": 2, "best_of": 3, "logprobs": 1, "top_logprobs": 2, "tools": [{"type": "function"}],
-             "echo": True, "suffix": "x", "logit_bias": {"5": 1}, "functions": [{}], "presence_penalty": 0.5}
-    for name, value in cases.items():
-        assert CompletionRequest(prompt="x", **{name: value}).unsupported() == name
-    assert CompletionRequest(prompt="x", n=1, logit_bias={}, echo=False, tools=[]).unsupported() is None
-    assert ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], logprobs=False).unsupported() is None
+UNSUPPORTED = {
+    "best_of": {"best_of": 3}, "tools": {"tools": [{"type": "function"}]}, "functions": {"functions": [{}]},
+    "suffix": {"suffix": "x"}, "tool_choice": {"tool_choice": "auto"}, "parallel_tool_calls": {"parallel_tool_calls": False},
+}
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED))
+def test_unsupported_fields_are_named(name: str) -> None:
+    assert CompletionRequest(prompt="x", **UNSUPPORTED[name]).unsupported() == name
+
+
+SUPPORTED = {
+    "n": {"n": 2, "best_of": 2}, "logprobs": {"logprobs": 3}, "echo": {"echo": True},
+    "logit_bias": {"logit_bias": {"5": 1}}, "penalties": {"presence_penalty": 0.5, "frequency_penalty": -1},
+    "no tools": {"tools": [], "tool_choice": "none", "parallel_tool_calls": True},
+}
+
+
+@pytest.mark.parametrize("name", list(SUPPORTED))
+def test_supported_fields_pass(name: str) -> None:
+    assert CompletionRequest(prompt="x", **SUPPORTED[name]).unsupported() is None
+
+
+def test_chat_logprobs_and_echo() -> None:
+    chat = functools.partial(ChatCompletionRequest, messages=[{"role": "user", "content": "x"}])
+    assert chat(logprobs=False).unsupported() is None and chat(logprobs=True).top_logprobs_count() == 0
+    assert chat(logprobs=True, top_logprobs=4).top_logprobs_count() == 4
+    assert chat(top_logprobs=2).unsupported() == "top_logprobs" and chat(echo=True).unsupported() == "echo"
+    assert CompletionRequest(prompt="x", echo=True, logprobs=0).unsupported() == "echo"
+
+
+def test_choices_are_seeded_seed_plus_index_and_options_reach_the_spec() -> None:
+    cfg = GatewayConfig(model="m", max_prompt_tokens=100, default_max_tokens=30)
+    req = CompletionRequest(prompt="x", seed=7, temperature=0.5, n=3, logit_bias={"5": -2}, repetition_penalty=1.2,
+                            stop_token_ids=[9], ignore_eos=True, response_format={"type": "json_object"})
+    specs = [generation_spec(req, [1, 2], cfg, "prompt", i, vocab_size=100) for i in range(3)]
+    assert [s.seed for s in specs] == [7, 8, 9]
+    assert specs[0].logit_bias == ((5, -2.0),) and specs[0].repetition_penalty == 1.2 and specs[0].grammar
+    assert specs[0].stop_token_ids == (9,) and specs[0].ignore_eos
+    assert specs[0].sampling().params().logit_bias == ((5, -2.0),)
 
 
 def test_context_length_and_defaults() -> None:

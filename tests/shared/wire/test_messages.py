@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.types.errors import ProtocolError
-from shared.types.batch import PipelineEvent, Row
+from shared.types.batch import PipelineEvent, Row, TokenLogprob
+from shared.types.config import SamplingParams
 from shared.types.speculation import NodeRef
 from shared.wire.messages import (
     SCHEMA_VERSION,
@@ -20,6 +21,7 @@ from shared.wire.messages import (
     SamplingFields,
     StepMsg,
     TokensMsg,
+    VerifyMsg,
     decode,
 )
 
@@ -30,6 +32,24 @@ def test_request_round_trip() -> None:
     msg = RequestMsg("r1", [1, 2, 3], 16, SamplingFields(0.7, 0.9, 40, 5), stop_ids=[2], policy="tree")
     assert decode(msg.encode()) == msg
     assert decode(msg.encode(), expect=RequestMsg) == msg
+
+
+def test_every_sampling_setting_survives_the_wire() -> None:
+    params = SamplingParams(0.7, 0.9, 40, 5, min_p=0.1, presence_penalty=-1.0, frequency_penalty=0.5,
+                            repetition_penalty=1.2, logit_bias=((3, -100.0), (9, 2.5)), grammar='{"grammars": []}',
+                            logprobs=4)
+    msg = RequestMsg("r1", [1], 4, SamplingFields.of(params), ignore_eos=True)
+    back = decode(msg.encode(), expect=RequestMsg)
+    assert back.sampling.params() == params and back.ignore_eos
+
+
+def test_logprobs_travel_with_targets_and_tokens() -> None:
+    lp = TokenLogprob(-0.5, [7, 3], [-0.5, -1.25])
+    verify = VerifyMsg(step=1, batch_id=2, request_ids=["a", "b"], node_ids=[0, 1], targets=[7, 9], logprobs=[lp, None])
+    assert decode(verify.encode()).target_tokens().logprobs == [lp, None]
+    tokens = TokensMsg(request_id="a", tokens=[7], logprobs=[lp])
+    assert decode(tokens.encode()) == tokens
+    assert msgpack.unpackb(tokens.encode())["logprobs"] == [[-0.5, [7, 3], [-0.5, -1.25]]]  # compact: arrays
 
 
 def test_defaults_fill_missing_optional_fields() -> None:
