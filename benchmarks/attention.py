@@ -47,8 +47,11 @@ RUNNER_EXACT_MAX = 4096  # the per-row exact path reads all of K/V once per quer
 BLOCK_ROWS = (32, 64, 128, 256)
 
 
-def _median_ms(fns: dict, reps: int) -> dict[str, float]:
-    """Median wall time of each callable in ms; one call of each per round, so load drift hits all alike."""
+def median_ms(fns: dict, reps: int, warmup: bool = False) -> dict[str, float]:
+    """Median wall time of each callable in ms (after one untimed call each if `warmup`); one call of each per
+    round, so load drift hits all alike."""
+    for fn in fns.values() if warmup else ():
+        fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
@@ -88,7 +91,7 @@ def sweep_block_rows(length: int, reps: int) -> list[dict]:
         q, k, v = _qkv(length, HEADS[length], d)
         ref = sdpa(q, k, v)
         cfgs = {b: AttentionConfig("distr", group_size=2, block_rows=b) for b in BLOCK_ROWS}
-        ms = _median_ms({b: (lambda c=c: distr_attention(q, k, v, c)) for b, c in cfgs.items()}, reps)
+        ms = median_ms({b: (lambda c=c: distr_attention(q, k, v, c)) for b, c in cfgs.items()}, reps)
         rows += [{"length": length, "d": d, "block_rows": b, "ms": ms[b],
                   "rel_err": _rel_err(distr_attention(q, k, v, c), ref)} for b, c in cfgs.items()]
     return rows
@@ -104,7 +107,7 @@ def attention_only(lengths: list[int], block_rows: int, reps: int) -> list[dict]
             if length <= RUNNER_EXACT_MAX:
                 fns["runner_exact"] = lambda: runner_exact(q, k, v)
             fns |= {f"distr_g{G}": (lambda c=c: distr_attention(q, k, v, c)) for G, c in distr.items()}
-            ms = _median_ms(fns, reps)
+            ms = median_ms(fns, reps)
             ref = sdpa(q, k, v)
             rows.append({
                 "length": length, "d": d, "heads": HEADS[length], "ms": ms,

@@ -19,31 +19,16 @@ Prints one markdown table; the machine's load average at the start and end says 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.attention import median_ms
 from benchmarks.provenance import load_average, machine_fields
 from shared.compute.distr_attention import distr_attention
 from shared.compute.distr_groups import column_groups, fuse_keys, fuse_queries
 from shared.service_args import set_threads
 from shared.types.config import AttentionConfig
-
-
-def median_ms(fns: dict, reps: int) -> dict[str, float]:
-    """Median wall time of each callable in ms after one untimed call; one call of each per round, so load drift
-    hits all alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(1000 * (time.perf_counter() - start))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -81,7 +66,7 @@ def measure(length: int, d: int, heads: int, reps: int, math_max_len: int) -> di
     for G in (2, 4):
         fns[f"groups_g{G}"] = lambda c=cfgs[G]: column_groups(q, c)
         fns[f"fuse_g{G}"] = lambda c=cfgs[G], g=groups[G]: fuse_only(q, k, c, g)
-    return {"length": length, "d": d, "heads": heads, "ms": median_ms(fns, reps)}
+    return {"length": length, "d": d, "heads": heads, "ms": median_ms(fns, reps, warmup=True)}
 
 
 def markdown(rows: list[dict], args: argparse.Namespace, machine: dict, load_end: float) -> str:

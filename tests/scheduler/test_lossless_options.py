@@ -122,11 +122,15 @@ def test_json_schema_is_valid_and_lossless_smollm2(smollm2_dir) -> None:
     tokenizer = load_tokenizer(smollm2_dir)
     eos = frozenset(ModelArch.from_model_dir(smollm2_dir).eos_token_ids)
     params = SamplingParams(grammar=grammar_of({"type": "json_schema", "json_schema": {"schema": PEOPLE_SCHEMA}}))
-    pp, spec = pipeline(smollm2_dir, "pp", 1), pipeline(smollm2_dir, "specpipe", 2, "ngram", width=3)
-    for i, topic in enumerate(TOPICS):
-        prompt = tuple(encode_chat(tokenizer, f"Describe {topic} as JSON with a name, an age and a city."))
-        expected = pp.generate(Request(f"pp{i}", prompt, params, 48, eos))
-        got = spec.generate(Request(f"sp{i}", prompt, params, 48, eos))
+    runs = {}
+    for policy, stages in (("pp", 1), ("specpipe", 2)):  # the 20 requests batched together (SpecPipe-DB)
+        pipe = pipeline(smollm2_dir, policy, stages, "ngram", width=3)
+        states = [pipe.submit(Request(f"q{i}", tuple(encode_chat(tokenizer, f"Describe {topic} as JSON with a name, an age "
+                                                               "and a city.")), params, 48, eos))
+                  for i, topic in enumerate(TOPICS)]
+        pipe.run()
+        runs[policy] = states
+    for topic, expected, got in zip(TOPICS, runs["pp"], runs["specpipe"]):
         assert got.output == expected.output, topic
         assert expected.finish_reason == "stop", topic
         value = json.loads(tokenizer.decode(expected.output[:-1]))
