@@ -111,9 +111,6 @@ class StepResult:
     finished: list[str] = field(default_factory=list)
 
 
-CALIBRATION_EWMA = 0.5  # weight of the plan just ended in the calibration of speculation's expected gain
-
-
 class Scheduler:
     def __init__(self, policy: PolicyConfig, engine: EngineConfig, context_limit: int):
         self.policy = policy
@@ -132,8 +129,6 @@ class Scheduler:
         self._drafted = False  # ... and for the batch just scheduled
         self.acceptance = Acceptance()  # pooled over every request so far: the prior of each one's estimate
         self._plan: WidthPlan | None = None  # the cost rule's widths, made again every 2 x `stages` steps
-        self.calibration = 1.0  # tokens per step speculating plans gave over what they expected (moving average)
-        self._realized = [0, 0]  # tokens and steps verified under the plan in force alone (its second half)
         self._planned_rows: deque[int] = deque(maxlen=max(policy.stages, 1))  # cost keys of the batches in the pipe
 
     # ---- requests ----------------------------------------------------------------------------
@@ -264,7 +259,6 @@ class Scheduler:
         """Make the next step's width plan now if it will be due: the services call this while the stages
         compute, so that schedule() finds it made."""
         if self._plan is None or self._plan_due(self.step + 1):
-            self._calibrate()
             self._plan = self._make_plan(self._decoding(), self.step + 1)
 
     def _plan_due(self, step: int) -> bool:
@@ -282,16 +276,7 @@ class Scheduler:
             top = self.effective_width(policy, decoding)
             alphas = tuple(state.stats.acceptance.alphas(top, prior))
             candidates.append(Candidate(state.request.request_id, top, alphas, policy.refill_levels))
-        return plan(candidates, self.costs, self.policy.stages, step, self.refill_costs, self.plain_costs,
-                    self.calibration)
-
-    def _calibrate(self) -> None:
-        """The plan ending gave `realized` tokens per step where it expected `tokens`: learn the ratio (from a
-        plan that speculated, over at least half of its own steps)."""
-        (tokens, steps), self._realized = self._realized, [0, 0]
-        if self._plan is not None and self._plan.tokens > 0 and steps >= self.policy.stages // 2:
-            ratio = min(max(tokens / steps / self._plan.tokens, 0.25), 1.5)
-            self.calibration = (1 - CALIBRATION_EWMA) * self.calibration + CALIBRATION_EWMA * ratio
+        return plan(candidates, self.costs, self.policy.stages, step, self.refill_costs, self.plain_costs)
 
     def _decoding(self) -> int:
         return sum(1 for s in self.requests.values() if s.phase is Phase.DECODE)
@@ -321,7 +306,6 @@ class Scheduler:
         """One micro-batch: decoding requests first (latency), then prefill chunks, within the budget."""
         self.step += 1
         if self._plan is not None and self._plan_due(self.step):
-            self._calibrate()
             self._plan = None
         rows: list[Row] = []
         members = set()
@@ -435,9 +419,6 @@ class Scheduler:
             state = self.requests.get(request_id)
             if state is not None and state.phase is not Phase.DONE:
                 self._verify(state, by_node, result, logprobs.get(request_id, {}))
-        if self._plan is not None and self.step >= self._plan.step + self.policy.stages:  # its own batches only
-            self._realized[0] += sum(len(t) for t in result.new_tokens.values())
-            self._realized[1] += 1
         return result
 
     def _verify(self, state: RequestState, targets: dict[int, int], result: StepResult,

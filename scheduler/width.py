@@ -157,15 +157,13 @@ class WidthPlan:
     informed: bool = True  # made knowing some step's cost; if not, it is made again once one is known
     rows: int = 0  # rows per step it sends (speculating requests' widths, the others' roots): its cost's key
     refill: int = 1 << 30  # drafted levels a speculating request's refill carries (capped by its policy's)
-    tokens: float = 0.0  # tokens per step it expects (uncalibrated); 0 if no request speculates
 
     def width_of(self, request_id: str) -> int:
         return self.widths.get(request_id, self.default)
 
 
 def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int = 0,
-         refill_costs: StepCosts | None = None, plain_costs: StepCosts | None = None,
-         calibration: float = 1.0) -> WidthPlan:
+         refill_costs: StepCosts | None = None, plain_costs: StepCosts | None = None) -> WidthPlan:
     """Widths and refill depth that maximise expected tokens per second of the whole batch (ties: the wider,
     deeper plan).
 
@@ -174,9 +172,7 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
     costs(rows), plus refill_costs(r) (the refill's sequential drafting, where the pipe waits for it) when a
     speculating request misses in it. With no request speculating nothing is drafted: such a step costs
     plain_costs(rows) (steps measured with nothing drafted: prefill, PP). Until one kind is measured it is
-    assumed to cost what the other does (drafting free, optimistically, so that a plan tries it and learns).
-    `calibration` scales speculation's expected gain over PP: the tokens per step speculating plans gave, over
-    what they expected (requests that end within a cycle, acceptance estimated high)."""
+    assumed to cost what the other does (drafting free, optimistically, so that a plan tries it and learns)."""
     if not candidates:
         return WidthPlan({}, 0, step, bool(costs.points))
     stages = max(stages, 1)
@@ -186,7 +182,7 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
         return math.ceil((len(candidates) - k) / stages)
 
     base = sum(c.gain(0, 0, stages) for c in candidates)
-    best, best_w, best_r, best_rows, best_tokens = {}, 0, 0, roots(0), 0.0
+    best, best_w, best_r, best_rows = {}, 0, 0, roots(0)
     informed = bool(costs.points)  # a drafted step's cost is known (else the plan is made again once it is)
     plain = plain_costs if plain_costs is not None and plain_costs.points else costs
     costs = costs if informed else plain
@@ -202,10 +198,9 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
                 tokens += gains[c.request_id]
                 rows += widths[c.request_id]
                 no_miss *= 1 - c.miss_rate(widths[c.request_id], r, stages)
-                rate = (base + calibration * (tokens - base)) / (costs(rows + roots(k)) + (1 - no_miss) * refill)
+                rate = tokens / (costs(rows + roots(k)) + (1 - no_miss) * refill)
                 if rate >= best_rate:
                     best, best_w, best_r, best_rows, best_rate = {x.request_id: widths[x.request_id] for x in ranked[:k]}, \
                         w, r, rows + roots(k), rate
-                    best_tokens = tokens
     return WidthPlan({c.request_id: best.get(c.request_id, 0) for c in candidates}, best_w, step, informed,
-                     best_rows, best_r, best_tokens)
+                     best_rows, best_r)
