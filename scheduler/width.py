@@ -171,8 +171,9 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
     that gain most do, the others send their roots only. k, w and r are chosen together. A step costs
     costs(rows), plus refill_costs(r) (the refill's sequential drafting, where the pipe waits for it) when a
     speculating request misses in it. With no request speculating nothing is drafted: such a step costs
-    plain_costs(rows) (steps measured with nothing drafted: prefill, PP). Until one kind is measured it is
-    assumed to cost what the other does (drafting free, optimistically, so that a plan tries it and learns)."""
+    plain_costs(rows) (steps measured with nothing drafted: prefill, PP) where a step as narrow was measured,
+    else what a drafted step costs. Until a drafted step is measured it is assumed to cost a plain one
+    (drafting free, optimistically, so that a plan tries it and learns)."""
     if not candidates:
         return WidthPlan({}, 0, step, bool(costs.points))
     stages = max(stages, 1)
@@ -184,8 +185,11 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
     base = sum(c.gain(0, 0, stages) for c in candidates)
     best, best_w, best_r, best_rows = {}, 0, 0, roots(0)
     informed = bool(costs.points)  # a drafted step's cost is known (else the plan is made again once it is)
-    plain = plain_costs if plain_costs is not None and plain_costs.points else costs
-    costs = costs if informed else plain
+    measured = plain_costs if plain_costs is not None and plain_costs.points else None
+    costs = costs if informed or measured is None else measured
+    # PP's steps at the plain cost only where one as narrow was measured: a prefill chunk's cost scaled down to
+    # one row would make PP look cheaper than any speculation before either was tried
+    plain = measured if measured is not None and min(x for x, _ in measured.points.values()) <= best_rows else costs
     best_rate = base / plain(best_rows)
     for r in range(max(c.max_refill for c in candidates) + 1):
         refill = refill_costs(r) if r else 0.0
