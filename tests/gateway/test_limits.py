@@ -169,7 +169,9 @@ def test_max_inflight_refuses_with_429_and_every_ending_frees_its_place(gw_tmp, 
                       name="max-inflight")
     try:
         with httpx.Client(base_url=gateway.url, timeout=60) as c, ThreadPoolExecutor(2) as pool:
-            a, b = (c.send(c.build_request("POST", "/v1/completions", json={**LONG, "stream": True}), stream=True)
+            # 16 choices of 1500 tokens each: requests that outlast the 8 s timeout however fast decoding is
+            busy = {**LONG, "n": 16}
+            a, b = (c.send(c.build_request("POST", "/v1/completions", json={**busy, "stream": True}), stream=True)
                     for _ in range(2))
             assert a.status_code == b.status_code == 200
             assert _inflight(c) == 2
@@ -179,7 +181,7 @@ def test_max_inflight_refuses_with_429_and_every_ending_frees_its_place(gw_tmp, 
                 assert r.headers["Retry-After"] == "1"
             a.close()  # a client that goes away
             _wait_inflight(c, 1)
-            timed_out = pool.submit(c.post, "/v1/completions", json=LONG)  # ends with 504 after 8 s
+            timed_out = pool.submit(c.post, "/v1/completions", json=busy)  # ends with 504 after 8 s
             _wait_inflight(c, 2)
             assert c.post(f"/v1/requests/{b.headers['X-Request-Id']}/cancel").json()["cancelled"] is True
             b.read()
