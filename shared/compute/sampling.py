@@ -50,14 +50,15 @@ def target_tokens(logits: torch.Tensor, params: list[SamplingParams], output_ind
     others on the CPU (one row's logits copied over, processed with its node's context), so CPU and CUDA pick the
     same token for the same logits and only the chosen tokens cross back to the host."""
     contexts = contexts or [None] * len(params)
-    greedy = [j for j, p in enumerate(params) if p.greedy and not p.processed]
+    on_device = [p.greedy and not p.processed for p in params]  # plain greedy rows: one argmax where they are
+    greedy = [j for j, plain in enumerate(on_device) if plain]
     picks = [0] * len(params)
     if greedy:
         rows = logits if len(greedy) == len(params) else logits[greedy]
         for j, token in zip(greedy, torch.argmax(rows, dim=-1).tolist()):
             picks[j] = token
     for j, p in enumerate(params):
-        if not (p.greedy and not p.processed):
+        if not on_device[j]:
             row = logits[j].float().cpu()
             picks[j] = target_token(process(row, p, contexts[j]) if p.processed else row, p, output_indices[j])
     return picks
