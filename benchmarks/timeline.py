@@ -60,8 +60,8 @@ class StepClock:
         self.cost, self.policy = cost, policy
         self.layers = [b - a for a, b in split_layers(num_layers, stages)]
 
-    def duration(self, rec: StepRecord) -> tuple[float, bool]:
-        """(seconds, draft-bound?) of one step."""
+    def parts(self, rec: StepRecord) -> tuple[float, float]:
+        """(the pipe's seconds, the draft's sequential forwards' seconds) of one step."""
         last = len(rec.rows) - 1
         pipe = max(self.cost.target.forward(n, length, self.layers[s], head=s == last)
                    for s, (n, length) in enumerate(zip(rec.rows, rec.lengths)))
@@ -69,6 +69,14 @@ class StepClock:
             pipe += self.cost.transfer(max(rec.rows))
         context = max(rec.lengths)
         draft = sum(self.cost.draft.forward(m, context) for m in rec.draft_rows) if self.cost.draft else 0.0
+        return pipe, draft
+
+    def duration(self, rec: StepRecord) -> tuple[float, bool]:
+        """(seconds, draft-bound?) of one step."""
+        return self.combine(*self.parts(rec))
+
+    def combine(self, pipe: float, draft: float) -> tuple[float, bool]:
+        """(seconds, draft-bound?) of a step from its parts: the draft runs while the stages compute (specpipe)."""
         if self.policy == "tree":
             return pipe + draft, False
         if self.policy == "specpipe":
@@ -149,9 +157,11 @@ def run_modeled(pipe: InProcessPipeline, clock: StepClock | None, requests: list
             continue
         result = pipe.step()
         records.append(record(pipe))
-        seconds, bound = clock.duration(records[-1]) if clock else (0.0, False)
-        if clock:
-            pipe.scheduler.observe_step(seconds)  # as the services report their measured beats
+        seconds, bound = 0.0, False
+        if clock:  # as the services report their measured beats and draft waits
+            pipe_s, draft_s = clock.parts(records[-1])
+            seconds, bound = clock.combine(pipe_s, draft_s)
+            pipe.scheduler.observe_step(seconds, seconds - pipe_s if bound else 0.0)
         now, draft_bound = now + seconds, draft_bound + bound
         for rid, tokens in result.new_tokens.items():
             times[rid].token_times += [now] * len(tokens)

@@ -52,6 +52,7 @@ class Phase(enum.Enum):
 
 DEPTH_BINS = 16  # accepted tokens are counted by depth 0..15 below the last bonus token (15 = 15 or deeper)
 MIN_PREFILL_ROWS = 16  # a prompt is split over the stages only into chunks of at least this many rows
+PACED = 0.05  # a step whose draft wait was more than this share of it was paced by the draft (the rest: receiving)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class RequestState:
     frontier: int | None = None  # accepted node whose target token is awaited
     needs_refill: bool = False  # the frontier's row has not been sent yet
     levels: list[list[int]] = field(default_factory=list)  # sent levels still in the tree, oldest first
+    level_sizes: dict[int, int] = field(default_factory=dict)  # position -> nodes of the level last sent there
     inflight: int = 0  # micro-batches of this request in the pipe
     expanding: set[int] = field(default_factory=set)  # nodes with an expansion job out
     output: list[int] = field(default_factory=list)
@@ -121,12 +123,12 @@ class Scheduler:
         self._next_batch = 0
         self._batch_members: dict[int, set[str]] = {}
         self.retired = RequestStats()  # counts of the requests that have left
-        self.costs = StepCosts()  # step seconds by rows, as the driver reports them (observe_step)
-        self.plain_costs = StepCosts()  # step seconds by rows of the steps nothing was drafted for (prefill, PP)
+        self.costs = StepCosts()  # the pipe's seconds per step (the draft's wait left out) by rows (observe_step)
+        self.draft_costs = StepCosts(unknown=0.0, flat_below=True)  # a level's drafting, by frontier nodes expanded
         self.refill_costs = StepCosts(unknown=0.0)  # extra seconds of a step whose batch carried a refill, by levels
         self._refill_sent = 0  # drafted levels of the deepest refill in the batch just scheduled
-        self._drafting = False  # expansion jobs went out since the last schedule(): for the next batch
-        self._drafted = False  # ... and for the batch just scheduled
+        self._drafting = 0  # the most nodes one round of expansion jobs asked since the last schedule()
+        self._drafted = 0  # ... before the batch just scheduled: the draft's cost key (0: nothing drafted for it)
         self.acceptance = Acceptance()  # pooled over every request so far: the prior of each one's estimate
         self._plan: WidthPlan | None = None  # the cost rule's widths, made again every 2 x `stages` steps
         self._planned_rows: deque[int] = deque(maxlen=max(policy.stages, 1))  # cost keys of the batches in the pipe
@@ -170,23 +172,29 @@ class Scheduler:
             total.add(state.stats)
         return total
 
-    def observe_step(self, seconds: float) -> None:
-        """The driver's measured duration of the step just run. The width plan's cost model learns it as the cost
-        of a step under a plan: keyed by the rows per step that plan sends, so that everything a plan's steps
-        cost (refills, their drafting, the wire) is in it and plans are compared as they were measured. The
-        pipe holds the batches of the last `stages` steps, maybe of two plans: the step is the larger one's.
-        A step whose batch carried a refill of r drafted levels waited for their drafting: what it took beyond a
-        step's cost is learnt as the cost of a refill of r levels. A step nothing was drafted for (prefill, a
-        plan of PP) is learnt apart: where the draft paces the pipe, not drafting is what makes PP cheap."""
+    def observe_step(self, seconds: float, draft_wait: float = 0.0) -> None:
+        """The driver's measured duration of the step just run, and how much of it was spent waiting for the
+        draft. The width plan learns from it (scheduler/width.py):
+          - the pipe's cost, the step without the wait, keyed by the rows per step of the plan in force: the pipe
+            holds the batches of the last `stages` steps, maybe of two plans, so the step is the larger one's;
+          - where the draft paced the step (it waited), the draft's forward over the plan's drafted nodes, as long
+            as the whole step; where it kept up and is believed dearer, the step as a bound;
+          - where the batch carried a refill of r drafted levels, what the step took beyond the two as the cost
+            of a refill of r levels."""
         if not any(self._planned_rows):
             return
-        key = max(self._planned_rows)
-        if not self._drafted:
-            self.plain_costs.observe(key, seconds)
-        elif self._refill_sent == 0:
-            self.costs.observe(key, seconds)
-        elif self.costs.points:
-            self.refill_costs.observe(self._refill_sent, max(seconds - self.costs(key), 0.0))
+        key, drafted = max(self._planned_rows), self._drafted
+        self.costs.observe(key, seconds - draft_wait)
+        if not drafted:
+            return
+        if self._refill_sent:
+            self.refill_costs.observe(self._refill_sent, max(seconds - self._drafted_step(key, drafted), 0.0))
+        elif draft_wait > PACED * seconds or self.draft_costs(drafted) > seconds:
+            self.draft_costs.observe(drafted, seconds)
+
+    def _drafted_step(self, rows: int, drafted: int) -> float:
+        """Expected seconds of a step of `rows` rows while the draft expands `drafted` nodes."""
+        return max(self.costs(rows), self.draft_costs(drafted))
 
     def active(self) -> list[RequestState]:
         return [s for s in self.requests.values() if s.phase is not Phase.DONE]
@@ -200,7 +208,7 @@ class Scheduler:
                 state.expanding.update(nodes)
                 refs = [self._ref(state, n) for n in nodes]
                 jobs.append(ExpansionJob(state.request.request_id, state.text, refs, self.policy_of(state.request).branch))
-        self._drafting = self._drafting or bool(jobs)
+        self._drafting = max(self._drafting, sum(len(job.nodes) for job in jobs))
         return jobs
 
     def add_proposals(self, request_id: str, node_id: int, proposals: list[tuple[int, float]]) -> None:
@@ -264,7 +272,8 @@ class Scheduler:
     def _plan_due(self, step: int) -> bool:
         """Acceptance and costs have moved on since the plan was made, or it was made blind to cost."""
         period = 2 * self.policy.stages  # the pipe is the new plan's alone for the second half
-        return step - self._plan.step >= period or (not self._plan.informed and bool(self.costs.points))
+        learnt = bool(self.costs.points) and (bool(self.draft_costs.points) or not any(self._plan.widths.values()))
+        return step - self._plan.step >= period or (not self._plan.informed and learnt)
 
     def _make_plan(self, decoding: int, step: int) -> WidthPlan:
         """SpecPipe-DB's widths for the decoding requests under the cost rule (scheduler/width.py)."""
@@ -276,7 +285,7 @@ class Scheduler:
             top = self.effective_width(policy, decoding)
             alphas = tuple(state.stats.acceptance.alphas(top, prior))
             candidates.append(Candidate(state.request.request_id, top, alphas, policy.refill_levels))
-        return plan(candidates, self.costs, self.policy.stages, step, self.refill_costs, self.plain_costs)
+        return plan(candidates, self.costs, self.policy.stages, step, self.draft_costs, self.refill_costs)
 
     def _decoding(self) -> int:
         return sum(1 for s in self.requests.values() if s.phase is Phase.DECODE)
@@ -311,7 +320,7 @@ class Scheduler:
         members = set()
         states, decoding = self.active(), self._decoding()
         prefill = 0  # prompt rows in this batch
-        self._refill_sent, self._drafted, self._drafting = 0, self._drafting, False
+        self._refill_sent, self._drafted, self._drafting = 0, self._drafting, 0
         for state in sorted(states, key=lambda s: s.phase is Phase.PREFILL):
             budget = self.engine.token_budget - len(rows)
             if budget <= 0:
@@ -393,9 +402,14 @@ class Scheduler:
         return rows
 
     def _send(self, state: RequestState, node_ids: list[int]) -> list[Row]:
-        rid, rows = state.request.request_id, []
+        """One level's nodes into the pipe; each keeps its rank by score in the level, for the width plan."""
+        rid, rows, tree = state.request.request_id, [], state.tree
+        for rank, n in enumerate(sorted(node_ids, key=lambda n: (-tree[n].score, n))):
+            tree[n].rank = rank
+        if node_ids:
+            state.level_sizes[tree[node_ids[0]].position] = len(node_ids)
         for n in node_ids:
-            node = state.tree[n]
+            node = tree[n]
             node.status = Status.SENT
             rows.append(Row(rid, n, node.parent, node.position, node.token, committed=False, needs_target=True))
         state.stats.sent_speculative += len(node_ids)
@@ -444,18 +458,18 @@ class Scheduler:
             self._emit(state, token, result, logprobs.get(frontier))
 
     def _count_acceptance(self, state: RequestState, frontier: int, child: int | None) -> None:
-        """One verified level for the width plan: how many children were sent, and the accepted one's rank."""
+        """One verified level for the width plan: how many nodes the level below the frontier was sent with, and
+        the accepted child's rank by score among them. The level counts its nodes under the frontier's pruned
+        siblings too: a plan's width buys them as well, so acceptance by width is what the level's width gave."""
         policy = self.policy_of(state.request)
         if not (policy.streams_levels and policy.width_rule == "cost"):
             return  # no plan reads it
-        tree = state.tree
-        sent = sorted((c for c in tree[frontier].children if tree[c].status is Status.SENT),
-                      key=lambda c: (-tree[c].score, c))
-        if not sent and not (self._plan is not None and self._plan.width_of(state.request.request_id)):
+        size = state.level_sizes.pop(state.tree[frontier].position + 1, 0)
+        if not size and not (self._plan is not None and self._plan.width_of(state.request.request_id)):
             return  # nothing was meant to be sent (PP, or before any plan): not a verification of speculation
-        rank = sent.index(child) if child is not None else None  # a draft that proposed nothing: a miss at rank 0
-        state.stats.acceptance.record(max(len(sent), 1), rank)
-        self.acceptance.record(max(len(sent), 1), rank)
+        rank = state.tree[child].rank if child is not None else None  # a draft that proposed nothing: a miss
+        state.stats.acceptance.record(max(size, 1), rank)
+        self.acceptance.record(max(size, 1), rank)
 
     def _accept(self, state: RequestState, frontier: int, child: int, result: StepResult) -> None:
         tree, rid = state.tree, state.request.request_id
@@ -475,6 +489,7 @@ class Scheduler:
         bonus = state.tree.add_accepted(token, frontier, state.tree[frontier].position + 1)
         state.tree.forget_accepted_before(bonus.node_id)
         state.frontier, state.needs_refill, state.levels = bonus.node_id, True, []
+        state.level_sizes.clear()  # every sent level was pruned
         state.stats.bonus += 1
         state.stats.run = 0
 

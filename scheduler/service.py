@@ -163,7 +163,7 @@ class SchedulerService:
             return
         verified = time.monotonic()
         result = self.scheduler.update_from_output(verify.target_tokens())
-        self.scheduler.observe_step(verified - start)  # the beat, drafting included: the width plan's cost
+        self.scheduler.observe_step(verified - start, wait_span[1] - wait_span[0])  # the width plan's costs
         self._stage_errors(result)  # after the verification: a request failed by a stage is not verified again
         self.events += result.events  # after any cancellation's, read in the shadow
         self._finish_step(result)

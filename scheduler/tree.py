@@ -30,6 +30,7 @@ class Node:
     status: Status
     children: list[int] = field(default_factory=list)
     expanded: bool = False  # the draft source has proposed (or declined) its children
+    rank: int = 0  # once sent: its rank by score in the level it was sent in (the width plan's acceptance by width)
 
 
 class TokenTree:

@@ -1,7 +1,8 @@
 """SpecPipe-DB's dynamic width: how many tree nodes per level each request sends, from acceptance and cost.
 
 A request that streams levels at width w accepts a level with probability
-a(w) (the target's token is among the frontier's w best sent children). A
+a(w) (the target's token is among the level's w best-scored nodes: a level's
+nodes under the frontier's pruned siblings take part of its width too). A
 miss costs a refill: the pipe's `stages` steps pass before the bonus token's
 target returns, carrying `refill` drafted levels. Per cycle (one miss to the
 next), with a = a(w), N = stages, R = refill levels:
@@ -10,12 +11,15 @@ next), with a = a(w), N = stages, R = refill levels:
     steps  = N + a^(R+1) / (1 - a)
 
 so a request yields tokens/steps per step: 1/N at a = 0 (plain PP), up to 1.
-A step costs the pipeline's slowest stage (and, if slower, the draft) at its
-number of rows, which grows with the widths. The plan picks the widths that
-maximise tokens per second over the decoding requests: the k requests that
-gain most from width w speculate at w, the rest send their roots only (as
-PP), and k = 0 under saturation, where a row of one more request's root is
-worth more than a speculative row of another's tree.
+A step costs the pipe's time at its rows (the slowest stage and the wire),
+which grows with the widths; and where anything is drafted for it, the draft's
+forward over the speculating requests' frontier nodes, if that is longer: the
+draft works while the stages compute, so the slower of the two paces the step.
+The plan picks the widths that maximise tokens per second over the decoding
+requests: the k requests that gain most from width w speculate at w, the rest
+send their roots only (as PP), and k = 0 under saturation, where a row of one
+more request's root is worth more than a speculative row of another's tree, or
+where the draft's forward alone costs more than the tokens it adds.
 
 A refill's R levels are drafted after the miss, one sequential draft forward
 per level, before its micro-batch can enter: where the draft is slow (a CPU,
@@ -23,8 +27,11 @@ a large draft) that wait costs more than the levels it saves, so the plan
 chooses R too (0 = the bonus token alone, the levels then stream), from the
 measured extra seconds of the steps that carried a refill of R levels.
 
-Step costs are learnt online (moving averages per power-of-two row count)
-from the durations the driver reports (StepCosts). Acceptance of a rank never
+Costs are learnt online (moving averages per power-of-two row count) from
+the steps the driver reports (StepCosts): the pipe's by rows from every step,
+the draft's by drafted rows from the steps it paced. Kept apart, one plan's
+steps price every other plan: PP's are never charged a draft forward, and a
+draft measured once is known at every width. Acceptance of a rank never
 sent is guessed optimistically, so that a plan tries it once and learns.
 """
 
@@ -34,7 +41,7 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
-MAX_RANK = 8  # acceptance is counted for the frontier's 8 best sent children (rank 7 = 7th best or worse)
+MAX_RANK = 8  # acceptance is counted for a level's 8 best-scored nodes (rank 7 = 8th best or worse)
 PRIOR_WEIGHT = 4.0  # verifications' worth of the pooled acceptance in one request's estimate
 PRIOR_ALPHA = 0.5  # acceptance assumed at rank 0 before any verification, halved per rank below
 EWMA = 0.25  # weight of the newest step duration in its row bucket
@@ -43,8 +50,8 @@ MAX_ALPHA = 0.95  # an estimate of 1 would make a miss look impossible
 
 @dataclass
 class Acceptance:
-    """Verifications of one request (or pooled): `tried[k]` levels whose frontier had more than k sent children,
-    `hits[k]` of them accepted the child of rank k (0 = highest draft score)."""
+    """Verifications of one request (or pooled): `tried[k]` levels sent with more than k nodes, `hits[k]` of them
+    accepted the node of rank k in its level (0 = highest draft score)."""
 
     tried: list[int] = field(default_factory=lambda: [0] * MAX_RANK)
     hits: list[int] = field(default_factory=lambda: [0] * MAX_RANK)
@@ -89,6 +96,7 @@ class StepCosts:
 
     points: dict[int, tuple[float, float]] = field(default_factory=dict)  # bucket -> (rows, seconds) averages
     unknown: float = 1.0  # seconds assumed before any step is measured
+    flat_below: bool = False  # narrower than measured: as dear as the narrowest (a forward's fixed cost, as a draft's)
     _fit: tuple[list[tuple[float, float]], float, float] | None = None  # sorted points and their line, cached
 
     @staticmethod
@@ -111,6 +119,8 @@ class StepCosts:
             self._fit = (pts, *_line(pts))
         pts, slope, intercept = self._fit
         (x0, y0), xn = pts[0], pts[-1][0]
+        if rows < x0 and self.flat_below:
+            return y0
         if rows < x0:  # narrower than anything measured: no dearer per row than at x0
             proportional = y0 * max(rows, 1) / x0
             return proportional if len(pts) == 1 else max(intercept + slope * rows, proportional)
@@ -157,25 +167,27 @@ class WidthPlan:
     informed: bool = True  # made knowing some step's cost; if not, it is made again once one is known
     rows: int = 0  # rows per step it sends (speculating requests' widths, the others' roots): its cost's key
     refill: int = 1 << 30  # drafted levels a speculating request's refill carries (capped by its policy's)
+    drafted: int = 0  # frontier nodes the draft expands per step (the speculating requests' widths): the draft's key
 
     def width_of(self, request_id: str) -> int:
         return self.widths.get(request_id, self.default)
 
 
 def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int = 0,
-         refill_costs: StepCosts | None = None, plain_costs: StepCosts | None = None) -> WidthPlan:
+         draft_costs: StepCosts | None = None, refill_costs: StepCosts | None = None) -> WidthPlan:
     """Widths and refill depth that maximise expected tokens per second of the whole batch (ties: the wider,
     deeper plan).
 
     For each width w and refill depth r, each request would speculate at min(w, its max width); the k requests
-    that gain most do, the others send their roots only. k, w and r are chosen together. A step costs
-    costs(rows), plus refill_costs(r) (the refill's sequential drafting, where the pipe waits for it) when a
-    speculating request misses in it. With no request speculating nothing is drafted: such a step costs
-    plain_costs(rows) (steps measured with nothing drafted: prefill, PP) where a step as narrow was measured,
-    else what a drafted step costs. Until a drafted step is measured it is assumed to cost a plain one
-    (drafting free, optimistically, so that a plan tries it and learns)."""
+    that gain most do, the others send their roots only. k, w and r are chosen together. A step costs the pipe's
+    costs(rows); where k > 0 the draft expands the speculating requests' frontier nodes meanwhile, so at least
+    draft_costs(those nodes); plus refill_costs(r) (the refill's sequential drafting, where the pipe waits for it)
+    when a speculating request misses in it. A draft never measured is assumed to keep up (optimistically, so
+    that a plan tries it and learns)."""
+    draft_costs = draft_costs or StepCosts(unknown=0.0, flat_below=True)
+    informed = bool(costs.points)  # a step's cost is known (else the plan is made again once it is)
     if not candidates:
-        return WidthPlan({}, 0, step, bool(costs.points))
+        return WidthPlan({}, 0, step, informed)
     stages = max(stages, 1)
     refill_costs = refill_costs or StepCosts(unknown=0.0)
 
@@ -183,28 +195,23 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
         return math.ceil((len(candidates) - k) / stages)
 
     base = sum(c.gain(0, 0, stages) for c in candidates)
-    best, best_w, best_r, best_rows = {}, 0, 0, roots(0)
-    informed = bool(costs.points)  # a drafted step's cost is known (else the plan is made again once it is)
-    measured = plain_costs if plain_costs is not None and plain_costs.points else None
-    costs = costs if informed or measured is None else measured
-    # PP's steps at the plain cost only where one as narrow was measured: a prefill chunk's cost scaled down to
-    # one row would make PP look cheaper than any speculation before either was tried
-    plain = measured if measured is not None and min(x for x, _ in measured.points.values()) <= best_rows else costs
-    best_rate = base / plain(best_rows)
+    best, best_w, best_r, best_rows, best_drafted = {}, 0, 0, roots(0), 0
+    best_rate = base / costs(best_rows)
     for r in range(max(c.max_refill for c in candidates) + 1):
         refill = refill_costs(r) if r else 0.0
         for w in range(1, max(c.max_width for c in candidates) + 1):
             widths = {c.request_id: min(w, c.max_width) for c in candidates}
             gains = {c.request_id: c.gain(widths[c.request_id], r, stages) - c.gain(0, 0, stages) for c in candidates}
             ranked = sorted(candidates, key=lambda c: -gains[c.request_id])  # most gain first
-            tokens, rows, no_miss = base, 0, 1.0
+            tokens, drafted, no_miss = base, 0, 1.0
             for k, c in enumerate(ranked, start=1):
                 tokens += gains[c.request_id]
-                rows += widths[c.request_id]
+                drafted += widths[c.request_id]
                 no_miss *= 1 - c.miss_rate(widths[c.request_id], r, stages)
-                rate = tokens / (costs(rows + roots(k)) + (1 - no_miss) * refill)
-                if rate >= best_rate:
-                    best, best_w, best_r, best_rows, best_rate = {x.request_id: widths[x.request_id] for x in ranked[:k]}, \
-                        w, r, rows + roots(k), rate
+                seconds = max(costs(drafted + roots(k)), draft_costs(drafted)) + (1 - no_miss) * refill
+                if (rate := tokens / seconds) >= best_rate:
+                    best, best_w, best_r, best_rate = {x.request_id: widths[x.request_id] for x in ranked[:k]}, w, r, rate
+                    best_rows, best_drafted = drafted + roots(k), drafted
+    informed = informed and (bool(draft_costs.points) or not best)  # a draft never measured: again once it is
     return WidthPlan({c.request_id: best.get(c.request_id, 0) for c in candidates}, best_w, step, informed,
-                     best_rows, best_r)
+                     best_rows, best_r, best_drafted)

@@ -267,7 +267,7 @@ class FakePipeline:
         self.results.append(result)
         if self.step_cost is not None:
             pipe = self.step_cost(max(len(b.rows) for b in incoming if b is not None))
-            self.sched.observe_step(max(pipe, forwards * self.draft_cost))
+            self.sched.observe_step(max(pipe, forwards * self.draft_cost), max(forwards * self.draft_cost - pipe, 0.0))
         return result
 
     def run(self, arrivals: list[tuple[int, Request]], max_steps: int = 5_000) -> None:

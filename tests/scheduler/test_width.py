@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from scheduler.scheduler import Phase, Scheduler, StepResult
 from scheduler.width import MAX_ALPHA, Acceptance, Candidate, StepCosts, plan, tokens_per_step
 from shared.types.config import EngineConfig, PolicyConfig
 from shared.types.errors import ConfigError
@@ -49,6 +50,25 @@ def test_acceptance_counts_a_rank_only_where_it_was_sent() -> None:
     assert alphas[7] == MAX_ALPHA
 
 
+def test_acceptance_is_by_rank_in_the_level_not_under_the_frontier() -> None:
+    """A level's width buys nodes under the frontier's siblings too: levels [F, G] then [G1, F1, G2] (by score);
+    the target takes F, then F1, the second best of a level of 3, though F1 was F's only sent child."""
+    sched = Scheduler(PolicyConfig("specpipe", stages=4, width=3), EngineConfig(), context_limit=1_000)
+    state = sched.add_request(Request("r", (1, 2, 3), max_new_tokens=8))
+    tree = state.tree
+    root = tree.add_accepted(10, -1, 3).node_id
+    state.phase, state.frontier = Phase.DECODE, root
+    f, g = tree.add_proposals(root, [(20, -0.1), (21, -0.2)])
+    (f1,), (g1, g2) = tree.add_proposals(f, [(30, -0.4)]), tree.add_proposals(g, [(31, -0.1), (32, -0.5)])
+    sched._send(state, [f, g])
+    sched._send(state, tree.best_children([f, g], 3))
+    assert [tree[n].rank for n in (g1, f1, g2)] == [0, 1, 2]
+    sched._verify(state, {root: 20, f: 30}, StepResult(), {})
+    assert state.frontier == f1 and state.output == [20, 30]
+    acc = state.stats.acceptance
+    assert acc.tried[:4] == [2, 2, 1, 0] and acc.hits[:3] == [1, 1, 0]
+
+
 STEP_COSTS = {
     # label: (observations, rows asked, expected seconds)
     "nothing known: 1": ([], 16, 1.0),
@@ -60,13 +80,14 @@ STEP_COSTS = {
     "below them: the fitted line": ([(2, 0.1), (32, 0.5)], 1, 0.1 - 0.4 / 30),
     "a line never falls with rows": ([(2, 0.5), (32, 0.1)], 64, 0.3),
     "moving average": ([(4, 1.0), (4, 0.0)], 4, 0.75),
+    "flat below (a forward's fixed cost): narrower as dear": ([(8, 0.2), (16, 0.3)], 2, 0.2),
 }
 
 
 @pytest.mark.parametrize("case", list(STEP_COSTS))
 def test_step_costs(case) -> None:
     observations, rows, expected = STEP_COSTS[case]
-    costs = StepCosts()
+    costs = StepCosts(flat_below=case.startswith("flat below"))
     for n, s in observations:
         costs.observe(n, s)
     assert costs(rows) == pytest.approx(expected)
@@ -100,6 +121,28 @@ def test_plan(case) -> None:
     alphas, per_row, expected = PLANS[case]
     costs = StepCosts() if per_row is None else _costs(per_row)
     assert plan(_candidates(alphas), costs, 8).widths == expected
+
+
+DRAFTS = {
+    # label: (a draft forward's seconds over 1..64 nodes, or None: never measured; requests; expected widths)
+    "never measured: assumed to keep up, everyone speculates": (None, 2, {"r0": 4, "r1": 4}),
+    "as fast as a step (a GPU's small draft): everyone speculates": (1.0, 2, {"r0": 4, "r1": 4}),
+    "3 steps, 2 requests: the tokens still pay for the forward": (3.0, 2, {"r0": 4, "r1": 4}),
+    "4 steps, 8 requests: PP drafts nothing and is faster": (4.0, 8, {f"r{i}": 0 for i in range(8)}),
+}
+
+
+@pytest.mark.parametrize("case", list(DRAFTS))
+def test_plan_prices_the_draft_forward_at_every_width(case) -> None:
+    """Steps cost 1 s at any rows; a speculating plan's step lasts at least one draft forward, whatever its width:
+    a draft measured at one width prices every plan, and PP is never charged one."""
+    seconds, requests, expected = DRAFTS[case]
+    draft = StepCosts(unknown=0.0, flat_below=True)
+    if seconds is not None:
+        draft.observe(64, seconds)
+    made = plan(_candidates([0.6] * requests), _costs(0.0), 8, draft_costs=draft)
+    assert made.widths == expected
+    assert made.informed == (seconds is not None or not any(expected.values()))
 
 
 REFILLS = {
@@ -142,7 +185,7 @@ def _run(policy_name: str, width_rule: str, requests: int, row_cost: float, n: i
     pipe = FakePipeline(policy, EngineConfig(prefill_chunk=8, max_new_tokens=n), FakeDraft(accuracy=accuracy, seed=1),
                         step_cost=lambda rows: 1.0 + row_cost * rows, draft_cost=draft_cost)
     observe = pipe.sched.observe_step
-    pipe.sched.observe_step = lambda seconds: spent.append(seconds) or observe(seconds)
+    pipe.sched.observe_step = lambda seconds, wait: spent.append(seconds) or observe(seconds, wait)
     for round_ in ("a", "b"):
         spent.clear()
         pipe.run([(0, Request(f"{round_}{i}", (i + 1, 2, 3), max_new_tokens=n)) for i in range(requests)])
