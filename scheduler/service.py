@@ -164,9 +164,9 @@ class SchedulerService:
         verified = time.monotonic()
         result = self.scheduler.update_from_output(verify.target_tokens())
         self.scheduler.observe_step(verified - start)  # the beat, drafting included: the width plan's cost
-        self._stage_errors(result)  # after the verification: a request failed by a stage is not verified again
         self.events += result.events  # after any cancellation's, read in the shadow
         self._finish_step(result)
+        self._stage_errors()  # after the verification's tokens went out: a failed request is not verified again
         stamps = (start, *wait_span, published, verified, time.monotonic())
         self.telemetry.step_timed(msg.step, len(batch.rows), stamps, drained=not self.scheduler.active())
 
@@ -386,13 +386,17 @@ class SchedulerService:
             elif msg is not None:
                 self.stage_failures.append(msg)
 
-    def _stage_errors(self, result: StepResult) -> None:
-        """Fail the requests a stage could not compute (KV full, protocol error, ...), as read so far."""
+    def _stage_errors(self) -> None:
+        """Fail the requests a stage could not compute (KV full, its grammar, a protocol error), as read so far;
+        their finish events go out with the next step. Not on the verification's StepResult: _finish_step has
+        taken it (a request it ended would be removed twice)."""
+        result = StepResult()
         for msg in self.stage_failures:
             for rid in msg.request_ids:
                 if self.scheduler.abort(rid, "error", result):
                     self._end(rid, "error", f"stage {msg.stage}: {msg.error}")
         self.stage_failures = []
+        self.events += result.events
 
     def _begin_run(self) -> None:
         self.pipeline.begin(base_step=self.scheduler.step)
