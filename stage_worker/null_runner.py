@@ -27,7 +27,7 @@ class NullLayers:
 
 
 class NullRunner:
-    """StageRunner's interface (add_request, release, apply, forward), no weights and no KV."""
+    """StageRunner's interface (add_request, release, apply, forward, take_failures), no weights and no KV."""
 
     def __init__(self, arch: ModelArch, rank: int, world: int, compute_ms: float, dtype: torch.dtype):
         self.arch, self.dtype, self.device = arch, dtype, torch.device("cpu")
@@ -46,6 +46,9 @@ class NullRunner:
         for e in events:
             if e.kind == "finish":
                 self.release(e.request_id)
+
+    def take_failures(self) -> dict[str, str]:
+        return {}  # no request fails alone
 
     def forward(self, batch: MicroBatch) -> MicroBatch | StageOutput:
         if batch.rows and self.compute_s:

@@ -194,7 +194,7 @@ class StageService:
             self.join(newer_than=msg.epoch)
 
     def step(self, msg: StepMsg) -> None:
-        self._admit(msg.admitted)
+        self._admit(msg.step, msg.admitted)
         events = msg.events
         self.runner.apply(events)
         pruned: dict[str, set[int]] = {}
@@ -224,29 +224,38 @@ class StageService:
             self.flush_timings()
 
     def _forward(self, step: int, batch: MicroBatch):
-        """Compute; on a request-level failure report the requests and pass an empty batch on."""
+        """Compute. A request the runner could not compute fails alone (the runner left its rows out); a failure
+        of the whole batch fails its requests and passes an empty batch on. Failed requests are reported."""
         try:
-            return self.runner.forward(batch)
+            out = self.runner.forward(batch)
         except SpecPipeError as exc:
             failed = sorted({r.request_id for r in batch.rows})
-            log.error("%s: step %d failed for %s: %s", self.name, step, failed, exc)
-            publish(self.r, self.cfg.redis.errors, StageErrorMsg(self.cfg.rank, step, failed, str(exc)))
+            self._failed(step, failed, str(exc))
             for rid in failed:
                 self.runner.release(rid)
-                self.finished.add(rid)
             return self.runner.forward(MicroBatch(batch.batch_id, []))
+        for rid, why in self.runner.take_failures().items():
+            self._failed(step, [rid], why)
+        return out
+
+    def _failed(self, step: int, request_ids: list[str], why: str) -> None:
+        """Report requests this stage cannot compute (the scheduler ends them) and drop their rows from now on."""
+        log.error("%s: step %d failed for %s: %s", self.name, step, request_ids, why)
+        publish(self.r, self.cfg.redis.errors, StageErrorMsg(self.cfg.rank, step, request_ids, why))
+        self.finished.update(request_ids)
 
     def flush_timings(self) -> None:
         if self.timings:
             self.r.rpush(self.cfg.redis.key("timings", self.name), *self.timings)
             self.timings = []
 
-    def _admit(self, admitted: list[AdmittedRequest]) -> None:
+    def _admit(self, step: int, admitted: list[AdmittedRequest]) -> None:
+        """Register the step's new requests. One this stage cannot take (its grammar, its settings) fails alone:
+        its link slot is still known, so the rows other stages send of it are read, then dropped."""
         for a in admitted:
+            self.slots[a.request_id], self.ids[a.slot] = a.slot, a.request_id
+            self.finished.discard(a.request_id)
             try:
                 self.runner.add_request(a.request_id, RequestInfo(a.prompt_len, a.sampling.params()), a.capacity)
             except SpecPipeError as exc:
-                log.warning("%s: cannot admit %s: %s", self.name, a.request_id, exc)
-                continue
-            self.slots[a.request_id], self.ids[a.slot] = a.slot, a.request_id
-            self.finished.discard(a.request_id)
+                self._failed(step, [a.request_id], str(exc))
