@@ -96,7 +96,7 @@ class SchedulerService:
         self.stages = Outbox()  # every stage's inbox, connected once the run has formed
         self.drafts = DraftChannel(self.r, cfg.redis, scheduler, cfg.draft_wait_s, receive=self._poll_control)
         self.telemetry = Telemetry(self.r, cfg.redis, cfg.stages, cfg.stats_interval_s)
-        self.pipeline = PipelineWatch(self.r, cfg.redis, cfg.stages, self.inbox.address)
+        self.pipeline = PipelineWatch(self.r, cfg.redis, cfg.stages, self.inbox.address, cfg.admission.kv_slots)
         self.entry_of: dict[str, str] = {}  # request -> its requests-stream entry, acknowledged when it ends
         self.admitted: list[AdmittedRequest] = []  # admitted since the last StepMsg; stages register them first
         self.events: list[PipelineEvent] = []  # to apply before the next step (verification, cancels)

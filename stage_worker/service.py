@@ -43,6 +43,7 @@ from stage_worker.link import (
     join_store,
     wait_for_peers,
 )
+from stage_worker.telemetry import StageTelemetry
 
 log = logging.getLogger("stage_worker")
 
@@ -55,6 +56,7 @@ class StageServiceConfig:
     link: LinkConfig | None = None  # None: a one-stage pipeline (no peers); the link uses the runner's device
     poll_ms: int = 250  # an idle stage checks for a new run this often
     control: ControlConfig = ControlConfig()  # this stage's control inbox (StepMsgs)
+    stats_interval_s: float = 0.5  # how often the stats snapshot (KV use: metrics, dashboard) is rewritten
 
 
 class StageService:
@@ -75,6 +77,7 @@ class StageService:
         # "step:start:compute_s" (time.monotonic(), one clock for every process on a host), flushed to Redis in
         # batches: benchmarks.wire_overhead's split of a step
         self.timings: list[str] = []
+        self.telemetry = StageTelemetry(self.r, cfg.redis, cfg.rank, cfg.stats_interval_s)
 
     def run(self, stop_after_idle_s: float | None = None) -> None:
         # before joining: the scheduler reads the stages' inboxes once every stage has joined
@@ -90,6 +93,7 @@ class StageService:
             messages = self.inbox.recv(self.cfg.poll_ms)
             if not messages:
                 self.flush_timings()
+                self.report_stats()
                 self._follow_run()
                 if stop_after_idle_s and time.monotonic() - idle_since > stop_after_idle_s:
                     return
@@ -222,6 +226,7 @@ class StageService:
             self.scheduler.send(verify)
         if len(self.timings) >= 64 or not batch.rows:  # off the critical path: after this step's output
             self.flush_timings()
+        self.report_stats()
 
     def _forward(self, step: int, batch: MicroBatch):
         """Compute. A request the runner could not compute fails alone (the runner left its rows out); a failure
@@ -243,6 +248,11 @@ class StageService:
         log.error("%s: step %d failed for %s: %s", self.name, step, request_ids, why)
         publish(self.r, self.cfg.redis.errors, StageErrorMsg(self.cfg.rank, step, request_ids, why))
         self.finished.update(request_ids)
+
+    def report_stats(self) -> None:
+        """The stats snapshot (KV use against the run's budget), when due; off the beat."""
+        if self.run_ is not None:
+            self.telemetry.stats(self.runner.kv_use(self.run_.kv_slots))
 
     def flush_timings(self) -> None:
         if self.timings:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from shared.compute.distr_attention import distr_attention
 from shared.compute.grammar import Grammars, NodeGrammar
 from shared.compute.history import NodePaths
-from shared.compute.kv_cache import RequestKV, RowContext, allocate
+from shared.compute.kv_cache import KVUse, RequestKV, RowContext, allocate, kv_use
 from shared.compute.model import (
     RowAttention,
     decoder_layer,
@@ -108,6 +108,10 @@ class StageRunner:
     def release(self, request_id: str) -> None:
         for table in (self.kv, self.info, self.paths, self.matchers):
             table.pop(request_id, None)
+
+    def kv_use(self, budget: int) -> KVUse:
+        """The KV slots this stage's requests reserve and fill, against `budget` (shared/compute/kv_cache.py)."""
+        return kv_use(self.kv.values(), budget)
 
     def take_failures(self) -> dict[str, str]:
         """Requests the last forward calls failed alone (released, their rows left out), with why; the caller
