@@ -21,6 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from shared.model_store import eos_token_ids
+from shared.types.structured import Grammars
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -54,6 +55,15 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _model_vocab_size(model_dir: Path, tokenizer_size: int) -> int:
+    """config.json's vocab_size (the logits' width), at least the tokenizer's."""
+    try:
+        size = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError):
+        size = None
+    return max(size, tokenizer_size) if isinstance(size, int) else tokenizer_size
+
+
 class TextCodec:
     """One model's tokenizer, chat template and stop ids (no I/O; a long prompt takes CPU time, so the
     routes call encode / encode_chat in a worker thread)."""
@@ -68,6 +78,10 @@ class TextCodec:
         self.template = compile_template(source) if source else None
         self.eos_ids = tuple(eos_token_ids(model_dir))
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        # response_format's grammars, built against this tokenizer as the last stage builds them (its vocabulary:
+        # the model's, which may be padded past the tokenizer's)
+        self.grammars = Grammars(model_dir / "tokenizer.json", _model_vocab_size(model_dir, self.vocab_size),
+                                 self.eos_ids)
 
     @staticmethod
     def _template_source(model_dir: Path, tok_cfg: dict[str, Any]) -> str | None:

@@ -2,7 +2,8 @@
 
     GET  /dashboard         the page (gateway/static/dashboard.html: plain JS, canvas charts)
     GET  /dashboard/data    JSON: the gateway's counters and recent latency percentiles, the
-                            scheduler's stats snapshot, the last columns of the stage x step grid
+                            scheduler's stats snapshot, the stages' (KV use), the last columns of the
+                            stage x step grid
     GET  /dashboard/login   a form for the API key when keys are configured;
     POST /dashboard/login   checks it (constant time) and sets an HttpOnly cookie that only
                             /dashboard/* accepts (a browser cannot send a Bearer header on navigation)
@@ -18,7 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 
 from gateway.auth import COOKIE, key_matches
 from gateway.records import QUEUED, RUNNING
-from gateway.routes_ops import fresh_stats
+from gateway.routes_ops import fresh_stage_stats, fresh_stats
 from gateway.state import GatewayState, get_state
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
@@ -53,6 +54,7 @@ async def data(gw: GatewayState = Depends(get_state)) -> dict:
                         (("ttft", m.ttft), ("itl", m.itl), ("e2e", m.e2e), ("queue", m.queue))},
         },
         "scheduler": stats.to_json() if stats is not None else None,
+        "stage_stats": [s.to_json() for s in sorted(await fresh_stage_stats(gw), key=lambda s: s.stage)],
         "occupancy": [{"step": c.step, "stages": c.stages} for c in columns],
     }
 

@@ -12,15 +12,20 @@ vLLM's series carry vLLM's names, buckets and labels (model_name="<served model>
   vllm:request_queue_time_seconds              XADD of the request -> the scheduler's read of it (gateway/engine.py)
   vllm:spec_decode_num_drafts_total, _num_draft_tokens_total, _num_accepted_tokens_total,
   _num_accepted_tokens_per_pos_total{position} (position = depth below the last bonus token)
+  vllm:kv_cache_usage_perc                     a fraction in [0, 1], as vLLM's: KV slots reserved by the requests a
+                                               stage holds / the slots it may hold (shared/compute/kv_cache.py,
+                                               KVUse), on the fullest stage: every stage holds every request, so
+                                               the fullest one is where admission stops. No stage label: vLLM's
+                                               series has one value per engine, and dashboards read it as such
 SpecPipe's own (label model_name):
   specpipe:requests_ended_total{reason}        the gateway's reasons: stop, length, cancelled, timeout, error,
                                                queue_full
   specpipe:gateway_inflight_requests, specpipe:pipeline_steps_total, specpipe:tokens_per_step,
   specpipe:stage_busy_fraction{stage}, specpipe:pruned_nodes_total, specpipe:computed_rows_total{fate},
   specpipe:scheduler_queue_depth (and specpipe:gateway_added_latency_seconds, gateway/latency.py)
-The speculation and pipeline series come from the scheduler's stats snapshot (SchedulerStatsMsg), given to
-`exposition` at scrape time; without a fresh one they are left out. There is no vllm:kv_cache_usage_perc: no
-process publishes its KV use (the scheduler's KV budget stays in its memory).
+  specpipe:stage_kv_cache_usage_perc{stage}    each stage's own KV use (the stage_busy_fraction style: a stage label)
+The speculation and pipeline series come from the scheduler's stats snapshot (SchedulerStatsMsg), the KV series
+from the stages' (StageStatsMsg), given to `exposition` at scrape time; without fresh ones they are left out.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from shared.wire.messages import SchedulerStatsMsg
+from shared.wire.messages import SchedulerStatsMsg, StageStatsMsg
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -139,6 +144,32 @@ class SchedulerSeries:
         return family
 
 
+class StageSeries:
+    """A collector of the stages' snapshots: `stages` is set for the duration of one exposition."""
+
+    def __init__(self, vllm_labels: dict[str, str], own_labels: dict[str, str]):
+        self.vllm, self.own = vllm_labels, own_labels
+        self.stages: Sequence[StageStatsMsg] = ()
+
+    def describe(self) -> list[Metric]:
+        return []  # present only with fresh snapshots
+
+    def collect(self) -> Iterator[Metric]:
+        known = sorted((s for s in self.stages if s.kv_slots > 0), key=lambda s: s.stage)  # budget known
+        if not known:
+            return
+        fullest = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                                    labels=list(self.vllm))
+        fullest.add_metric(list(self.vllm.values()), max(s.kv_usage for s in known))
+        yield fullest
+        per_stage = GaugeMetricFamily("specpipe:stage_kv_cache_usage_perc",
+                                      "Fraction of the stage's KV slots reserved by its requests.",
+                                      labels=[*self.own, "stage"])
+        for s in known:
+            per_stage.add_metric([*self.own.values(), str(s.stage)], s.kv_usage)
+        yield per_stage
+
+
 class Metrics:
     """The gateway's series in `registry`; gauges read their callables at scrape time."""
 
@@ -155,6 +186,8 @@ class Metrics:
         self._reasons()
         self.scheduler = SchedulerSeries(self.labels, self.own_labels)
         self.registry.register(self.scheduler)
+        self.stages = StageSeries(self.labels, self.own_labels)
+        self.registry.register(self.stages)
 
     def _family(self, kind, name: str, help: str, extra: Sequence[str] = (), own: bool = False, **kwargs):
         labels = self.own_labels if own else self.labels
@@ -230,11 +263,13 @@ class Metrics:
                   for r in self.ended_by}
         return {r: n for r, n in counts.items() if n}
 
-    def exposition(self, stats: SchedulerStatsMsg | None = None, accept: str = "") -> tuple[bytes, str]:
-        """(body, content type) for an Accept header; the scheduler series only when a fresh snapshot is given."""
+    def exposition(self, stats: SchedulerStatsMsg | None = None, accept: str = "",
+                   stages: Sequence[StageStatsMsg] = ()) -> tuple[bytes, str]:
+        """(body, content type) for an Accept header; the scheduler series only when a fresh snapshot is given,
+        the KV series only for the fresh stage snapshots given."""
         encoder, content_type = choose_encoder(accept)
-        self.scheduler.stats = stats
+        self.scheduler.stats, self.stages.stages = stats, stages
         try:
             return encoder(self.registry), content_type
         finally:
-            self.scheduler.stats = None
+            self.scheduler.stats, self.stages.stages = None, ()

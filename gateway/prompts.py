@@ -17,7 +17,7 @@ from gateway.codec import TemplateError, TextCodec
 from gateway.config import GatewayConfig
 from gateway.errors import APIError, bad_request
 from gateway.schemas import MAX_SEED, ChatCompletionRequest, CompletionRequest, SamplingRequest
-from shared.types.errors import ConfigError
+from shared.types.errors import ConfigError, RequestError
 from shared.types.structured import grammar_of
 from shared.wire.messages import SamplingFields
 
@@ -162,6 +162,19 @@ def _grammar(req: SamplingRequest) -> str | None:
         return grammar_of(req.response_format)
     except ConfigError as exc:
         raise bad_request(str(exc), "response_format") from exc
+
+
+async def check_grammar(req: SamplingRequest, codec: TextCodec) -> None:
+    """response_format's grammar built once against the model's tokenizer, with its first token mask, as the
+    last stage will build it (in a worker thread): what only the tokenizer shows (a token it lacks, a grammar
+    it leaves no token for) is a 400 naming response_format, not a request failed in the pipeline."""
+    grammar = _grammar(req)
+    if grammar is None:
+        return
+    try:
+        await anyio.to_thread.run_sync(codec.grammars.check, grammar)
+    except RequestError as exc:
+        raise bad_request(f"response_format: {exc}", "response_format") from exc
 
 
 def _max_tokens(req: SamplingRequest, prompt_len: int, cfg: GatewayConfig, prompt_field: str) -> int:

@@ -1,8 +1,8 @@
 """The gateway's side of the Redis streams, with redis.asyncio (no blocking call in the event loop).
 
 Async equivalents of shared/transport/redis_io.py's publish/read/alive for the streams the
-gateway uses: it writes `requests` and `cancel`, reads `out:{request}`, and checks
-the `hb:{component}` heartbeat keys.
+gateway uses: it writes `requests` and `cancel`, reads `out:{request}`, the stats snapshots
+(`stats`, `stats:stage-k`) and checks the `hb:{component}` heartbeat keys.
 
 Connections do not grow with load: short calls share a bounded pool (a caller
 waits for a free connection, up to POOL_WAIT_S, rather than failing), and the out
@@ -19,8 +19,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.outstreams import OutStreams, Subscription, decode_entries
-from shared.transport.redis_io import SCHEDULER_GROUP, RedisConfig, decode_or_log, pipeline_components
-from shared.wire.messages import CancelMsg, Message, OccupancyMsg, RequestMsg, SchedulerStatsMsg, TokensMsg
+from shared.transport.redis_io import SCHEDULER_GROUP, RedisConfig, decode_or_log, pipeline_components, stage_name
+from shared.wire.messages import (
+    CancelMsg,
+    Message,
+    OccupancyMsg,
+    RequestMsg,
+    SchedulerStatsMsg,
+    StageStatsMsg,
+    TokensMsg,
+)
 
 log = logging.getLogger("gateway")
 
@@ -96,6 +104,12 @@ class AsyncQueue:
         raw = await self.r.get(self.cfg.stats)
         msg = decode_or_log(raw, SchedulerStatsMsg, "gateway") if raw else None
         return msg if msg is not None and time.time() - msg.time <= max_age_s else None
+
+    async def stage_stats(self, max_age_s: float) -> list[StageStatsMsg]:
+        """The stages' last snapshots (one round trip), without the absent, malformed and stale ones."""
+        raws = await self.r.mget([self.cfg.stage_stats(stage_name(k)) for k in range(self.stages)])
+        msgs = [decode_or_log(raw, StageStatsMsg, "gateway") for raw in raws if raw]
+        return [m for m in msgs if m is not None and time.time() - m.time <= max_age_s]
 
     async def occupancy(self, count: int) -> list[OccupancyMsg]:
         """The last `count` final columns of the stage x step grid, oldest first."""

@@ -16,7 +16,7 @@ from gateway.completions import check_request, collect
 from gateway.engine import outcome_error
 from gateway.errors import APIError, bad_request
 from gateway.logprobs import LogprobsShaper
-from gateway.prompts import echo_texts, generation_spec, prompt_list
+from gateway.prompts import check_grammar, echo_texts, generation_spec, prompt_list
 from gateway.responses import ResponseBuilder, sse
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from gateway.state import GatewayState, get_state
@@ -50,6 +50,7 @@ async def generate(request: Request, gw: GatewayState, body: SamplingRequest, pr
     if len(prompts) * n > MAX_CHOICES:
         raise bad_request(f"at most {MAX_CHOICES} choices per request (prompts x n); this asks {len(prompts) * n}",
                           "prompt" if len(prompts) > 1 else "n")
+    await check_grammar(body, gw.codec)  # once for every choice
     specs = [generation_spec(body, ids, gw.cfg, prompt_field, i, gw.codec.vocab_size) for ids in prompts
              for i in range(n)]
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"

@@ -12,7 +12,7 @@ from gateway.state import GatewayState, get_state
 
 router = APIRouter()
 RequestId = Path(max_length=200)
-STATS_MAX_AGE_S = 30.0  # an older scheduler snapshot is left out (the scheduler is gone)
+STATS_MAX_AGE_S = 30.0  # an older scheduler or stage snapshot is left out (the process is gone)
 
 
 @router.get("/health")
@@ -37,7 +37,8 @@ async def ready(gw: GatewayState = Depends(get_state)) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(request: Request, gw: GatewayState = Depends(get_state)) -> Response:
     """Prometheus text format (OpenMetrics when the Accept header asks for it), vLLM's metric names."""
-    body, content_type = gw.metrics.exposition(await fresh_stats(gw), request.headers.get("accept", ""))
+    body, content_type = gw.metrics.exposition(await fresh_stats(gw), request.headers.get("accept", ""),
+                                               await fresh_stage_stats(gw))
     return Response(body, headers={"Content-Type": content_type})
 
 
@@ -112,3 +113,11 @@ async def fresh_stats(gw: GatewayState):
         return await gw.queue.scheduler_stats(STATS_MAX_AGE_S)
     except QueueError:
         return None
+
+
+async def fresh_stage_stats(gw: GatewayState):
+    """The stages' recent snapshots ([] if Redis does not answer); metrics include the KV use of these."""
+    try:
+        return await gw.queue.stage_stats(STATS_MAX_AGE_S)
+    except QueueError:
+        return []

@@ -20,9 +20,10 @@ IDLE_CHECK_S = 1.0  # an idle pipeline looks for lost stages this often
 
 
 class PipelineWatch:
-    def __init__(self, r: redis.Redis, cfg: RedisConfig, stages: int, control: str):
-        """`control`: the scheduler's control inbox, which every run record names."""
-        self.r, self.cfg, self.stages, self.control = r, cfg, stages, control
+    def __init__(self, r: redis.Redis, cfg: RedisConfig, stages: int, control: str, kv_slots: int = 0):
+        """`control`: the scheduler's control inbox, and `kv_slots` its KV budget per stage, which every run
+        record names."""
+        self.r, self.cfg, self.stages, self.control, self.kv_slots = r, cfg, stages, control, kv_slots
         self.run: PipelineRun | None = None
         self.formed = False  # every stage has joined `run`
         # the stages' control inboxes in this run, read when it formed; the last stage's first: a StepMsg goes out
@@ -31,7 +32,7 @@ class PipelineWatch:
         self.checked = 0.0  # when an idle pipeline was last checked
 
     def begin(self, base_step: int) -> None:
-        self.run = begin_run(self.r, self.cfg, base_step, self.control)
+        self.run = begin_run(self.r, self.cfg, base_step, self.control, self.kv_slots)
         self.formed = False
 
     def end(self) -> None:

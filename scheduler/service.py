@@ -96,7 +96,7 @@ class SchedulerService:
         self.stages = Outbox()  # every stage's inbox, connected once the run has formed
         self.drafts = DraftChannel(self.r, cfg.redis, scheduler, cfg.draft_wait_s, receive=self._poll_control)
         self.telemetry = Telemetry(self.r, cfg.redis, cfg.stages, cfg.stats_interval_s)
-        self.pipeline = PipelineWatch(self.r, cfg.redis, cfg.stages, self.inbox.address)
+        self.pipeline = PipelineWatch(self.r, cfg.redis, cfg.stages, self.inbox.address, cfg.admission.kv_slots)
         self.entry_of: dict[str, str] = {}  # request -> its requests-stream entry, acknowledged when it ends
         self.admitted: list[AdmittedRequest] = []  # admitted since the last StepMsg; stages register them first
         self.events: list[PipelineEvent] = []  # to apply before the next step (verification, cancels)
@@ -164,9 +164,9 @@ class SchedulerService:
         verified = time.monotonic()
         result = self.scheduler.update_from_output(verify.target_tokens())
         self.scheduler.observe_step(verified - start, wait_span[1] - wait_span[0])  # the width plan's costs
-        self._stage_errors(result)  # after the verification: a request failed by a stage is not verified again
         self.events += result.events  # after any cancellation's, read in the shadow
         self._finish_step(result)
+        self._stage_errors()  # after the verification's tokens went out: a failed request is not verified again
         stamps = (start, *wait_span, published, verified, time.monotonic())
         self.telemetry.step_timed(msg.step, len(batch.rows), stamps, drained=not self.scheduler.active())
 
@@ -386,13 +386,17 @@ class SchedulerService:
             elif msg is not None:
                 self.stage_failures.append(msg)
 
-    def _stage_errors(self, result: StepResult) -> None:
-        """Fail the requests a stage could not compute (KV full, protocol error, ...), as read so far."""
+    def _stage_errors(self) -> None:
+        """Fail the requests a stage could not compute (KV full, its grammar, a protocol error), as read so far;
+        their finish events go out with the next step. Not on the verification's StepResult: _finish_step has
+        taken it (a request it ended would be removed twice)."""
+        result = StepResult()
         for msg in self.stage_failures:
             for rid in msg.request_ids:
                 if self.scheduler.abort(rid, "error", result):
                     self._end(rid, "error", f"stage {msg.stage}: {msg.error}")
         self.stage_failures = []
+        self.events += result.events
 
     def _begin_run(self) -> None:
         self.pipeline.begin(base_step=self.scheduler.step)

@@ -52,6 +52,7 @@ class InProcessPipeline:
         self.trace: deque[StepTrace] = deque(maxlen=trace_limit or None)
         self.trace_enabled = trace_limit > 0
         self.occupancy = occupancy  # stage x step fates, as the distributed scheduler publishes them
+        self.failed: dict[str, str] = {}  # request -> why a stage failed it alone (it ended with an error)
 
     def submit(self, request: Request) -> RequestState:
         state = self.scheduler.add_request(request)
@@ -70,6 +71,7 @@ class InProcessPipeline:
         self.in_flight = outputs[:-1]
         last = outputs[-1]
         result = self.scheduler.update_from_output(last.target_tokens()) if last is not None else StepResult()
+        self._fail(result)
         self._apply(result.events)
         if self.trace_enabled:
             self._record(incoming, result, draft_rows)
@@ -85,6 +87,13 @@ class InProcessPipeline:
                 self.scheduler.add_proposals(request_id, node_id, proposals)
             rows.append(sum(len(j.nodes) for j in jobs))
         return rows
+
+    def _fail(self, result: StepResult) -> None:
+        """Requests a stage could not compute end with an error (as the distributed scheduler ends them)."""
+        for stage in self.stages:
+            for request_id, why in stage.take_failures().items():
+                self.failed[request_id] = why
+                self.scheduler.abort(request_id, "error", result)
 
     def _apply(self, events: list[PipelineEvent]) -> None:
         if not events:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.compute.kv_cache import KVUse
 from shared.types.batch import MicroBatch, PipelineEvent, StageOutput
 from shared.types.config import ModelArch
 
@@ -27,7 +28,7 @@ class NullLayers:
 
 
 class NullRunner:
-    """StageRunner's interface (add_request, release, apply, forward), no weights and no KV."""
+    """StageRunner's interface (add_request, release, apply, forward, kv_use, take_failures), no weights and no KV."""
 
     def __init__(self, arch: ModelArch, rank: int, world: int, compute_ms: float, dtype: torch.dtype):
         self.arch, self.dtype, self.device = arch, dtype, torch.device("cpu")
@@ -46,6 +47,12 @@ class NullRunner:
         for e in events:
             if e.kind == "finish":
                 self.release(e.request_id)
+
+    def kv_use(self, budget: int) -> KVUse:
+        return KVUse(len(self.requests), 0, 0, budget)  # no KV
+
+    def take_failures(self) -> dict[str, str]:
+        return {}  # no request fails alone
 
     def forward(self, batch: MicroBatch) -> MicroBatch | StageOutput:
         if batch.rows and self.compute_s:

@@ -43,6 +43,7 @@ from stage_worker.link import (
     join_store,
     wait_for_peers,
 )
+from stage_worker.telemetry import StageTelemetry
 
 log = logging.getLogger("stage_worker")
 
@@ -55,6 +56,7 @@ class StageServiceConfig:
     link: LinkConfig | None = None  # None: a one-stage pipeline (no peers); the link uses the runner's device
     poll_ms: int = 250  # an idle stage checks for a new run this often
     control: ControlConfig = ControlConfig()  # this stage's control inbox (StepMsgs)
+    stats_interval_s: float = 0.5  # how often the stats snapshot (KV use: metrics, dashboard) is rewritten
 
 
 class StageService:
@@ -75,6 +77,7 @@ class StageService:
         # "step:start:compute_s" (time.monotonic(), one clock for every process on a host), flushed to Redis in
         # batches: benchmarks.wire_overhead's split of a step
         self.timings: list[str] = []
+        self.telemetry = StageTelemetry(self.r, cfg.redis, cfg.rank, cfg.stats_interval_s)
 
     def run(self, stop_after_idle_s: float | None = None) -> None:
         # before joining: the scheduler reads the stages' inboxes once every stage has joined
@@ -90,6 +93,7 @@ class StageService:
             messages = self.inbox.recv(self.cfg.poll_ms)
             if not messages:
                 self.flush_timings()
+                self.report_stats()
                 self._follow_run()
                 if stop_after_idle_s and time.monotonic() - idle_since > stop_after_idle_s:
                     return
@@ -194,7 +198,7 @@ class StageService:
             self.join(newer_than=msg.epoch)
 
     def step(self, msg: StepMsg) -> None:
-        self._admit(msg.admitted)
+        self._admit(msg.step, msg.admitted)
         events = msg.events
         self.runner.apply(events)
         pruned: dict[str, set[int]] = {}
@@ -222,31 +226,46 @@ class StageService:
             self.scheduler.send(verify)
         if len(self.timings) >= 64 or not batch.rows:  # off the critical path: after this step's output
             self.flush_timings()
+        self.report_stats()
 
     def _forward(self, step: int, batch: MicroBatch):
-        """Compute; on a request-level failure report the requests and pass an empty batch on."""
+        """Compute. A request the runner could not compute fails alone (the runner left its rows out); a failure
+        of the whole batch fails its requests and passes an empty batch on. Failed requests are reported."""
         try:
-            return self.runner.forward(batch)
+            out = self.runner.forward(batch)
         except SpecPipeError as exc:
             failed = sorted({r.request_id for r in batch.rows})
-            log.error("%s: step %d failed for %s: %s", self.name, step, failed, exc)
-            publish(self.r, self.cfg.redis.errors, StageErrorMsg(self.cfg.rank, step, failed, str(exc)))
+            self._failed(step, failed, str(exc))
             for rid in failed:
                 self.runner.release(rid)
-                self.finished.add(rid)
             return self.runner.forward(MicroBatch(batch.batch_id, []))
+        for rid, why in self.runner.take_failures().items():
+            self._failed(step, [rid], why)
+        return out
+
+    def _failed(self, step: int, request_ids: list[str], why: str) -> None:
+        """Report requests this stage cannot compute (the scheduler ends them) and drop their rows from now on."""
+        log.error("%s: step %d failed for %s: %s", self.name, step, request_ids, why)
+        publish(self.r, self.cfg.redis.errors, StageErrorMsg(self.cfg.rank, step, request_ids, why))
+        self.finished.update(request_ids)
+
+    def report_stats(self) -> None:
+        """The stats snapshot (KV use against the run's budget), when due; off the beat."""
+        if self.run_ is not None:
+            self.telemetry.stats(self.runner.kv_use(self.run_.kv_slots))
 
     def flush_timings(self) -> None:
         if self.timings:
             self.r.rpush(self.cfg.redis.key("timings", self.name), *self.timings)
             self.timings = []
 
-    def _admit(self, admitted: list[AdmittedRequest]) -> None:
+    def _admit(self, step: int, admitted: list[AdmittedRequest]) -> None:
+        """Register the step's new requests. One this stage cannot take (its grammar, its settings) fails alone:
+        its link slot is still known, so the rows other stages send of it are read, then dropped."""
         for a in admitted:
+            self.slots[a.request_id], self.ids[a.slot] = a.slot, a.request_id
+            self.finished.discard(a.request_id)
             try:
                 self.runner.add_request(a.request_id, RequestInfo(a.prompt_len, a.sampling.params()), a.capacity)
             except SpecPipeError as exc:
-                log.warning("%s: cannot admit %s: %s", self.name, a.request_id, exc)
-                continue
-            self.slots[a.request_id], self.ids[a.slot] = a.slot, a.request_id
-            self.finished.discard(a.request_id)
+                self._failed(step, [a.request_id], str(exc))

@@ -39,7 +39,7 @@ from gateway.engine import Engine
 from gateway.errors import APIError, bad_request, error_body
 from gateway.metrics import Metrics
 from gateway.logprobs import LogprobsShaper
-from gateway.prompts import echo_texts, generation_spec, prompt_ids
+from gateway.prompts import check_grammar, echo_texts, generation_spec, prompt_ids
 from gateway.queue import AsyncQueue
 from gateway.records import RecordBook, RequestRecord
 from gateway.responses import ResponseBuilder
@@ -258,6 +258,7 @@ class BatchRunner:
             if (req.n or 1) > 1:
                 raise bad_request("n > 1 is not supported in batches: one line per choice", "n")
             ids = await prompt_ids(req, gw.codec, chat)  # in a worker thread: the runner's loop keeps going
+            await check_grammar(req, gw.codec)
             spec = generation_spec(req, ids, gw.cfg, "messages" if chat else "prompt", 0, gw.codec.vocab_size)
             if await self.store.was_submitted(self.batch_id, rid):
                 record = RequestRecord(rid, gw.cfg.model_name, len(ids))

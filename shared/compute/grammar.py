@@ -7,31 +7,19 @@ at its parent, so verification prunes it before its own target is ever read.
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import llguidance
 import torch
 
+from shared.types import structured
 from shared.types.errors import RequestError
 
 
-class Grammars:
-    """Makes matchers for one model's tokenizer (read on first use: most requests have no grammar)."""
+class Grammars(structured.Grammars):
+    """The last stage's: each request's matcher wrapped for masking at tree nodes."""
 
-    def __init__(self, tokenizer_json: Path, vocab_size: int, eos_ids: tuple[int, ...]):
-        self.path, self.vocab_size, self.eos_ids = Path(tokenizer_json), vocab_size, eos_ids
-
-    @functools.cached_property
-    def tokenizer(self) -> llguidance.LLTokenizer:
-        return llguidance.LLTokenizer(self.path.read_text(), n_vocab=self.vocab_size,
-                                      eos_token=list(self.eos_ids) or None)
-
-    def matcher(self, grammar: str) -> NodeGrammar:
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
-        if matcher.is_error():
-            raise RequestError(f"grammar refused: {matcher.get_error()}")
-        return NodeGrammar(matcher, frozenset(self.eos_ids))
+    def node_grammar(self, grammar: str) -> NodeGrammar:
+        """RequestError if the grammar cannot be used with this tokenizer."""
+        return NodeGrammar(self.matcher(grammar), frozenset(self.eos_ids))
 
 
 class NodeGrammar:
@@ -42,7 +30,14 @@ class NodeGrammar:
         self.matcher, self.eos_ids, self.consumed = matcher, eos_ids, []
 
     def allowed(self, output: list[int]) -> torch.Tensor | None:
-        """[V] bool: the tokens the grammar allows after `output`; None if `output` itself leaves the grammar."""
+        """[V] bool: the tokens the grammar allows after `output`; None if `output` itself leaves the grammar.
+        RequestError if the matcher fails (llguidance's limits, an internal error): the request fails alone."""
+        try:
+            return self._allowed(output)
+        except (ValueError, RuntimeError) as exc:  # what llguidance's Python binding raises
+            raise RequestError(f"grammar failed: {exc}") from exc
+
+    def _allowed(self, output: list[int]) -> torch.Tensor | None:
         common = 0
         for a, b in zip(self.consumed, output):
             if a != b:
@@ -57,4 +52,7 @@ class NodeGrammar:
             self.consumed.extend(rest[:valid])
         if valid < len(rest) and not (self.matcher.is_stopped() and set(rest[valid:]) <= self.eos_ids):
             return None
-        return torch.frombuffer(bytearray(self.matcher.compute_logit_bias()), dtype=torch.uint8) > 0
+        mask = torch.frombuffer(bytearray(self.matcher.compute_logit_bias()), dtype=torch.uint8) > 0
+        if self.matcher.is_error():
+            raise RequestError(f"grammar failed: {self.matcher.get_error()}")
+        return mask

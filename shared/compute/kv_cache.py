@@ -13,6 +13,7 @@ Layout of a request's cache (per layer):  [ prefix (P slots) | in-flight nodes i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -118,6 +119,38 @@ class RequestKV:
             self.accepted.discard(node)
             self.parent.pop(node, None)
             self.prefix_len += 1
+
+
+@dataclass(frozen=True)
+class KVUse:
+    """How much of a stage's KV budget its requests hold, in slots (vLLM's kv_cache_usage_perc, here).
+
+    A slot is one position's K and V in every layer of the stage (2 x layers x kv_heads x head_dim values). The
+    cache does not grow with the text: `allocate` reserves a request's whole capacity (its prompt, max_tokens
+    and the speculative nodes it may have in flight) when the request is admitted, and frees it only when the
+    request leaves. So the unit that is really allocated is a request's reservation, and usage is
+    reserved / budget, where the budget is the scheduler's --kv-slots (the slots each stage may hold, which its
+    admission never exceeds). That is vLLM's meaning, the fraction of KV blocks held by requests, with a whole
+    request's reservation as the block. A stage may briefly hold more than the budget (it registers the
+    requests of a step before it applies the finish events of the requests they replace), so it is capped at 1.
+    `filled` counts the slots that hold KV now: filled / reserved is how much of the reservations is used.
+    """
+
+    requests: int  # requests this stage holds KV for
+    reserved: int  # slots allocated to them
+    filled: int  # slots of them holding KV (committed prefix and in-flight nodes)
+    budget: int  # slots the stage may hold (the scheduler's --kv-slots); 0: not known
+
+    @property
+    def fraction(self) -> float:
+        """reserved / budget in [0, 1] (0 when the budget is not known)."""
+        return min(self.reserved / self.budget, 1.0) if self.budget > 0 else 0.0
+
+
+def kv_use(caches: Iterable[RequestKV], budget: int) -> KVUse:
+    """The slots the caches reserve and fill, against `budget` slots."""
+    caches = list(caches)
+    return KVUse(len(caches), sum(c.capacity for c in caches), sum(c.used for c in caches), budget)
 
 
 def allocate(num_layers: int, capacity: int, kv_heads: int, head_dim: int, dtype: torch.dtype,

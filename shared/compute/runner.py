@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from shared.compute.distr_attention import distr_attention
-from shared.compute.kv_cache import RequestKV, RowContext, allocate
+from shared.compute.grammar import Grammars, NodeGrammar
+from shared.compute.history import NodePaths
+from shared.compute.kv_cache import KVUse, RequestKV, RowContext, allocate, kv_use
 from shared.compute.model import (
     RowAttention,
     decoder_layer,
@@ -29,14 +31,12 @@ from shared.compute.model import (
     tree_attention,
 )
 from shared.compute.onednn import onednn_linear
-from shared.compute.grammar import Grammars, NodeGrammar
-from shared.compute.history import NodePaths
 from shared.compute.processing import NodeContext
 from shared.compute.sampling import target_tokens, token_logprob
 from shared.compute.weights import StageWeights, load_stage_weights
 from shared.types.batch import MicroBatch, PipelineEvent, Row, StageOutput, TokenLogprob
 from shared.types.config import NUMERICS, AttentionConfig, ModelArch, SamplingParams, stage_bounds
-from shared.types.errors import ConfigError, ProtocolError, RequestError
+from shared.types.errors import ConfigError, ProtocolError, RequestError, SpecPipeError
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ class StageRunner:
         self.grammars = grammars  # last stage: the model's tokenizer for requests with a grammar
         self.paths: dict[str, NodePaths] = {}  # last stage: requests whose choice depends on each node's history
         self.matchers: dict[str, NodeGrammar] = {}  # last stage: requests with a grammar
+        self.failures: dict[str, str] = {}  # request -> why forward left it out (take_failures), not yet taken
 
     @property
     def num_layers(self) -> int:
@@ -97,7 +98,7 @@ class StageRunner:
         if self.is_last and info.sampling.grammar is not None:
             if self.grammars is None:
                 raise RequestError("this stage has no tokenizer for grammars")
-            self.matchers[request_id] = self.grammars.matcher(info.sampling.grammar)
+            self.matchers[request_id] = self.grammars.node_grammar(info.sampling.grammar)
         if self.is_last and info.sampling.needs_history:
             self.paths[request_id] = NodePaths()
         self.kv[request_id] = allocate(self.num_layers, capacity, a.num_kv_heads, a.head_dim, self.dtype,
@@ -107,6 +108,21 @@ class StageRunner:
     def release(self, request_id: str) -> None:
         for table in (self.kv, self.info, self.paths, self.matchers):
             table.pop(request_id, None)
+
+    def kv_use(self, budget: int) -> KVUse:
+        """The KV slots this stage's requests reserve and fill, against `budget` (shared/compute/kv_cache.py)."""
+        return kv_use(self.kv.values(), budget)
+
+    def take_failures(self) -> dict[str, str]:
+        """Requests the last forward calls failed alone (released, their rows left out), with why; the caller
+        reports them so that the scheduler ends them."""
+        failures, self.failures = self.failures, {}
+        return failures
+
+    def _fail(self, failed: dict[str, SpecPipeError]) -> None:
+        for request_id, exc in failed.items():
+            self.failures[request_id] = str(exc)
+            self.release(request_id)
 
     def apply(self, events: list[PipelineEvent]) -> None:
         """Prune / commit / finish events from verification, before the next compute."""
@@ -123,22 +139,55 @@ class StageRunner:
 
     # ---- compute ---------------------------------------------------------------------------
     def forward(self, batch: MicroBatch) -> MicroBatch | StageOutput:
-        """Run this stage's layers; the last stage turns hidden states into target tokens."""
+        """Run this stage's layers; the last stage turns hidden states into target tokens. A request whose rows
+        cannot be computed (unknown here, KV full, out of order, its grammar failed) fails alone: its rows are
+        left out of the output and it is released, the others compute as they would without it
+        (take_failures says which and why)."""
         if not batch.rows:
             return self._empty(batch)
-        x = self.hidden(batch)  # [n, H]
+        contexts, failed = self._place(batch.rows)
+        if failed:
+            self._fail(failed)
+            batch, contexts = _without(batch, contexts)
+            if not batch.rows:
+                return self._empty(batch)
+        x = self._layers(batch, contexts)  # [n, H]
         if not self.is_last:
             return MicroBatch(batch.batch_id, batch.rows, x)
-        return StageOutput(batch.batch_id, batch.rows, *self._targets(batch.rows, x))
+        return self._output(batch, x)
 
     def hidden(self, batch: MicroBatch) -> torch.Tensor:
-        """Append the rows' KV to their caches and return this stage's output states [n, H]."""
+        """Append the rows' KV to their caches and return this stage's output states [n, H]; raises if a row
+        cannot be placed (forward fails that request alone instead)."""
+        contexts, failed = self._place(batch.rows)
+        if failed:
+            raise next(iter(failed.values()))
+        return self._layers(batch, contexts)
+
+    def _place(self, rows: list[Row]) -> tuple[list[RowContext | None], dict[str, SpecPipeError]]:
+        """Each row placed in its request's cache (row order within a request); a request whose rows cannot be
+        is left out (None for its rows) with its error. Requests' caches are independent: one failing changes
+        nothing for the others."""
+        contexts: list[RowContext | None] = [None] * len(rows)
+        failed: dict[str, SpecPipeError] = {}
+        for request_id, indices in _by_request(rows).items():
+            try:
+                cache = self.kv.get(request_id)
+                if cache is None:
+                    raise ProtocolError(f"request {request_id} is unknown to this stage")
+                for i in indices:
+                    contexts[i] = cache.place(rows[i])
+            except SpecPipeError as exc:
+                failed[request_id] = exc
+                for i in indices:
+                    contexts[i] = None
+        return contexts, failed
+
+    def _layers(self, batch: MicroBatch, contexts: list[RowContext]) -> torch.Tensor:
+        """This stage's layers over rows already placed (contexts[i]: row i's), their KV written: [n, H]."""
         rows = batch.rows
-        unknown = {r.request_id for r in rows} - self.kv.keys()
-        if unknown:
-            raise ProtocolError(f"batch {batch.batch_id} has rows of requests unknown to this stage: {sorted(unknown)}")
         x = self._input(batch)  # [n, H]
-        plans = self._plan(rows)
+        plans = self._plan(rows, contexts)
         positions = self._index([r.position for r in rows])
         cos, sin = self.cos[positions], self.sin[positions]  # [n, d]
         lin = self.lin if self.fast else self._exact_gemm(rows)
@@ -179,12 +228,10 @@ class StageRunner:
             raise ProtocolError(f"batch {batch.batch_id}: hidden states missing or of the wrong shape")
         return batch.hidden.to(self.device, self.dtype)
 
-    def _plan(self, rows: list[Row]) -> dict[str, _RequestPlan]:
-        """Place every row in its request's cache and note what it attends to."""
-        by_request: dict[str, list[tuple[int, RowContext]]] = defaultdict(list)
-        for i, row in enumerate(rows):
-            by_request[row.request_id].append((i, self.kv[row.request_id].place(row)))
-        return {rid: self._request_plan(rows, placed) for rid, placed in by_request.items()}
+    def _plan(self, rows: list[Row], contexts: list[RowContext]) -> dict[str, _RequestPlan]:
+        """What each request's rows attend to, from where they were placed."""
+        return {rid: self._request_plan(rows, [(i, contexts[i]) for i in indices])
+                for rid, indices in _by_request(rows).items()}
 
     def _request_plan(self, rows: list[Row], placed: list[tuple[int, RowContext]]) -> _RequestPlan:
         exact = [] if self.fast else [(i, ctx) for i, ctx in placed if not self._is_prompt(rows[i])]
@@ -246,12 +293,24 @@ class StageRunner:
         return (cfg.uses_distr(self.weights.start + layer) and plan.prefill_start is not None
                 and len(plan.rows) >= cfg.block_rows)
 
-    def _targets(self, rows: list[Row], x: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Target token after each row that asked for one (-1 elsewhere), and the logprobs of the rows whose
-        request asked for them (None elsewhere; [] when no row's request did)."""
+    def _output(self, batch: MicroBatch, x: torch.Tensor) -> StageOutput:
+        """The last stage's output: target tokens (and logprobs) of the rows, minus the rows of requests whose
+        node context (their grammar) failed: those fail alone."""
+        rows = batch.rows
         for row in rows:  # every row, prompt chunks too: a node's history is what came before it
             if row.request_id in self.paths:
                 self.paths[row.request_id].see(row)
+        contexts, failed = self._contexts(rows)
+        if failed:
+            self._fail(failed)
+            keep = [i for i, r in enumerate(rows) if r.request_id not in failed]
+            rows, x, contexts = [rows[i] for i in keep], x[self._index(keep)], [contexts[i] for i in keep]
+        return StageOutput(batch.batch_id, rows, *self._targets(rows, x, contexts))
+
+    def _targets(self, rows: list[Row], x: torch.Tensor, contexts: list[NodeContext | None]
+                 ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Target token after each row that asked for one (-1 elsewhere), and the logprobs of the rows whose
+        request asked for them (None elsewhere; [] when no row's request did). contexts: _contexts' per row."""
         wanted = [i for i, r in enumerate(rows) if r.needs_target]
         targets = [-1] * len(rows)
         if not wanted:
@@ -260,7 +319,7 @@ class StageRunner:
         infos = [self.info[rows[i].request_id] for i in wanted]
         picks = target_tokens(logits, [info.sampling for info in infos],
                               [rows[i].position + 1 - info.prompt_len for i, info in zip(wanted, infos)],
-                              self._contexts(rows, wanted))
+                              [contexts[i] for i in wanted])
         for i, token in zip(wanted, picks):
             targets[i] = token
         if all(info.sampling.logprobs is None for info in infos):
@@ -271,23 +330,46 @@ class StageRunner:
                 logprobs[i] = token_logprob(logits[j].cpu(), targets[i], info.sampling.logprobs)
         return targets, logprobs
 
-    def _contexts(self, rows: list[Row], wanted: list[int]) -> list[NodeContext | None]:
-        """Each wanted row's history (penalties) and grammar mask, for the requests that have them."""
-        contexts: list[NodeContext | None] = []
-        for i in wanted:
-            rid = rows[i].request_id
-            if rid not in self.paths:
-                contexts.append(None)
+    def _contexts(self, rows: list[Row]) -> tuple[list[NodeContext | None], dict[str, SpecPipeError]]:
+        """Each row's history (penalties) and grammar mask where it wants a target and its request has them
+        (None elsewhere), and the requests whose grammar failed, with the error."""
+        contexts: list[NodeContext | None] = [None] * len(rows)
+        failed: dict[str, SpecPipeError] = {}
+        for i, row in enumerate(rows):
+            rid = row.request_id
+            if not row.needs_target or rid not in self.paths or rid in failed:
                 continue
-            text, prompt_len = self.paths[rid].history(rows[i]), self.info[rid].prompt_len
-            matcher = self.matchers.get(rid)
-            allowed = matcher.allowed(text[prompt_len:]) if matcher is not None else None
-            contexts.append(NodeContext(text[:prompt_len], text[prompt_len:], allowed))
-        return contexts
+            try:
+                contexts[i] = self._context(row)
+            except SpecPipeError as exc:
+                failed[rid] = exc
+        return contexts, failed
+
+    def _context(self, row: Row) -> NodeContext:
+        rid = row.request_id
+        text, prompt_len = self.paths[rid].history(row), self.info[rid].prompt_len
+        matcher = self.matchers.get(rid)
+        allowed = matcher.allowed(text[prompt_len:]) if matcher is not None else None
+        return NodeContext(text[:prompt_len], text[prompt_len:], allowed)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head for hidden states [n, H] -> [n, V] (last stage only)."""
         return self.lin(rms_norm(x, self.weights.final_norm, self.arch.rms_eps), self.weights.lm_head)
+
+
+def _by_request(rows: list[Row]) -> dict[str, list[int]]:
+    """Row indices of each request, in row order."""
+    by_request: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        by_request[row.request_id].append(i)
+    return by_request
+
+
+def _without(batch: MicroBatch, contexts: list[RowContext | None]) -> tuple[MicroBatch, list[RowContext]]:
+    """The batch and contexts without the rows that were not placed (None)."""
+    keep = [i for i, ctx in enumerate(contexts) if ctx is not None]
+    hidden = batch.hidden[keep] if batch.hidden is not None else None
+    return MicroBatch(batch.batch_id, [batch.rows[i] for i in keep], hidden), [contexts[i] for i in keep]
 
 
 def _prefill_start(rows: list[Row], contexts: list[RowContext]) -> int | None:

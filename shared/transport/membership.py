@@ -8,6 +8,8 @@ The current run is the hash `{prefix}:pipeline`:
     base_step   the scheduler's step count when the run began: its first StepMsg is base_step + 1
     control     the scheduler's control inbox (shared/transport/control.py): where the last stage sends its
                 VerifyMsg and the drafts their proposals
+    kv_slots    the KV slots each stage may hold (the scheduler's admission budget): stages report their KV use
+                against it
 
 A stage joins a run by forming the torch.distributed group of that run: stage 0
 hosts the group's store on a port it picks (or the fixed --master-port) and
@@ -41,19 +43,22 @@ class PipelineRun:
     epoch: int
     base_step: int  # the run's first StepMsg is base_step + 1
     control: str = ""  # the scheduler's control inbox, "tcp://host:port"
+    kv_slots: int = 0  # KV slots per stage the scheduler admits requests into (0: not known)
 
 
-def begin_run(r: redis.Redis, cfg: RedisConfig, base_step: int, control: str) -> PipelineRun:
+def begin_run(r: redis.Redis, cfg: RedisConfig, base_step: int, control: str, kv_slots: int = 0) -> PipelineRun:
     """A new run: the next epoch, made current at once."""
-    run = PipelineRun(int(r.incr(cfg.epoch)), base_step, control)
-    r.hset(cfg.pipeline, mapping={"epoch": run.epoch, "base_step": run.base_step, "control": control})
+    run = PipelineRun(int(r.incr(cfg.epoch)), base_step, control, kv_slots)
+    r.hset(cfg.pipeline, mapping={"epoch": run.epoch, "base_step": run.base_step, "control": control,
+                                  "kv_slots": kv_slots})
     return run
 
 
 def current_run(r: redis.Redis, cfg: RedisConfig) -> PipelineRun | None:
     fields = r.hgetall(cfg.pipeline)
     try:
-        return PipelineRun(int(fields[b"epoch"]), int(fields[b"base_step"]), fields.get(b"control", b"").decode())
+        return PipelineRun(int(fields[b"epoch"]), int(fields[b"base_step"]), fields.get(b"control", b"").decode(),
+                           int(fields.get(b"kv_slots", 0)))
     except (KeyError, ValueError):
         return None
 

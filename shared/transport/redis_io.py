@@ -70,6 +70,10 @@ class RedisConfig:
     def stats(self) -> str:
         return self.key("stats")
 
+    def stage_stats(self, component: str) -> str:
+        """A stage's StageStatsMsg snapshot (the scheduler's is `stats`)."""
+        return self.key("stats", component)
+
     @property
     def epoch(self) -> str:
         return self.key("epoch")

@@ -20,6 +20,7 @@ Streams, inboxes and who writes them (the documented router/shard contract):
     out:{request}   scheduler -> gateway     TokensMsg
     occupancy       scheduler -> gateway     OccupancyMsg (the dashboard's stage x step grid)
     stats (a key)   scheduler -> gateway     SchedulerStatsMsg (overwritten; metrics and dashboard)
+    stats:stage-k   stage k -> gateway       StageStatsMsg (overwritten; metrics and dashboard)
 The control path (shared/transport/control.py) carries the same bytes as a stream
 entry's "m" field, one message per frame. Stage k -> stage k+1 activations travel
 over NCCL (GPUs) or a TCP inbox (CPUs): LinkHeader and LinkRow below describe the
@@ -288,8 +289,21 @@ class SchedulerStatsMsg(Message, frozen=True, tag="scheduler_stats"):
     wasted_rows: int  # rows computed (all stages) that were later pruned
 
 
+class StageStatsMsg(Message, frozen=True, tag="stage_stats"):
+    """One stage's own state, overwritten about twice a second (stage -> gateway /metrics, /dashboard): what only
+    the stage knows, the KV its requests hold (shared/compute/kv_cache.py: KVUse says what the numbers mean)."""
+
+    time: float  # stage wall clock at writing: readers ignore a stale snapshot (a stage that is gone)
+    stage: int  # the stage's rank: the per-stage series' label, and which stage is fullest
+    requests: int  # requests registered on this stage: with kv_reserved, the size of a typical reservation
+    kv_reserved: int  # KV slots allocated to those requests: the numerator of kv_cache_usage_perc
+    kv_filled: int  # of them, slots holding KV now: how much of the reservations is used (the dashboard)
+    kv_slots: int  # the budget, the scheduler's --kv-slots (0: unknown): the denominator
+    kv_usage: float  # kv_reserved / kv_slots capped at 1, computed where the unit is defined: vllm:kv_cache_usage_perc
+
+
 MESSAGES = (RequestMsg, TokensMsg, StepMsg, VerifyMsg, DraftEventsMsg, ExpansionJobMsg, ProposalsMsg, StageErrorMsg,
-            CancelMsg, OccupancyMsg, SchedulerStatsMsg)
+            CancelMsg, OccupancyMsg, SchedulerStatsMsg, StageStatsMsg)
 _ENCODER = msgspec.msgpack.Encoder()
 
 

@@ -43,6 +43,8 @@ def test_data_endpoint_shows_the_pipeline_and_the_scheduler(client) -> None:
     assert d["gateway"]["generation_tokens"] >= 30 and d["gateway"]["latency"]["ttft"]["p50"] > 0
     s = d["scheduler"]
     assert s["steps"] > 0 and s["tokens"] >= 30 and len(s["stage_busy"]) == 2
+    kv = d["stage_stats"]  # the stages' snapshots, rewritten idle or not
+    assert [st["stage"] for st in kv] == [0, 1] and all(st["kv_slots"] > 0 and 0 <= st["kv_usage"] <= 1 for st in kv)
     steps = [c["step"] for c in d["occupancy"]]
     assert steps == sorted(steps) and all(len(c["stages"]) == 2 for c in d["occupancy"])
     cells = [cell for c in d["occupancy"] for stage in c["stages"] for cell in stage]
@@ -86,6 +88,7 @@ def test_page_updates_live_in_a_headless_browser(gateway, tmp_path) -> None:
             assert len(seen) >= 3, seen
             page.wait_for_function("Number(document.getElementById('grid').dataset.busyCells) > 0", timeout=20_000)
             assert page.inner_text("#status") == "scheduler live"
+            page.wait_for_function("parseFloat(document.getElementById('kv').textContent) > 0", timeout=20_000)
             assert float(page.inner_text("#tps-step")) > 0
             page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
             browser.close()

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared.transport.queue_client import collect, submit
 from shared.transport.redis_io import publish
 from shared.wire.messages import CancelMsg, RequestMsg
+from specpipe.cluster import ServiceLimits
 from tests.gateway.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.multiproc
@@ -31,6 +32,7 @@ FAMILIES = [  # (family name as the parser gives it, type): vLLM's names, then S
     ("specpipe:requests_ended", "counter"), ("specpipe:gateway_added_latency_seconds", "histogram"),
     ("specpipe:pipeline_steps", "counter"), ("specpipe:tokens_per_step", "gauge"),
     ("specpipe:stage_busy_fraction", "gauge"), ("specpipe:scheduler_queue_depth", "gauge"),
+    ("vllm:kv_cache_usage_perc", "gauge"), ("specpipe:stage_kv_cache_usage_perc", "gauge"),  # the stages' snapshots
 ]
 
 
@@ -177,7 +179,34 @@ def test_metrics_scrape_parses_and_moves_after_requests(client) -> None:
     assert 0 <= queue < ttft  # the wait for the scheduler, not the time to the first token
     assert ("vllm:inter_token_latency_seconds_count", _labels(VLLM)) in after
     assert ("vllm:time_per_output_token_seconds_count", _labels(VLLM)) in after
-    assert not any(name.startswith("vllm:kv_cache") for name in types)  # nothing publishes KV use
+    assert 0 <= after[("vllm:kv_cache_usage_perc", _labels(VLLM))] <= 1
+
+
+def _kv_usage(client) -> tuple[float | None, list[float | None]]:
+    """vllm:kv_cache_usage_perc and each stage's own series in one scrape (None: absent)."""
+    _, m = _scrape(client)
+    return (m.get(("vllm:kv_cache_usage_perc", _labels(VLLM))),
+            [m.get(("specpipe:stage_kv_cache_usage_perc", _labels(OWN, stage=str(s)))) for s in (0, 1)])
+
+
+def test_kv_cache_usage_is_the_fullest_stages_while_a_request_holds_kv(client, cluster) -> None:
+    """The stages reserve a request's prompt and max_tokens (and its tree) when it is admitted: while it runs,
+    the fullest stage holds at least that much of the --kv-slots budget."""
+    rid, prompt, max_tokens = "kv-holder", [5, 6, 7], 1500
+    reserved = (len(prompt) + max_tokens) / ServiceLimits.kv_slots  # at least, on every stage
+    submit(cluster.r, cluster.cfg, RequestMsg(rid, prompt, max_tokens))
+    try:
+        deadline = time.monotonic() + 30
+        while (usage := _kv_usage(client))[0] is None or usage[0] < reserved:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)  # the stages rewrite their snapshots every 0.5 s
+    finally:
+        publish(cluster.r, cluster.cfg.cancel, CancelMsg(rid))
+    fullest, per_stage = usage
+    assert fullest is not None and reserved <= fullest <= 1
+    assert None not in per_stage and fullest == max(per_stage)
+    _wait_finished(cluster, rid)
 
 
 def test_speculation_and_pipeline_metrics_come_from_the_scheduler(client) -> None:

@@ -1,18 +1,22 @@
 """Every sampling option through the real services (gateway, scheduler, 2 stages, a draft; specpipe and tree
 per request) equals in-process plain decoding (pp, one stage) with the same option: streamed, not streamed,
-n > 1, batched prompts, echo, logprobs."""
+n > 1, batched prompts, echo, logprobs; a request a stage cannot take fails alone."""
 
 from __future__ import annotations
 
 import functools
 import json
+import time
+import uuid
 
 import httpx
 import pytest
 
 from gateway.codec import TextCodec
+from shared.transport.queue_client import collect
 from shared.types.config import SamplingParams
 from shared.types.structured import grammar_of
+from shared.wire.messages import OccupancyMsg, RequestMsg, SamplingFields, decode
 from tests.gateway.conftest import MODEL_NAME
 from tests.helpers import pipeline
 
@@ -148,3 +152,42 @@ def test_ignore_eos_and_stop_token_ids(client, tiny_dir) -> None:
     choice = client.post("/v1/completions", json=body).json()["choices"][0]
     expected = tokens[: tokens.index(stop) + 1]
     assert choice["text"] == codec.decode(expected) and choice["finish_reason"] == "stop"
+
+
+# llguidance validates it without a tokenizer, but tiny-random's tokenizer has no such token: the last stage's
+# matcher refuses it when it registers the request (the gateway would refuse it too; hence a RequestMsg here)
+UNUSABLE_GRAMMAR = json.dumps({"grammars": [{"lark_grammar": 'start: <|no_such_token|> "a"'}]})
+
+
+def _shared_a_micro_batch(cluster, a: str, b: str) -> bool:
+    """Whether some stage computed rows of both requests in one step (the occupancy grid the scheduler
+    publishes, final once the step's verification is known)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        columns = [decode(f[b"m"], OccupancyMsg) for _, f in cluster.r.xrevrange(cluster.cfg.occupancy, count=500)]
+        if any({a, b} <= {cell[0] for cell in stage} for column in columns for stage in column.stages):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("base", list(BASES))
+def test_a_request_a_stage_refuses_fails_alone(client, cluster, tiny_dir, base) -> None:
+    ids = list(_codec(tiny_dir).encode(PROMPT))
+    _, tokens, _ = reference(tiny_dir, tuple(ids), _params(base, {}))
+    good, bad = (f"{name}-{base}-{uuid.uuid4().hex[:6]}" for name in ("good", "bad"))
+    requests = [RequestMsg(good, ids, MAX_TOKENS, SamplingFields.of(_params(base, {}))),
+                RequestMsg(bad, ids, MAX_TOKENS, SamplingFields.of(_params(base, {"grammar": UNUSABLE_GRAMMAR})))]
+    with cluster.r.pipeline(transaction=True) as pipe:  # MULTI/EXEC: the scheduler reads both at once, admits
+        for msg in requests:                             # them together, and their prompts share a micro-batch
+            pipe.xadd(cluster.cfg.requests, {"m": msg.encode()})
+        pipe.execute()
+    ok, refused = (collect(cluster.r, cluster.cfg, rid, timeout_s=120) for rid in (good, bad))
+    assert ok.finished and ok.finish_reason == "length" and ok.error is None
+    assert ok.tokens == tokens  # what plain decoding gives it alone
+    assert refused.finish_reason == "error" and refused.tokens == []
+    assert refused.error.startswith("stage 1: grammar refused:") and "no_such_token" in refused.error
+    assert "Traceback" not in refused.error
+    assert _shared_a_micro_batch(cluster, good, bad)
+    status = client.get(f"/v1/requests/{bad}").json()  # what a client polling it sees
+    assert status["status"] == "failed" and status["error"] == refused.error

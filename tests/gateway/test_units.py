@@ -24,7 +24,7 @@ from gateway.openapi import patch
 from gateway.prompts import generation_spec
 from gateway.records import public_status
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from shared.wire.messages import SchedulerStatsMsg
+from shared.wire.messages import SchedulerStatsMsg, StageStatsMsg
 from tests.cluster import ROOT
 
 pytestmark = pytest.mark.unit
@@ -95,6 +95,31 @@ def test_scheduler_series_come_from_the_snapshot_given() -> None:
     assert got[_key("specpipe:computed_rows_total", model_name="m", fate="wasted")] == 12
     assert got[_key("specpipe:scheduler_queue_depth", model_name="m")] == 3
     assert not any(n.startswith("vllm:spec_decode") for n, _ in _samples(m.exposition()[0].decode()))
+
+
+def _stage(stage: int, usage: float, kv_slots: int = 1000) -> StageStatsMsg:
+    return StageStatsMsg(time=0.0, stage=stage, requests=1, kv_reserved=int(usage * kv_slots), kv_filled=1,
+                         kv_slots=kv_slots, kv_usage=usage)
+
+
+# label: (stage snapshots, vllm:kv_cache_usage_perc or None when absent, the per-stage series)
+KV_SERIES = {
+    "fullest stage": ([_stage(0, 0.25), _stage(1, 0.5)], 0.5, {"0": 0.25, "1": 0.5}),
+    "budget unknown: left out": ([_stage(0, 0.0, kv_slots=0), _stage(1, 0.125)], 0.125, {"1": 0.125}),
+    "no snapshot": ([], None, {}),
+}
+
+
+@pytest.mark.parametrize("stages,fullest,per_stage", list(KV_SERIES.values()), ids=list(KV_SERIES))
+def test_kv_cache_usage_comes_from_the_stage_snapshots(stages, fullest, per_stage) -> None:
+    m = Metrics("m", 2048, lambda: 0, lambda: 0)
+    text = m.exposition(stages=stages)[0].decode()
+    got = _samples(text)
+    assert got.get(_key("vllm:kv_cache_usage_perc", model_name="m", engine="0")) == fullest
+    assert {dict(labels)["stage"]: v for (name, labels), v in got.items()
+            if name == "specpipe:stage_kv_cache_usage_perc"} == per_stage
+    assert ("# TYPE vllm:kv_cache_usage_perc gauge" in text) == (fullest is not None)
+    assert not any(n.startswith("vllm:kv_cache") for n, _ in _samples(m.exposition()[0].decode()))
 
 
 def test_each_metrics_object_has_its_own_registry() -> None:

@@ -1,10 +1,12 @@
-"""KV compaction on prune/commit leaves exactly the logits of recomputing from scratch."""
+"""KV compaction on prune/commit leaves exactly the logits of recomputing from scratch; the KV use a stage
+reports."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from shared.compute.kv_cache import KVUse, allocate, kv_use
 from shared.compute.runner import RequestInfo, StageRunner
 from shared.compute.weights import load_stage_weights
 from shared.types.batch import MicroBatch, PipelineEvent, Row
@@ -66,3 +68,34 @@ def test_position_must_follow_ancestors(tiny_dir) -> None:
     runner = _runner(tiny_dir)
     with pytest.raises(ProtocolError, match="does not follow"):
         runner.hidden(MicroBatch(1, [Row("r", 0, -1, 9, 21, False, True)]))
+
+
+def _cache_with(capacity: int, placed: int):
+    cache = allocate(1, capacity, 1, 2, torch.float32)
+    for p in range(placed):
+        cache.place(Row("r", -(p + 2), -(p + 1), p, 0, True, False))
+    return cache
+
+
+# label: ([(capacity, rows placed) per request], budget, expected KVUse, expected fraction)
+KV_USE = {
+    "empty": ([], 100, KVUse(0, 0, 0, 100), 0.0),
+    "reserved, not filled": ([(40, 0)], 100, KVUse(1, 40, 0, 100), 0.4),
+    "two requests": ([(40, 6), (20, 3)], 100, KVUse(2, 60, 9, 100), 0.6),
+    "over the budget": ([(80, 1), (40, 1)], 100, KVUse(2, 120, 2, 100), 1.0),
+    "budget unknown": ([(40, 6)], 0, KVUse(1, 40, 6, 0), 0.0),
+}
+
+
+@pytest.mark.parametrize("caches,budget,use,fraction", list(KV_USE.values()), ids=list(KV_USE))
+def test_kv_use_counts_reserved_slots_against_the_budget(caches, budget, use, fraction) -> None:
+    got = kv_use([_cache_with(c, n) for c, n in caches], budget)
+    assert got == use and got.fraction == pytest.approx(fraction)
+
+
+def test_a_runner_reports_the_kv_its_requests_hold(tiny_dir) -> None:
+    runner = _runner(tiny_dir)  # "r": 64 slots, the prompt's 6 filled
+    runner.add_request("s", RequestInfo(2, SamplingParams()), 32)
+    assert runner.kv_use(1000) == KVUse(2, 96, 6, 1000)
+    runner.apply([PipelineEvent("r", "finish", ())])
+    assert runner.kv_use(1000) == KVUse(1, 32, 0, 1000)

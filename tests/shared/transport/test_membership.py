@@ -37,8 +37,9 @@ def test_each_run_gets_a_new_epoch_and_becomes_current(redis_cfg) -> None:
     r, cfg = redis_cfg
     assert current_run(r, cfg) is None
     first = begin_run(r, cfg, base_step=0, control="tcp://127.0.0.1:5001")
-    second = begin_run(r, cfg, base_step=57, control="tcp://127.0.0.1:5002")
-    assert second == PipelineRun(first.epoch + 1, 57, "tcp://127.0.0.1:5002") == current_run(r, cfg)
+    second = begin_run(r, cfg, base_step=57, control="tcp://127.0.0.1:5002", kv_slots=4096)
+    assert second == PipelineRun(first.epoch + 1, 57, "tcp://127.0.0.1:5002", 4096) == current_run(r, cfg)
+    assert first.kv_slots == 0  # not given: not known (stages then report no KV use)
     end_run(r, cfg, first)  # not current: nothing happens
     assert current_run(r, cfg) == second
     end_run(r, cfg, second)

@@ -19,6 +19,7 @@ from shared.wire.messages import (
     LinkRow,
     RequestMsg,
     SamplingFields,
+    StageStatsMsg,
     StepMsg,
     TokensMsg,
     VerifyMsg,
@@ -50,6 +51,12 @@ def test_logprobs_travel_with_targets_and_tokens() -> None:
     tokens = TokensMsg(request_id="a", tokens=[7], logprobs=[lp])
     assert decode(tokens.encode()) == tokens
     assert msgpack.unpackb(tokens.encode())["logprobs"] == [[-0.5, [7, 3], [-0.5, -1.25]]]  # compact: arrays
+
+
+def test_stage_stats_round_trip() -> None:
+    msg = StageStatsMsg(time=1.5, stage=1, requests=2, kv_reserved=300, kv_filled=40, kv_slots=1000, kv_usage=0.3)
+    assert decode(msg.encode(), expect=StageStatsMsg) == msg
+    assert msg.to_json()["kv_usage"] == 0.3
 
 
 def test_defaults_fill_missing_optional_fields() -> None:

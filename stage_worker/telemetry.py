@@ -1,0 +1,35 @@
+"""A stage's stats snapshot: the StageStatsMsg under `{prefix}:stats:stage-k`, rewritten every `interval_s`
+off the beat, as the scheduler rewrites its own under `{prefix}:stats` (scheduler/telemetry.py). The gateway
+reads both at scrape time (/metrics, /dashboard) and leaves out a stale one.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from shared.compute.kv_cache import KVUse
+from shared.transport.redis_io import RedisConfig, stage_name
+from shared.wire.messages import StageStatsMsg
+
+SNAPSHOT_TTL_S = 3600  # a stopped stage's snapshot goes eventually; readers ignore it long before (its time)
+
+
+def stats_message(rank: int, use: KVUse, wall_time: float) -> StageStatsMsg:
+    return StageStatsMsg(time=wall_time, stage=rank, requests=use.requests, kv_reserved=use.reserved,
+                         kv_filled=use.filled, kv_slots=use.budget, kv_usage=round(use.fraction, 6))
+
+
+class StageTelemetry:
+    def __init__(self, r: redis.Redis, cfg: RedisConfig, rank: int, interval_s: float):
+        self.r, self.key, self.rank, self.interval_s = r, cfg.stage_stats(stage_name(rank)), rank, interval_s
+        self.due = 0.0
+
+    def stats(self, use: KVUse) -> None:
+        """Rewrite the snapshot when it is due (a time check otherwise)."""
+        now = time.monotonic()
+        if now < self.due:
+            return
+        self.due = now + self.interval_s
+        self.r.set(self.key, stats_message(self.rank, use, time.time()).encode(), ex=SNAPSHOT_TTL_S)
