@@ -25,6 +25,7 @@ class DraftModelSource:
         if not (runner.is_first and runner.is_last):
             raise ValueError("the draft runner must hold the whole draft model")
         self.runner = runner
+        self.computed_rows = 0  # of the last expand: the nodes and the committed rows fed before them
 
     def add_request(self, request_id: str, prompt: list[int], capacity: int) -> None:
         # prompt_len 0: every row in the same GEMM tiles, whatever text the draft first saw (a cache and a
@@ -38,6 +39,7 @@ class DraftModelSource:
             for ref in job.nodes:
                 rows.extend(self._rows_for(job, ref))
                 asked.append((job.request_id, ref.node_id, len(rows) - 1))
+        self.computed_rows = len(rows)
         if not rows:
             return []
         hidden = self.runner.hidden(MicroBatch(-1, rows))  # [n, H]

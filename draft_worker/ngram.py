@@ -34,6 +34,7 @@ class _Mirror:
 
 class NgramSource:
     name = "ngram"
+    computed_rows = 0  # a lookup: no forward
 
     def __init__(self, max_n: int = 4, min_n: int = 1, window: int = 4096):
         self.max_n, self.min_n, self.window = max_n, min_n, window

@@ -31,7 +31,7 @@ class StepTrace:
     stages: list[list[tuple[str, int, int]]]  # per stage: (request, node, token) computed
     new_tokens: dict[str, list[int]]
     pruned: int
-    draft_rows: list[int] = field(default_factory=list)  # rows of each draft forward before this step
+    draft_rows: list[int] = field(default_factory=list)  # rows each draft forward before this step computed
 
 
 class InProcessPipeline:
@@ -85,7 +85,7 @@ class InProcessPipeline:
         while self.draft is not None and (jobs := self.scheduler.expansion_jobs()):
             for request_id, node_id, proposals in self.draft.expand(jobs):
                 self.scheduler.add_proposals(request_id, node_id, proposals)
-            rows.append(sum(len(j.nodes) for j in jobs))
+            rows.append(self.draft.computed_rows)
         return rows
 
     def _fail(self, result: StepResult) -> None:

@@ -42,6 +42,8 @@ class SpeculativeSource(Protocol):
     (a source may propose nothing, and speculation then simply pauses)."""
 
     name: str
+    computed_rows: int  # rows its last expand computed: the nodes and what it caught up on (a prompt, a bonus
+    # token); what a modeled clock charges the draft for (0: a lookup computes nothing)
 
     def add_request(self, request_id: str, prompt: list[int], capacity: int) -> None: ...
 

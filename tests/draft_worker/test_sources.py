@@ -67,6 +67,10 @@ class Recorder:
         self.nodes: dict[int, tuple[int, int]] = {}  # speculative node -> (parent, token)
         self.seen: list[tuple[list[int], list[tuple[int, float]]]] = []
 
+    @property
+    def computed_rows(self) -> int:
+        return self.source.computed_rows
+
     def add_request(self, request_id, prompt, capacity) -> None:
         self.source.add_request(request_id, prompt, capacity)
 
@@ -112,3 +116,14 @@ def test_draft_cache_gives_the_proposals_of_recomputing_from_scratch(tiny_dir, p
         job = ExpansionJob(rid, path, [NodeRef(0, -1, path[-1], len(path) - 1, True)], top_k=len(proposals))
         assert fresh.expand([job]) == [(rid, 0, proposals)], f"proposal {3 * i} differs from recomputing its path"
         fresh.apply([PipelineEvent(rid, "finish")])
+
+
+def test_the_executor_records_the_rows_the_draft_computed(tiny_dir) -> None:
+    """A modeled clock charges the draft for what it computed: its first forward catches up on the prompt (and the
+    first token), not only the node it was asked to expand; a lookup computes nothing."""
+    pipe = pipeline(tiny_dir, "specpipe", 2, draft=str(tiny_dir), width=2)
+    pipe.trace_enabled = True
+    generate(pipe, TINY_PROMPT, 8)
+    first = next(t.draft_rows for t in pipe.trace if t.draft_rows)
+    assert first[0] == len(TINY_PROMPT) + 1  # the prompt and the first token, fed as committed rows
+    assert NgramSource().computed_rows == 0
