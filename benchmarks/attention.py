@@ -155,7 +155,8 @@ def perplexity(segments: int, segment_len: int, block_rows: int) -> dict:
         raise SpecPipeError(f"the prompt sets hold {len(tokens)} tokens, fewer than {segments} x {segment_len}")
     weights = load_stage_weights(model_dir, arch, 0, arch.num_layers)
     configs = {"exact": AttentionConfig()} | {
-        f"distr_g{G}": AttentionConfig("distr", group_size=G, block_rows=block_rows) for G in GROUPS if G > 1
+        f"distr_g{G}": AttentionConfig("distr", group_size=G, block_rows=block_rows, layers="all")  # every layer
+        for G in GROUPS if G > 1
     }
     nll = {name: 0.0 for name in configs}
     secs: dict[str, list[float]] = {name: [] for name in configs}

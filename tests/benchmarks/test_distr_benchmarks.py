@@ -16,6 +16,8 @@ SETTINGS = {
                    AttentionConfig("distr", group_size=4, fuse="sum_one", layout="adjacent", bucket="binary",
                                    block_rows=64)),
     "layer list goes on": ("G=2,layers=0,3-5", AttentionConfig("distr", group_size=2, layers="0,3-5")),
+    "layers from the end": ("G=2,layers=end-4-end-2,end-1",
+                            AttentionConfig("distr", group_size=2, layers="end-4-end-2,end-1")),
 }
 
 
