@@ -17,6 +17,7 @@ import torch
 
 from shared.compute.distr_attention import distr_attention, distr_attention_reference
 from shared.compute.distr_groups import column_groups, fuse_keys, fuse_queries
+from shared.compute.distr_sdpa import distr_attention_sdpa
 from shared.compute.runner import RequestInfo, StageRunner, load_stage
 from shared.compute.weights import load_stage_weights
 from shared.model_store import load_tokenizer
@@ -26,7 +27,7 @@ from shared.types.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]
 TOL = 1e-5
-KERNELS = {"tiled": distr_attention, "reference": distr_attention_reference}
+KERNELS = {"tiled": distr_attention, "reference": distr_attention_reference, "spread-sdpa": distr_attention_sdpa}
 
 
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
@@ -135,6 +136,29 @@ def test_cpu_path_equals_reference(tile) -> None:
     fast = distr_attention(q, k, v, cfg, causal=causal, q_offset=q_offset, sub_rows=sub_rows)
     reference = distr_attention_reference(q, k, v, cfg, causal=causal, q_offset=q_offset)
     assert (fast - reference).abs().max().item() < TOL
+
+
+SPREAD_CASES = {  # n, h, g, d, q_offset, causal, group_size, block_rows, fuse, layout
+    "mha first chunk (is_causal)": (100, 4, 4, 32, 0, True, 2, 32, "mean_sum", "strided"),
+    "gqa first chunk (enable_gqa)": (100, 6, 2, 32, 0, True, 4, 32, "sum_one", "strided"),
+    "chunk after a prefix (mask)": (80, 6, 2, 64, 45, True, 2, 32, "mean_sum", "adjacent"),
+    "sum_one after a prefix": (70, 4, 2, 16, 3, True, 4, 32, "sum_one", "adjacent"),
+    "non-causal": (64, 4, 2, 32, 0, False, 2, 16, "mean_sum", "strided"),
+    "ragged last block": (300, 4, 4, 64, 0, True, 2, 128, "mean_sum", "strided"),
+    "G=8": (96, 2, 1, 64, 0, True, 8, 32, "sum_one", "strided"),
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("case", list(SPREAD_CASES), ids=list(SPREAD_CASES))
+def test_spread_sdpa_path_equals_reference(case) -> None:
+    """Q̃·Kᵀ = Q'·K'ᵀ: SDPA on the spread queries is DistrAttention, within fp32 rounding of the reference."""
+    n, h, g, d, q_offset, causal, group_size, block_rows, fuse, layout = SPREAD_CASES[case]
+    q, k, v = random_qkv(n, h, g, d, q_offset, seed=n)
+    cfg = AttentionConfig("distr", group_size=group_size, block_rows=block_rows, fuse=fuse, layout=layout)
+    spread = distr_attention_sdpa(q, k, v, cfg, causal=causal, q_offset=q_offset)
+    reference = distr_attention_reference(q, k, v, cfg, causal=causal, q_offset=q_offset)
+    assert (spread - reference).abs().max().item() < TOL
 
 
 # ---- fused columns: when each representative is exact -------------------------------------------
