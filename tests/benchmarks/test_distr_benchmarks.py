@@ -42,15 +42,18 @@ def test_bad_setting_is_refused(case) -> None:
 def test_speed_table_splits_distr_time_into_its_parts() -> None:
     """A small real measurement: every method timed, and the matmul share is what is left of distr's time."""
     row = distr_speed.measure(512, 32, 2, reps=1, math_max_len=512)
-    assert set(row["ms"]) == {"sdpa", "sdpa_fused_qk", "distr_g1", "distr_g2", "distr_g4", "groups_g2", "fuse_g2",
-                              "groups_g4", "fuse_g4"}
+    assert set(row["ms"]) == {"sdpa", "sdpa_fused_qk", "sdpa_vsplit", "distr_g1", "distr_g2", "distr_g4",
+                              "spread_sdpa_g2", "spread_sdpa_g4", "groups_g2", "fuse_g2", "spread_g2", "groups_g4",
+                              "fuse_g4", "spread_g4"}
     args = type("Args", (), {"threads": 1, "reps": 1})()
     machine = {"cpu": "cpu", "cores": 2, "torch": "t", "load_avg_start": 0.0}
     table = distr_speed.markdown([row], args, machine, 0.0).splitlines()
-    cells = [c.strip() for c in table[-1].strip("|").split("|")]
+    times = [c.strip() for c in table[4].strip("|").split("|")]
     ms = row["ms"]
-    assert cells[:3] == ["512", "2", "32"]
-    assert cells[12] == f"{ms['distr_g2'] - ms['groups_g2'] - ms['fuse_g2']:.0f}"
+    assert times[:3] == ["512", "2", "32"] and times[11:13] == ["—", "—"]  # flex not asked for
+    assert times[13] == f"{ms['distr_g2'] / ms['sdpa']:.2f}x"
+    parts = [c.strip() for c in table[-1].strip("|").split("|")]
+    assert parts[4] == f"{ms['distr_g2'] - ms['groups_g2'] - ms['fuse_g2']:.0f}"
 
 
 @pytest.mark.unit
