@@ -24,6 +24,7 @@ def flex_timers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: i
     """Callables for flex_full and flex_narrow (compiled on their first call). q, k, v: [L, h, d] (MHA)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    torch._dynamo.reset()  # each (L, d) compiles afresh: no recompile limit across a sweep
     compiled = torch.compile(flex_attention, dynamic=False)
     length, d = q.shape[0], q.shape[-1]
     q4, k4, v4 = (x.transpose(0, 1)[None].contiguous() for x in (q, k, v))  # [1, h, L, d]
