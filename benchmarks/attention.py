@@ -47,9 +47,9 @@ RUNNER_EXACT_MAX = 4096  # the per-row exact path reads all of K/V once per quer
 BLOCK_ROWS = (32, 64, 128, 256)
 
 
-def median_ms(fns: dict, reps: int, warmup: bool = False) -> dict[str, float]:
-    """Median wall time of each callable in ms (after one untimed call each if `warmup`); one call of each per
-    round, so load drift hits all alike."""
+def round_ms(fns: dict, reps: int, warmup: bool = False) -> dict[str, list[float]]:
+    """Wall time of each callable in ms, one call of each per round for `reps` rounds (after one untimed call each
+    if `warmup`), so load drift hits all alike and times of one round can be compared."""
     for fn in fns.values() if warmup else ():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -58,7 +58,12 @@ def median_ms(fns: dict, reps: int, warmup: bool = False) -> dict[str, float]:
             start = time.perf_counter()
             fn()
             times[name].append(1000 * (time.perf_counter() - start))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def median_ms(fns: dict, reps: int, warmup: bool = False) -> dict[str, float]:
+    """Median wall time of each callable in ms over round_ms's rounds."""
+    return {name: statistics.median(t) for name, t in round_ms(fns, reps, warmup).items()}
 
 
 def _qkv(length: int, heads: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -26,11 +26,12 @@ Prints two markdown tables (times and ratios, then distr's parts); the machine's
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.attention import median_ms
+from benchmarks.attention import round_ms
 from benchmarks.distr_flex import flex_timers
 from benchmarks.provenance import load_average, machine_fields
 from shared.compute.distr_attention import distr_attention
@@ -88,14 +89,16 @@ def measure(length: int, d: int, heads: int, reps: int, math_max_len: int, flex:
         fns[f"spread_g{G}"] = lambda c=c, g=g: spread_queries(q, g, c.block_rows, c.fuse)
     if flex:
         fns |= flex_timers(q, k, v, group_size=2)
-    return {"length": length, "d": d, "heads": heads, "ms": median_ms(fns, reps, warmup=True)}
+    times = round_ms(fns, reps, warmup=True)
+    return {"length": length, "d": d, "heads": heads, "ms": {name: statistics.median(t) for name, t in times.items()},
+            "x": {name: statistics.median(a / b for a, b in zip(t, times["sdpa"])) for name, t in times.items()}}
 
 
-def _cell(ms: dict, name: str, base: str | None = None) -> str:
-    """A time in ms, or a ratio to `base`; "—" where it was not timed."""
-    if name not in ms:
+def _cell(values: dict, name: str, ratio: bool = False) -> str:
+    """A time in ms, or a ratio; "—" where it was not timed."""
+    if name not in values:
         return "—"
-    return f"{ms[name] / ms[base]:.2f}x" if base else f"{ms[name]:.0f}"
+    return f"{values[name]:.2f}x" if ratio else f"{values[name]:.0f}"
 
 
 TIMES = [("SDPA", "sdpa"), ("SDPA fused Q,K (math)", "sdpa_fused_qk"), ("SDPA fused Q,K, V split", "sdpa_vsplit"),
@@ -111,13 +114,14 @@ def markdown(rows: list[dict], args: argparse.Namespace, machine: dict, load_end
     lines = [
         (f"`python -m benchmarks.distr_speed --threads {args.threads}{flag}` on {machine['cpu']}, {machine['cores']} "
          f"cores, torch {machine['torch']}, {args.threads} thread(s), fp32, causal, MHA; median of {args.reps}; load "
-         f"average {machine['load_avg_start']:.1f} at the start, {load_end:.1f} at the end. Times in ms; x = / SDPA."),
+         f"average {machine['load_avg_start']:.1f} at the start, {load_end:.1f} at the end. Times in ms (median); "
+         f"x = the median over rounds of time / SDPA's time in the same round."),
         "",
         "| L | h | d | " + " | ".join(head) + " |",
         "|" + "---|" * (3 + len(head)),
     ]
     for r in rows:
-        cells = [_cell(r["ms"], key) for _, key in TIMES] + [_cell(r["ms"], key, "sdpa") for key in RATIOS]
+        cells = [_cell(r["ms"], key) for _, key in TIMES] + [_cell(r["x"], key, ratio=True) for key in RATIOS]
         lines.append(f"| {r['length']} | {r['heads']} | {r['d']} | " + " | ".join(cells) + " |")
     lines += ["", ("Where distr's time goes (ms): the matmul path's hash, K' and Q' fusion, and the rest; "
                    "the spread path's Q̃."), "",
