@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import distr_gpu, distr_speed
+from benchmarks import distr_forms, distr_gpu, distr_speed
 from benchmarks.distr_accuracy import parse_setting
 from shared.types.config import AttentionConfig
 from shared.types.errors import ConfigError
@@ -62,3 +62,13 @@ def test_gpu_table_names_what_the_budget_left_out() -> None:
     text = distr_gpu.markdown([{"length": 4096, "d": 64, "heads": 16, "ms": ms}], {64: {"distr G=2 mean_sum": 1e-3}},
                               ["L=32768 d=128"], "GPU")
     assert "| 4096 | 16 | 64 | 2.00 | 2.00 (1.00x) |" in text and "Left out (budget spent): L=32768 d=128" in text
+
+
+@pytest.mark.unit
+def test_forms_table_has_a_first_chunk_and_a_prefix_row_per_model() -> None:
+    rows = [distr_forms.measure(model, 256, chunk, reps=1) for chunk in (256, 128) for model in distr_forms.SHAPES]
+    assert all(set(r["x"]) == {"sdpa", "spread_g2", "matmul_g2", "spread_g4", "matmul_g4"} for r in rows)
+    args = type("Args", (), {"length": 256, "prefix_chunk": 128, "threads": 1, "reps": 1})()
+    machine = {"cpu": "cpu", "cores": 2, "torch": "t", "load_avg_start": 0.0}
+    table = distr_forms.markdown(rows, args, machine, 0.0).splitlines()
+    assert [line.split("|")[2:4] for line in table[-4:]] == [[" 256 ", " 256 "]] * 2 + [[" 128 ", " 256 "]] * 2
