@@ -47,9 +47,9 @@ RUNNER_EXACT_MAX = 4096  # the per-row exact path reads all of K/V once per quer
 BLOCK_ROWS = (32, 64, 128, 256)
 
 
-def median_ms(fns: dict, reps: int, warmup: bool = False) -> dict[str, float]:
-    """Median wall time of each callable in ms (after one untimed call each if `warmup`); one call of each per
-    round, so load drift hits all alike."""
+def round_ms(fns: dict, reps: int, warmup: bool = False) -> dict[str, list[float]]:
+    """Wall time of each callable in ms, one call of each per round for `reps` rounds (after one untimed call each
+    if `warmup`), so load drift hits all alike and times of one round can be compared."""
     for fn in fns.values() if warmup else ():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -58,7 +58,12 @@ def median_ms(fns: dict, reps: int, warmup: bool = False) -> dict[str, float]:
             start = time.perf_counter()
             fn()
             times[name].append(1000 * (time.perf_counter() - start))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def median_ms(fns: dict, reps: int, warmup: bool = False) -> dict[str, float]:
+    """Median wall time of each callable in ms over round_ms's rounds."""
+    return {name: statistics.median(t) for name, t in round_ms(fns, reps, warmup).items()}
 
 
 def _qkv(length: int, heads: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -155,7 +160,8 @@ def perplexity(segments: int, segment_len: int, block_rows: int) -> dict:
         raise SpecPipeError(f"the prompt sets hold {len(tokens)} tokens, fewer than {segments} x {segment_len}")
     weights = load_stage_weights(model_dir, arch, 0, arch.num_layers)
     configs = {"exact": AttentionConfig()} | {
-        f"distr_g{G}": AttentionConfig("distr", group_size=G, block_rows=block_rows) for G in GROUPS if G > 1
+        f"distr_g{G}": AttentionConfig("distr", group_size=G, block_rows=block_rows, layers="all")  # every layer
+        for G in GROUPS if G > 1
     }
     nll = {name: 0.0 for name in configs}
     secs: dict[str, list[float]] = {name: [] for name in configs}

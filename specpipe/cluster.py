@@ -86,7 +86,9 @@ class ClusterConfig:
 
     def attention_args(self) -> list[str]:
         a = self.attention
-        return ["--attention", a.kind, "--group-size", str(a.group_size), "--block-rows", str(a.block_rows)]
+        return ["--attention", a.kind, "--group-size", str(a.group_size), "--block-rows", str(a.block_rows),
+                "--distr-layers", a.layers, "--distr-layout", a.layout, "--distr-fuse", a.fuse,
+                "--distr-bucket", a.bucket]
 
     @property
     def draft_workers(self) -> int:

@@ -71,6 +71,7 @@ class StageRunner:
         self.arch = arch
         self.weights = weights
         self.attention = attention
+        self.distr_layers = attention.distr_layers(arch.num_layers)  # counted over the whole model
         self.dtype = weights.layers[0].qkv.dtype
         self.device = weights.layers[0].qkv.device  # the weights say where everything else lives
         self.lin = rowwise_linear  # numerics exact: one product per generated row (prompt rows: _exact_gemm)
@@ -290,7 +291,7 @@ class StageRunner:
         """DistrAttention only in the config's layers, for prefill chunks of at least one query block; all else
         stays exact. layer: this stage's own index."""
         cfg = self.attention
-        return (cfg.uses_distr(self.weights.start + layer) and plan.prefill_start is not None
+        return (self.weights.start + layer in self.distr_layers and plan.prefill_start is not None
                 and len(plan.rows) >= cfg.block_rows)
 
     def _output(self, batch: MicroBatch, x: torch.Tensor) -> StageOutput:

@@ -1,5 +1,6 @@
 """One device per compute process: the --device and --dtype flags of the stage and draft workers, what
-`specpipe up` passes them (and which GPU a bare cuda means for each), and the compose file's GPU services."""
+`specpipe up` passes them (and which GPU a bare cuda means for each), and the compose file's GPU services.
+Also the attention settings `specpipe up` passes its stages."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import yaml
 
 import draft_worker.__main__ as draft_main
 import stage_worker.__main__ as stage_main
-from shared.service_args import compute_device, compute_dtype
+from shared.service_args import attention_config, compute_device, compute_dtype
+from shared.types.config import AttentionConfig
 from shared.types.errors import ConfigError
 from specpipe.cluster import ClusterConfig, children, commands
 
@@ -38,6 +40,15 @@ def test_up_passes_device_and_dtypes_through() -> None:
     for name, args in _compute(commands(cfg)):
         assert args.device == "cuda"
         assert args.dtype == ("bfloat16" if name.startswith("draft-") else "float16")
+
+
+@pytest.mark.parametrize("attention", [AttentionConfig(), AttentionConfig("distr", group_size=4, block_rows=64,
+                                        layers="0,end-3-", layout="adjacent", fuse="sum_one", bucket="binary")],
+                         ids=["default", "every-flag"])
+def test_up_passes_every_attention_setting_to_the_stages(attention) -> None:
+    stages = [args for name, args in _compute(commands(ClusterConfig(stages=2, attention=attention)))
+              if name.startswith("stage-")]
+    assert len(stages) == 2 and all(attention_config(args) == attention for args in stages)
 
 
 def test_a_bare_cuda_means_the_stages_gpu_and_the_drafts_after_them() -> None:

@@ -17,6 +17,7 @@ import torch
 
 from shared.compute.distr_attention import distr_attention, distr_attention_reference
 from shared.compute.distr_groups import column_groups, fuse_keys, fuse_queries
+from shared.compute.distr_sdpa import distr_attention_sdpa
 from shared.compute.runner import RequestInfo, StageRunner, load_stage
 from shared.compute.weights import load_stage_weights
 from shared.model_store import load_tokenizer
@@ -26,7 +27,7 @@ from shared.types.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]
 TOL = 1e-5
-KERNELS = {"tiled": distr_attention, "reference": distr_attention_reference}
+KERNELS = {"tiled": distr_attention, "reference": distr_attention_reference, "spread-sdpa": distr_attention_sdpa}
 
 
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
@@ -137,6 +138,29 @@ def test_cpu_path_equals_reference(tile) -> None:
     assert (fast - reference).abs().max().item() < TOL
 
 
+SPREAD_CASES = {  # n, h, g, d, q_offset, causal, group_size, block_rows, fuse, layout
+    "mha first chunk (is_causal)": (100, 4, 4, 32, 0, True, 2, 32, "mean_sum", "strided"),
+    "gqa first chunk (enable_gqa)": (100, 6, 2, 32, 0, True, 4, 32, "sum_one", "strided"),
+    "chunk after a prefix (mask)": (80, 6, 2, 64, 45, True, 2, 32, "mean_sum", "adjacent"),
+    "sum_one after a prefix": (70, 4, 2, 16, 3, True, 4, 32, "sum_one", "adjacent"),
+    "non-causal": (64, 4, 2, 32, 0, False, 2, 16, "mean_sum", "strided"),
+    "ragged last block": (300, 4, 4, 64, 0, True, 2, 128, "mean_sum", "strided"),
+    "G=8": (96, 2, 1, 64, 0, True, 8, 32, "sum_one", "strided"),
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("case", list(SPREAD_CASES), ids=list(SPREAD_CASES))
+def test_spread_sdpa_path_equals_reference(case) -> None:
+    """Q̃·Kᵀ = Q'·K'ᵀ: SDPA on the spread queries is DistrAttention, within fp32 rounding of the reference."""
+    n, h, g, d, q_offset, causal, group_size, block_rows, fuse, layout = SPREAD_CASES[case]
+    q, k, v = random_qkv(n, h, g, d, q_offset, seed=n)
+    cfg = AttentionConfig("distr", group_size=group_size, block_rows=block_rows, fuse=fuse, layout=layout)
+    spread = distr_attention_sdpa(q, k, v, cfg, causal=causal, q_offset=q_offset)
+    reference = distr_attention_reference(q, k, v, cfg, causal=causal, q_offset=q_offset)
+    assert (spread - reference).abs().max().item() < TOL
+
+
 # ---- fused columns: when each representative is exact -------------------------------------------
 
 
@@ -229,6 +253,10 @@ BAD_CONFIGS = {
     "layers-not-numbers": ({"layers": "first"}, "attention layers 'first'"),
     "layers-range-backwards": ({"layers": "5-3"}, "attention layers '5-3'"),
     "layers-empty-item": ({"layers": "1,,2"}, "attention layers '1,,2'"),
+    "layers-end-0": ({"layers": "end-0"}, "attention layers 'end-0'"),
+    "layers-end-range-backwards": ({"layers": "end-1-end-3"}, "attention layers 'end-1-end-3'"),
+    "layers-negative-index": ({"layers": "-2"}, "attention layers '-2'"),
+    "layers-end-without-k": ({"layers": "end"}, "attention layers 'end'"),
 }
 
 
@@ -246,6 +274,15 @@ LAYER_SPECS = {  # spec: the layers of a 12-layer model that use distr
     "list and ranges": ("0,4-5,9", [0, 4, 5, 9]),
     "from 8 to the end": ("8-", [8, 9, 10, 11]),
     "spaces allowed": ("1, 2", [1, 2]),
+    "last layer": ("end-1", [11]),
+    "second to last (the default)": (AttentionConfig.layers, [10]),
+    "the last three": ("end-3-", [9, 10, 11]),
+    "from the end to the end": ("end-4-end-2", [8, 9, 10]),
+    "index to from-end": ("7-end-3", [7, 8, 9]),
+    "from-end to index": ("end-3-10", [9, 10]),
+    "mixed list": ("0,end-1", [0, 11]),
+    "overlaps once": ("9-,end-2", [9, 10, 11]),
+    "first layer from the end": ("end-12", [0]),
 }
 
 
@@ -253,14 +290,31 @@ LAYER_SPECS = {  # spec: the layers of a 12-layer model that use distr
 @pytest.mark.parametrize("case", list(LAYER_SPECS), ids=list(LAYER_SPECS))
 def test_layer_spec_picks_the_layers(case) -> None:
     spec, layers = LAYER_SPECS[case]
-    assert [i for i in range(12) if AttentionConfig("distr", layers=spec).uses_distr(i)] == layers
-    assert not any(AttentionConfig("exact", layers=spec).uses_distr(i) for i in range(12))
+    assert sorted(AttentionConfig("distr", layers=spec).distr_layers(12)) == layers
+    assert AttentionConfig("exact", layers=spec).distr_layers(12) == frozenset()
+
+
+OUT_OF_MODEL = {  # spec that parses but names a layer a 12-layer model does not have
+    "index past the last": "12",
+    "open range past the last": "12-",
+    "from the end past the first": "end-13",
+    "range empty once resolved": "9-end-5",
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("case", list(OUT_OF_MODEL), ids=list(OUT_OF_MODEL))
+def test_layer_spec_outside_the_model_is_refused(case) -> None:
+    cfg = AttentionConfig("distr", layers=OUT_OF_MODEL[case])
+    with pytest.raises(ConfigError, match="outside 0-11"):
+        cfg.distr_layers(12)
 
 
 STAGE_WORKER_ERRORS = {
     "group-size-does-not-divide": (["--group-size", "3"], "group_size 3 does not divide the head dim 16"),
     "block-rows-negative": (["--block-rows", "-1"], "block_rows must be >= 1"),
     "layers-unparsable": (["--distr-layers", "last"], "attention layers 'last'"),
+    "layers-outside-the-model": (["--distr-layers", "end-9"], "attention layers 'end-9': names a layer outside 0-7"),
 }
 
 
@@ -302,7 +356,7 @@ TINY_PROMPT = torch.randint(3, 49000, (96,), generator=torch.Generator().manual_
 @pytest.mark.parametrize("chunk", [96, 40], ids=["one-chunk", "chunks-of-40"])
 def test_runner_distr_g1_matches_exact(tiny_dir, chunk) -> None:
     exact, distr = (_prefill_logits(r, TINY_PROMPT, chunk)
-                    for r in _runners(tiny_dir, AttentionConfig("distr", group_size=1, block_rows=16)))
+                    for r in _runners(tiny_dir, AttentionConfig("distr", group_size=1, block_rows=16, layers="all")))
     assert (distr - exact).abs().max().item() < 1e-4
     assert torch.equal(distr.argmax(-1), exact.argmax(-1))
 
@@ -310,7 +364,7 @@ def test_runner_distr_g1_matches_exact(tiny_dir, chunk) -> None:
 @pytest.mark.unit
 def test_runner_distr_path_is_taken_for_long_chunks_only(tiny_dir) -> None:
     """G = 4 changes a long prefill chunk; a chunk shorter than block_rows stays bit-identical to exact."""
-    cfg = AttentionConfig("distr", group_size=4, block_rows=16)
+    cfg = AttentionConfig("distr", group_size=4, block_rows=16, layers="all")
     exact, approx = (_prefill_logits(r, TINY_PROMPT, 96) for r in _runners(tiny_dir, cfg))
     assert not torch.allclose(approx, exact, atol=1e-3)
     exact, short = (_prefill_logits(r, TINY_PROMPT, 15) for r in _runners(tiny_dir, cfg))
@@ -320,7 +374,7 @@ def test_runner_distr_path_is_taken_for_long_chunks_only(tiny_dir) -> None:
 @pytest.mark.unit
 def test_runner_distr_chunk_same_beside_other_requests(tiny_dir) -> None:
     """A prefill chunk's rows interleaved with another request's in one micro-batch: the same numbers as alone."""
-    cfg = AttentionConfig("distr", group_size=4, block_rows=16)
+    cfg = AttentionConfig("distr", group_size=4, block_rows=16, layers="all")
     alone, mixed = _runners(tiny_dir, cfg, cfg)[1:]
     for runner, rids in ((alone, ["a"]), (mixed, ["a", "b"])):
         for rid in rids:
@@ -336,7 +390,7 @@ def test_runner_tree_rows_stay_exact(tiny_dir) -> None:
     """Speculative rows (a chain of 6 in-flight nodes, more than block_rows) never take the distr path."""
     prompt, chain = TINY_PROMPT[:10], TINY_PROMPT[10:16]
     outs = []
-    for runner in _runners(tiny_dir, AttentionConfig("distr", group_size=4, block_rows=4)):
+    for runner in _runners(tiny_dir, AttentionConfig("distr", group_size=4, block_rows=4, layers="all")):
         _prefill_logits(runner, prompt, 3)  # chunks shorter than block_rows: exact
         rows = [Row("r", i, i - 1, 10 + i, t, False, True) for i, t in enumerate(chain)]
         outs.append(runner.hidden(MicroBatch(99, rows)))
@@ -344,13 +398,15 @@ def test_runner_tree_rows_stay_exact(tiny_dir) -> None:
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("layers", ["5-", AttentionConfig.layers], ids=["5-", "default"])
 @pytest.mark.parametrize("stage", [(0, 1), (0, 2), (1, 2)], ids=["whole-model", "stage-0-of-2", "stage-1-of-2"])
-def test_runner_uses_distr_in_the_named_layers_only(tiny_dir, stage) -> None:
-    """layers counts the model's layers, not the stage's: on a stage that holds none of them the prefill is
-    bit-identical to exact; on one that holds some it is not."""
+def test_runner_uses_distr_in_the_named_layers_only(tiny_dir, stage, layers) -> None:
+    """layers counts the model's layers, not the stage's (end-k too: the default end-2 is layer 6 of 8 on the
+    last stage): on a stage that holds none of them the prefill is bit-identical to exact; on one that holds some
+    it is not."""
     rank, world = stage
     arch = ModelArch.from_model_dir(tiny_dir)
-    cfg = AttentionConfig("distr", group_size=4, block_rows=16, layers="5-")  # tiny-random: 8 layers; 2 stages: 4 + 4
+    cfg = AttentionConfig("distr", group_size=4, block_rows=16, layers=layers)  # tiny-random: 8 layers; 2 stages: 4 + 4
     outs = []
     for attention in (AttentionConfig(), cfg):
         runner = load_stage(tiny_dir, arch, rank, world, torch.float32, attention, split="even")
@@ -384,7 +440,7 @@ def test_smollm2_distr_g1_keeps_next_token(smollm2_dir) -> None:
         "into stages, and speculative decoding keeps every stage busy by sending draft tokens ahead."
     prompt = load_tokenizer(smollm2_dir).encode(text)
     exact, distr = (_prefill_logits(r, prompt, len(prompt))
-                    for r in _runners(smollm2_dir, AttentionConfig("distr", group_size=1, block_rows=16)))
+                    for r in _runners(smollm2_dir, AttentionConfig("distr", group_size=1, block_rows=16, layers="all")))
     assert len(prompt) >= 48
     # fp32 through 30 layers in another summation order: measured max |Δ| ~1e-5 on logits of scale ~20
     assert (distr - exact).abs().max().item() < 1e-3
