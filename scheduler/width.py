@@ -167,7 +167,6 @@ class WidthPlan:
     informed: bool = True  # made knowing some step's cost; if not, it is made again once one is known
     rows: int = 0  # rows per step it sends (speculating requests' widths, the others' roots): its cost's key
     refill: int = 1 << 30  # drafted levels a speculating request's refill carries (capped by its policy's)
-    drafted: int = 0  # frontier nodes the draft expands per step (the speculating requests' widths): the draft's key
 
     def width_of(self, request_id: str) -> int:
         return self.widths.get(request_id, self.default)
@@ -195,7 +194,7 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
         return math.ceil((len(candidates) - k) / stages)
 
     base = sum(c.gain(0, 0, stages) for c in candidates)
-    best, best_w, best_r, best_rows, best_drafted = {}, 0, 0, roots(0), 0
+    best, best_w, best_r, best_rows = {}, 0, 0, roots(0)
     best_rate = base / costs(best_rows)
     for r in range(max(c.max_refill for c in candidates) + 1):
         refill = refill_costs(r) if r else 0.0
@@ -211,7 +210,7 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
                 seconds = max(costs(drafted + roots(k)), draft_costs(drafted)) + (1 - no_miss) * refill
                 if (rate := tokens / seconds) >= best_rate:
                     best, best_w, best_r, best_rate = {x.request_id: widths[x.request_id] for x in ranked[:k]}, w, r, rate
-                    best_rows, best_drafted = drafted + roots(k), drafted
+                    best_rows = drafted + roots(k)
     informed = informed and (bool(draft_costs.points) or not best)  # a draft never measured: again once it is
     return WidthPlan({c.request_id: best.get(c.request_id, 0) for c in candidates}, best_w, step, informed,
-                     best_rows, best_r, best_drafted)
+                     best_rows, best_r)
