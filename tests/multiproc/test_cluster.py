@@ -32,9 +32,12 @@ DRAFT_WAITS = {"waits for the draft": ("1000", True), "never waits": ("0", False
 def test_services_speculate_with_a_draft_model(cluster_factory, tiny_dir, case) -> None:
     """A perfect draft (the target itself) on the real services: lossless either way, and when the scheduler
     waits for the level drafted while the stages computed the previous step, the drafts reach the pipe and
-    are accepted, so the request takes fewer pipeline steps than pp's (T - 1) * N."""
+    are accepted, so the request takes fewer pipeline steps than pp's (T - 1) * N. The width rule is the budget
+    rule, which always speculates: on tiny-random a step is a millisecond or two, the draft's round trip about as
+    long, and the cost rule may rightly find PP faster (tests/scheduler/test_width.py tests that choice)."""
     wait_ms, speculates = DRAFT_WAITS[case]
-    cluster = cluster_factory(policy="specpipe", draft=str(tiny_dir), extra=("--draft-wait-ms", wait_ms))
+    cluster = cluster_factory(policy="specpipe", draft=str(tiny_dir),
+                              extra=("--draft-wait-ms", wait_ms, "--width-rule", "budget"))
     prompt, n = [5, 17, 99, 3, 5, 17, 42, 7], 24
     submit(cluster.r, cluster.cfg, RequestMsg("solo", prompt, n))
     result = collect(cluster.r, cluster.cfg, "solo", timeout_s=120)
