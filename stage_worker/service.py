@@ -251,7 +251,7 @@ class StageService:
 
     def report_stats(self) -> None:
         """The stats snapshot (KV use against the run's budget), when due; off the beat."""
-        if self.run_ is not None:
+        if self.run_ is not None and self.telemetry.is_due():
             self.telemetry.stats(self.runner.kv_use(self.run_.kv_slots))
 
     def flush_timings(self) -> None:

@@ -26,10 +26,11 @@ class StageTelemetry:
         self.r, self.key, self.rank, self.interval_s = r, cfg.stage_stats(stage_name(rank)), rank, interval_s
         self.due = 0.0
 
+    def is_due(self) -> bool:
+        """Whether the snapshot should be rewritten now (a time check: the caller measures only then)."""
+        return time.monotonic() >= self.due
+
     def stats(self, use: KVUse) -> None:
-        """Rewrite the snapshot when it is due (a time check otherwise)."""
-        now = time.monotonic()
-        if now < self.due:
-            return
-        self.due = now + self.interval_s
+        """Rewrite the snapshot; the next is due `interval_s` later."""
+        self.due = time.monotonic() + self.interval_s
         self.r.set(self.key, stats_message(self.rank, use, time.time()).encode(), ex=SNAPSHOT_TTL_S)
