@@ -124,7 +124,7 @@ class Scheduler:
         self._batch_members: dict[int, set[str]] = {}
         self.retired = RequestStats()  # counts of the requests that have left
         self.costs = StepCosts()  # the pipe's seconds per step (the draft's wait left out) by rows (observe_step)
-        self.draft_costs = StepCosts(unknown=0.0, flat_below=True)  # a level's drafting, by frontier nodes expanded
+        self.draft_costs = StepCosts.draft()  # a level's drafting, by frontier nodes expanded
         self.refill_costs = StepCosts(unknown=0.0)  # extra seconds of a step whose batch carried a refill, by levels
         self._refill_sent = 0  # drafted levels of the deepest refill in the batch just scheduled
         self._drafting = 0  # the most nodes one round of expansion jobs asked since the last schedule()

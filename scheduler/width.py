@@ -99,6 +99,11 @@ class StepCosts:
     flat_below: bool = False  # narrower than measured: as dear as the narrowest (a forward's fixed cost, as a draft's)
     _fit: tuple[list[tuple[float, float]], float, float] | None = None  # sorted points and their line, cached
 
+    @classmethod
+    def draft(cls) -> StepCosts:
+        """A draft's seconds per level: unknown, it keeps up (0); narrower, no cheaper (a forward's fixed cost)."""
+        return cls(unknown=0.0, flat_below=True)
+
     @staticmethod
     def bucket(rows: int) -> int:
         return max(0, math.ceil(math.log2(max(rows, 1))))
@@ -183,7 +188,7 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
     draft_costs(those nodes); plus refill_costs(r) (the refill's sequential drafting, where the pipe waits for it)
     when a speculating request misses in it. A draft never measured is assumed to keep up (optimistically, so
     that a plan tries it and learns)."""
-    draft_costs = draft_costs or StepCosts(unknown=0.0, flat_below=True)
+    draft_costs = draft_costs or StepCosts.draft()
     informed = bool(costs.points)  # a step's cost is known (else the plan is made again once it is)
     if not candidates:
         return WidthPlan({}, 0, step, informed)

@@ -137,7 +137,7 @@ def test_plan_prices_the_draft_forward_at_every_width(case) -> None:
     """Steps cost 1 s at any rows; a speculating plan's step lasts at least one draft forward, whatever its width:
     a draft measured at one width prices every plan, and PP is never charged one."""
     seconds, requests, expected = DRAFTS[case]
-    draft = StepCosts(unknown=0.0, flat_below=True)
+    draft = StepCosts.draft()
     if seconds is not None:
         draft.observe(64, seconds)
     made = plan(_candidates([0.6] * requests), _costs(0.0), 8, draft_costs=draft)
