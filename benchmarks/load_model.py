@@ -40,6 +40,7 @@ class LoadModelConfig:
     seed: int = 0
     draft_dtype: str = "float32"
     width_rule: str = "cost"  # specpipe's (PolicyConfig.width_rule); "budget" is the rule before the cost plan
+    draft_waits: bool = True  # specpipe's (PolicyConfig.draft_waits); False: the draft runs beside, unwaited
 
 
 def _summary(run: ModeledRun) -> dict:
@@ -61,14 +62,14 @@ def run_point(cfg: LoadModelConfig, cost: CostModel, prompts: list[list[int]], p
     """One load point for one policy (cached as JSON)."""
     label = f"c{concurrency}" if concurrency else f"r{rate:.4g}"
     if policy == "pp":
-        cfg = replace(cfg, width_rule="cost")  # pp ignores the rule: one cached run serves both
+        cfg = replace(cfg, width_rule="cost", draft_waits=True)  # pp ignores both: one cached run serves all
     point_cfg = replace(cfg, concurrency=(), rate_fractions=(), runs_dir=Path())  # not the other points, not where
     path = cfg.runs_dir / f"load-{policy}-N{cfg.stages}-{label}-{digest(point_cfg, prompts, cost.provenance)}.json"
     if path.exists():
         return json.loads(path.read_text())
     sim = SimulationConfig(cfg.model, cfg.draft,
                            PolicyConfig(policy, cfg.stages, cfg.width, refill_depth=cfg.refill_depth,
-                                        width_rule=cfg.width_rule),
+                                        width_rule=cfg.width_rule, draft_waits=cfg.draft_waits),
                            EngineConfig(max_new_tokens=cfg.max_new_tokens, draft_dtype=cfg.draft_dtype))
     if cfg.draft == "ngram":
         cost = replace(cost, draft=None)  # a lookup, not a forward: drafting costs no step time
@@ -164,11 +165,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="a folder of prompt files (*.jsonl)")
     p.add_argument("--prompts-per-file", type=int, default=1)
     p.add_argument("--rules", default="cost,budget", help="specpipe's width rules to run")
+    p.add_argument("--draft-beside", action="store_true",
+                   help="specpipe never waits for the draft: it runs beside the pipe, a level enters once drafted")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/load-model"))
     a = p.parse_args(argv)
     cfg = LoadModelConfig(a.model, a.draft, a.stages, a.width, a.refill_depth, a.tokens, a.requests,
                           tuple(int(c) for c in a.concurrency.split(",")),
-                          tuple(float(r) for r in a.rates.split(",") if r), a.out / "runs", draft_dtype=a.draft_dtype)
+                          tuple(float(r) for r in a.rates.split(",") if r), a.out / "runs", draft_dtype=a.draft_dtype,
+                          draft_waits=not a.draft_beside)
     prompts = [ids for w in workloads_of(a.model, sorted(a.prompts.glob("*.jsonl")), a.prompts_per_file)
                for _, ids in w.prompts]
     rows = width_rules(cfg, CostModel.load(a.costs), prompts, tuple(a.rules.split(",")))

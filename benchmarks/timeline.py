@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from benchmarks.costmodel import CostModel
 from scheduler.scheduler import Phase, Request
 from shared.types.config import split_layers
-from specpipe.executor import InProcessPipeline
+from specpipe.executor import DraftLane, InProcessPipeline
 
 
 @dataclass
@@ -68,8 +68,11 @@ class StepClock:
         if last > 0:
             pipe += self.cost.transfer(max(rec.rows))
         context = max(rec.lengths)
-        draft = sum(self.cost.draft.forward(m, context) for m in rec.draft_rows) if self.cost.draft else 0.0
-        return pipe, draft
+        return pipe, sum(self.draft_forward(m, context) for m in rec.draft_rows)
+
+    def draft_forward(self, rows: int, context: float) -> float:
+        """One draft forward's seconds (0: a lookup, no draft model)."""
+        return self.cost.draft.forward(rows, context) if self.cost.draft else 0.0
 
     def duration(self, rec: StepRecord) -> tuple[float, bool]:
         """(seconds, draft-bound?) of one step."""
@@ -134,15 +137,20 @@ def run_modeled(pipe: InProcessPipeline, clock: StepClock | None, requests: list
                 max_steps: int = 1_000_000) -> ModeledRun:
     """Serve `requests` at `arrivals` (open loop) or `concurrency` at a time (closed loop).
 
-    With clock=None every step counts zero seconds (only the step records matter).
+    With clock=None every step counts zero seconds (only the step records matter). A policy whose pipe never
+    waits for the draft (PolicyConfig.draft_waits=False) gets the draft beside it on this clock (DraftLane).
     """
     pipe.trace_enabled = True
+    if clock and not pipe.scheduler.policy.draft_waits:
+        pipe.lane = DraftLane(clock.draft_forward, pipe.scheduler.observe_draft)
     pending = list(zip(arrivals or [0.0] * len(requests), requests))
     times: dict[str, RequestTimes] = {}
     outputs: dict[str, list[int]] = {}
     records: list[StepRecord] = []
     now, draft_bound = 0.0, 0
     for _ in range(max_steps):
+        if pipe.lane is not None:
+            pipe.lane.now = now  # what it drafts from here (a prompt admitted, the level sent) starts now
         live = sum(1 for s in pipe.scheduler.requests.values() if s.phase is not Phase.DONE)
         while pending and (pending[0][0] <= now if concurrency is None else live < concurrency):
             at, request = pending.pop(0)
@@ -162,6 +170,8 @@ def run_modeled(pipe: InProcessPipeline, clock: StepClock | None, requests: list
             pipe_s, draft_s = clock.parts(records[-1])
             seconds, bound = clock.combine(pipe_s, draft_s)
             pipe.scheduler.observe_step(seconds, seconds - pipe_s if bound else 0.0)
+            if pipe.lane is not None and pipe.lane.pending and not any(records[-1].rows):
+                seconds = max(seconds, pipe.lane.pending[0][0] - now)  # nothing in the pipe: it idles for the draft
         now, draft_bound = now + seconds, draft_bound + bound
         for rid, tokens in result.new_tokens.items():
             times[rid].token_times += [now] * len(tokens)

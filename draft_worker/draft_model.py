@@ -32,6 +32,14 @@ class DraftModelSource:
         # recompute from scratch then give the same proposals); the draft never draws seeded targets
         self.runner.add_request(request_id, RequestInfo(0, SamplingParams()), capacity)
 
+    def prefill(self, request_id: str, prompt: list[int]) -> int:
+        """The prompt as committed rows now, so that the first expansion need not catch up on it."""
+        start = self.runner.kv[request_id].prefix_len
+        rows = _committed(request_id, prompt, start, len(prompt))
+        if rows:
+            self.runner.hidden(MicroBatch(-1, rows))  # [n, H], only its KV is kept
+        return len(rows)
+
     def expand(self, jobs: list[ExpansionJob]) -> list[tuple[str, int, Proposals]]:
         rows, asked, top_k = [], [], {}
         for job in jobs:
@@ -56,9 +64,13 @@ class DraftModelSource:
             return [Row(rid, ref.node_id, ref.parent_id, ref.position, ref.token, False, False)]
         cache = self.runner.kv[rid]
         cache.accepted.clear()  # anything accepted but never computed here is now fed below
-        start = cache.prefix_len
-        catch_up = [Row(rid, -(p + 2), -(p + 1), p, job.text[p], True, False) for p in range(start, ref.position)]
-        return catch_up + [Row(rid, ref.node_id, ref.parent_id, ref.position, ref.token, True, False)]
+        node = Row(rid, ref.node_id, ref.parent_id, ref.position, ref.token, True, False)
+        return [*_committed(rid, job.text, cache.prefix_len, ref.position), node]
 
     def apply(self, events: list[PipelineEvent]) -> None:
         self.runner.apply(events)
+
+
+def _committed(request_id: str, text: list[int], start: int, end: int) -> list[Row]:
+    """text[start:end] as committed rows (numbered as the stages number a prompt's rows)."""
+    return [Row(request_id, -(p + 2), -(p + 1), p, text[p], True, False) for p in range(start, end)]

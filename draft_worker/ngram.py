@@ -43,6 +43,9 @@ class NgramSource:
     def add_request(self, request_id: str, prompt: list[int], capacity: int) -> None:
         self.mirrors[request_id] = _Mirror()
 
+    def prefill(self, request_id: str, prompt: list[int]) -> int:
+        return 0  # the lookup reads the text when asked
+
     def expand(self, jobs: list[ExpansionJob]) -> list[tuple[str, int, Proposals]]:
         out = []
         for job in jobs:

@@ -134,24 +134,30 @@ class DraftService:
             refs = [ref for ref in job.nodes if ref.node_id not in pruned]  # [NodeRef]
             if refs and self._known(job):
                 batch.append(ExpansionJob(job.request_id, job.text, refs, job.top_k))
-        start = time.monotonic()
+        start, forward = time.monotonic(), (0, 0.0)
         try:
-            proposals += self.source.expand(batch) if batch else []
-            rows = sum(len(job.nodes) for job in batch)
-            self.timings += [f"{start:.6f}:{time.monotonic() - start:.6f}:{rows}"] if rows else []
+            drafted = self.source.expand(batch) if batch else []
+            nodes, seconds = sum(len(job.nodes) for job in batch), time.monotonic() - start
+            self.timings += [f"{start:.6f}:{seconds:.6f}:{nodes}"] if nodes else []
+            if nodes and self.source.computed_rows <= 2 * nodes:  # a prompt's catch-up is not a level's pace
+                forward = (nodes, seconds)
+            proposals += drafted
         except (SpecPipeError, IndexError, KeyError):
             for job in batch:
                 proposals += self._expand_alone(job)
-        self._reply(proposals)
+        self._reply(proposals, forward)
 
-    def _reply(self, proposals: list) -> None:
-        """Every answer to the scheduler of the run followed (its inbox looked up once per run)."""
+    def _reply(self, proposals: list, forward: tuple[int, float] = (0, 0.0)) -> None:
+        """Every answer to the scheduler of the run followed (its inbox looked up once per run); the first one
+        carries the forward's (frontier nodes, seconds)."""
         if self.reply_run != self.at[0]:
             run = current_run(self.r, self.cfg.redis)
             self.scheduler.connect([run.control] if run is not None and run.control else [])
             self.reply_run = self.at[0]
-        for rid, node_id, props in proposals:
-            self.scheduler.send(ProposalsMsg(rid, node_id, [t for t, _ in props], [float(lp) for _, lp in props]))
+        for i, (rid, node_id, props) in enumerate(proposals):
+            nodes, seconds = forward if i == 0 else (0, 0.0)
+            self.scheduler.send(ProposalsMsg(rid, node_id, [t for t, _ in props], [float(lp) for _, lp in props],
+                                             nodes, seconds))
 
     def _known(self, job: ExpansionJobMsg) -> bool:
         """Register the job's request with the source on its first job; False (and reset) when that fails."""

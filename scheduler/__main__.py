@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from scheduler.admission import AdmissionConfig
 from scheduler.scheduler import Scheduler
@@ -31,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--kv-slots", type=int, default=1 << 16)
     p.add_argument("--draft-wait-ms", type=float, default=1000.0,
-                   help="wait up to this long for the draft's proposals before each step (0: never wait)")
+                   help="wait up to this long for the draft's proposals before each step (0: never wait; a level "
+                        "enters once drafted, and the width plan prices the draft's pace instead)")
     p.add_argument("--trace-steps", action="store_true",
                    help="also write every StepMsg to the Redis `steps` stream, off the beat (tests, debugging)")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds (tests)")
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def serve() -> None:
         arch = ModelArch.from_model_dir(resolve_model(args.model))
-        scheduler = Scheduler(policy_config(args), engine_config(args), context_limit=arch.max_positions)
+        policy = replace(policy_config(args), draft_waits=args.draft_wait_ms > 0)  # 0: the draft runs beside
+        scheduler = Scheduler(policy, engine_config(args), context_limit=arch.max_positions)
         cfg = SchedulerServiceConfig(redis_config(args), args.stages, AdmissionConfig(args.max_queue, args.kv_slots),
                                      draft_wait_s=args.draft_wait_ms / 1000, control=control_config(args),
                                      trace_steps=args.trace_steps)

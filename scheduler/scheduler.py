@@ -185,12 +185,17 @@ class Scheduler:
             return
         key, drafted = max(self._planned_rows), self._drafted
         self.costs.observe(key, seconds - draft_wait)
-        if not drafted:
+        if not drafted or not self.policy.draft_waits:  # unwaited, the draft reports its forwards (observe_draft)
             return
         if self._refill_sent:
             self.refill_costs.observe(self._refill_sent, max(seconds - self._drafted_step(key, drafted), 0.0))
         elif draft_wait > PACED * seconds or self.draft_costs(drafted) > seconds:
             self.draft_costs.observe(drafted, seconds)
+
+    def observe_draft(self, nodes: int, seconds: float) -> None:
+        """One draft forward over `nodes` frontier nodes, timed where it ran (a draft beside the pipe, unwaited):
+        the width plan's draft pace."""
+        self.draft_costs.observe(nodes, seconds)
 
     def _drafted_step(self, rows: int, drafted: int) -> float:
         """Expected seconds of a step of `rows` rows while the draft expands `drafted` nodes."""
@@ -285,7 +290,8 @@ class Scheduler:
             top = self.effective_width(policy, decoding)
             alphas = tuple(state.stats.acceptance.alphas(top, prior))
             candidates.append(Candidate(state.request.request_id, top, alphas, policy.refill_levels))
-        return plan(candidates, self.costs, self.policy.stages, step, self.draft_costs, self.refill_costs)
+        return plan(candidates, self.costs, self.policy.stages, step, self.draft_costs, self.refill_costs,
+                    self.policy.draft_waits)
 
     def _decoding(self) -> int:
         return sum(1 for s in self.requests.values() if s.phase is Phase.DECODE)

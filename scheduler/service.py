@@ -71,7 +71,8 @@ class SchedulerServiceConfig:
     verify_timeout_s: float = 120.0
     # Before scheduling a step, wait up to this long for the proposals of the jobs published during the previous
     # step (the draft expands level t while the stages compute step t, so a draft about as fast as a step is
-    # ready in time). 0 never waits: a draft slower than a step then never gets a level into the pipe.
+    # ready in time). 0 never waits: the draft runs beside the pipe and a level enters once drafted (a draft
+    # slower than a step then streams a level every few steps; the width plan prices that pace, PolicyConfig).
     draft_wait_s: float = 1.0
     # A request the scheduler before this one took and never finished is queued again when it is younger than
     # this and none of its output went out; otherwise it is failed cleanly (its client is gone or has part of it).

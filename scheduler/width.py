@@ -27,6 +27,13 @@ a large draft) that wait costs more than the levels it saves, so the plan
 chooses R too (0 = the bonus token alone, the levels then stream), from the
 measured extra seconds of the steps that carried a refill of R levels.
 
+Where the pipe never waits for the draft (PolicyConfig.draft_waits=False: it
+runs beside, and a level enters once drafted), a step costs the pipe's time
+alone, and a draft forward longer than a step streams each speculating
+request's levels only every `pace` = draft / step steps:
+
+    steps  = N + pace * a / (1 - a)      (R = 0: nothing is drafted below a bonus token yet)
+
 Costs are learnt online (moving averages per power-of-two row count) from
 the steps the driver reports (StepCosts): the pipe's by rows from every step,
 the draft's by drafted rows from the steps it paced. Kept apart, one plan's
@@ -78,11 +85,12 @@ class Acceptance:
         return [(self.hits[k] + PRIOR_ALPHA ** (k + 1)) / (self.tried[k] + 1) for k in range(MAX_RANK)]
 
 
-def tokens_per_step(alpha: float, stages: int, refill: int) -> float:
-    """Expected tokens a streaming request yields per pipeline step (module docstring)."""
+def tokens_per_step(alpha: float, stages: int, refill: int, pace: float = 1.0) -> float:
+    """Expected tokens a streaming request yields per pipeline step (module docstring); `pace`: steps per
+    streamed level, where the draft runs beside the pipe unwaited and is slower than a step."""
     a = min(max(alpha, 0.0), MAX_ALPHA)
     tail = a ** (refill + 1) / (1 - a)
-    return ((1 - a ** (refill + 1)) / (1 - a) + tail) / (stages + tail)
+    return ((1 - a ** (refill + 1)) / (1 - a) + tail) / (stages + pace * tail)
 
 
 @dataclass
@@ -154,9 +162,11 @@ class Candidate:
     alphas: tuple[float, ...]  # P(accept a level) at widths 1..max_width
     max_refill: int  # its policy's refill depth
 
-    def gain(self, width: int, refill: int, stages: int) -> float:
-        """Tokens per step at this width (0: its root alone, as PP) and refill depth."""
-        return 1 / stages if width == 0 else tokens_per_step(self.alphas[width - 1], stages, min(refill, self.max_refill))
+    def gain(self, width: int, refill: int, stages: int, pace: float = 1.0) -> float:
+        """Tokens per step at this width (0: its root alone, as PP), refill depth and draft pace."""
+        if width == 0:
+            return 1 / stages
+        return tokens_per_step(self.alphas[width - 1], stages, min(refill, self.max_refill), pace)
 
     def miss_rate(self, width: int, refill: int, stages: int) -> float:
         """Misses per step when speculating (one per cycle of N + streamed steps, module docstring)."""
@@ -178,7 +188,8 @@ class WidthPlan:
 
 
 def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int = 0,
-         draft_costs: StepCosts | None = None, refill_costs: StepCosts | None = None) -> WidthPlan:
+         draft_costs: StepCosts | None = None, refill_costs: StepCosts | None = None,
+         draft_waits: bool = True) -> WidthPlan:
     """Widths and refill depth that maximise expected tokens per second of the whole batch (ties: the wider,
     deeper plan).
 
@@ -187,7 +198,11 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
     costs(rows); where k > 0 the draft expands the speculating requests' frontier nodes meanwhile, so at least
     draft_costs(those nodes); plus refill_costs(r) (the refill's sequential drafting, where the pipe waits for it)
     when a speculating request misses in it. A draft never measured is assumed to keep up (optimistically, so
-    that a plan tries it and learns)."""
+    that a plan tries it and learns).
+
+    draft_waits=False: the pipe never waits for the draft (it runs beside, and a level enters when drafted), so a
+    step costs the pipe's alone, a draft slower than a step streams each request's levels every `pace` steps
+    (_beside), and a refill carries the bonus token alone (r = 0: nothing below it is drafted yet)."""
     draft_costs = draft_costs or StepCosts.draft()
     informed = bool(costs.points)  # a step's cost is known (else the plan is made again once it is)
     if not candidates:
@@ -201,21 +216,39 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
     base = sum(c.gain(0, 0, stages) for c in candidates)
     best, best_w, best_r, best_rows = {}, 0, 0, roots(0)
     best_rate = base / costs(best_rows)
-    for r in range(max(c.max_refill for c in candidates) + 1):
+    for r in range(max(c.max_refill for c in candidates) + 1 if draft_waits else 1):
         refill = refill_costs(r) if r else 0.0
         for w in range(1, max(c.max_width for c in candidates) + 1):
             widths = {c.request_id: min(w, c.max_width) for c in candidates}
             gains = {c.request_id: c.gain(widths[c.request_id], r, stages) - c.gain(0, 0, stages) for c in candidates}
-            ranked = sorted(candidates, key=lambda c: -gains[c.request_id])  # most gain first
+            ranked = sorted(candidates, key=lambda c: -gains[c.request_id])  # most gain first (at any pace)
             tokens, drafted, no_miss = base, 0, 1.0
             for k, c in enumerate(ranked, start=1):
                 tokens += gains[c.request_id]
                 drafted += widths[c.request_id]
                 no_miss *= 1 - c.miss_rate(widths[c.request_id], r, stages)
-                seconds = max(costs(drafted + roots(k)), draft_costs(drafted)) + (1 - no_miss) * refill
-                if (rate := tokens / seconds) >= best_rate:
+                if draft_waits:
+                    rows = drafted + roots(k)
+                    seconds = max(costs(rows), draft_costs(drafted)) + (1 - no_miss) * refill
+                    rate = tokens / seconds
+                else:
+                    seconds, pace, rows = _beside(costs, draft_costs, drafted, roots(k))
+                    paced = sum(x.gain(widths[x.request_id], 0, stages, pace) for x in ranked[:k])
+                    rate = (base - k / stages + paced) / seconds
+                if rate >= best_rate:
                     best, best_w, best_r, best_rate = {x.request_id: widths[x.request_id] for x in ranked[:k]}, w, r, rate
-                    best_rows = drafted + roots(k)
+                    best_rows = math.ceil(rows)
     informed = informed and (bool(draft_costs.points) or not best)  # a draft never measured: again once it is
     return WidthPlan({c.request_id: best.get(c.request_id, 0) for c in candidates}, best_w, step, informed,
                      best_rows, best_r)
+
+
+def _beside(costs: StepCosts, draft_costs: StepCosts, drafted: int, roots: int) -> tuple[float, float, float]:
+    """(seconds per step, steps per streamed level, rows per step) where the draft runs beside the pipe unwaited:
+    the pipe steps at its own pace, and a draft forward over the `drafted` frontier nodes that is slower than a
+    step sends each speculating request's next level only every `pace` steps (its rows spread over them)."""
+    rows = float(drafted + roots)
+    for _ in range(2):  # the step's cost and the pace depend on each other: two rounds settle it
+        pace = max(1.0, draft_costs(drafted) / max(costs(rows), 1e-9))
+        rows = drafted / pace + roots
+    return costs(rows), pace, rows

@@ -10,11 +10,18 @@ One step = one pipeline beat:
      events reach every stage, every in-flight micro-batch and the draft
      before the next step's compute.
 The trace records, per step, which nodes each stage computed.
+
+With a DraftLane (a modeled deployment, PolicyConfig.draft_waits=False) the
+draft is never waited for: it runs beside the pipe on its own clock, each
+forward starting when the last one ended, and its proposals reach the
+scheduler at the first step that starts after it; a request's prompt is
+drafted from its admission, while the target prefills it.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from scheduler.occupancy import Occupancy
@@ -32,6 +39,34 @@ class StepTrace:
     new_tokens: dict[str, list[int]]
     pruned: int
     draft_rows: list[int] = field(default_factory=list)  # rows each draft forward before this step computed
+
+
+@dataclass
+class DraftLane:
+    """The draft's device beside the pipe, on the driver's clock: forwards run one after another, each from when
+    it was asked or the last one ended, and what they propose is held until then."""
+
+    seconds: Callable[[int, float], float]  # one forward's seconds over (rows, context length)
+    observe: Callable[[int, float], None] | None = None  # told (frontier nodes, seconds) of each expansion forward
+    now: float = 0.0  # when the step about to run starts (the driver sets it)
+    free_at: float = 0.0  # when the last forward asked ends
+    busy: float = 0.0  # seconds of forwards in all
+    pending: deque[tuple[float, list]] = field(default_factory=deque)  # (ready at, proposals), in order
+
+    def run(self, rows: int, context: float, proposals: list, nodes: int = 0) -> None:
+        """A forward asked now: it computes `rows` rows (`nodes` of them frontier nodes to expand)."""
+        seconds = self.seconds(rows, context)
+        self.free_at, self.busy = max(self.free_at, self.now) + seconds, self.busy + seconds
+        self.pending.append((self.free_at, proposals))
+        if nodes and rows <= 2 * nodes and self.observe is not None:  # a catch-up of a prompt is not a level's pace
+            self.observe(nodes, seconds)
+
+    def ready(self) -> list:
+        """The proposals of every forward that has ended by now."""
+        out = []
+        while self.pending and self.pending[0][0] <= self.now:
+            out += self.pending.popleft()[1]
+        return out
 
 
 class InProcessPipeline:
@@ -53,6 +88,7 @@ class InProcessPipeline:
         self.trace_enabled = trace_limit > 0
         self.occupancy = occupancy  # stage x step fates, as the distributed scheduler publishes them
         self.failed: dict[str, str] = {}  # request -> why a stage failed it alone (it ended with an error)
+        self.lane: DraftLane | None = None  # the draft beside the pipe, never waited for (the driver's clock)
 
     def submit(self, request: Request) -> RequestState:
         state = self.scheduler.add_request(request)
@@ -62,11 +98,19 @@ class InProcessPipeline:
             stage.add_request(request.request_id, info, capacity)
         if self.draft is not None:
             self.draft.add_request(request.request_id, list(request.prompt), capacity)
+            if self.lane is not None and (rows := self.draft.prefill(request.request_id, list(request.prompt))):
+                self.lane.run(rows, len(request.prompt), [])  # the prompt, drafted while the target prefills it
         return state
 
     def step(self) -> StepResult:
-        draft_rows = self._draft()
-        incoming = [self.scheduler.schedule(), *self.in_flight]
+        if self.lane is None:
+            draft_rows = self._draft()
+            incoming = [self.scheduler.schedule(), *self.in_flight]
+        else:  # proposals that are ready, then the level just sent is drafted while the stages compute
+            for request_id, node_id, proposals in self.lane.ready():
+                self.scheduler.add_proposals(request_id, node_id, proposals)
+            incoming, draft_rows = [self.scheduler.schedule(), *self.in_flight], []
+            self._draft_beside()
         outputs = [stage.forward(batch) if batch is not None else None for stage, batch in zip(self.stages, incoming)]
         self.in_flight = outputs[:-1]
         last = outputs[-1]
@@ -87,6 +131,14 @@ class InProcessPipeline:
                 self.scheduler.add_proposals(request_id, node_id, proposals)
             rows.append(self.draft.computed_rows)
         return rows
+
+    def _draft_beside(self) -> None:
+        """The jobs the scheduler wants now, as one forward on the lane (not on this step's critical path)."""
+        if self.draft is None or not (jobs := self.scheduler.expansion_jobs()):
+            return
+        proposals = self.draft.expand(jobs)
+        context = max(ref.position for job in jobs for ref in job.nodes)
+        self.lane.run(self.draft.computed_rows, context, proposals, sum(len(job.nodes) for job in jobs))
 
     def _fail(self, result: StepResult) -> None:
         """Requests a stage could not compute end with an error (as the distributed scheduler ends them)."""

@@ -214,6 +214,10 @@ class PolicyConfig:
     # specpipe: "cost" sizes each request's width per step from its acceptance and the measured step cost
     # (scheduler/width.py; 0 under saturation); "budget" keeps `width` while the token budget allows
     width_rule: str = "cost"
+    # specpipe: the pipe waits (bounded) for a level's drafting, as the services and the reference executor do.
+    # False: the draft runs beside the pipe and is never waited for (a level enters once drafted; a refill is the
+    # bonus token alone), which a draft slower than a step needs; the width plan then prices the draft's pace.
+    draft_waits: bool = True
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:

@@ -47,6 +47,11 @@ class SpeculativeSource(Protocol):
 
     def add_request(self, request_id: str, prompt: list[int], capacity: int) -> None: ...
 
+    def prefill(self, request_id: str, prompt: list[int]) -> int:
+        """Compute the prompt ahead of the first expansion (a draft beside the pipe does it while the target
+        prefills); the rows computed (0: a lookup needs none)."""
+        ...
+
     def expand(self, jobs: list[ExpansionJob]) -> list[tuple[str, int, Proposals]]:
         """Children for every node of every job: (request_id, node_id, proposals)."""
         ...

@@ -239,6 +239,10 @@ class ProposalsMsg(Message, frozen=True, tag="proposals"):
     node_id: int
     tokens: list[int]
     logprobs: list[float]
+    # the draft forward that drafted it, on the first answer of each forward only (0: not this one): its frontier
+    # nodes and seconds, the draft's pace for a width plan whose pipe never waits for the draft
+    forward_nodes: int = 0
+    forward_s: float = 0.0
 
 
 class StageErrorMsg(Message, frozen=True, tag="stage_error"):

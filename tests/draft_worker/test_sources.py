@@ -17,11 +17,13 @@ import torch
 
 from draft_worker.draft_model import DraftModelSource
 from draft_worker.ngram import NgramSource
+from scheduler.scheduler import Phase, Request
 from shared.compute.runner import StageRunner
 from shared.compute.weights import load_stage_weights
 from shared.types.batch import PipelineEvent
-from shared.types.config import ModelArch
+from shared.types.config import ModelArch, SamplingParams
 from shared.types.speculation import ExpansionJob, NodeRef
+from specpipe.executor import DraftLane
 from tests.helpers import generate, pipeline
 
 pytestmark = pytest.mark.unit
@@ -127,3 +129,23 @@ def test_the_executor_records_the_rows_the_draft_computed(tiny_dir) -> None:
     first = next(t.draft_rows for t in pipe.trace if t.draft_rows)
     assert first[0] == len(TINY_PROMPT) + 1  # the prompt and the first token, fed as committed rows
     assert NgramSource().computed_rows == 0
+
+
+@pytest.mark.parametrize("source", ["draft model", "ngram"])
+def test_a_draft_beside_the_pipe_drafts_the_prompt_at_admission(tiny_dir, source) -> None:
+    """Unwaited (DraftLane), the draft model computes the prompt when the request is admitted, while the target
+    prefills it, so its first expansion is the first token alone; each level enters once its forward (1.5 steps
+    here, on 4 stages) has ended, so a level every other step, and the tokens are plain decoding's."""
+    draft = str(tiny_dir) if source == "draft model" else "ngram"
+    forwards: list[int] = []
+    pipe = pipeline(tiny_dir, "specpipe", 4, draft=draft, width=2, draft_waits=False)
+    pipe.lane = DraftLane(lambda rows, context: forwards.append(rows) or 1.5)
+    state = pipe.submit(Request("r", tuple(TINY_PROMPT), SamplingParams(), 12))
+    while state.phase is not Phase.DONE:
+        pipe.step()
+        pipe.lane.now += 1.0  # the driver's clock: a step takes 1 s
+    assert state.output == generate(pipeline(tiny_dir, "pp", 4), TINY_PROMPT, 12).output
+    assert forwards[:2] == ([len(TINY_PROMPT), 1] if source == "draft model" else [0, 0])
+    if source == "draft model":  # tiny-random drafts itself: every level it got in time was accepted
+        decode_steps = state.stats.last_token_step - state.stats.first_decode_step
+        assert 0 < state.stats.drafts <= decode_steps / 2 and state.stats.accepted > 0

@@ -19,13 +19,14 @@ TOKENS_PER_STEP = {
     "one stage, no acceptance: a token a step": (0.0, 1, 0, 1.0),
     "alpha 0.5, 4 stages, no refill": (0.5, 4, 0, (1 + 1.0) / (4 + 1.0)),
     "alpha 0.5, 4 stages, refill 2: the refill's levels add tokens": (0.5, 4, 2, (1.75 + 0.25) / (4 + 0.25)),
+    "alpha 0.5, 4 stages, a level every 3 steps (a draft beside the pipe)": (0.5, 4, 0, (1 + 1.0) / (4 + 3 * 1.0), 3),
 }
 
 
 @pytest.mark.parametrize("case", list(TOKENS_PER_STEP))
 def test_tokens_per_step(case) -> None:
-    alpha, stages, refill, expected = TOKENS_PER_STEP[case]
-    assert tokens_per_step(alpha, stages, refill) == pytest.approx(expected)
+    alpha, stages, refill, expected, *pace = TOKENS_PER_STEP[case]
+    assert tokens_per_step(alpha, stages, refill, *pace) == pytest.approx(expected)
 
 
 def test_tokens_per_step_grows_with_acceptance() -> None:
@@ -143,6 +144,29 @@ def test_plan_prices_the_draft_forward_at_every_width(case) -> None:
     made = plan(_candidates([0.6] * requests), _costs(0.0), 8, draft_costs=draft)
     assert made.widths == expected
     assert made.informed == (seconds is not None or not any(expected.values()))
+
+
+BESIDE = {
+    # label: (a draft forward's seconds over 64 nodes, requests, expected width of each)
+    "4 steps, 8 requests: a level every 4 steps still beats PP's roots": (4.0, 8, 4),
+    "40 steps, 8 requests: a level so seldom that PP is faster": (40.0, 8, 0),
+    "never measured: assumed to keep up": (None, 2, 4),
+}
+
+
+@pytest.mark.parametrize("case", list(BESIDE))
+def test_plan_prices_the_pace_of_a_draft_beside_the_pipe(case) -> None:
+    """The pipe never waits for the draft (draft_waits=False): a step costs the pipe's 1 s whatever the draft's
+    forward, which sets how often a level enters instead; a refill is the bonus token alone."""
+    seconds, requests, expected = BESIDE[case]
+    draft = StepCosts.draft()
+    if seconds is not None:
+        draft.observe(64, seconds)
+    made = plan(_candidates([0.6] * requests), _costs(0.0), 8, draft_costs=draft, draft_waits=False)
+    assert made.widths == {f"r{i}": expected for i in range(requests)}
+    assert made.refill == 0
+    waited = plan(_candidates([0.6] * requests), _costs(0.0), 8, draft_costs=draft)
+    assert seconds is None or not any(waited.widths.values())  # had the pipe waited, PP would be faster
 
 
 REFILLS = {
