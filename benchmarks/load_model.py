@@ -53,6 +53,9 @@ def _summary(run: ModeledRun) -> dict:
         "tbt_s": {"mean": statistics.mean(gaps) if gaps else None, "p50": pct(gaps, 50), "p99": pct(gaps, 99)},
         "ttft_s": {"mean": statistics.mean(ttft) if ttft else None, "p50": pct(ttft, 50), "p99": pct(ttft, 99)},
         "draft_bound_steps": run.draft_bound_steps,
+        # a draft beside the pipe: the share of the run it computed (1: it never idled; forwards asked for levels
+        # that came too late count too)
+        "draft_busy_share": min(1.0, run.draft_busy_s / run.seconds) if run.seconds else 0.0,
         "outputs": dict(sorted(run.outputs.items())),
     }
 

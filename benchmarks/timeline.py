@@ -115,6 +115,7 @@ class ModeledRun:
     seconds: float  # modeled wall time from the first arrival to the last token
     draft_bound_steps: int
     records: list[StepRecord]
+    draft_busy_s: float = 0.0  # seconds the draft beside the pipe computed (DraftLane), 0 where it is waited for
 
     @property
     def tokens(self) -> int:
@@ -177,4 +178,5 @@ def run_modeled(pipe: InProcessPipeline, clock: StepClock | None, requests: list
             times[rid].token_times += [now] * len(tokens)
             outputs[rid] += tokens
     start = min((t.arrival for t in times.values()), default=0.0)
-    return ModeledRun(times, outputs, len(records), now - start, draft_bound, records)
+    busy = pipe.lane.busy if pipe.lane is not None else 0.0
+    return ModeledRun(times, outputs, len(records), now - start, draft_bound, records, busy)

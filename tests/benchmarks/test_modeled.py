@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from benchmarks.costmodel import CostModel, ModelCost, Table1D, Table2D
@@ -78,3 +80,19 @@ def test_load_points_are_lossless_and_batching_raises_throughput(tiny_dir, tmp_p
     assert by_c[4]["throughput"]["pp"] > by_c[1]["throughput"]["pp"]  # continuous batching fills the pipe
     assert by_c[1]["throughput_ratio"] > 1.5  # one request: speculation fills the idle stages
     assert all(p["tokens"] == 6 * 10 for p in points)
+
+
+@pytest.mark.unit
+def test_load_points_with_the_draft_beside_the_pipe_never_wait_for_it(tiny_dir, tmp_path) -> None:
+    """A draft forward of about 4 pipeline steps (8 layers at 10 ms): waited for, it paces the speculating steps;
+    beside the pipe (draft_waits=False) no step waits for it, it is busy part of the time, and the tokens are
+    still plain decoding's."""
+    slow = replace(_cost(draft=True), draft=ModelCost("d", 8, _flat(LAYER_S), Table1D([1, 64], [0.0, 0.0])))
+    cfg = LoadModelConfig(str(tiny_dir), str(tiny_dir), 4, 3, 3, 10, 4, (2,), (), tmp_path, width_rule="budget")
+    waited = load_all(cfg, slow, [PROMPT, PROMPT[2:]], log=lambda _: None)
+    beside = load_all(replace(cfg, draft_waits=False), slow, [PROMPT, PROMPT[2:]], log=lambda _: None)
+    assert all(r["identical"] for r in compare(waited) + compare(beside))
+    [waited_sp] = [p for p in waited if p["policy"] == "specpipe"]
+    [beside_sp] = [p for p in beside if p["policy"] == "specpipe"]
+    assert waited_sp["draft_bound_steps"] > 0 and waited_sp["draft_busy_share"] == 0.0
+    assert beside_sp["draft_bound_steps"] == 0 and 0.0 < beside_sp["draft_busy_share"] <= 1.0
