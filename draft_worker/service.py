@@ -22,7 +22,7 @@ from shared.transport.membership import current_run
 from shared.transport.redis_io import RedisConfig, connect, decode_or_log, ensure_group, read, start_heartbeat
 from shared.types.batch import PipelineEvent
 from shared.types.errors import SpecPipeError
-from shared.types.speculation import ExpansionJob, SpeculativeSource
+from shared.types.speculation import ExpansionJob, SpeculativeSource, times_a_level
 from shared.wire.messages import DraftEventsMsg, ExpansionJobMsg, ProposalsMsg
 
 log = logging.getLogger("draft_worker")
@@ -139,7 +139,7 @@ class DraftService:
             drafted = self.source.expand(batch) if batch else []
             nodes, seconds = sum(len(job.nodes) for job in batch), time.monotonic() - start
             self.timings += [f"{start:.6f}:{seconds:.6f}:{nodes}"] if nodes else []
-            if nodes and self.source.computed_rows <= 2 * nodes:  # a prompt's catch-up is not a level's pace
+            if times_a_level(nodes, self.source.computed_rows):
                 forward = (nodes, seconds)
             proposals += drafted
         except (SpecPipeError, IndexError, KeyError):

@@ -29,7 +29,7 @@ from scheduler.scheduler import Phase, Request, RequestState, Scheduler, StepRes
 from shared.compute.runner import RequestInfo, StageRunner
 from shared.types.batch import MicroBatch, PipelineEvent
 from shared.types.errors import SpecPipeError
-from shared.types.speculation import SpeculativeSource
+from shared.types.speculation import SpeculativeSource, times_a_level
 
 
 @dataclass
@@ -58,7 +58,7 @@ class DraftLane:
         seconds = self.seconds(rows, context)
         self.free_at, self.busy = max(self.free_at, self.now) + seconds, self.busy + seconds
         self.pending.append((self.free_at, proposals))
-        if nodes and rows <= 2 * nodes and self.observe is not None:  # a catch-up of a prompt is not a level's pace
+        if self.observe is not None and times_a_level(nodes, rows):
             self.observe(nodes, seconds)
 
     def ready(self) -> list:

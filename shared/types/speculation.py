@@ -57,3 +57,9 @@ class SpeculativeSource(Protocol):
         ...
 
     def apply(self, events: list[PipelineEvent]) -> None: ...
+
+
+def times_a_level(nodes: int, rows: int) -> bool:
+    """Whether a draft forward that expanded `nodes` frontier nodes by computing `rows` rows is a level's pace (a
+    width plan's input): a forward that caught up on a prompt is not (a bonus token's row or two may be)."""
+    return nodes > 0 and rows <= 2 * nodes
