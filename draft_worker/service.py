@@ -3,8 +3,9 @@
 Takes expansion jobs from a Redis stream through a consumer group (more
 workers scale out), follows the scheduler's prune/commit/finish events (the
 draft_events stream, applied up to each job's `as_of_step` first, so a job
-never refers to a tree the worker has not caught up with), drafts the jobs
-of one read in one forward (every request's nodes in one micro-batch), and
+never refers to a tree the worker has not caught up with), computes an admitted
+request's prompt when its job with no nodes comes (while the stages prefill it),
+drafts the jobs of one read in one forward (every request's nodes in one micro-batch), and
 pushes the proposals straight to the scheduler's control inbox (the run record
 names it; shared/transport/control.py), off Redis.
 """
@@ -129,6 +130,9 @@ class DraftService:
         for job in jobs:
             if job.epoch < self.at[0]:
                 continue  # a job of a run that has ended: its request is gone
+            if not job.nodes:  # a request just admitted: its prompt now, while the stages prefill it
+                self._prefill(job)
+                continue
             pruned = self.pruned.get(job.request_id, set())
             proposals += [(job.request_id, ref.node_id, []) for ref in job.nodes if ref.node_id in pruned]
             refs = [ref for ref in job.nodes if ref.node_id not in pruned]  # [NodeRef]
@@ -170,6 +174,15 @@ class DraftService:
             return False
         self.known.add(job.request_id)
         return True
+
+    def _prefill(self, job: ExpansionJobMsg) -> None:
+        if job.request_id in self.known or not self._known(job):  # drafted for already: it has caught up itself
+            return
+        try:
+            self.source.prefill(job.request_id, job.text)
+        except (SpecPipeError, IndexError, KeyError) as exc:
+            log.warning("%s: prompt of %s failed (%s); resetting its draft state", self.name, job.request_id, exc)
+            self._reset(job.request_id)
 
     def _expand_alone(self, job: ExpansionJob) -> list:
         try:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import redis
 from redis.client import Pipeline
 
-from scheduler.scheduler import Scheduler
+from scheduler.scheduler import Request, Scheduler
 from shared.transport.redis_io import RedisConfig, any_alive, publish_all
 from shared.types.batch import PipelineEvent
 from shared.wire.messages import DraftEventsMsg, ExpansionJobMsg, ProposalsMsg
@@ -44,15 +44,25 @@ class DraftChannel:
         self.awaiting: set[tuple[str, int]] = set()  # (request, node) of the jobs published and not answered
         self.events_at = 0  # the step of the last DraftEventsMsg: jobs are answered after it is applied
         self.outgoing: list[tuple[str, DraftEventsMsg]] = []  # events not yet sent: they go before the next jobs
+        self.warming: list[tuple[str, ExpansionJobMsg]] = []  # admitted requests' prompts, not yet sent
         self.arrived: list[ProposalsMsg] = []  # proposals received, not yet in the trees
 
     def begin_run(self, epoch: int, base_step: int) -> None:
         """A new pipeline run: nothing asked before it is waited for, and the drafts start it empty."""
         self.awaiting.clear()
-        self.outgoing, self.arrived = [], []
+        self.outgoing, self.arrived, self.warming = [], [], []
         self._queue_events(epoch, base_step, [])
         publish_all(self.r, self.outgoing, maxlen=10_000)  # at once: a draft worker learns the run from it
         self.outgoing = []
+
+    def admitted(self, epoch: int, request: Request) -> None:
+        """A request that will be drafted for: its prompt goes to the drafts with the next jobs (a job with no
+        nodes), so that they compute it while the stages prefill it, not at its first expansion. Nothing awaits
+        it: a draft worker that has not done it by then catches up as before."""
+        if self.scheduler.policy_of(request).name != "pp":
+            job = ExpansionJobMsg(request_id=request.request_id, as_of_step=self.events_at, text=list(request.prompt),
+                                  nodes=[], top_k=0, capacity=self.scheduler.kv_capacity(request), epoch=epoch)
+            self.warming.append((self.cfg.draft_jobs, job))
 
     def publish_events(self, epoch: int, step: int, events: list[PipelineEvent]) -> None:
         """The events the stages apply before `step`, to the drafts before any job after them (none: nothing
@@ -97,9 +107,10 @@ class DraftChannel:
         """Publish the queued events, then jobs for every node the scheduler wants drafted now, in one round
         trip (or on `pipe`); True when there were jobs. They are awaited from here on."""
         jobs = self._jobs(epoch)
-        if jobs or pipe is not None:  # events alone wait for the shadow's round trip (flush)
-            publish_all(pipe or self.r, [*self.outgoing, *jobs], maxlen=10_000)
-            self.outgoing = []
+        if jobs or pipe is not None:  # events and prompts alone wait for the shadow's round trip (flush)
+            warming = self.warming if self.alive else []
+            publish_all(pipe or self.r, [*self.outgoing, *warming, *jobs], maxlen=10_000)
+            self.outgoing, self.warming = [], []
         return bool(jobs)
 
     def _jobs(self, epoch: int) -> list[tuple[str, ExpansionJobMsg]]:

@@ -242,6 +242,7 @@ class SchedulerService:
         for a in self.admission.admit(self.scheduler.kv_capacity):
             self.scheduler.add_request(a.request)
             self.admitted.append(_admitted(a))
+            self.drafts.admitted(self.pipeline.run.epoch, a.request)
 
     def _recover(self) -> None:
         """Requests the scheduler before this one (same consumer) took and never finished."""

@@ -221,7 +221,8 @@ class DraftEventsMsg(Message, frozen=True, tag="draft_events"):
 
 
 class ExpansionJobMsg(Message, frozen=True, tag="expand"):
-    """Propose children for tree nodes (scheduler -> draft workers)."""
+    """Propose children for tree nodes (scheduler -> draft workers). With no nodes: a request just admitted, whose
+    prompt (`text`) the draft computes now, while the stages prefill it, instead of at its first expansion."""
 
     request_id: str
     as_of_step: int  # apply the DraftEventsMsg records up to this step first: events and the job stay in order

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from scheduler.drafts import DraftChannel
-from scheduler.scheduler import Scheduler
+from scheduler.scheduler import Request, Scheduler
 from shared.transport.redis_io import RedisConfig
 from shared.types.config import EngineConfig, PolicyConfig
-from shared.wire.messages import ProposalsMsg
+from shared.wire.messages import ExpansionJobMsg, ProposalsMsg, decode
 
 pytestmark = pytest.mark.unit
 
@@ -28,3 +28,41 @@ def test_a_forward_reported_with_its_proposals_sets_the_draft_pace(case) -> None
     channel.take(ProposalsMsg("gone", 4, [8], [-0.2]))  # the same forward's other answers carry nothing
     channel.draft(epoch=0)
     assert scheduler.draft_costs(4) == pytest.approx(learnt)
+
+
+class Streams:
+    """Records what would be XADDed (a Redis client's pipeline, as publish_all uses it)."""
+
+    def __init__(self) -> None:
+        self.added: list[tuple[str, object]] = []
+
+    def pipeline(self, transaction: bool = False) -> Streams:
+        return self
+
+    def xadd(self, stream: str, fields: dict, maxlen=None, approximate=True) -> None:
+        self.added.append((stream, decode(fields["m"])))
+
+    def execute(self) -> list:
+        return []
+
+
+@pytest.mark.parametrize("policy", ["specpipe", "pp"])
+def test_an_admitted_request_sends_its_prompt_to_the_drafts_with_the_next_jobs(policy) -> None:
+    """Off the beat (the shadow's round trip), a job with no nodes: the drafts compute the prompt while the stages
+    prefill it. Nothing awaits it; a pp request is never drafted for."""
+    scheduler = Scheduler(PolicyConfig(policy, 4, 2), EngineConfig(), context_limit=4096)
+    request = Request("r", (5, 17, 99, 3), max_new_tokens=8)
+    scheduler.add_request(request)
+    redis = Streams()
+    channel = DraftChannel(redis, RedisConfig(), scheduler, wait_s=0.0, receive=lambda timeout_ms: None)
+    channel.admitted(epoch=3, request=request)
+    channel.ask(epoch=3, pipe=redis)
+    jobs = [m for _, m in redis.added if isinstance(m, ExpansionJobMsg)]
+    if policy == "pp":
+        assert jobs == []
+        return
+    [job] = jobs
+    assert (job.request_id, job.nodes, job.text, job.epoch) == ("r", [], [5, 17, 99, 3], 3)
+    assert not channel.awaiting
+    channel.ask(epoch=3, pipe=redis)
+    assert len([m for _, m in redis.added if isinstance(m, ExpansionJobMsg)]) == 1  # sent once
