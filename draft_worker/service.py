@@ -27,6 +27,7 @@ from shared.types.speculation import ExpansionJob, SpeculativeSource, times_a_le
 from shared.wire.messages import DraftEventsMsg, ExpansionJobMsg, ProposalsMsg
 
 log = logging.getLogger("draft_worker")
+ENDED_KEPT = 4096  # finished requests remembered (a job after its request's finish is late by a step or two)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class DraftService:
         self.scheduler = Outbox()  # the current run's scheduler inbox (proposals)
         self.reply_run = -1  # the run whose scheduler `scheduler` points at
         self.known: set[str] = set()
+        # requests whose finish was read (the newest ENDED_KEPT): a job that reaches this worker after its request's
+        # finish (a prompt sent at admission, then a cancellation) must not register it again, or its KV would stay
+        self.ended: dict[str, None] = {}
         # nodes pruned so far, per request: a job asked before a prune went out may reach this worker after it
         # (the scheduler sends a step's events before it waits for the jobs of the step before); such nodes are
         # answered with no proposals (the scheduler drops them anyway), never drafted on a tree without them
@@ -108,6 +112,11 @@ class DraftService:
             for rid in list(self.known):
                 self._reset(rid)
         self.at = (msg.epoch, max(msg.step, self.at[1]) if msg.epoch == self.at[0] else msg.step)
+        for e in msg.events:
+            if e.kind == "finish":
+                self.ended[e.request_id] = None
+        while len(self.ended) > ENDED_KEPT:
+            del self.ended[next(iter(self.ended))]
         events = [e for e in msg.events if e.request_id in self.known]
         if events:
             self.source.apply(events)
@@ -167,6 +176,8 @@ class DraftService:
         """Register the job's request with the source on its first job; False (and reset) when that fails."""
         if job.request_id in self.known:
             return True
+        if job.request_id in self.ended:
+            return False
         try:
             self.source.add_request(job.request_id, job.text, job.capacity)
         except SpecPipeError as exc:

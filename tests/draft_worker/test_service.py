@@ -8,8 +8,9 @@ import pytest
 
 from draft_worker.service import DraftService, DraftServiceConfig
 from shared.transport.redis_io import RedisConfig
+from shared.types.batch import PipelineEvent
 from shared.types.speculation import NodeRef
-from shared.wire.messages import ExpansionJobMsg
+from shared.wire.messages import DraftEventsMsg, ExpansionJobMsg
 from specpipe.cluster import delete_keys
 
 pytestmark = pytest.mark.unit
@@ -61,3 +62,13 @@ def test_a_job_with_no_nodes_drafts_the_prompt_once_before_the_first_expansion(s
     assert source.registered == ["r"]
     assert source.prefilled == [("r", PROMPT)]  # once: a second admission job finds it known
     assert source.expanded == [0]
+
+
+def test_a_job_after_its_request_finished_does_not_register_it_again(service) -> None:
+    """A prompt sent at admission can reach the worker after the request's finish (cancelled at once): the worker
+    must not hold KV for it with no finish to come."""
+    svc, source = service
+    svc._apply(DraftEventsMsg(step=1, events=[PipelineEvent("gone", "finish")], epoch=0))
+    svc._handle([_job("gone", []), _job("gone", [NodeRef(0, -1, 7, len(PROMPT), True)])])
+    assert source.registered == [] and source.prefilled == [] and source.expanded == []
+    assert "gone" not in svc.known
