@@ -224,18 +224,16 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
             ranked = sorted(candidates, key=lambda c: -gains[c.request_id])  # most gain first (at any pace)
             tokens, drafted, no_miss = base, 0, 1.0
             for k, c in enumerate(ranked, start=1):
-                tokens += gains[c.request_id]
                 drafted += widths[c.request_id]
-                no_miss *= 1 - c.miss_rate(widths[c.request_id], r, stages)
                 if draft_waits:
+                    tokens += gains[c.request_id]
+                    no_miss *= 1 - c.miss_rate(widths[c.request_id], r, stages)
                     rows = drafted + roots(k)
                     seconds = max(costs(rows), draft_costs(drafted)) + (1 - no_miss) * refill
-                    rate = tokens / seconds
-                else:
+                else:  # the pace depends on k: the speculating requests' gains at it
                     seconds, pace, rows = _beside(costs, draft_costs, drafted, roots(k))
-                    paced = sum(x.gain(widths[x.request_id], 0, stages, pace) for x in ranked[:k])
-                    rate = (base - k / stages + paced) / seconds
-                if rate >= best_rate:
+                    tokens = base - k / stages + sum(x.gain(widths[x.request_id], 0, stages, pace) for x in ranked[:k])
+                if (rate := tokens / seconds) >= best_rate:
                     best, best_w, best_r, best_rate = {x.request_id: widths[x.request_id] for x in ranked[:k]}, w, r, rate
                     best_rows = math.ceil(rows)
     informed = informed and (bool(draft_costs.points) or not best)  # a draft never measured: again once it is
