@@ -103,13 +103,9 @@ class InProcessPipeline:
         return state
 
     def step(self) -> StepResult:
-        if self.lane is None:
-            draft_rows = self._draft()
-            incoming = [self.scheduler.schedule(), *self.in_flight]
-        else:  # proposals that are ready, then the level just sent is drafted while the stages compute
-            for request_id, node_id, proposals in self.lane.ready():
-                self.scheduler.add_proposals(request_id, node_id, proposals)
-            incoming, draft_rows = [self.scheduler.schedule(), *self.in_flight], []
+        draft_rows = self._draft() if self.lane is None else self._take_ready()
+        incoming = [self.scheduler.schedule(), *self.in_flight]
+        if self.lane is not None:  # the level just sent is drafted while the stages compute
             self._draft_beside()
         outputs = [stage.forward(batch) if batch is not None else None for stage, batch in zip(self.stages, incoming)]
         self.in_flight = outputs[:-1]
@@ -131,6 +127,12 @@ class InProcessPipeline:
                 self.scheduler.add_proposals(request_id, node_id, proposals)
             rows.append(self.draft.computed_rows)
         return rows
+
+    def _take_ready(self) -> list[int]:
+        """The lane's proposals that are ready by now; none of its forwards is on this step's path."""
+        for request_id, node_id, proposals in self.lane.ready():
+            self.scheduler.add_proposals(request_id, node_id, proposals)
+        return []
 
     def _draft_beside(self) -> None:
         """The jobs the scheduler wants now, as one forward on the lane (not on this step's critical path)."""
