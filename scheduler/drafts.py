@@ -137,5 +137,5 @@ class DraftChannel:
         for p in arrived:
             self.scheduler.add_proposals(p.request_id, p.node_id, list(zip(p.tokens, p.logprobs)))
             self.awaiting.discard((p.request_id, p.node_id))
-            if p.forward_nodes and not self.scheduler.policy.draft_waits:  # the pipe never waits: the draft's pace
+            if p.forward_nodes:  # the first answer of a draft forward: its time
                 self.scheduler.observe_draft(p.forward_nodes, p.forward_s)

@@ -193,9 +193,10 @@ class Scheduler:
             self.draft_costs.observe(drafted, seconds)
 
     def observe_draft(self, nodes: int, seconds: float) -> None:
-        """One draft forward over `nodes` frontier nodes, timed where it ran (a draft beside the pipe, unwaited):
-        the width plan's draft pace."""
-        self.draft_costs.observe(nodes, seconds)
+        """One draft forward over `nodes` frontier nodes, timed where it ran: the width plan's draft pace where the
+        pipe never waits for the draft (where it waits, the draft's cost is what the steps it paced took)."""
+        if not self.policy.draft_waits:
+            self.draft_costs.observe(nodes, seconds)
 
     def _drafted_step(self, rows: int, drafted: int) -> float:
         """Expected seconds of a step of `rows` rows while the draft expands `drafted` nodes."""
