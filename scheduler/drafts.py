@@ -30,6 +30,7 @@ from redis.client import Pipeline
 from scheduler.scheduler import Request, Scheduler
 from shared.transport.redis_io import RedisConfig, any_alive, publish_all
 from shared.types.batch import PipelineEvent
+from shared.types.errors import ConfigError
 from shared.wire.messages import DraftEventsMsg, ExpansionJobMsg, ProposalsMsg
 
 ALIVE_CHECK_STEPS = 16  # how often (in steps) the drafts' heartbeats are looked at
@@ -38,7 +39,12 @@ ALIVE_CHECK_STEPS = 16  # how often (in steps) the drafts' heartbeats are looked
 class DraftChannel:
     def __init__(self, r: redis.Redis, cfg: RedisConfig, scheduler: Scheduler, wait_s: float,
                  receive: Callable[[int | None], None]):
-        """`receive(timeout_ms)` polls the control inbox (None: no wait) and hands proposals to `take`."""
+        """`receive(timeout_ms)` polls the control inbox (None: no wait) and hands proposals to `take`. A wait of
+        0 is the policy's draft beside the pipe (PolicyConfig.draft_waits=False): the width plan prices the steps
+        by it, so the two must say the same."""
+        if (wait_s > 0) != scheduler.policy.draft_waits:
+            raise ConfigError(f"a draft wait of {1000 * wait_s:g} ms, but the policy's draft "
+                              f"{'waits' if scheduler.policy.draft_waits else 'runs beside the pipe'}")
         self.r, self.cfg, self.scheduler, self.wait_s, self.receive = r, cfg, scheduler, wait_s, receive
         self.alive = True  # some draft worker beats: without one, nothing is asked or waited for
         self.awaiting: set[tuple[str, int]] = set()  # (request, node) of the jobs published and not answered

@@ -202,11 +202,11 @@ class StageService:
         events = msg.events
         self.runner.apply(events)
         pruned: dict[str, set[int]] = {}
+        ended = [e.request_id for e in events if e.kind == "finish"]
         for e in events:
             if e.kind == "prune":
                 pruned.setdefault(e.request_id, set()).update(e.node_ids)
-            elif e.kind == "finish":
-                self.finished.add(e.request_id)
+        self.finished.update(ended)
         if self.cfg.rank == 0:
             batch = MicroBatch(msg.batch_id, msg.rows())
         else:
@@ -224,9 +224,20 @@ class StageService:
                                node_ids=[r.node_id for r in out.rows], targets=out.targets, logprobs=out.logprobs,
                                compute_s=self.compute_s, epoch=self.run_.epoch)
             self.scheduler.send(verify)
+        self._forget(ended)
         if len(self.timings) >= 64 or not batch.rows:  # off the critical path: after this step's output
             self.flush_timings()
         self.report_stats()
+
+    def _forget(self, ended: list[str]) -> None:
+        """Requests the scheduler ended in this step leave this stage's books. Their last rows are gone: the
+        stage before applied the same finish in this step, so it sends none of them, and this step dropped
+        what it had sent before. Kept, a long-running stage would hold every request id it ever served."""
+        for rid in ended:
+            slot = self.slots.pop(rid, None)
+            if slot is not None and self.ids.get(slot) == rid:
+                del self.ids[slot]
+            self.finished.discard(rid)
 
     def _forward(self, step: int, batch: MicroBatch):
         """Compute. A request the runner could not compute fails alone (the runner left its rows out); a failure

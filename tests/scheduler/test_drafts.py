@@ -8,6 +8,7 @@ from scheduler.drafts import DraftChannel
 from scheduler.scheduler import Request, Scheduler
 from shared.transport.redis_io import RedisConfig
 from shared.types.config import EngineConfig, PolicyConfig
+from shared.types.errors import ConfigError
 from shared.wire.messages import ExpansionJobMsg, ProposalsMsg, decode
 
 pytestmark = pytest.mark.unit
@@ -23,7 +24,8 @@ PACES = {
 def test_a_forward_reported_with_its_proposals_sets_the_draft_pace(case) -> None:
     waits, learnt = PACES[case]
     scheduler = Scheduler(PolicyConfig("specpipe", 4, 2, draft_waits=waits), EngineConfig(), context_limit=4096)
-    channel = DraftChannel(None, RedisConfig(), scheduler, wait_s=0.0, receive=lambda timeout_ms: None)
+    wait_s = 0.5 if waits else 0.0
+    channel = DraftChannel(None, RedisConfig(), scheduler, wait_s, receive=lambda timeout_ms: None)
     channel.take(ProposalsMsg("gone", 3, [7], [-0.1], forward_nodes=4, forward_s=0.3))  # its request has ended
     channel.take(ProposalsMsg("gone", 4, [8], [-0.2]))  # the same forward's other answers carry nothing
     channel.draft(epoch=0)
@@ -54,7 +56,7 @@ def test_an_admitted_request_sends_its_prompt_to_the_drafts_with_the_next_jobs(p
     request = Request("r", (5, 17, 99, 3), max_new_tokens=8)
     scheduler.add_request(request)
     redis = Streams()
-    channel = DraftChannel(redis, RedisConfig(), scheduler, wait_s=0.0, receive=lambda timeout_ms: None)
+    channel = DraftChannel(redis, RedisConfig(), scheduler, wait_s=1.0, receive=lambda timeout_ms: None)
     channel.admitted(epoch=3, request=request)
     channel.ask(epoch=3, pipe=redis)
     jobs = [m for _, m in redis.added if isinstance(m, ExpansionJobMsg)]
@@ -66,3 +68,17 @@ def test_an_admitted_request_sends_its_prompt_to_the_drafts_with_the_next_jobs(p
     assert not channel.awaiting
     channel.ask(epoch=3, pipe=redis)
     assert len([m for _, m in redis.added if isinstance(m, ExpansionJobMsg)]) == 1  # sent once
+
+
+# label: (the policy's draft waits, the service's draft wait in s)
+DISAGREE = {"a policy that waits, a wait of 0": (True, 0.0), "a draft beside the pipe, a wait of 1 s": (False, 1.0)}
+
+
+@pytest.mark.parametrize("case", list(DISAGREE))
+def test_the_draft_wait_and_the_policy_must_agree(case) -> None:
+    """Two settings of one fact (does the pipe wait for the draft?): the plan prices steps by the policy's, the
+    channel waits by its own, so a channel that disagrees is refused."""
+    waits, wait_s = DISAGREE[case]
+    scheduler = Scheduler(PolicyConfig("specpipe", 4, 2, draft_waits=waits), EngineConfig(), context_limit=4096)
+    with pytest.raises(ConfigError, match="draft wait"):
+        DraftChannel(None, RedisConfig(), scheduler, wait_s=wait_s, receive=lambda timeout_ms: None)
