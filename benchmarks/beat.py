@@ -76,7 +76,7 @@ def measure(args: argparse.Namespace, stages: int, policy: str, requests: int) -
     overhead = [1000 * (b.start - a.start - compute(a)) for a, b in full]
     mean = 1000 * statistics.fmean([b.start - a.start - compute(a) for a, b in chain]) if chain else None
     return {"stages": stages, "policy": policy, "requests": requests, "steps": len(chain), "full_steps": len(full),
-            "parts_p50_ms": parts(full),
+            "parts_p50_ms": parts(full, 0.5), "parts_p99_ms": parts(full, 0.99),
             "tokens": requests * args.tokens,
             "p50_ms": percentile(overhead, 0.5) if overhead else None,
             "p99_ms": percentile(overhead, 0.99) if overhead else None,
@@ -88,8 +88,8 @@ def compute(step) -> float:
     return max(end - start for start, end in step.compute)
 
 
-def parts(pairs: list) -> dict[str, float]:
-    """Where a beat goes, p50 of each part (ms): the scheduler's draft wait, its schedule() and send, the delivery
+def parts(pairs: list, q: float) -> dict[str, float]:
+    """Where a beat goes, the q-quantile of each part (ms): the scheduler's draft wait, its schedule() and send, the delivery
     (the step sent -> the last stage to start computing starts), the stages' round trip beyond the compute (sent
     -> verification back, minus the step's longest forward), update_from_output, and the rest of the loop (the
     shadow's Redis work that outlasted the compute, telemetry) until the next step starts."""
@@ -101,7 +101,7 @@ def parts(pairs: list) -> dict[str, float]:
         "update": [a.end - a.verified for a, _ in pairs],
         "loop": [b.start - a.end for a, b in pairs],
     }
-    return {name: round(1000 * percentile(values, 0.5), 3) for name, values in spans.items() if values}
+    return {name: round(1000 * percentile(values, q), 3) for name, values in spans.items() if values}
 
 
 def _ms(v: float | None) -> str:
@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                     run = runs[-1]
                     print(f"{stages} stages {policy:8s} {requests:3d} requests: {run['steps']} steps "
                           f"({run['full_steps']} full), overhead p50 {_ms(run['p50_ms'])} p99 {_ms(run['p99_ms'])} "
-                          f"mean {_ms(run['mean_ms'])}; p50 parts {run['parts_p50_ms']}",
+                          f"mean {_ms(run['mean_ms'])}; p50 parts {run['parts_p50_ms']}; "
+                          f"p99 parts {run['parts_p99_ms']}",
                           flush=True)
     finally:
         if redis_proc is not None:
