@@ -44,9 +44,10 @@ sent is guessed optimistically, so that a plan tries it once and learns.
 
 from __future__ import annotations
 
-import bisect
 import math
 from dataclasses import dataclass, field
+
+import numpy as np
 
 MAX_RANK = 8  # acceptance is counted for a level's 8 best-scored nodes (rank 7 = 8th best or worse)
 PRIOR_WEIGHT = 4.0  # verifications' worth of the pooled acceptance in one request's estimate
@@ -88,9 +89,7 @@ class Acceptance:
 def tokens_per_step(alpha: float, stages: int, refill: int, pace: float = 1.0) -> float:
     """Expected tokens a streaming request yields per pipeline step (module docstring); `pace`: steps per
     streamed level, where the draft runs beside the pipe unwaited and is slower than a step."""
-    a = min(max(alpha, 0.0), MAX_ALPHA)
-    tail = a ** (refill + 1) / (1 - a)
-    return ((1 - a ** (refill + 1)) / (1 - a) + tail) / (stages + pace * tail)
+    return float(_tokens(np.asarray(float(alpha)), np.ones((), dtype=int), stages, refill, pace))
 
 
 @dataclass
@@ -105,7 +104,7 @@ class StepCosts:
     points: dict[int, tuple[float, float]] = field(default_factory=dict)  # bucket -> (rows, seconds) averages
     unknown: float = 1.0  # seconds assumed before any step is measured
     flat_below: bool = False  # narrower than measured: as dear as the narrowest (a forward's fixed cost, as a draft's)
-    _fit: tuple[list[tuple[float, float]], float, float] | None = None  # sorted points and their line, cached
+    _fit: tuple | None = field(default=None, compare=False, repr=False)  # the points' rows, seconds, line: cached
 
     @classmethod
     def draft(cls) -> StepCosts:
@@ -125,23 +124,28 @@ class StepCosts:
 
     def __call__(self, rows: float) -> float:
         """Expected seconds of a step under a plan that sends `rows` rows per step (1.0 when nothing is known)."""
+        return float(self.many(np.array([rows], dtype=float))[0])
+
+    def many(self, rows: np.ndarray) -> np.ndarray:
+        """__call__ at every element of `rows` at once (the plan prices all its candidate plans in one go)."""
         if not self.points:
-            return self.unknown
+            return np.full(rows.shape, self.unknown)
         if self._fit is None:
             pts = sorted(self.points.values())
-            self._fit = (pts, *_line(pts))
-        pts, slope, intercept = self._fit
-        (x0, y0), xn = pts[0], pts[-1][0]
-        if rows < x0 and self.flat_below:
-            return y0
-        if rows < x0:  # narrower than anything measured: no dearer per row than at x0
-            proportional = y0 * max(rows, 1) / x0
-            return proportional if len(pts) == 1 else max(intercept + slope * rows, proportional)
-        if rows > xn:  # wider: the line (flat with one point)
-            return intercept + slope * rows
-        i = bisect.bisect_left([x for x, _ in pts], rows)  # pts[i - 1] < rows <= pts[i]
-        (xa, ya), (xb, yb) = pts[max(i - 1, 0)], pts[i]
-        return yb if xb == xa else ya + (yb - ya) * (rows - xa) / (xb - xa)
+            self._fit = (np.array([x for x, _ in pts]), np.array([y for _, y in pts]), *_line(pts))
+        xs, ys, slope, intercept = self._fit
+        line = intercept + slope * rows
+        if self.flat_below:
+            below = np.full(rows.shape, ys[0])
+        else:  # narrower than anything measured: no dearer per row than at the narrowest
+            proportional = ys[0] * np.maximum(rows, 1) / xs[0]
+            below = proportional if len(xs) == 1 else np.maximum(line, proportional)
+        i = np.clip(np.searchsorted(xs, rows, side="left"), 0, len(xs) - 1)  # xs[i - 1] < rows <= xs[i]
+        a = np.maximum(i - 1, 0)
+        xa, ya, xb, yb = xs[a], ys[a], xs[i], ys[i]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            between = np.where(xb == xa, yb, ya + (yb - ya) * (rows - xa) / (xb - xa))
+        return np.where(rows < xs[0], below, np.where(rows > xs[-1], line, between))
 
 
 def _line(pts: list[tuple[float, float]]) -> tuple[float, float]:
@@ -161,17 +165,6 @@ class Candidate:
     max_width: int  # its policy's width, capped by its share of the token budget
     alphas: tuple[float, ...]  # P(accept a level) at widths 1..max_width
     max_refill: int  # its policy's refill depth
-
-    def gain(self, width: int, refill: int, stages: int, pace: float = 1.0) -> float:
-        """Tokens per step at this width (0: its root alone, as PP), refill depth and draft pace."""
-        if width == 0:
-            return 1 / stages
-        return tokens_per_step(self.alphas[width - 1], stages, min(refill, self.max_refill), pace)
-
-    def miss_rate(self, width: int, refill: int, stages: int) -> float:
-        """Misses per step when speculating (one per cycle of N + streamed steps, module docstring)."""
-        a = min(self.alphas[width - 1], MAX_ALPHA)
-        return 1 / (stages + a ** (min(refill, self.max_refill) + 1) / (1 - a))
 
 
 @dataclass(frozen=True)
@@ -207,46 +200,100 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
     informed = bool(costs.points)  # a step's cost is known (else the plan is made again once it is)
     if not candidates:
         return WidthPlan({}, 0, step, informed)
-    stages = max(stages, 1)
-    refill_costs = refill_costs or StepCosts(unknown=0.0)
-
-    def roots(k: int) -> int:  # rows of the requests not speculating, as PP: each root once every `stages` steps
-        return math.ceil((len(candidates) - k) / stages)
-
-    base = sum(c.gain(0, 0, stages) for c in candidates)
-    best, best_w, best_r, best_rows = {}, 0, 0, roots(0)
-    best_rate = base / costs(best_rows)
-    for r in range(max(c.max_refill for c in candidates) + 1 if draft_waits else 1):
-        refill = refill_costs(r) if r else 0.0
-        for w in range(1, max(c.max_width for c in candidates) + 1):
-            widths = {c.request_id: min(w, c.max_width) for c in candidates}
-            gains = {c.request_id: c.gain(widths[c.request_id], r, stages) - c.gain(0, 0, stages) for c in candidates}
-            ranked = sorted(candidates, key=lambda c: -gains[c.request_id])  # most gain first (at any pace)
-            tokens, drafted, no_miss = base, 0, 1.0
-            for k, c in enumerate(ranked, start=1):
-                drafted += widths[c.request_id]
-                if draft_waits:
-                    tokens += gains[c.request_id]
-                    no_miss *= 1 - c.miss_rate(widths[c.request_id], r, stages)
-                    rows = drafted + roots(k)
-                    seconds = max(costs(rows), draft_costs(drafted)) + (1 - no_miss) * refill
-                else:  # the pace depends on k: the speculating requests' gains at it
-                    seconds, pace, rows = _beside(costs, draft_costs, drafted, roots(k))
-                    tokens = base - k / stages + sum(x.gain(widths[x.request_id], 0, stages, pace) for x in ranked[:k])
-                if (rate := tokens / seconds) >= best_rate:
-                    best, best_w, best_r, best_rate = {x.request_id: widths[x.request_id] for x in ranked[:k]}, w, r, rate
-                    best_rows = math.ceil(rows)
+    t = _Table(candidates, max(stages, 1))
+    base_rate = t.base / float(costs.many(t.roots[:1])[0])
+    if draft_waits:
+        rates, rows = _waiting(t, costs, draft_costs, refill_costs or StepCosts(unknown=0.0))
+    else:
+        rates, rows = _beside(t, costs, draft_costs)
+    best, best_w, best_r, best_rows = {}, 0, 0, int(t.roots[0])
+    if rates.size and (top := rates.max()) >= base_rate:  # the last of the best, as a scan with >= would keep
+        r, w, k = np.unravel_index(rates.size - 1 - int(np.argmax(rates.ravel()[::-1] == top)), rates.shape)
+        best = {candidates[i].request_id: int(t.widths[w, i]) for i in t.order[r, w, : k + 1]}
+        best_w, best_r, best_rows = w + 1, int(r), math.ceil(rows[r, w, k])
     informed = informed and (bool(draft_costs.points) or not best)  # a draft never measured: again once it is
     return WidthPlan({c.request_id: best.get(c.request_id, 0) for c in candidates}, best_w, step, informed,
                      best_rows, best_r)
 
 
-def _beside(costs: StepCosts, draft_costs: StepCosts, drafted: int, roots: int) -> tuple[float, float, float]:
-    """(seconds per step, steps per streamed level, rows per step) where the draft runs beside the pipe unwaited:
-    the pipe steps at its own pace, and a draft forward over the `drafted` frontier nodes that is slower than a
-    step sends each speculating request's next level only every `pace` steps (its rows spread over them)."""
-    rows = float(drafted + roots)
+class _Table:
+    """The candidates as arrays, for every refill depth r (0..R), width w (1..W) and number k of speculating
+    requests (the k that gain most, 1..n) at once: plan() prices all its plans in one go (numpy), so that a plan
+    over hundreds of requests costs a few milliseconds, not a hundred, on the step's shadow."""
+
+    def __init__(self, candidates: list[Candidate], stages: int):
+        n, top = len(candidates), max(c.max_width for c in candidates)
+        self.stages = stages
+        self.max_refill = np.array([c.max_refill for c in candidates])  # [n]
+        self.widths = np.minimum(np.arange(1, top + 1)[:, None], [c.max_width for c in candidates])  # [W, n]
+        self.alphas = np.array([[c.alphas[x - 1] if x else 0.0 for c, x in zip(candidates, row)]
+                                for row in self.widths.tolist()]).reshape(top, n)  # [W, n] P(accept) at that width
+        self.base = sum(1 / stages for _ in candidates)  # tokens per step with nobody speculating, summed as a scan
+        self.roots = np.ceil((n - np.arange(n + 1)) / stages)  # [n + 1] rows of the n - k requests sending roots
+        self.order = np.zeros((0, top, n), dtype=int)  # the last pricing's requests by gain, most first
+
+    def rank(self, gains: np.ndarray) -> np.ndarray:
+        """Order the requests by gain (most first; ties: the candidates' order) and keep the order."""
+        self.order = np.argsort(-gains, axis=-1, kind="stable")
+        return self.order
+
+
+def _tokens(alphas: np.ndarray, widths: np.ndarray, stages: int, refill, pace=1.0) -> np.ndarray:
+    """tokens_per_step of each request at its width, broadcast over refill depth and pace; a request at width 0
+    yields its root's 1 / stages."""
+    a = np.clip(alphas, 0.0, MAX_ALPHA)
+    tail = a ** (refill + 1) / (1 - a)
+    return np.where(widths > 0, ((1 - a ** (refill + 1)) / (1 - a) + tail) / (stages + pace * tail), 1 / stages)
+
+
+def _misses(alphas: np.ndarray, widths: np.ndarray, stages: int, refill) -> np.ndarray:
+    """Misses per step of each request speculating (one per cycle of N + streamed steps); none at width 0."""
+    a = np.minimum(alphas, MAX_ALPHA)
+    return np.where(widths > 0, 1 / (stages + a ** (refill + 1) / (1 - a)), 0.0)
+
+
+def _waiting(t: _Table, costs: StepCosts, draft_costs: StepCosts, refill_costs: StepCosts):
+    """(tokens per second, rows per step) of every plan [R + 1, W, n] where the pipe waits for the draft: a step
+    costs the pipe's and the draft's forward over the drafted nodes, whichever is longer, plus the refill's
+    drafting when a speculating request misses in it."""
+    refill = np.minimum(np.arange(int(t.max_refill.max()) + 1)[:, None, None], t.max_refill)  # [R + 1, 1, n]
+    gains = _tokens(t.alphas, t.widths, t.stages, refill) - 1 / t.stages  # [R + 1, W, n] (exactly 0 at width 0)
+    order = t.rank(gains)
+    tokens = _running(np.take_along_axis(gains, order, -1), t.base)
+    drafted = np.cumsum(np.take_along_axis(np.broadcast_to(t.widths, gains.shape), order, -1), axis=-1)
+    misses = np.take_along_axis(np.broadcast_to(_misses(t.alphas, t.widths, t.stages, refill), gains.shape), order, -1)
+    no_miss = np.cumprod(1 - misses, axis=-1)
+    rows = drafted + t.roots[1:]
+    extra = np.array([refill_costs(r) if r else 0.0 for r in range(refill.shape[0])])[:, None, None]
+    seconds = np.maximum(costs.many(rows), draft_costs.many(drafted)) + (1 - no_miss) * extra
+    return tokens / seconds, rows
+
+
+def _beside(t: _Table, costs: StepCosts, draft_costs: StepCosts):
+    """(tokens per second, rows per step) of every plan [1, W, n] where the draft runs beside the pipe unwaited:
+    the pipe steps at its own pace, and a draft forward over the drafted frontier nodes that is slower than a step
+    sends each speculating request's next level only every `pace` steps (its rows spread over them). The pace
+    depends on k, so the k requests' tokens are summed at each k's own pace (an [n, n] table per width)."""
+    n = t.widths.shape[1]
+    order = t.rank((_tokens(t.alphas, t.widths, t.stages, 0) - 1 / t.stages)[None])[0]  # [W, n] ranked at pace 1
+    drafted = np.cumsum(np.take_along_axis(t.widths, order, -1), axis=-1).astype(float)  # [W, n]
+    rows = drafted + t.roots[1:]
     for _ in range(2):  # the step's cost and the pace depend on each other: two rounds settle it
-        pace = max(1.0, draft_costs(drafted) / max(costs(rows), 1e-9))
-        rows = drafted / pace + roots
-    return costs(rows), pace, rows
+        pace = np.maximum(1.0, draft_costs.many(drafted) / np.maximum(costs.many(rows), 1e-9))
+        rows = drafted / pace + t.roots[1:]
+    seconds = costs.many(rows)
+    k = np.arange(1, n + 1)
+    rates = np.empty(drafted.shape)
+    for w in range(drafted.shape[0]):
+        ranked = order[w]
+        at_pace = _tokens(t.alphas[w, ranked], t.widths[w, ranked], t.stages, 0, pace[w][:, None])  # [k, j]: the
+        # j-th ranked request's tokens at the pace of k speculating
+        taken = np.cumsum(np.where(k[None, :] <= k[:, None], at_pace, 0.0), axis=-1)[:, -1]  # the k first
+        rates[w] = (t.base - k / t.stages + taken) / seconds[w]
+    return rates[None], rows[None]
+
+
+def _running(values: np.ndarray, start: float) -> np.ndarray:
+    """start + values[..., 0] + values[..., 1] + ..., summed left to right as a scan would (cumsum)."""
+    head = np.full((*values.shape[:-1], 1), start)
+    return np.cumsum(np.concatenate([head, values], axis=-1), axis=-1)[..., 1:]
