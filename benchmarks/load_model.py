@@ -40,7 +40,7 @@ class LoadModelConfig:
     seed: int = 0
     draft_dtype: str = "float32"
     width_rule: str = "cost"  # specpipe's (PolicyConfig.width_rule); "budget" is the rule before the cost plan
-    draft_waits: bool = True  # specpipe's (PolicyConfig.draft_waits); False: the draft runs beside, unwaited
+    draft_waits: bool | None = True  # specpipe's (PolicyConfig.draft_waits); False: beside, None: the plan chooses
 
 
 def _summary(run: ModeledRun) -> dict:
@@ -168,14 +168,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="a folder of prompt files (*.jsonl)")
     p.add_argument("--prompts-per-file", type=int, default=1)
     p.add_argument("--rules", default="cost,budget", help="specpipe's width rules to run")
-    p.add_argument("--draft-beside", action="store_true",
-                   help="specpipe never waits for the draft: it runs beside the pipe, a level enters once drafted")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--draft-beside", action="store_true",
+                      help="specpipe never waits for the draft: it runs beside the pipe, a level enters once drafted")
+    mode.add_argument("--draft-auto", action="store_true",
+                      help="specpipe's width plan chooses, plan by plan, between waiting for the draft and not")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/load-model"))
     a = p.parse_args(argv)
     cfg = LoadModelConfig(a.model, a.draft, a.stages, a.width, a.refill_depth, a.tokens, a.requests,
                           tuple(int(c) for c in a.concurrency.split(",")),
                           tuple(float(r) for r in a.rates.split(",") if r), a.out / "runs", draft_dtype=a.draft_dtype,
-                          draft_waits=not a.draft_beside)
+                          draft_waits=None if a.draft_auto else not a.draft_beside)
     prompts = [ids for w in workloads_of(a.model, sorted(a.prompts.glob("*.jsonl")), a.prompts_per_file)
                for _, ids in w.prompts]
     rows = width_rules(cfg, CostModel.load(a.costs), prompts, tuple(a.rules.split(",")))

@@ -138,11 +138,12 @@ def run_modeled(pipe: InProcessPipeline, clock: StepClock | None, requests: list
                 max_steps: int = 1_000_000) -> ModeledRun:
     """Serve `requests` at `arrivals` (open loop) or `concurrency` at a time (closed loop).
 
-    With clock=None every step counts zero seconds (only the step records matter). A policy whose pipe never
-    waits for the draft (PolicyConfig.draft_waits=False) gets the draft beside it on this clock (DraftLane).
+    With clock=None every step counts zero seconds (only the step records matter). A policy whose pipe may run
+    without waiting for the draft (PolicyConfig.draft_waits False, or None: the width plan chooses) gets the
+    draft beside it on this clock (DraftLane).
     """
     pipe.trace_enabled = True
-    if clock and not pipe.scheduler.policy.draft_waits:
+    if clock and pipe.scheduler.policy.draft_waits is not True:
         pipe.lane = DraftLane(clock.draft_forward, pipe.scheduler.observe_draft)
     pending = list(zip(arrivals or [0.0] * len(requests), requests))
     times: dict[str, RequestTimes] = {}
@@ -169,6 +170,9 @@ def run_modeled(pipe: InProcessPipeline, clock: StepClock | None, requests: list
         seconds, bound = 0.0, False
         if clock:  # as the services report their measured beats and draft waits
             pipe_s, draft_s = clock.parts(records[-1])
+            if pipe.lane is not None and draft_s:  # a waiting step's drafting queues behind the lane's: one device
+                draft_s += max(pipe.lane.free_at - now, 0.0)
+                pipe.lane.free_at = now + draft_s
             seconds, bound = clock.combine(pipe_s, draft_s)
             pipe.scheduler.observe_step(seconds, seconds - pipe_s if bound else 0.0)
             if pipe.lane is not None and pipe.lane.pending and not any(records[-1].rows):

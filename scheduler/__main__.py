@@ -22,6 +22,8 @@ from shared.service_args import (
 )
 from shared.types.config import ModelArch
 
+DRAFT_MODES = {"auto": None, "wait": True, "beside": False}  # --draft-mode -> PolicyConfig.draft_waits
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scheduler")
@@ -31,9 +33,12 @@ def parser() -> argparse.ArgumentParser:
     add_policy_args(p)
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--kv-slots", type=int, default=1 << 16)
+    p.add_argument("--draft-mode", choices=tuple(DRAFT_MODES), default="auto",
+                   help="wait: each step waits (bounded) for the level drafted meanwhile and a refill's levels; "
+                        "beside: never (a level enters once drafted, the width plan prices the draft's pace); "
+                        "auto: the width plan chooses, plan by plan, from the measured costs (cost rule)")
     p.add_argument("--draft-wait-ms", type=float, default=1000.0,
-                   help="wait up to this long for the draft's proposals before each step (0: never wait; a level "
-                        "enters once drafted, and the width plan prices the draft's pace instead)")
+                   help="a waiting step waits up to this long for the draft's proposals (0: --draft-mode beside)")
     p.add_argument("--trace-steps", action="store_true",
                    help="also write every StepMsg to the Redis `steps` stream, off the beat (tests, debugging)")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds (tests)")
@@ -45,10 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def serve() -> None:
         arch = ModelArch.from_model_dir(resolve_model(args.model))
-        policy = replace(policy_config(args), draft_waits=args.draft_wait_ms > 0)  # 0: the draft runs beside
+        waits = DRAFT_MODES[args.draft_mode] if args.draft_wait_ms > 0 else False  # a wait of 0: never wait
+        policy = replace(policy_config(args), draft_waits=waits)
         scheduler = Scheduler(policy, engine_config(args), context_limit=arch.max_positions)
         cfg = SchedulerServiceConfig(redis_config(args), args.stages, AdmissionConfig(args.max_queue, args.kv_slots),
-                                     draft_wait_s=args.draft_wait_ms / 1000, control=control_config(args),
+                                     draft_wait_s=0.0 if waits is False else args.draft_wait_ms / 1000,
+                                     control=control_config(args),
                                      trace_steps=args.trace_steps)
         SchedulerService(cfg, scheduler, frozenset(arch.eos_token_ids)).run(args.idle_exit)
 

@@ -41,10 +41,10 @@ class DraftChannel:
                  receive: Callable[[int | None], None]):
         """`receive(timeout_ms)` polls the control inbox (None: no wait) and hands proposals to `take`. A wait of
         0 is the policy's draft beside the pipe (PolicyConfig.draft_waits=False): the width plan prices the steps
-        by it, so the two must say the same."""
-        if (wait_s > 0) != scheduler.policy.draft_waits:
+        by it, so the two must say the same; where the plan chooses (None), `wait_s` bounds its waiting steps."""
+        if (wait_s > 0) != (scheduler.policy.draft_waits is not False):
             raise ConfigError(f"a draft wait of {1000 * wait_s:g} ms, but the policy's draft "
-                              f"{'waits' if scheduler.policy.draft_waits else 'runs beside the pipe'}")
+                              f"{'runs beside the pipe' if scheduler.policy.draft_waits is False else 'may be waited for'}")
         self.r, self.cfg, self.scheduler, self.wait_s, self.receive = r, cfg, scheduler, wait_s, receive
         self.alive = True  # some draft worker beats: without one, nothing is asked or waited for
         self.awaiting: set[tuple[str, int]] = set()  # (request, node) of the jobs published and not answered
@@ -96,7 +96,7 @@ class DraftChannel:
         if not self.alive:
             self.awaiting.clear()
             return start, start
-        deadline = start + self.wait_s
+        deadline = start + (self.wait_s if self.scheduler.waits_for_draft() else 0.0)  # 0: ask, never wait
         while self._wait(deadline) and self.ask(epoch):
             pass
         self.awaiting.clear()  # a job not answered in time is used whenever it arrives, never waited for again

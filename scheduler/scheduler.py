@@ -129,6 +129,7 @@ class Scheduler:
         self._refill_sent = 0  # drafted levels of the deepest refill in the batch just scheduled
         self._drafting = 0  # the most nodes one round of expansion jobs asked since the last schedule()
         self._drafted = 0  # ... before the batch just scheduled: the draft's cost key (0: nothing drafted for it)
+        self._waited = policy.draft_waits is not False  # ... and whether the pipe waited for that drafting
         self.acceptance = Acceptance()  # pooled over every request so far: the prior of each one's estimate
         self._plan: WidthPlan | None = None  # the cost rule's widths, made again every 2 x `stages` steps
         self._planned_rows: deque[int] = deque(maxlen=max(policy.stages, 1))  # cost keys of the batches in the pipe
@@ -185,7 +186,7 @@ class Scheduler:
             return
         key, drafted = max(self._planned_rows), self._drafted
         self.costs.observe(key, seconds - draft_wait)
-        if not drafted or not self.policy.draft_waits:  # unwaited, the draft reports its forwards (observe_draft)
+        if not drafted or not self._waited:  # unwaited, the draft reports its forwards (observe_draft)
             return
         if self._refill_sent:
             self.refill_costs.observe(self._refill_sent, max(seconds - self._drafted_step(key, drafted), 0.0))
@@ -194,9 +195,16 @@ class Scheduler:
 
     def observe_draft(self, nodes: int, seconds: float) -> None:
         """One draft forward over `nodes` frontier nodes, timed where it ran: the width plan's draft pace where the
-        pipe never waits for the draft (where it waits, the draft's cost is what the steps it paced took)."""
-        if not self.policy.draft_waits:
+        pipe does not wait for the draft now (where it waits, the draft's cost is what the steps it paced took)."""
+        if not self.waits_for_draft():
             self.draft_costs.observe(nodes, seconds)
+
+    def waits_for_draft(self) -> bool:
+        """Whether the pipe waits for the draft's levels now: the policy's choice, or where it leaves it to the
+        width plan (PolicyConfig.draft_waits=None), the plan in force (waiting until one is made)."""
+        if self.policy.draft_waits is not None:
+            return self.policy.draft_waits
+        return self._plan.waits if self._plan is not None else True
 
     def _drafted_step(self, rows: int, drafted: int) -> float:
         """Expected seconds of a step of `rows` rows while the draft expands `drafted` nodes."""
@@ -321,6 +329,7 @@ class Scheduler:
     def schedule(self) -> MicroBatch:
         """One micro-batch: decoding requests first (latency), then prefill chunks, within the budget."""
         self.step += 1
+        self._waited = self.waits_for_draft()  # the drafting before this batch ran under the plan made before it
         if self._plan is not None and self._plan_due(self.step):
             self._plan = None
         rows: list[Row] = []

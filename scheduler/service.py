@@ -73,6 +73,7 @@ class SchedulerServiceConfig:
     # step (the draft expands level t while the stages compute step t, so a draft about as fast as a step is
     # ready in time). 0 never waits: the draft runs beside the pipe and a level enters once drafted (a draft
     # slower than a step then streams a level every few steps; the width plan prices that pace, PolicyConfig).
+    # Where the policy leaves it to the width plan (draft_waits=None), this bounds the steps of plans that wait.
     draft_wait_s: float = 1.0
     # A request the scheduler before this one took and never finished is queued again when it is younger than
     # this and none of its output went out; otherwise it is failed cleanly (its client is gone or has part of it).
@@ -122,7 +123,8 @@ class SchedulerService:
         self.start()
         start_heartbeat(self.cfg.redis, "scheduler")
         p = self.scheduler.policy
-        log.info("scheduler ready: %s, %d stages, width %d, draft wait %.0f ms", p.name, p.stages, p.width,
+        mode = {True: "waits", False: "beside the pipe", None: "chosen by the width plan"}[p.draft_waits]
+        log.info("scheduler ready: %s, %d stages, width %d, draft %s (wait %.0f ms)", p.name, p.stages, p.width, mode,
                  1000 * self.cfg.draft_wait_s)
         idle_since = time.monotonic()
         try:

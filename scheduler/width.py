@@ -175,6 +175,7 @@ class WidthPlan:
     informed: bool = True  # made knowing some step's cost; if not, it is made again once one is known
     rows: int = 0  # rows per step it sends (speculating requests' widths, the others' roots): its cost's key
     refill: int = 1 << 30  # drafted levels a speculating request's refill carries (capped by its policy's)
+    waits: bool = True  # the pipe waits for the draft's levels (False: the draft runs beside it, never waited for)
 
     def width_of(self, request_id: str) -> int:
         return self.widths.get(request_id, self.default)
@@ -182,7 +183,7 @@ class WidthPlan:
 
 def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int = 0,
          draft_costs: StepCosts | None = None, refill_costs: StepCosts | None = None,
-         draft_waits: bool = True) -> WidthPlan:
+         draft_waits: bool | None = True) -> WidthPlan:
     """Widths and refill depth that maximise expected tokens per second of the whole batch (ties: the wider,
     deeper plan).
 
@@ -195,25 +196,28 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
 
     draft_waits=False: the pipe never waits for the draft (it runs beside, and a level enters when drafted), so a
     step costs the pipe's alone, a draft slower than a step streams each request's levels every `pace` steps
-    (_beside), and a refill carries the bonus token alone (r = 0: nothing below it is drafted yet)."""
+    (_beside), and a refill carries the bonus token alone (r = 0: nothing below it is drafted yet).
+
+    draft_waits=None: both, and the better one (waiting on a tie): the plan says which (WidthPlan.waits). A draft
+    about as fast as a step is best waited for (its refills carry drafted levels); a slower one is best beside."""
     draft_costs = draft_costs or StepCosts.draft()
     informed = bool(costs.points)  # a step's cost is known (else the plan is made again once it is)
     if not candidates:
         return WidthPlan({}, 0, step, informed)
     t = _Table(candidates, max(stages, 1))
-    base_rate = t.base / float(costs.many(t.roots[:1])[0])
-    if draft_waits:
-        rates, rows = _waiting(t, costs, draft_costs, refill_costs or StepCosts(unknown=0.0))
-    else:
-        rates, rows = _beside(t, costs, draft_costs)
-    best, best_w, best_r, best_rows = {}, 0, 0, int(t.roots[0])
-    if rates.size and (top := rates.max()) >= base_rate:  # the last of the best, as a scan with >= would keep
+    best_rate = t.base / float(costs.many(t.roots[:1])[0])  # nobody speculating
+    best, best_w, best_r, best_rows, waits = {}, 0, 0, int(t.roots[0]), draft_waits is not False
+    for mode in (True, False) if draft_waits is None else (draft_waits,):  # waiting first: it wins a tie
+        rates, rows, order = (_waiting(t, costs, draft_costs, refill_costs or StepCosts(unknown=0.0)) if mode
+                              else _beside(t, costs, draft_costs))
+        if not rates.size or (top := rates.max()) < best_rate or (best and top == best_rate):
+            continue
         r, w, k = np.unravel_index(rates.size - 1 - int(np.argmax(rates.ravel()[::-1] == top)), rates.shape)
-        best = {candidates[i].request_id: int(t.widths[w, i]) for i in t.order[r, w, : k + 1]}
-        best_w, best_r, best_rows = w + 1, int(r), math.ceil(rows[r, w, k])
+        best = {candidates[i].request_id: int(t.widths[w, i]) for i in order[r, w, : k + 1]}  # the last of the
+        best_w, best_r, best_rows, best_rate, waits = w + 1, int(r), math.ceil(rows[r, w, k]), top, mode  # best
     informed = informed and (bool(draft_costs.points) or not best)  # a draft never measured: again once it is
     return WidthPlan({c.request_id: best.get(c.request_id, 0) for c in candidates}, best_w, step, informed,
-                     best_rows, best_r)
+                     best_rows, best_r, waits)
 
 
 class _Table:
@@ -230,12 +234,6 @@ class _Table:
                                 for row in self.widths.tolist()]).reshape(top, n)  # [W, n] P(accept) at that width
         self.base = sum(1 / stages for _ in candidates)  # tokens per step with nobody speculating, summed as a scan
         self.roots = np.ceil((n - np.arange(n + 1)) / stages)  # [n + 1] rows of the n - k requests sending roots
-        self.order = np.zeros((0, top, n), dtype=int)  # the last pricing's requests by gain, most first
-
-    def rank(self, gains: np.ndarray) -> np.ndarray:
-        """Order the requests by gain (most first; ties: the candidates' order) and keep the order."""
-        self.order = np.argsort(-gains, axis=-1, kind="stable")
-        return self.order
 
 
 def _tokens(alphas: np.ndarray, widths: np.ndarray, stages: int, refill, pace=1.0) -> np.ndarray:
@@ -258,7 +256,7 @@ def _waiting(t: _Table, costs: StepCosts, draft_costs: StepCosts, refill_costs: 
     drafting when a speculating request misses in it."""
     refill = np.minimum(np.arange(int(t.max_refill.max()) + 1)[:, None, None], t.max_refill)  # [R + 1, 1, n]
     gains = _tokens(t.alphas, t.widths, t.stages, refill) - 1 / t.stages  # [R + 1, W, n] (exactly 0 at width 0)
-    order = t.rank(gains)
+    order = _ranked(gains)
     tokens = _running(np.take_along_axis(gains, order, -1), t.base)
     drafted = np.cumsum(np.take_along_axis(np.broadcast_to(t.widths, gains.shape), order, -1), axis=-1)
     misses = np.take_along_axis(np.broadcast_to(_misses(t.alphas, t.widths, t.stages, refill), gains.shape), order, -1)
@@ -266,7 +264,7 @@ def _waiting(t: _Table, costs: StepCosts, draft_costs: StepCosts, refill_costs: 
     rows = drafted + t.roots[1:]
     extra = np.array([refill_costs(r) if r else 0.0 for r in range(refill.shape[0])])[:, None, None]
     seconds = np.maximum(costs.many(rows), draft_costs.many(drafted)) + (1 - no_miss) * extra
-    return tokens / seconds, rows
+    return tokens / seconds, rows, order
 
 
 def _beside(t: _Table, costs: StepCosts, draft_costs: StepCosts):
@@ -275,7 +273,7 @@ def _beside(t: _Table, costs: StepCosts, draft_costs: StepCosts):
     sends each speculating request's next level only every `pace` steps (its rows spread over them). The pace
     depends on k, so the k requests' tokens are summed at each k's own pace (an [n, n] table per width)."""
     n = t.widths.shape[1]
-    order = t.rank((_tokens(t.alphas, t.widths, t.stages, 0) - 1 / t.stages)[None])[0]  # [W, n] ranked at pace 1
+    order = _ranked(_tokens(t.alphas, t.widths, t.stages, 0) - 1 / t.stages)  # [W, n] ranked at pace 1
     drafted = np.cumsum(np.take_along_axis(t.widths, order, -1), axis=-1).astype(float)  # [W, n]
     rows = drafted + t.roots[1:]
     for _ in range(2):  # the step's cost and the pace depend on each other: two rounds settle it
@@ -290,7 +288,12 @@ def _beside(t: _Table, costs: StepCosts, draft_costs: StepCosts):
         # j-th ranked request's tokens at the pace of k speculating
         taken = np.cumsum(np.where(k[None, :] <= k[:, None], at_pace, 0.0), axis=-1)[:, -1]  # the k first
         rates[w] = (t.base - k / t.stages + taken) / seconds[w]
-    return rates[None], rows[None]
+    return rates[None], rows[None], order[None]
+
+
+def _ranked(gains: np.ndarray) -> np.ndarray:
+    """The requests by gain along the last axis, most first (ties: the candidates' order, as a stable sort)."""
+    return np.argsort(-gains, axis=-1, kind="stable")
 
 
 def _running(values: np.ndarray, start: float) -> np.ndarray:

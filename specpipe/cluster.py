@@ -315,8 +315,10 @@ def up_main(argv: list[str]) -> int:
     sch = p.add_argument_group("scheduler")
     sch.add_argument("--max-queue", type=int, default=limits.max_queue, help="waiting requests; past it 429")
     sch.add_argument("--kv-slots", type=int, default=limits.kv_slots, help="KV slots per stage for admission")
+    sch.add_argument("--draft-mode", choices=("auto", "wait", "beside"), default="auto",
+                     help="whether steps wait for the draft's levels (auto: the width plan chooses from measured costs)")
     sch.add_argument("--draft-wait-ms", type=float, default=1000.0,
-                     help="wait up to this long for the draft's proposals before each step (0: never wait)")
+                     help="a waiting step waits up to this long for the draft's proposals (0: never wait)")
     a = p.parse_args(argv)
     env_keys = env("SPECPIPE_API_KEYS")
     cfg = ClusterConfig(
@@ -328,7 +330,7 @@ def up_main(argv: list[str]) -> int:
         limits=ServiceLimits(max_queue=a.max_queue, kv_slots=a.kv_slots, max_inflight=a.max_inflight,
                              max_body_bytes=a.max_body_bytes, max_file_bytes=a.max_file_bytes,
                              request_timeout_s=a.request_timeout, max_model_len=a.max_model_len),
-        extra=("--draft-wait-ms", str(a.draft_wait_ms)),
+        extra=("--draft-mode", a.draft_mode, "--draft-wait-ms", str(a.draft_wait_ms)),
         api_keys=tuple(k.strip() for k in getattr(a, "api_keys", env_keys).split(",") if k.strip()),
         restart=RestartPolicy(a.restart),
     )

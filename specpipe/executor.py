@@ -15,7 +15,10 @@ With a DraftLane (a modeled deployment, PolicyConfig.draft_waits=False) the
 draft is never waited for: it runs beside the pipe on its own clock, each
 forward starting when the last one ended, and its proposals reach the
 scheduler at the first step that starts after it; a request's prompt is
-drafted from its admission, while the target prefills it.
+drafted from its admission, while the target prefills it. Where the width
+plan chooses (draft_waits=None), a step of a plan that waits drafts as
+above (1.), one of a plan that does not on the lane, and whatever the lane
+still computes reaches the scheduler when it ends, under either.
 """
 
 from __future__ import annotations
@@ -103,9 +106,12 @@ class InProcessPipeline:
         return state
 
     def step(self) -> StepResult:
-        draft_rows = self._draft() if self.lane is None else self._take_ready()
+        beside = self.lane is not None and not self.scheduler.waits_for_draft()
+        if self.lane is not None:
+            self._take_ready()
+        draft_rows = [] if beside else self._draft()
         incoming = [self.scheduler.schedule(), *self.in_flight]
-        if self.lane is not None:  # the level just sent is drafted while the stages compute
+        if beside:  # the level just sent is drafted while the stages compute
             self._draft_beside()
         outputs = [stage.forward(batch) if batch is not None else None for stage, batch in zip(self.stages, incoming)]
         self.in_flight = outputs[:-1]
@@ -128,11 +134,10 @@ class InProcessPipeline:
             rows.append(self.draft.computed_rows)
         return rows
 
-    def _take_ready(self) -> list[int]:
+    def _take_ready(self) -> None:
         """The lane's proposals that are ready by now; none of its forwards is on this step's path."""
         for request_id, node_id, proposals in self.lane.ready():
             self.scheduler.add_proposals(request_id, node_id, proposals)
-        return []
 
     def _draft_beside(self) -> None:
         """The jobs the scheduler wants now, as one forward on the lane (not on this step's critical path)."""

@@ -10,6 +10,7 @@ from benchmarks.costmodel import CostModel, ModelCost, Table1D, Table2D
 from benchmarks.load_model import LoadModelConfig, compare
 from benchmarks.load_model import run_all as load_all
 from benchmarks.tbt import TbtConfig, Workload, occupancy_columns, run_all, summarize, timed
+from scheduler.scheduler import Scheduler
 from shared.types.config import SamplingParams
 
 LAYER_S, HEAD_S, XFER_S, DRAFT_LAYER_S = 0.010, 0.004, 0.001, 0.002
@@ -96,3 +97,21 @@ def test_load_points_with_the_draft_beside_the_pipe_never_wait_for_it(tiny_dir, 
     [beside_sp] = [p for p in beside if p["policy"] == "specpipe"]
     assert waited_sp["draft_bound_steps"] > 0 and waited_sp["draft_busy_share"] == 0.0
     assert beside_sp["draft_bound_steps"] == 0 and 0.0 < beside_sp["draft_busy_share"] <= 1.0
+
+
+@pytest.mark.unit
+def test_load_points_where_the_plan_chooses_whether_to_wait_for_the_draft(tiny_dir, tmp_path, monkeypatch) -> None:
+    """draft_waits=None with the cost rule: a slow draft (a forward of about 4 steps) is measured while the pipe
+    waits for it, and the plan then runs it beside the pipe; a draft of no cost (a lookup's) is waited for
+    throughout. The tokens are plain decoding's either way."""
+    modes: list[bool] = []
+    chosen = Scheduler.waits_for_draft
+    monkeypatch.setattr(Scheduler, "waits_for_draft", lambda self: modes.append(chosen(self)) or modes[-1])
+    slow = replace(_cost(draft=True), draft=ModelCost("d", 8, _flat(LAYER_S), Table1D([1, 64], [0.0, 0.0])))
+    free = replace(_cost(draft=True), draft=None)
+    cfg = LoadModelConfig(str(tiny_dir), str(tiny_dir), 4, 3, 3, 16, 4, (2,), (), tmp_path, draft_waits=None)
+    for cost, beside in ((slow, True), (free, False)):
+        modes.clear()
+        points = load_all(replace(cfg, runs_dir=tmp_path / str(beside)), cost, [PROMPT, PROMPT[2:]], log=lambda _: None)
+        assert all(r["identical"] for r in compare(points))
+        assert modes[0] and (False in modes) == beside  # waiting until measured; then beside only if slow

@@ -116,8 +116,8 @@ def test_services_and_executor_step_alike(tmp_path, tiny_dir, case, request) -> 
     jobs = _jobs(model, model_dir)
     # a generous draft wait: an answer takes milliseconds, and a late one would change the tree
     cluster = Cluster(tmp_path, str(model_dir), stages=stages, draft=draft,
-                      extra=("--refill-depth", str(refill), "--draft-wait-ms", "20000", "--trace-steps",
-                             "--width-rule", "budget"))  # the cost rule learns from wall-clock beats
+                      extra=("--refill-depth", str(refill), "--draft-mode", "wait", "--draft-wait-ms", "20000",
+                             "--trace-steps", "--width-rule", "budget"))  # the cost rule learns from wall-clock beats
     try:
         for label, (prompt, n, sampling) in jobs.items():  # one at a time: each request's steps are its own
             s = sampling

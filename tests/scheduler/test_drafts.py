@@ -17,6 +17,7 @@ pytestmark = pytest.mark.unit
 PACES = {
     "never waits: the forward's own time is the draft's pace": (False, 0.3),
     "waits: the draft's cost is what the steps it paced took": (True, 0.0),
+    "the plan chooses, and waits until it has chosen": (None, 0.0),
 }
 
 
@@ -24,7 +25,7 @@ PACES = {
 def test_a_forward_reported_with_its_proposals_sets_the_draft_pace(case) -> None:
     waits, learnt = PACES[case]
     scheduler = Scheduler(PolicyConfig("specpipe", 4, 2, draft_waits=waits), EngineConfig(), context_limit=4096)
-    wait_s = 0.5 if waits else 0.0
+    wait_s = 0.0 if waits is False else 0.5
     channel = DraftChannel(None, RedisConfig(), scheduler, wait_s, receive=lambda timeout_ms: None)
     channel.take(ProposalsMsg("gone", 3, [7], [-0.1], forward_nodes=4, forward_s=0.3))  # its request has ended
     channel.take(ProposalsMsg("gone", 4, [8], [-0.2]))  # the same forward's other answers carry nothing
@@ -71,7 +72,8 @@ def test_an_admitted_request_sends_its_prompt_to_the_drafts_with_the_next_jobs(p
 
 
 # label: (the policy's draft waits, the service's draft wait in s)
-DISAGREE = {"a policy that waits, a wait of 0": (True, 0.0), "a draft beside the pipe, a wait of 1 s": (False, 1.0)}
+DISAGREE = {"a policy that waits, a wait of 0": (True, 0.0), "a draft beside the pipe, a wait of 1 s": (False, 1.0),
+            "a plan that may wait, a wait of 0": (None, 0.0)}
 
 
 @pytest.mark.parametrize("case", list(DISAGREE))

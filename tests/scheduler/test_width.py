@@ -169,6 +169,29 @@ def test_plan_prices_the_pace_of_a_draft_beside_the_pipe(case) -> None:
     assert seconds is None or not any(waited.widths.values())  # had the pipe waited, PP would be faster
 
 
+AUTO = {
+    # label: (a draft forward's seconds over 64 nodes, requests, the plan waits for the draft, expected width of each)
+    "as fast as a step: waited for (its refills carry drafted levels)": (1.0, 2, True, 4),
+    "4 steps, 8 requests: beside the pipe, where waiting would make it PP": (4.0, 8, False, 4),
+    "never measured: waited for, assumed to keep up": (None, 2, True, 4),
+    "40 steps, 8 requests: PP either way, and PP waits for nothing": (40.0, 8, True, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(AUTO))
+def test_plan_chooses_whether_the_pipe_waits_for_the_draft(case) -> None:
+    """draft_waits=None: the plan prices both and keeps the better (waiting on a tie), and says which."""
+    seconds, requests, waits, width = AUTO[case]
+    draft = StepCosts.draft()
+    if seconds is not None:
+        draft.observe(64, seconds)
+    candidates = _candidates([0.6] * requests)
+    made = plan(candidates, _costs(0.0), 8, draft_costs=draft, draft_waits=None)
+    assert made.waits == waits and made.widths == {f"r{i}": width for i in range(requests)}
+    same = plan(candidates, _costs(0.0), 8, draft_costs=draft, draft_waits=waits)
+    assert (made.widths, made.refill, made.rows) == (same.widths, same.refill, same.rows)
+
+
 REFILLS = {
     # label: (extra seconds of a refill of 3 levels, or None: never measured; expected refill depth)
     "refill drafting never measured: the deepest (the old rule)": (None, 3),
