@@ -212,9 +212,10 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
                               else _beside(t, costs, draft_costs))
         if not rates.size or (top := rates.max()) < best_rate or (best and top == best_rate):
             continue
-        r, w, k = np.unravel_index(rates.size - 1 - int(np.argmax(rates.ravel()[::-1] == top)), rates.shape)
-        best = {candidates[i].request_id: int(t.widths[w, i]) for i in order[r, w, : k + 1]}  # the last of the
-        best_w, best_r, best_rows, best_rate, waits = w + 1, int(r), math.ceil(rows[r, w, k]), top, mode  # best
+        last = rates.size - 1 - int(np.argmax(rates.ravel()[::-1] == top))  # of the best, as a scan keeps with >=
+        r, w, k = np.unravel_index(last, rates.shape)
+        best = {candidates[i].request_id: int(t.widths[w, i]) for i in order[r, w, : k + 1]}
+        best_w, best_r, best_rows, best_rate, waits = w + 1, int(r), math.ceil(rows[r, w, k]), top, mode
     informed = informed and (bool(draft_costs.points) or not best)  # a draft never measured: again once it is
     return WidthPlan({c.request_id: best.get(c.request_id, 0) for c in candidates}, best_w, step, informed,
                      best_rows, best_r, waits)
@@ -251,9 +252,10 @@ def _misses(alphas: np.ndarray, widths: np.ndarray, stages: int, refill) -> np.n
 
 
 def _waiting(t: _Table, costs: StepCosts, draft_costs: StepCosts, refill_costs: StepCosts):
-    """(tokens per second, rows per step) of every plan [R + 1, W, n] where the pipe waits for the draft: a step
-    costs the pipe's and the draft's forward over the drafted nodes, whichever is longer, plus the refill's
-    drafting when a speculating request misses in it."""
+    """(tokens per second, rows per step, the requests by gain) of every plan [R + 1, W, n] (along the last axis,
+    the k requests that gain most speculate) where the pipe waits for the draft: a step costs the pipe's and the
+    draft's forward over the drafted nodes, whichever is longer, plus the refill's drafting when a speculating
+    request misses in it."""
     refill = np.minimum(np.arange(int(t.max_refill.max()) + 1)[:, None, None], t.max_refill)  # [R + 1, 1, n]
     gains = _tokens(t.alphas, t.widths, t.stages, refill) - 1 / t.stages  # [R + 1, W, n] (exactly 0 at width 0)
     order = _ranked(gains)
@@ -268,10 +270,10 @@ def _waiting(t: _Table, costs: StepCosts, draft_costs: StepCosts, refill_costs: 
 
 
 def _beside(t: _Table, costs: StepCosts, draft_costs: StepCosts):
-    """(tokens per second, rows per step) of every plan [1, W, n] where the draft runs beside the pipe unwaited:
-    the pipe steps at its own pace, and a draft forward over the drafted frontier nodes that is slower than a step
-    sends each speculating request's next level only every `pace` steps (its rows spread over them). The pace
-    depends on k, so the k requests' tokens are summed at each k's own pace (an [n, n] table per width)."""
+    """(tokens per second, rows per step, the requests by gain) of every plan [1, W, n] where the draft runs beside
+    the pipe unwaited: the pipe steps at its own pace, and a draft forward over the drafted frontier nodes that is
+    slower than a step sends each speculating request's next level only every `pace` steps (its rows spread over
+    them). The pace depends on k, so the k requests' tokens are summed at each k's own pace ([n, n] per width)."""
     n = t.widths.shape[1]
     order = _ranked(_tokens(t.alphas, t.widths, t.stages, 0) - 1 / t.stages)  # [W, n] ranked at pace 1
     drafted = np.cumsum(np.take_along_axis(t.widths, order, -1), axis=-1).astype(float)  # [W, n]
