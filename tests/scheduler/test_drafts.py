@@ -6,6 +6,7 @@ import pytest
 
 from scheduler.drafts import DraftChannel
 from scheduler.scheduler import Request, Scheduler
+from scheduler.width import WidthPlan
 from shared.transport.redis_io import RedisConfig
 from shared.types.config import EngineConfig, PolicyConfig
 from shared.types.errors import ConfigError
@@ -84,3 +85,21 @@ def test_the_draft_wait_and_the_policy_must_agree(case) -> None:
     scheduler = Scheduler(PolicyConfig("specpipe", 4, 2, draft_waits=waits), EngineConfig(), context_limit=4096)
     with pytest.raises(ConfigError, match="draft wait"):
         DraftChannel(None, RedisConfig(), scheduler, wait_s=wait_s, receive=lambda timeout_ms: None)
+
+
+# label: (the plan in force waits for the draft, whether the channel waits for a job not yet answered)
+PLANNED = {"a plan that waits: the channel waits, up to its bound": (True, True),
+           "a plan that runs the draft beside the pipe: it never waits": (False, False)}
+
+
+@pytest.mark.parametrize("case", list(PLANNED))
+def test_where_the_plan_chooses_the_channel_waits_only_under_a_waiting_plan(case) -> None:
+    plan_waits, waits = PLANNED[case]
+    scheduler = Scheduler(PolicyConfig("specpipe", 4, 2, draft_waits=None), EngineConfig(), context_limit=4096)
+    scheduler._plan = WidthPlan({}, 0, 0, waits=plan_waits)
+    polls: list[int | None] = []
+    channel = DraftChannel(Streams(), RedisConfig(), scheduler, wait_s=0.05, receive=polls.append)
+    channel.awaiting.add(("r", 3))  # a job published during the last step, not answered yet
+    start, end = channel.draft(epoch=0)
+    assert any(t for t in polls) == waits  # polled with a timeout, or only without one
+    assert (end - start >= 0.05) == waits
