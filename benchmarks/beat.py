@@ -89,10 +89,10 @@ def compute(step) -> float:
 
 
 def parts(pairs: list, q: float) -> dict[str, float]:
-    """Where a beat goes, the q-quantile of each part (ms): the scheduler's draft wait, its schedule() and send, the delivery
-    (the step sent -> the last stage to start computing starts), the stages' round trip beyond the compute (sent
-    -> verification back, minus the step's longest forward), update_from_output, and the rest of the loop (the
-    shadow's Redis work that outlasted the compute, telemetry) until the next step starts."""
+    """Where a beat goes, the q-quantile of each part (ms): the scheduler's draft wait, its schedule() and send,
+    the delivery (the step sent -> the last stage to start computing starts), the stages' round trip beyond the
+    compute (sent -> verification back, minus the step's longest forward), update_from_output, and the rest of
+    the loop (the shadow's Redis work that outlasted the compute, telemetry) until the next step starts."""
     spans = {
         "draft_wait": [a.wait_end - a.wait_start for a, _ in pairs],
         "schedule_send": [a.published - a.wait_end + a.wait_start - a.start for a, _ in pairs],

@@ -20,9 +20,7 @@ from shared.service_args import (
     redis_config,
     run_main,
 )
-from shared.types.config import ModelArch
-
-DRAFT_MODES = {"auto": None, "wait": True, "beside": False}  # --draft-mode -> PolicyConfig.draft_waits
+from shared.types.config import DRAFT_MODES, ModelArch
 
 
 def parser() -> argparse.ArgumentParser:

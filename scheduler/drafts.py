@@ -43,8 +43,9 @@ class DraftChannel:
         0 is the policy's draft beside the pipe (PolicyConfig.draft_waits=False): the width plan prices the steps
         by it, so the two must say the same; where the plan chooses (None), `wait_s` bounds its waiting steps."""
         if (wait_s > 0) != (scheduler.policy.draft_waits is not False):
+            beside = scheduler.policy.draft_waits is False
             raise ConfigError(f"a draft wait of {1000 * wait_s:g} ms, but the policy's draft "
-                              f"{'runs beside the pipe' if scheduler.policy.draft_waits is False else 'may be waited for'}")
+                              f"{'runs beside the pipe' if beside else 'may be waited for'}")
         self.r, self.cfg, self.scheduler, self.wait_s, self.receive = r, cfg, scheduler, wait_s, receive
         self.alive = True  # some draft worker beats: without one, nothing is asked or waited for
         self.awaiting: set[tuple[str, int]] = set()  # (request, node) of the jobs published and not answered

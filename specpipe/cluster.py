@@ -23,6 +23,7 @@ from shared.service_args import add_attention_args, attention_config
 from shared.transport.redis_io import RedisConfig, connect, ensure_redis, not_alive, pipeline_components, stage_name
 from shared.types.config import (
     DEFAULT_NUMERICS,
+    DRAFT_MODES,
     DTYPES,
     LAYER_SPLIT_HELP,
     NUMERICS,
@@ -315,8 +316,8 @@ def up_main(argv: list[str]) -> int:
     sch = p.add_argument_group("scheduler")
     sch.add_argument("--max-queue", type=int, default=limits.max_queue, help="waiting requests; past it 429")
     sch.add_argument("--kv-slots", type=int, default=limits.kv_slots, help="KV slots per stage for admission")
-    sch.add_argument("--draft-mode", choices=("auto", "wait", "beside"), default="auto",
-                     help="whether steps wait for the draft's levels (auto: the width plan chooses from measured costs)")
+    sch.add_argument("--draft-mode", choices=tuple(DRAFT_MODES), default="auto",
+                     help="whether steps wait for the draft's levels (auto: the width plan chooses by cost)")
     sch.add_argument("--draft-wait-ms", type=float, default=1000.0,
                      help="a waiting step waits up to this long for the draft's proposals (0: never wait)")
     a = p.parse_args(argv)

@@ -26,6 +26,8 @@ NUMERICS_HELP = ("fast (default): one GEMM per micro-batch and batched attention
 Policy = Literal["pp", "tree", "specpipe"]
 POLICIES: tuple[str, ...] = typing.get_args(Policy)
 WIDTH_RULES = ("cost", "budget")
+# --draft-mode -> PolicyConfig.draft_waits: the pipe waits for the draft, never does, or the width plan chooses
+DRAFT_MODES: dict[str, bool | None] = {"auto": None, "wait": True, "beside": False}
 
 LAYER_SPLITS = ("balanced", "even")
 LAYER_SPLIT_HELP = ("how layers are cut into stages: balanced (default) weighs the LM head in layers' worth of weights "
