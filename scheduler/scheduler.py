@@ -53,6 +53,7 @@ class Phase(enum.Enum):
 DEPTH_BINS = 16  # accepted tokens are counted by depth 0..15 below the last bonus token (15 = 15 or deeper)
 MIN_PREFILL_ROWS = 16  # a prompt is split over the stages only into chunks of at least this many rows
 PACED = 0.05  # a step whose draft wait was more than this share of it was paced by the draft (the rest: receiving)
+STALLED = 2.0  # a waited step this many times longer than its plan priced it: the plan is made again at once
 
 
 @dataclass
@@ -124,12 +125,17 @@ class Scheduler:
         self._batch_members: dict[int, set[str]] = {}
         self.retired = RequestStats()  # counts of the requests that have left
         self.costs = StepCosts()  # the pipe's seconds per step (the draft's wait left out) by rows (observe_step)
-        self.draft_costs = StepCosts.draft()  # a level's drafting, by frontier nodes expanded
+        self.draft_costs = StepCosts.draft()  # a draft forward's own seconds, by frontier nodes expanded
+        # a waited level's drafting as long as the steps it paced took: its forward, and any queue behind the draft's
+        # other work (prompts); kept apart, so that a draft found slow to wait for is not waited for again
+        self.wait_costs = StepCosts.draft()
         self.refill_costs = StepCosts(unknown=0.0)  # extra seconds of a step whose batch carried a refill, by levels
         self._refill_sent = 0  # drafted levels of the deepest refill in the batch just scheduled
         self._drafting = 0  # the most nodes one round of expansion jobs asked since the last schedule()
         self._drafted = 0  # ... before the batch just scheduled: the draft's cost key (0: nothing drafted for it)
         self._waited = policy.draft_waits is not False  # ... and whether the pipe waited for that drafting
+        self._draft_kept_up = False  # a waited step's drafting did not pace it: the draft keeps up (a lookup)
+        self._stalled = False  # a waited step took far longer than priced (the draft's queue): plan again now
         self.acceptance = Acceptance()  # pooled over every request so far: the prior of each one's estimate
         self._plan: WidthPlan | None = None  # the cost rule's widths, made again every 2 x `stages` steps
         self._planned_rows: deque[int] = deque(maxlen=max(policy.stages, 1))  # cost keys of the batches in the pipe
@@ -178,7 +184,7 @@ class Scheduler:
         draft. The width plan learns from it (scheduler/width.py):
           - the pipe's cost, the step without the wait, keyed by the rows per step of the plan in force: the pipe
             holds the batches of the last `stages` steps, maybe of two plans, so the step is the larger one's;
-          - where the draft paced the step (it waited), the draft's forward over the plan's drafted nodes, as long
+          - where the draft paced the step (it waited), the waited drafting of the plan's drafted nodes, as long
             as the whole step; where it kept up and is believed dearer, the step as a bound;
           - where the batch carried a refill of r drafted levels, what the step took beyond the two as the cost
             of a refill of r levels."""
@@ -188,16 +194,19 @@ class Scheduler:
         self.costs.observe(key, seconds - draft_wait)
         if not drafted or not self._waited:  # unwaited, the draft reports its forwards (observe_draft)
             return
+        priced = self._drafted_step(key, drafted) + (self.refill_costs(self._refill_sent) if self._refill_sent else 0)
+        self._stalled = self._stalled or seconds > STALLED * priced
         if self._refill_sent:
             self.refill_costs.observe(self._refill_sent, max(seconds - self._drafted_step(key, drafted), 0.0))
-        elif draft_wait > PACED * seconds or self.draft_costs(drafted) > seconds:
-            self.draft_costs.observe(drafted, seconds)
+        elif draft_wait > PACED * seconds or self._waited_draft()(drafted) > seconds:
+            self.wait_costs.observe(drafted, seconds)
+        else:
+            self._draft_kept_up = True
 
     def observe_draft(self, nodes: int, seconds: float) -> None:
-        """One draft forward over `nodes` frontier nodes, timed where it ran: the width plan's draft pace where the
-        pipe does not wait for the draft now (where it waits, the draft's cost is what the steps it paced took)."""
-        if not self.waits_for_draft():
-            self.draft_costs.observe(nodes, seconds)
+        """One draft forward over `nodes` frontier nodes, timed where it ran (its own time, not its queue): the
+        width plan's draft pace beside the pipe, and its guess of a waited level until one is measured."""
+        self.draft_costs.observe(nodes, seconds)
 
     def waits_for_draft(self) -> bool:
         """Whether the pipe waits for the draft's levels now: the policy's choice, or where it leaves it to the
@@ -206,9 +215,17 @@ class Scheduler:
             return self.policy.draft_waits
         return self._plan.waits if self._plan is not None else True
 
+    def draft_known(self) -> bool:
+        """Whether the draft's pace is known: a forward measured, or a waited step it did not pace (a lookup)."""
+        return bool(self.draft_costs.points or self.wait_costs.points) or self._draft_kept_up
+
+    def _waited_draft(self) -> StepCosts:
+        """A waited level's drafting: as measured while waiting, else the draft's forwards."""
+        return self.wait_costs if self.wait_costs.points else self.draft_costs
+
     def _drafted_step(self, rows: int, drafted: int) -> float:
         """Expected seconds of a step of `rows` rows while the draft expands `drafted` nodes."""
-        return max(self.costs(rows), self.draft_costs(drafted))
+        return max(self.costs(rows), self._waited_draft()(drafted))
 
     def active(self) -> list[RequestState]:
         return [s for s in self.requests.values() if s.phase is not Phase.DONE]
@@ -286,12 +303,13 @@ class Scheduler:
     def _plan_due(self, step: int) -> bool:
         """Acceptance and costs have moved on since the plan was made, or it was made blind to cost."""
         period = 2 * self.policy.stages  # the pipe is the new plan's alone for the second half
-        learnt = bool(self.costs.points) and (bool(self.draft_costs.points) or not any(self._plan.widths.values()))
-        return step - self._plan.step >= period or (not self._plan.informed and learnt)
+        learnt = bool(self.costs.points) and (self.draft_known() or not any(self._plan.widths.values()))
+        return step - self._plan.step >= period or (not self._plan.informed and learnt) or self._stalled
 
     def _make_plan(self, decoding: int, step: int) -> WidthPlan:
         """SpecPipe-DB's widths for the decoding requests under the cost rule (scheduler/width.py)."""
         candidates, prior = [], self.acceptance.rank_rates()
+        self._stalled = False
         for state in self.active():
             if not self._uses_plan(state):
                 continue
@@ -300,7 +318,7 @@ class Scheduler:
             alphas = tuple(state.stats.acceptance.alphas(top, prior))
             candidates.append(Candidate(state.request.request_id, top, alphas, policy.refill_levels))
         return plan(candidates, self.costs, self.policy.stages, step, self.draft_costs, self.refill_costs,
-                    self.policy.draft_waits)
+                    self.policy.draft_waits, self.draft_known(), self._waited_draft())
 
     def _decoding(self) -> int:
         return sum(1 for s in self.requests.values() if s.phase is Phase.DECODE)

@@ -183,7 +183,8 @@ class WidthPlan:
 
 def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int = 0,
          draft_costs: StepCosts | None = None, refill_costs: StepCosts | None = None,
-         draft_waits: bool | None = True) -> WidthPlan:
+         draft_waits: bool | None = True, draft_known: bool | None = None,
+         wait_costs: StepCosts | None = None) -> WidthPlan:
     """Widths and refill depth that maximise expected tokens per second of the whole batch (ties: the wider,
     deeper plan).
 
@@ -199,24 +200,33 @@ def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int =
     (_beside), and a refill carries the bonus token alone (r = 0: nothing below it is drafted yet).
 
     draft_waits=None: both, and the better one (waiting on a tie): the plan says which (WidthPlan.waits). A draft
-    about as fast as a step is best waited for (its refills carry drafted levels); a slower one is best beside."""
+    about as fast as a step is best waited for (its refills carry drafted levels); a slower one is best beside.
+    While the draft's pace is unknown, beside only: trying it costs the pipe nothing, where a waited step behind a
+    slow draft (and the prompts it drafts first) stalls every request.
+
+    draft_known: whether the draft's pace is known (None: whether draft_costs has a measurement; the scheduler
+    also knows it from a waited step the draft did not pace); a plan that speculates on an unknown one is made
+    again once it is known (WidthPlan.informed). wait_costs: a waited level's drafting, where it differs from
+    the draft's forward (None: draft_costs)."""
     draft_costs = draft_costs or StepCosts.draft()
     informed = bool(costs.points)  # a step's cost is known (else the plan is made again once it is)
     if not candidates:
         return WidthPlan({}, 0, step, informed)
     t = _Table(candidates, max(stages, 1))
     best_rate = t.base / float(costs.many(t.roots[:1])[0])  # nobody speculating
+    known = bool(draft_costs.points) if draft_known is None else draft_known
     best, best_w, best_r, best_rows, waits = {}, 0, 0, int(t.roots[0]), draft_waits is not False
-    for mode in (True, False) if draft_waits is None else (draft_waits,):  # waiting first: it wins a tie
-        rates, rows, order = (_waiting(t, costs, draft_costs, refill_costs or StepCosts(unknown=0.0)) if mode
-                              else _beside(t, costs, draft_costs))
+    modes = (draft_waits,) if draft_waits is not None else (True, False) if known else (False,)
+    for mode in modes:  # waiting first: it wins a tie
+        rates, rows, order = (_waiting(t, costs, wait_costs or draft_costs, refill_costs or StepCosts(unknown=0.0))
+                              if mode else _beside(t, costs, draft_costs))
         if not rates.size or (top := rates.max()) < best_rate or (best and top == best_rate):
             continue
         last = rates.size - 1 - int(np.argmax(rates.ravel()[::-1] == top))  # of the best, as a scan keeps with >=
         r, w, k = np.unravel_index(last, rates.shape)
         best = {candidates[i].request_id: int(t.widths[w, i]) for i in order[r, w, : k + 1]}
         best_w, best_r, best_rows, best_rate, waits = w + 1, int(r), math.ceil(rows[r, w, k]), top, mode
-    informed = informed and (bool(draft_costs.points) or not best)  # a draft never measured: again once it is
+    informed = informed and (known or not best)  # a draft never measured: again once it is
     return WidthPlan({c.request_id: best.get(c.request_id, 0) for c in candidates}, best_w, step, informed,
                      best_rows, best_r, waits)
 

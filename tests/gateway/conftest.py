@@ -52,8 +52,10 @@ def gw_tmp(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cluster(gw_tmp, tiny_dir):
     """tiny-random, 2 stages, specpipe with tiny-random itself as the draft model (greedy drafts hit,
-    so acceptance shows end to end; tiny-random's text never repeats, so n-grams would never hit)."""
-    c = Cluster(gw_tmp, str(tiny_dir), stages=2, policy="specpipe", draft=str(tiny_dir))
+    so acceptance shows end to end; tiny-random's text never repeats, so n-grams would never hit). The pipe waits
+    for the draft: under the default (auto) an unmeasured draft runs beside the pipe first, and on a loaded machine
+    its first levels may come too late for a short request to accept any, which the metrics test needs."""
+    c = Cluster(gw_tmp, str(tiny_dir), stages=2, policy="specpipe", draft=str(tiny_dir), extra=("--draft-mode", "wait"))
     yield c
     c.close()
 

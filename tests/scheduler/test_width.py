@@ -173,7 +173,7 @@ AUTO = {
     # label: (a draft forward's seconds over 64 nodes, requests, the plan waits for the draft, expected width of each)
     "as fast as a step: waited for (its refills carry drafted levels)": (1.0, 2, True, 4),
     "4 steps, 8 requests: beside the pipe, where waiting would make it PP": (4.0, 8, False, 4),
-    "never measured: waited for, assumed to keep up": (None, 2, True, 4),
+    "never measured: beside the pipe until it is (trying it there stalls nothing)": (None, 2, False, 4),
     "40 steps, 8 requests: PP either way, and PP waits for nothing": (40.0, 8, True, 0),
 }
 
@@ -275,3 +275,21 @@ def test_cost_rule_never_falls_below_pp_when_the_draft_paces_the_pipe() -> None:
     runs = {label: _run(*RUNS[label], 8, 0.0, n=40, draft_cost=1.5, accuracy=0.3, refill=3)[1] for label in RUNS}
     assert runs["specpipe, budget rule"] > 2 * runs["pp"], runs
     assert runs["specpipe, cost rule"] <= 1.02 * runs["pp"], runs
+
+
+def test_a_waited_step_far_dearer_than_priced_is_planned_again_at_once() -> None:
+    """A waited level that queued behind the draft's other work (new prompts) took 5 times what its forward and the
+    pipe cost: the plan is made again at the next step, not 2 x stages steps later, and it prices waiting at what
+    the step took, kept apart from the draft's own forward (which still prices it beside the pipe)."""
+    sched = Scheduler(PolicyConfig("specpipe", stages=4, width=2, draft_waits=None), EngineConfig(), 4096)
+    sched.costs.observe(2, 1.0)
+    sched.observe_draft(2, 1.0)  # the draft's forward over 2 nodes: as long as a step
+    sched._plan = plan([], sched.costs, 4, step=0)
+    assert not sched._plan_due(1)
+    sched._planned_rows.append(2)
+    sched._drafted, sched._waited = 2, True  # a step of a waiting plan, 2 nodes drafted for it
+    sched.observe_step(5.0, 4.0)
+    assert sched._plan_due(1)
+    assert sched.wait_costs(2) == pytest.approx(5.0) and sched.draft_costs(2) == pytest.approx(1.0)
+    sched.plan_ahead()
+    assert not sched._plan_due(2)
