@@ -36,7 +36,9 @@ request's levels only every `pace` = draft / step steps:
 
 Costs are learnt online (moving averages per power-of-two row count) from
 the steps the driver reports (StepCosts): the pipe's by rows from every step,
-the draft's by drafted rows from the steps it paced. Kept apart, one plan's
+the draft's forward by frontier nodes from its own reported times, and a
+waited level (its queue behind the draft's prompts included) from the steps
+it paced. Kept apart, one plan's
 steps price every other plan: PP's are never charged a draft forward, and a
 draft measured once is known at every width. Acceptance of a rank never
 sent is guessed optimistically, so that a plan tries it once and learns.
