@@ -194,10 +194,11 @@ class Scheduler:
         self.costs.observe(key, seconds - draft_wait)
         if not drafted or not self._waited:  # unwaited, the draft reports its forwards (observe_draft)
             return
-        priced = self._drafted_step(key, drafted) + (self.refill_costs(self._refill_sent) if self._refill_sent else 0)
-        self._stalled = self._stalled or seconds > STALLED * priced
+        expected = self._drafted_step(key, drafted)  # as the plan priced it, a refill aside
+        refill = self.refill_costs(self._refill_sent) if self._refill_sent else 0.0
+        self._stalled = self._stalled or seconds > STALLED * (expected + refill)
         if self._refill_sent:
-            self.refill_costs.observe(self._refill_sent, max(seconds - self._drafted_step(key, drafted), 0.0))
+            self.refill_costs.observe(self._refill_sent, max(seconds - expected, 0.0))
         elif draft_wait > PACED * seconds or self._waited_draft()(drafted) > seconds:
             self.wait_costs.observe(drafted, seconds)
         else:

@@ -219,8 +219,8 @@ class PolicyConfig:
     # specpipe: the pipe waits (bounded) for a level's drafting, as the services and the reference executor do.
     # False: the draft runs beside the pipe and is never waited for (a level enters once drafted; a refill is the
     # bonus token alone), which a draft slower than a step needs; the width plan then prices the draft's pace.
-    # None: the cost rule's width plan chooses between the two at each plan, from the measured costs (waiting
-    # until it has; under the budget rule, always).
+    # None: the cost rule's width plan chooses between the two at each plan, from the measured costs (beside the
+    # pipe until the draft's pace is known; under the budget rule, which makes no plan, it always waits).
     draft_waits: bool | None = True
 
     def __post_init__(self) -> None:
