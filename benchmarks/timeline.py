@@ -171,12 +171,11 @@ def run_modeled(pipe: InProcessPipeline, clock: StepClock | None, requests: list
         if clock:  # as the services report their measured beats and draft waits
             pipe_s, draft_s = clock.parts(records[-1])
             if pipe.lane is not None and draft_s:  # a waiting step's drafting queues behind the lane's: one device
-                draft_s += max(pipe.lane.free_at - now, 0.0)
-                pipe.lane.free_at = now + draft_s
+                draft_s = pipe.lane.occupy(draft_s)
             seconds, bound = clock.combine(pipe_s, draft_s)
             pipe.scheduler.observe_step(seconds, seconds - pipe_s if bound else 0.0)
             if pipe.lane is not None and pipe.lane.pending and not any(records[-1].rows):
-                seconds = max(seconds, pipe.lane.pending[0][0] - now)  # nothing in the pipe: it idles for the draft
+                seconds = max(seconds, pipe.lane.pending[0].end - now)  # nothing in the pipe: it idles for the draft
         now, draft_bound = now + seconds, draft_bound + bound
         for rid, tokens in result.new_tokens.items():
             times[rid].token_times += [now] * len(tokens)

@@ -13,12 +13,14 @@ The trace records, per step, which nodes each stage computed.
 
 With a DraftLane (a modeled deployment, PolicyConfig.draft_waits=False) the
 draft is never waited for: it runs beside the pipe on its own clock, each
-forward starting when the last one ended, and its proposals reach the
-scheduler at the first step that starts after it; a request's prompt is
-drafted from its admission, while the target prefills it. Where the width
-plan chooses (draft_waits=None), a step of a plan that waits drafts as
-above (1.), one of a plan that does not on the lane, and whatever the lane
-still computes reaches the scheduler when it ends, under either.
+forward starting when the last one ended (expansions asked meanwhile join
+the one queued, as a draft worker drafts a read's jobs together), and its
+proposals reach the scheduler at the first step that starts after it; a
+request's prompt is drafted from its admission, while the target prefills
+it. Where the width plan chooses (draft_waits=None), a step of a plan that
+waits drafts as above (1.), one of a plan that does not on the lane, and
+whatever the lane still computes reaches the scheduler when it ends, under
+either.
 """
 
 from __future__ import annotations
@@ -45,30 +47,60 @@ class StepTrace:
 
 
 @dataclass
+class _Forward:
+    """One forward on the lane: when it starts and ends, what it computes, and what it proposes."""
+
+    start: float
+    end: float
+    rows: int
+    context: float
+    nodes: int  # frontier nodes it expands (0: a prompt's)
+    proposals: list
+
+
+@dataclass
 class DraftLane:
     """The draft's device beside the pipe, on the driver's clock: forwards run one after another, each from when
-    it was asked or the last one ended, and what they propose is held until then."""
+    it was asked or the last one ended, and what they propose is held until then. Expansions asked while the
+    last one asked has not started yet join it, as a draft worker drafts every job of one read in one forward
+    (draft_worker/service.py); a prompt is a forward of its own."""
 
     seconds: Callable[[int, float], float]  # one forward's seconds over (rows, context length)
     observe: Callable[[int, float], None] | None = None  # told (frontier nodes, seconds) of each expansion forward
     now: float = 0.0  # when the step about to run starts (the driver sets it)
     free_at: float = 0.0  # when the last forward asked ends
     busy: float = 0.0  # seconds of forwards in all
-    pending: deque[tuple[float, list]] = field(default_factory=deque)  # (ready at, proposals), in order
+    pending: deque[_Forward] = field(default_factory=deque)  # in order
 
     def run(self, rows: int, context: float, proposals: list, nodes: int = 0) -> None:
         """A forward asked now: it computes `rows` rows (`nodes` of them frontier nodes to expand)."""
-        seconds = self.seconds(rows, context)
-        self.free_at, self.busy = max(self.free_at, self.now) + seconds, self.busy + seconds
-        self.pending.append((self.free_at, proposals))
-        if self.observe is not None and times_a_level(nodes, rows):
-            self.observe(nodes, seconds)
+        last = self.pending[-1] if self.pending else None
+        if nodes and last is not None and last.nodes and last.start > self.now and last.end == self.free_at:
+            self.busy -= last.end - last.start
+            last.rows, last.nodes, last.context = last.rows + rows, last.nodes + nodes, max(last.context, context)
+            last.proposals += proposals
+            last.end = self.free_at = last.start + self.seconds(last.rows, last.context)
+            self.busy += last.end - last.start
+            return
+        start = max(self.free_at, self.now)
+        self.free_at = start + self.seconds(rows, context)
+        self.busy += self.free_at - start
+        self.pending.append(_Forward(start, self.free_at, rows, context, nodes, proposals))
+
+    def occupy(self, seconds: float) -> float:
+        """The draft's device taken for `seconds` from when it is free (a waiting step's drafting); returns
+        how long from now until that ends."""
+        self.free_at = max(self.free_at, self.now) + seconds
+        return self.free_at - self.now
 
     def ready(self) -> list:
-        """The proposals of every forward that has ended by now."""
+        """The proposals of every forward that has ended by now (each expansion's time told as it ends)."""
         out = []
-        while self.pending and self.pending[0][0] <= self.now:
-            out += self.pending.popleft()[1]
+        while self.pending and self.pending[0].end <= self.now:
+            f = self.pending.popleft()
+            if self.observe is not None and times_a_level(f.nodes, f.rows):
+                self.observe(f.nodes, f.end - f.start)
+            out += f.proposals
         return out
 
 
