@@ -5,7 +5,7 @@ workers scale out), follows the scheduler's prune/commit/finish events (the
 draft_events stream, applied up to each job's `as_of_step` first, so a job
 never refers to a tree the worker has not caught up with), computes an admitted
 request's prompt when its job with no nodes comes (while the stages prefill it),
-drafts the jobs of one read in one forward (every request's nodes in one micro-batch), and
+drafts the levels of one read in one forward (every request's nodes in one micro-batch) before its prompts, and
 pushes the proposals straight to the scheduler's control inbox (the run record
 names it; shared/transport/control.py), off Redis.
 """
@@ -128,19 +128,20 @@ class DraftService:
                 self.pruned.pop(e.request_id, None)
 
     def _handle(self, raws: list[bytes]) -> None:
-        """The jobs of one read, drafted in one forward (every request's frontier nodes in one micro-batch; the
-        source attends each node within its own request's tree); a job that fails is retried alone, so one
+        """The jobs of one read: its levels drafted in one forward (every request's frontier nodes in one
+        micro-batch; the source attends each node within its own request's tree) and answered, then its prompts
+        (a waited level never queues behind a prompt read with it). A job that fails is retried alone, so one
         request's broken draft state resets only that request."""
         jobs = [job for raw in raws if (job := decode_or_log(raw, ExpansionJobMsg, self.name)) is not None]
         if not jobs:
             return
         self._follow_events(self.cfg.catch_up_ms, until=max((job.epoch, job.as_of_step) for job in jobs))
-        proposals, batch = [], []
+        proposals, batch, prompts = [], [], []
         for job in jobs:
             if job.epoch < self.at[0]:
                 continue  # a job of a run that has ended: its request is gone
-            if not job.nodes:  # a request just admitted: its prompt now, while the stages prefill it
-                self._prefill(job)
+            if not job.nodes:  # a request just admitted: its prompt, while the stages prefill it
+                prompts.append(job)
                 continue
             pruned = self.pruned.get(job.request_id, set())
             proposals += [(job.request_id, ref.node_id, []) for ref in job.nodes if ref.node_id in pruned]
@@ -159,6 +160,8 @@ class DraftService:
             for job in batch:
                 proposals += self._expand_alone(job)
         self._reply(proposals, forward)
+        for job in prompts:
+            self._prefill(job)
 
     def _reply(self, proposals: list, forward: tuple[int, float] = (0, 0.0)) -> None:
         """Every answer to the scheduler of the run followed (its inbox looked up once per run); the first one

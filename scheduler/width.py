@@ -56,6 +56,8 @@ PRIOR_WEIGHT = 4.0  # verifications' worth of the pooled acceptance in one reque
 PRIOR_ALPHA = 0.5  # acceptance assumed at rank 0 before any verification, halved per rank below
 EWMA = 0.25  # weight of the newest step duration in its row bucket
 MAX_ALPHA = 0.95  # an estimate of 1 would make a miss look impossible
+TRUSTED = 3  # steps seen in a row bucket lately before its average may price it above what the others predict
+FRESH = 128  # ... lately: within this many steps observed (one not seen since may be priced to be tried again)
 
 
 @dataclass
@@ -101,12 +103,20 @@ class StepCosts:
     Per power-of-two bucket of rows, moving averages of the rows and the seconds. Between two measured
     buckets the cost is interpolated; outside them it follows a line fitted through all of them (never falling
     with rows). Below the narrowest bucket it is never dearer per row than there; with one bucket only, it is
-    proportional to rows below it and flat above it: optimistic both ways, so that a plan tries and learns: a CPU's step grows about linearly with rows, a GPU's hardly at all."""
+    proportional to rows below it and flat above it: optimistic both ways, so that a plan tries and learns: a
+    CPU's step grows about linearly with rows, a GPU's hardly at all.
+
+    A bucket seen fewer than TRUSTED times in the last FRESH steps, between two that were, is priced no dearer
+    than they predict: steps that ran slow for another reason (a new shape's first kernels, a prompt forward
+    beside them, a busy host) would otherwise price their rows out of every plan, and they would never be
+    measured again."""
 
     points: dict[int, tuple[float, float]] = field(default_factory=dict)  # bucket -> (rows, seconds) averages
     unknown: float = 1.0  # seconds assumed before any step is measured
     flat_below: bool = False  # narrower than measured: as dear as the narrowest (a forward's fixed cost, as a draft's)
-    _fit: tuple | None = field(default=None, compare=False, repr=False)  # the points' rows, seconds, line: cached
+    seen: dict[int, list[int]] = field(default_factory=dict)  # bucket -> when its last TRUSTED steps were observed
+    clock: int = 0  # steps observed
+    _fit: tuple | None = field(default=None, compare=False, repr=False)  # the points' curve (_curve): cached
 
     @classmethod
     def draft(cls) -> StepCosts:
@@ -122,6 +132,8 @@ class StepCosts:
         old = self.points.get(b)
         new = (float(rows), seconds)
         self.points[b] = new if old is None else tuple((1 - EWMA) * o + EWMA * n for o, n in zip(old, new))
+        self.clock += 1
+        self.seen[b] = [*self.seen.get(b, []), self.clock][-TRUSTED:]
         self._fit = None
 
     def __call__(self, rows: float) -> float:
@@ -133,9 +145,24 @@ class StepCosts:
         if not self.points:
             return np.full(rows.shape, self.unknown)
         if self._fit is None:
-            pts = sorted(self.points.values())
-            self._fit = (np.array([x for x, _ in pts]), np.array([y for _, y in pts]), *_line(pts))
-        xs, ys, slope, intercept = self._fit
+            self._fit = _curve(self.priced_points())
+        return self._priced(rows, *self._fit)
+
+    def priced_points(self) -> list[tuple[float, float]]:
+        """The points, an untrusted one between trusted ones no dearer than they predict there (beyond them, what
+        they predict is only a guess, no evidence against it)."""
+        fresh = lambda b: len(self.seen.get(b, [])) == TRUSTED and self.clock - self.seen[b][0] < FRESH
+        trusted = {b: p for b, p in self.points.items() if fresh(b)}
+        if not trusted or len(trusted) == len(self.points):
+            return list(self.points.values())
+        curve = _curve(list(trusted.values()))
+        narrowest, widest = curve[0][0], curve[0][-1]
+        predicted = lambda x: float(self._priced(np.array([x]), *curve)[0])
+        return [(x, min(y, predicted(x)) if b not in trusted and narrowest < x < widest else y)
+                for b, (x, y) in self.points.items()]
+
+    def _priced(self, rows: np.ndarray, xs: np.ndarray, ys: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+        """The cost at `rows` on the curve through the points (xs, ys) and their line."""
         line = intercept + slope * rows
         if self.flat_below:
             below = np.full(rows.shape, ys[0])
@@ -148,6 +175,12 @@ class StepCosts:
         with np.errstate(divide="ignore", invalid="ignore"):
             between = np.where(xb == xa, yb, ya + (yb - ya) * (rows - xa) / (xb - xa))
         return np.where(rows < xs[0], below, np.where(rows > xs[-1], line, between))
+
+
+def _curve(pts: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """The points' rows and seconds, by rows, and their line (StepCosts._priced's arguments)."""
+    pts = sorted(pts)
+    return np.array([x for x, _ in pts]), np.array([y for _, y in pts]), *_line(pts)
 
 
 def _line(pts: list[tuple[float, float]]) -> tuple[float, float]:

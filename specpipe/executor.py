@@ -48,60 +48,79 @@ class StepTrace:
 
 @dataclass
 class _Forward:
-    """One forward on the lane: when it starts and ends, what it computes, and what it proposes."""
+    """One forward on the lane: what it computes and proposes, how long it takes, and when it runs."""
 
-    start: float
-    end: float
+    length: float  # seconds
     rows: int
     context: float
-    nodes: int  # frontier nodes it expands (0: a prompt's)
+    nodes: int  # frontier nodes it expands (0: a prompt's, or a waiting step's drafting)
     proposals: list
+    prompt: bool = False  # a prompt's: levels asked while it waits to start go ahead of it
+    start: float = 0.0
+    end: float = 0.0
 
 
 @dataclass
 class DraftLane:
-    """The draft's device beside the pipe, on the driver's clock: forwards run one after another, each from when
-    it was asked or the last one ended, and what they propose is held until then. Expansions asked while the
-    last one asked has not started yet join it, as a draft worker drafts every job of one read in one forward
-    (draft_worker/service.py); a prompt is a forward of its own."""
+    """The draft's device beside the pipe, on the driver's clock: forwards run one after another, and what they
+    propose is held until each ends. As a draft worker serves a read (draft_worker/service.py), levels go ahead of
+    the prompts that have not started yet, and expansions asked while the last level asked has not started join
+    it (one forward over every job of a read); a prompt is a forward of its own."""
 
     seconds: Callable[[int, float], float]  # one forward's seconds over (rows, context length)
     observe: Callable[[int, float], None] | None = None  # told (frontier nodes, seconds) of each expansion forward
     now: float = 0.0  # when the step about to run starts (the driver sets it)
-    free_at: float = 0.0  # when the last forward asked ends
-    busy: float = 0.0  # seconds of forwards in all
-    pending: deque[_Forward] = field(default_factory=deque)  # in order
+    free_at: float = 0.0  # when the last forward queued ends
+    busy: float = 0.0  # seconds of forwards in all (a waiting step's drafting aside)
+    pending: list[_Forward] = field(default_factory=list)  # in the order they run
 
     def run(self, rows: int, context: float, proposals: list, nodes: int = 0) -> None:
-        """A forward asked now: it computes `rows` rows (`nodes` of them frontier nodes to expand)."""
-        last = self.pending[-1] if self.pending else None
-        if nodes and last is not None and last.nodes and last.start > self.now and last.end == self.free_at:
-            self.busy -= last.end - last.start
+        """A forward asked now: it computes `rows` rows (`nodes` of them frontier nodes to expand; none: a prompt)."""
+        forward = _Forward(self.seconds(rows, context), rows, context, nodes, proposals, prompt=not nodes)
+        self.busy += forward.length
+        at = len(self.pending) if forward.prompt else self._ahead_of_prompts()
+        last = self.pending[at - 1] if at else None
+        if forward.nodes and last is not None and last.nodes and last.start > self.now:  # not started: join it
+            self.busy -= forward.length + last.length
             last.rows, last.nodes, last.context = last.rows + rows, last.nodes + nodes, max(last.context, context)
             last.proposals += proposals
-            last.end = self.free_at = last.start + self.seconds(last.rows, last.context)
-            self.busy += last.end - last.start
+            last.length = self.seconds(last.rows, last.context)
+            self.busy += last.length
+            self._retime(at - 1)
             return
-        start = max(self.free_at, self.now)
-        self.free_at = start + self.seconds(rows, context)
-        self.busy += self.free_at - start
-        self.pending.append(_Forward(start, self.free_at, rows, context, nodes, proposals))
+        self.pending.insert(at, forward)
+        self._retime(at)
 
     def occupy(self, seconds: float) -> float:
-        """The draft's device taken for `seconds` from when it is free (a waiting step's drafting); returns
-        how long from now until that ends."""
-        self.free_at = max(self.free_at, self.now) + seconds
-        return self.free_at - self.now
+        """The draft's device taken for `seconds` (a waiting step's drafting), ahead of the prompts that have not
+        started; returns how long from now until that ends."""
+        at = self._ahead_of_prompts()
+        self.pending.insert(at, _Forward(seconds, 0, 0.0, 0, []))
+        self._retime(at)
+        return self.pending[at].end - self.now
 
     def ready(self) -> list:
         """The proposals of every forward that has ended by now (each expansion's time told as it ends)."""
         out = []
         while self.pending and self.pending[0].end <= self.now:
-            f = self.pending.popleft()
+            f = self.pending.pop(0)
             if self.observe is not None and times_a_level(f.nodes, f.rows):
-                self.observe(f.nodes, f.end - f.start)
+                self.observe(f.nodes, f.length)
             out += f.proposals
         return out
+
+    def _ahead_of_prompts(self) -> int:
+        """Where a level asked now goes: after every forward started and every level queued, before the prompts
+        still waiting to start."""
+        return max((i + 1 for i, f in enumerate(self.pending) if f.start <= self.now or not f.prompt), default=0)
+
+    def _retime(self, at: int) -> None:
+        """The forwards from `at` on (none started) run one after another, none before now (all were asked)."""
+        t = self.pending[at - 1].end if at else self.now
+        for f in self.pending[at:]:
+            f.start = max(t, self.now)
+            f.end = t = f.start + f.length
+        self.free_at = t
 
 
 class InProcessPipeline:

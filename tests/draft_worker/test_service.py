@@ -72,3 +72,16 @@ def test_a_job_after_its_request_finished_does_not_register_it_again(service) ->
     svc._handle([_job("gone", []), _job("gone", [NodeRef(0, -1, 7, len(PROMPT), True)])])
     assert source.registered == [] and source.prefilled == [] and source.expanded == []
     assert "gone" not in svc.known
+
+
+def test_a_reads_levels_are_drafted_and_answered_before_its_prompts(service) -> None:
+    """A request admitted while another's level is waited for: the level does not queue behind the prompt."""
+    svc, source = service
+    svc._handle([_job("old", [])])
+    order: list[str] = []
+    source.prefill = lambda rid, prompt: order.append(f"prompt {rid}") or len(prompt)
+    source.expand = lambda jobs: order.append("level") or []
+    reply = svc._reply
+    svc._reply = lambda proposals, forward=(0, 0.0): order.append("answered") or reply(proposals, forward)
+    svc._handle([_job("new", []), _job("old", [NodeRef(0, -1, 7, len(PROMPT), True)])])
+    assert order == ["level", "answered", "prompt new"]

@@ -82,6 +82,14 @@ STEP_COSTS = {
     "a line never falls with rows": ([(2, 0.5), (32, 0.1)], 64, 0.3),
     "moving average": ([(4, 1.0), (4, 0.0)], 4, 0.75),
     "flat below (a forward's fixed cost): narrower as dear": ([(8, 0.2), (16, 0.3)], 2, 0.2),
+    # one slow step at 3 rows (a new shape's first kernels) between trusted buckets: priced as they predict, and
+    # not out of every plan; seen TRUSTED times, its own average
+    "seen once, between trusted buckets: no dearer than they predict": (
+        [(1, 0.02)] * 3 + [(64, 0.14)] * 3 + [(3, 0.045)], 3, 0.02 + 0.12 * 2 / 63),
+    "seen three times: its own average": ([(1, 0.02)] * 3 + [(64, 0.14)] * 3 + [(3, 0.045)] * 3, 3, 0.045),
+    "seen once, beyond the trusted ones: its own (no evidence against it)": ([(1, 0.02)] * 3 + [(4, 0.05)], 4, 0.05),
+    "seen three times long ago: no dearer than the trusted ones predict": (
+        [(3, 0.045)] * 3 + [(1, 0.02), (64, 0.14)] * 64, 3, 0.02 + 0.12 * 2 / 63),
 }
 
 

@@ -16,10 +16,10 @@ pytestmark = pytest.mark.unit
 
 
 def _cost(costs: StepCosts, rows: float) -> float:
-    """StepCosts.__call__ as a scalar scan (before it was priced over arrays)."""
+    """StepCosts.__call__ as a scalar scan (before it was priced over arrays), through its priced points."""
     if not costs.points:
         return costs.unknown
-    pts = sorted(costs.points.values())
+    pts = sorted(costs.priced_points())
     n = len(pts)
     mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
     var = sum((x - mx) ** 2 for x, _ in pts)

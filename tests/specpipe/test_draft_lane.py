@@ -39,3 +39,20 @@ def test_a_waiting_steps_drafting_takes_the_device_and_nothing_joins_what_came_b
     assert lane.free_at == pytest.approx(3.5)
     lane.now = 2.0
     assert lane.ready() == ["a", "b"]
+
+
+def test_a_level_goes_ahead_of_the_prompts_not_started_yet() -> None:
+    """A draft worker serves a read's levels before its prompts: a level asked while prompts wait for the device
+    runs once the forward under way ends, and they after it; a prompt started is not interrupted."""
+    lane = DraftLane(lambda rows, context: rows / 10)
+    lane.run(20, 20, ["p1"])  # 0 .. 2
+    lane.run(30, 30, ["p2"])  # queued: 2 .. 5
+    lane.now = 1.0
+    lane.run(5, 21, ["a"], nodes=5)  # ahead of p2: 2 .. 2.5
+    lane.run(5, 22, ["b"], nodes=5)  # joins "a", still ahead of p2: 2 .. 3
+    assert [(f.proposals, f.start, f.end) for f in lane.pending] == [
+        (["p1"], 0.0, 2.0), (["a", "b"], 2.0, 3.0), (["p2"], 3.0, 6.0)]
+    assert lane.occupy(0.5) == pytest.approx(2.5)  # a waiting step's drafting, after the level, ahead of p2
+    assert lane.free_at == pytest.approx(6.5) and lane.busy == pytest.approx(2 + 3 + 1)
+    lane.now = 3.5
+    assert lane.ready() == ["p1", "a", "b"]
