@@ -201,10 +201,11 @@ def _clusters(cfg: ServingConfig, pool: ClusterPool | None):
             pool.close()
 
 
-def _sequential(cfg: ServingConfig, cluster: ServiceCluster, prompts: list[dict]) -> dict:
+def _sequential(cfg: ServingConfig, cluster: ServiceCluster, prompts: list[dict], tag: str = "single") -> dict:
+    """The prompts one at a time on `cluster` (request ids `{policy}-{tag}-{i}`: a tag new to the cluster)."""
     policy, reader = cluster.spec.policy, StreamReader(cluster, cfg.request_timeout_s)
     base, before = cluster.wait_step(cluster.last_step()), cluster.stats(time.time())
-    traces = [reader.run_one(f"{policy}-single-{i}", i, p["ids"], cfg.max_new_tokens) for i, p in enumerate(prompts)]
+    traces = [reader.run_one(f"{policy}-{tag}-{i}", i, p["ids"], cfg.max_new_tokens) for i, p in enumerate(prompts)]
     end = cluster.wait_step(max((t.steps[-1] for t in traces if t.steps), default=base), stages=True)
     after = cluster.stats(time.time())
     out = _latency(traces)

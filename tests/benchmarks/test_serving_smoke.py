@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from benchmarks import interleaved
 from benchmarks.serving import ServingConfig, compare, run_all, single_request, update_single_request
 from benchmarks.serving_report import markdown, section_2
 
@@ -132,3 +133,12 @@ def test_update_re_measures_section_1_and_recomputes_what_depends_on_it(cfg, res
         r["output_ids"] for r in updated["single_request"]["policies"]["specpipe"]["requests_detail"]]
     assert h["identical"] and updated["load"] == results["load"]
     assert "section 1 re-measured" in markdown(updated)
+
+
+def test_interleaved_turns_serve_both_policies_alike(cfg) -> None:
+    """benchmarks.interleaved: pp and specpipe up side by side, each prompt to one then the other, twice; the same
+    tokens from both, every request timed."""
+    out = interleaved.run(cfg, rounds=2)
+    assert out["error"] is None and out["identical"]
+    assert [len(out["tbt_s"][p]) for p in ("pp", "specpipe")] == [2 * out["prompts"]] * 2
+    assert out["decode_rate"] > 0

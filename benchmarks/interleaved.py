@@ -1,0 +1,78 @@
+"""One request at a time on the real services, pp and specpipe taking turns: a ratio that a noisy host moves less.
+
+    python -m benchmarks.interleaved [--prompt-file sum.jsonl] [--prompts 5] [--tokens 64] [--rounds 2]
+        [--out results.json]
+
+benchmarks.serving's section 1 serves every prompt on a pp cluster, then every prompt on a specpipe cluster: on
+a shared 2-core host whose speed drifts by 10-20% within minutes, the two halves can run at different speeds.
+Here both clusters (smollm2-135m, 2 stage processes, the n-gram draft; section 1's settings) are up side by
+side, and each prompt goes to one, then the other, for `rounds` rounds: both see the same stretch of the
+host's time. Per request, TBT = (last token's arrival - first's) / (tokens - 1), as section 1. Prints each
+policy's mean TBT over the requests and the decode rate (pp's mean TBT over specpipe's), and checks that
+both gave the same tokens for every request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+from benchmarks.provenance import machine
+from benchmarks.serving import FAILURES, ServingConfig, _sequential, bench_prompts
+from benchmarks.serving_cluster import ClusterPool
+
+POLICIES = ("pp", "specpipe")
+
+
+def run(cfg: ServingConfig, rounds: int) -> dict:
+    prompts = bench_prompts(cfg, cfg.model, cfg.prompts_per_file)
+    tbt: dict[str, list[float]] = {p: [] for p in POLICIES}
+    outputs: dict[str, list[list[int]]] = {p: [] for p in POLICIES}
+    out = {"machine": machine(), "model": cfg.model, "draft": cfg.draft, "stages": cfg.stages,
+           "prompt_files": list(cfg.prompt_files), "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
+           "rounds": rounds, "error": None}
+    pool = ClusterPool(cfg.request_timeout_s)
+    try:
+        clusters = {p: pool.get(cfg.spec(p), prompts[0]["ids"]) for p in POLICIES}
+        for r in range(rounds):
+            for i, prompt in enumerate(prompts):
+                for policy, cluster in clusters.items():
+                    served = _sequential(cfg, cluster, [prompt], tag=f"turn-{r}-{i}")
+                    tbt[policy].append(served["tbt_s"]["mean"])
+                    outputs[policy] += [d["output_ids"] for d in served["requests_detail"]]
+    except FAILURES as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        pool.close()
+    means = {p: statistics.mean(v) if v else None for p, v in tbt.items()}
+    out.update(tbt_s=tbt, mean_tbt_s=means, identical=outputs["pp"] == outputs["specpipe"],
+               decode_rate=means["pp"] / means["specpipe"] if all(means.values()) else None)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.interleaved", description=__doc__.split("\n")[0])
+    p.add_argument("--prompt-file", default="sum.jsonl")
+    p.add_argument("--prompts", type=int, default=5, help="the first K prompts of the file")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    cfg = ServingConfig(prompt_files=(a.prompt_file,), prompts_per_file=a.prompts, max_new_tokens=a.tokens)
+    out = run(cfg, a.rounds)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
+    if out["error"]:
+        print(out["error"], file=sys.stderr)
+        return 1
+    ms = {k: round(1000 * v, 1) for k, v in out["mean_tbt_s"].items()}
+    print(f"{out['machine']}: mean TBT pp {ms['pp']} ms, specpipe {ms['specpipe']} ms over {len(out['tbt_s']['pp'])} "
+          f"requests each; decode rate {out['decode_rate']:.3f}x; identical {out['identical']}")
+    return 0 if out["identical"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
