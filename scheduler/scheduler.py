@@ -356,10 +356,13 @@ class Scheduler:
         states, decoding = self.active(), self._decoding()
         prefill = 0  # prompt rows in this batch
         self._refill_sent, self._drafted, self._drafting = 0, self._drafting, 0
+        prompts = sum(self._prefill_wanted(s) for s in states if s.phase is Phase.PREFILL)  # rows prompts would take
         for state in sorted(states, key=lambda s: s.phase is Phase.PREFILL):
             budget = self.engine.token_budget - len(rows)
+            if state.phase is Phase.DECODE:  # a speculative row never takes a prompt's row (a root still goes)
+                budget = min(budget, max(budget - prompts, 1 if state.needs_refill else 0))
             if budget <= 0:
-                break
+                continue
             new_rows = self._rows_for(state, self.width_of(state, decoding), budget)
             if new_rows:
                 rows.extend(new_rows)
@@ -412,6 +415,10 @@ class Scheduler:
             Row(rid, -(p + 2), -(p + 1), p, prompt[p], committed=True, needs_target=p == len(prompt) - 1)
             for p in range(start, end)
         ]
+
+    def _prefill_wanted(self, state: RequestState) -> int:
+        """Prompt rows this request's next chunk would take, the budget allowing."""
+        return min(len(state.request.prompt) - state.prefill_sent, self._prefill_chunk(state))
 
     def _prefill_chunk(self, state: RequestState) -> int:
         """Rows per prefill micro-batch of this prompt: at most `prefill_chunk`, in equal chunks, and at least one

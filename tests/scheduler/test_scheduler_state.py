@@ -614,6 +614,27 @@ def test_prefill_is_chunked_and_committed() -> None:
     assert pipe.outputs["r"] == [oracle(tuple(range(10, 18)))]
 
 
+def test_speculative_rows_never_take_a_prompts_rows() -> None:
+    """A request speculating while another's prompt waits for the budget: its speculative rows wait instead (a
+    prompt row is certain progress, a speculative one maybe a token); a refill's root still goes. Lossless."""
+    pipe = FakePipeline(PolicyConfig("specpipe", stages=2, width=4, width_rule="budget"),
+                        EngineConfig(prefill_chunk=8, token_budget=8, max_new_tokens=24),
+                        FakeDraft(accuracy=0.9, seed=1))
+    pipe.submit(Request("a", (1, 2, 3), max_new_tokens=24))
+    pipe.step()
+    while not [r for r in pipe.occupancy[-1][0] if not r.committed]:  # until "a" speculates
+        pipe.step()
+    pipe.submit(Request("b", tuple(range(4, 28)), max_new_tokens=4))  # 24 prompt rows: 3 chunks of 8
+    while (left := 24 - pipe.sched.requests["b"].prefill_sent) > 0:
+        pipe.step()
+        rows = pipe.occupancy[-1][0]
+        roots = sum(r.request_id == "a" and r.committed for r in rows)
+        assert sum(r.request_id == "b" for r in rows) == min(left, 8 - roots)  # "a" speculates in what b leaves
+    pipe.run([])
+    assert pipe.sched.requests["a"].output == reference_decode((1, 2, 3), 24)
+    assert pipe.sched.requests["b"].output == reference_decode(tuple(range(4, 28)), 4)
+
+
 # --------------------------------------------------------------------------- the harness can fail
 
 
