@@ -407,7 +407,7 @@ class Scheduler:
     def _prefill_rows(self, state: RequestState, budget: int) -> list[Row]:
         prompt, rid = state.request.prompt, state.request.request_id
         start = state.prefill_sent
-        end = min(len(prompt), start + self._prefill_chunk(state), start + budget)
+        end = start + min(self._prefill_wanted(state), budget)
         if start >= end:
             return []
         state.prefill_sent = end
