@@ -20,7 +20,7 @@ import statistics
 import sys
 
 from benchmarks.provenance import machine
-from benchmarks.serving import FAILURES, ServingConfig, _sequential, bench_prompts
+from benchmarks.serving import FAILURES, ServingConfig, bench_prompts, sequential
 from benchmarks.serving_cluster import ClusterPool
 
 POLICIES = ("pp", "specpipe")
@@ -39,7 +39,7 @@ def run(cfg: ServingConfig, rounds: int) -> dict:
         for r in range(rounds):
             for i, prompt in enumerate(prompts):
                 for policy, cluster in clusters.items():
-                    served = _sequential(cfg, cluster, [prompt], tag=f"turn-{r}-{i}")
+                    served = sequential(cfg, cluster, [prompt], tag=f"turn-{r}-{i}")
                     tbt[policy].append(served["tbt_s"]["mean"])
                     outputs[policy] += [d["output_ids"] for d in served["requests_detail"]]
     except FAILURES as exc:

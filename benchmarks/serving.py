@@ -201,7 +201,7 @@ def _clusters(cfg: ServingConfig, pool: ClusterPool | None):
             pool.close()
 
 
-def _sequential(cfg: ServingConfig, cluster: ServiceCluster, prompts: list[dict], tag: str = "single") -> dict:
+def sequential(cfg: ServingConfig, cluster: ServiceCluster, prompts: list[dict], tag: str = "single") -> dict:
     """The prompts one at a time on `cluster` (request ids `{policy}-{tag}-{i}`: a tag new to the cluster)."""
     policy, reader = cluster.spec.policy, StreamReader(cluster, cfg.request_timeout_s)
     base, before = cluster.wait_step(cluster.last_step()), cluster.stats(time.time())
@@ -232,7 +232,7 @@ def single_request(cfg: ServingConfig, pool: ClusterPool | None = None) -> dict:
         with _clusters(cfg, pool) as clusters:
             for policy in ("pp", "specpipe"):
                 cluster = clusters.get(cfg.spec(policy), prompts[0]["ids"])
-                out["policies"][policy] = _sequential(cfg, cluster, prompts)
+                out["policies"][policy] = sequential(cfg, cluster, prompts)
                 if cfg.spec(policy) != cfg.spec(policy, load=True):
                     clusters.release(cfg.spec(policy))  # one big-model cluster in memory at a time
     except FAILURES as exc:

@@ -417,7 +417,7 @@ class Scheduler:
         ]
 
     def _prefill_wanted(self, state: RequestState) -> int:
-        """Prompt rows this request's next chunk would take, the budget allowing."""
+        """Prompt rows this request's next chunk would take, before the step's budget cuts it."""
         return min(len(state.request.prompt) - state.prefill_sent, self._prefill_chunk(state))
 
     def _prefill_chunk(self, state: RequestState) -> int:

@@ -13,8 +13,9 @@ The trace records, per step, which nodes each stage computed.
 
 With a DraftLane (a modeled deployment, PolicyConfig.draft_waits=False) the
 draft is never waited for: it runs beside the pipe on its own clock, each
-forward starting when the last one ended (expansions asked meanwhile join
-the one queued, as a draft worker drafts a read's jobs together), and its
+forward starting when the last one ended (levels go ahead of prompts not
+started yet, and expansions asked meanwhile join the level queued, as a
+draft worker serves a read), and its
 proposals reach the scheduler at the first step that starts after it; a
 request's prompt is drafted from its admission, while the target prefills
 it. Where the width plan chooses (draft_waits=None), a step of a plan that
@@ -70,26 +71,30 @@ class DraftLane:
     seconds: Callable[[int, float], float]  # one forward's seconds over (rows, context length)
     observe: Callable[[int, float], None] | None = None  # told (frontier nodes, seconds) of each expansion forward
     now: float = 0.0  # when the step about to run starts (the driver sets it)
-    free_at: float = 0.0  # when the last forward queued ends
     busy: float = 0.0  # seconds of forwards in all (a waiting step's drafting aside)
     pending: list[_Forward] = field(default_factory=list)  # in the order they run
 
     def run(self, rows: int, context: float, proposals: list, nodes: int = 0) -> None:
         """A forward asked now: it computes `rows` rows (`nodes` of them frontier nodes to expand; none: a prompt)."""
-        forward = _Forward(self.seconds(rows, context), rows, context, nodes, proposals, prompt=not nodes)
-        self.busy += forward.length
-        at = len(self.pending) if forward.prompt else self._ahead_of_prompts()
+        at = len(self.pending) if not nodes else self._ahead_of_prompts()
         last = self.pending[at - 1] if at else None
-        if forward.nodes and last is not None and last.nodes and last.start > self.now:  # not started: join it
-            self.busy -= forward.length + last.length
+        if nodes and last is not None and last.nodes and last.start > self.now:  # not started: join it
             last.rows, last.nodes, last.context = last.rows + rows, last.nodes + nodes, max(last.context, context)
             last.proposals += proposals
-            last.length = self.seconds(last.rows, last.context)
-            self.busy += last.length
+            length = self.seconds(last.rows, last.context)
+            self.busy += length - last.length
+            last.length = length
             self._retime(at - 1)
             return
+        forward = _Forward(self.seconds(rows, context), rows, context, nodes, proposals, prompt=not nodes)
+        self.busy += forward.length
         self.pending.insert(at, forward)
         self._retime(at)
+
+    @property
+    def free_at(self) -> float:
+        """When the last forward queued ends (now, when none is)."""
+        return self.pending[-1].end if self.pending else self.now
 
     def occupy(self, seconds: float) -> float:
         """The draft's device taken for `seconds` (a waiting step's drafting), ahead of the prompts that have not
@@ -120,7 +125,6 @@ class DraftLane:
         for f in self.pending[at:]:
             f.start = max(t, self.now)
             f.end = t = f.start + f.length
-        self.free_at = t
 
 
 class InProcessPipeline:
