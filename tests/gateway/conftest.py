@@ -54,8 +54,12 @@ def cluster(gw_tmp, tiny_dir):
     """tiny-random, 2 stages, specpipe with tiny-random itself as the draft model (greedy drafts hit,
     so acceptance shows end to end; tiny-random's text never repeats, so n-grams would never hit). The pipe waits
     for the draft: under the default (auto) an unmeasured draft runs beside the pipe first, and on a loaded machine
-    its first levels may come too late for a short request to accept any, which the metrics test needs."""
-    c = Cluster(gw_tmp, str(tiny_dir), stages=2, policy="specpipe", draft=str(tiny_dir), extra=("--draft-mode", "wait"))
+    its first levels may come too late for a short request to accept any, which the metrics test needs. The
+    width is the budget rule's fixed --width: the cost rule may price a short request's speculation out on a
+    loaded machine (a run of 40 tokens then sends roots only and accepts nothing), and these tests are about
+    the gateway, not the width plan (tests/scheduler covers it)."""
+    c = Cluster(gw_tmp, str(tiny_dir), stages=2, policy="specpipe", draft=str(tiny_dir),
+                extra=("--draft-mode", "wait", "--width-rule", "budget"))
     yield c
     c.close()
 
