@@ -1,15 +1,16 @@
 """One request at a time on the real services, pp and specpipe taking turns: a ratio that a noisy host moves less.
 
     python -m benchmarks.interleaved [--prompt-file sum.jsonl] [--prompts 5] [--tokens 64] [--rounds 2]
-        [--out results.json]
+        [--arms pp,specpipe] [--out results.json]
 
 benchmarks.serving's section 1 serves every prompt on a pp cluster, then every prompt on a specpipe cluster: on
 a shared 2-core host whose speed drifts by 10-20% within minutes, the two halves can run at different speeds.
 Here both clusters (smollm2-135m, 2 stage processes, the n-gram draft; section 1's settings) are up side by
 side, and each prompt goes to one, then the other, for `rounds` rounds: both see the same stretch of the
 host's time. Per request, TBT = (last token's arrival - first's) / (tokens - 1), as section 1. Prints each
-policy's mean TBT over the requests and the decode rate (pp's mean TBT over specpipe's), and checks that
-both gave the same tokens for every request.
+arm's mean TBT over the requests and the decode rate (the first arm's mean TBT over the second's), and checks
+that both gave the same tokens for every request. An arm is a policy, or `specpipe-async`: specpipe under
+the scheduler's --async-scheduling.
 """
 
 from __future__ import annotations
@@ -18,24 +19,29 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 
 from benchmarks.provenance import machine
 from benchmarks.serving import FAILURES, ServingConfig, bench_prompts, sequential
-from benchmarks.serving_cluster import ClusterPool
+from benchmarks.serving_cluster import ClusterPool, ClusterSpec
 
-POLICIES = ("pp", "specpipe")
+ARMS = ("pp", "specpipe", "specpipe-async")
 
 
-def run(cfg: ServingConfig, rounds: int) -> dict:
+def arm_spec(cfg: ServingConfig, arm: str) -> ClusterSpec:
+    return replace(cfg.spec(arm.removesuffix("-async")), async_scheduling=arm.endswith("-async"))
+
+
+def run(cfg: ServingConfig, rounds: int, arms: tuple[str, str] = ("pp", "specpipe")) -> dict:
     prompts = bench_prompts(cfg, cfg.model, cfg.prompts_per_file)
-    tbt: dict[str, list[float]] = {p: [] for p in POLICIES}
-    outputs: dict[str, list[list[int]]] = {p: [] for p in POLICIES}
+    tbt: dict[str, list[float]] = {a: [] for a in arms}
+    outputs: dict[str, list[list[int]]] = {a: [] for a in arms}
     out = {"machine": machine(), "model": cfg.model, "draft": cfg.draft, "stages": cfg.stages,
            "prompt_files": list(cfg.prompt_files), "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
-           "rounds": rounds, "error": None}
+           "rounds": rounds, "arms": list(arms), "error": None}
     pool = ClusterPool(cfg.request_timeout_s)
     try:
-        clusters = {p: pool.get(cfg.spec(p), prompts[0]["ids"]) for p in POLICIES}
+        clusters = {a: pool.get(arm_spec(cfg, a), prompts[0]["ids"]) for a in arms}
         for r in range(rounds):
             for i, prompt in enumerate(prompts):
                 for policy, cluster in clusters.items():
@@ -46,9 +52,10 @@ def run(cfg: ServingConfig, rounds: int) -> dict:
         out["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         pool.close()
-    means = {p: statistics.mean(v) if v else None for p, v in tbt.items()}
-    out.update(tbt_s=tbt, mean_tbt_s=means, identical=outputs["pp"] == outputs["specpipe"],
-               decode_rate=means["pp"] / means["specpipe"] if all(means.values()) else None)
+    means = {a: statistics.mean(v) if v else None for a, v in tbt.items()}
+    first, second = arms
+    out.update(tbt_s=tbt, mean_tbt_s=means, identical=outputs[first] == outputs[second],
+               decode_rate=means[first] / means[second] if all(means.values()) else None)
     return out
 
 
@@ -58,10 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=5, help="the first K prompts of the file")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--arms", default="pp,specpipe",
+                   help=f"the two clusters, each one of {', '.join(ARMS)}; the decode rate is the first's TBT over "
+                        "the second's")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    arms = tuple(a.arms.split(","))
+    if len(arms) != 2 or not set(arms) <= set(ARMS):
+        p.error(f"--arms takes two of {', '.join(ARMS)}")
     cfg = ServingConfig(prompt_files=(a.prompt_file,), prompts_per_file=a.prompts, max_new_tokens=a.tokens)
-    out = run(cfg, a.rounds)
+    out = run(cfg, a.rounds, arms)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)
@@ -69,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         print(out["error"], file=sys.stderr)
         return 1
     ms = {k: round(1000 * v, 1) for k, v in out["mean_tbt_s"].items()}
-    print(f"{out['machine']}: mean TBT pp {ms['pp']} ms, specpipe {ms['specpipe']} ms over {len(out['tbt_s']['pp'])} "
-          f"requests each; decode rate {out['decode_rate']:.3f}x; identical {out['identical']}")
+    tbts = ", ".join(f"{arm} {ms[arm]} ms" for arm in arms)
+    print(f"{out['machine']}: mean TBT {tbts} over {len(out['tbt_s'][arms[0]])} requests each; decode rate "
+          f"{out['decode_rate']:.3f}x; identical {out['identical']}")
     return 0 if out["identical"] else 1
 
 

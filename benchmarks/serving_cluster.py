@@ -99,6 +99,7 @@ class ClusterSpec:
     log_dir: str | None = None
     draft_dtype: str = "float32"
     numerics: str = DEFAULT_NUMERICS
+    async_scheduling: bool = False  # the scheduler's --async-scheduling
 
     def config(self, prefix: str) -> ClusterConfig:
         """The cluster's ClusterConfig under `prefix` (one draft worker, a fresh rendezvous port)."""
@@ -106,7 +107,8 @@ class ClusterSpec:
         return ClusterConfig(model=self.model, draft=self.draft, policy=self.policy, stages=self.stages,
                              width=self.width, drafts=1, redis_url=self.redis_url, prefix=prefix,
                              master_port=free_port(), extra=extra, draft_dtype=self.draft_dtype,
-                             threads=self.threads or 0, numerics=self.numerics, device="cpu")
+                             threads=self.threads or 0, numerics=self.numerics, device="cpu",
+                             async_scheduling=self.async_scheduling)
 
 
 class ServiceCluster:

@@ -107,6 +107,17 @@ class RequestState:
 
 
 @dataclass
+class _Scheduled:
+    """A batch as observe_step prices the step that computed it."""
+
+    step: int
+    drafted: int  # the most nodes one round of drafting before it asked: the draft's cost key (0: none)
+    waited: bool  # whether the pipe waited for that drafting
+    rows: int = 0  # its cost key: the plan's rows per step, or its prompt chunk's rows if larger
+    refill: int = 0  # drafted levels of the deepest refill it carried
+
+
+@dataclass
 class StepResult:
     events: list[PipelineEvent] = field(default_factory=list)
     new_tokens: dict[str, list[int]] = field(default_factory=dict)
@@ -130,15 +141,13 @@ class Scheduler:
         # other work (prompts); kept apart, so that a draft found slow to wait for is not waited for again
         self.wait_costs = StepCosts.draft()
         self.refill_costs = StepCosts(unknown=0.0)  # extra seconds of a step whose batch carried a refill, by levels
-        self._refill_sent = 0  # drafted levels of the deepest refill in the batch just scheduled
         self._drafting = 0  # the most nodes one round of expansion jobs asked since the last schedule()
-        self._drafted = 0  # ... before the batch just scheduled: the draft's cost key (0: nothing drafted for it)
-        self._waited = policy.draft_waits is not False  # ... and whether the pipe waited for that drafting
         self._draft_kept_up = False  # a waited step's drafting did not pace it: the draft keeps up (a lookup)
         self._stalled = False  # a waited step took far longer than priced (the draft's queue): plan again now
         self.acceptance = Acceptance()  # pooled over every request so far: the prior of each one's estimate
         self._plan: WidthPlan | None = None  # the cost rule's widths, made again every 2 x `stages` steps
-        self._planned_rows: deque[int] = deque(maxlen=max(policy.stages, 1))  # cost keys of the batches in the pipe
+        # what observe_step needs of each batch scheduled and not yet observed: the last `round_trip` of them
+        self._scheduled: deque[_Scheduled] = deque(maxlen=max(policy.round_trip, 1))
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(self, request: Request) -> RequestState:
@@ -168,7 +177,7 @@ class Scheduler:
     def kv_capacity(self, request: Request) -> int:
         """KV slots a stage reserves: prompt, output, and the most speculative nodes in flight."""
         p = self.policy_of(request)
-        levels = p.refill_levels + (p.stages + 1 if p.streams_levels else 0)  # +1: the level drafted ahead
+        levels = p.refill_levels + (p.round_trip + 1 if p.streams_levels else 0)  # +1: the level drafted ahead
         return len(request.prompt) + request.max_new_tokens + 1 + levels * max(p.width, 1)
 
     def totals(self) -> RequestStats:
@@ -179,8 +188,9 @@ class Scheduler:
             total.add(state.stats)
         return total
 
-    def observe_step(self, seconds: float, draft_wait: float = 0.0) -> None:
-        """The driver's measured duration of the step just run, and how much of it was spent waiting for the
+    def observe_step(self, seconds: float, draft_wait: float = 0.0, step: int | None = None) -> None:
+        """The driver's measured duration of `step` (None: the last scheduled; under async scheduling the
+        services observe a step after scheduling the next), and how much of it the stages spent waiting for the
         draft. The width plan learns from it (scheduler/width.py):
           - the pipe's cost, the step without the wait, keyed by the rows per step of the plan in force: the pipe
             holds the batches of the last `stages` steps, maybe of two plans, so the step is the larger one's;
@@ -188,17 +198,20 @@ class Scheduler:
             as the whole step; where it kept up and is believed dearer, the step as a bound;
           - where the batch carried a refill of r drafted levels, what the step took beyond the two as the cost
             of a refill of r levels."""
-        if not any(self._planned_rows):
+        step = self.step if step is None else step
+        batch = next((b for b in self._scheduled if b.step == step), None)
+        in_pipe = [b.rows for b in self._scheduled if step - self.policy.stages < b.step <= step]
+        if batch is None or not any(in_pipe):
             return
-        key, drafted = max(self._planned_rows), self._drafted
+        key, drafted, refill_sent = max(in_pipe), batch.drafted, batch.refill
         self.costs.observe(key, seconds - draft_wait)
-        if not drafted or not self._waited:  # unwaited, the draft reports its forwards (observe_draft)
+        if not drafted or not batch.waited:  # unwaited, the draft reports its forwards (observe_draft)
             return
         expected = self._drafted_step(key, drafted)  # as the plan priced it, a refill aside
-        refill = self.refill_costs(self._refill_sent) if self._refill_sent else 0.0
+        refill = self.refill_costs(refill_sent) if refill_sent else 0.0
         self._stalled = self._stalled or seconds > STALLED * (expected + refill)
-        if self._refill_sent:
-            self.refill_costs.observe(self._refill_sent, max(seconds - expected, 0.0))
+        if refill_sent:
+            self.refill_costs.observe(refill_sent, max(seconds - expected, 0.0))
         elif draft_wait > PACED * seconds or self._waited_draft()(drafted) > seconds:
             self.wait_costs.observe(drafted, seconds)
         else:
@@ -303,7 +316,7 @@ class Scheduler:
 
     def _plan_due(self, step: int) -> bool:
         """Acceptance and costs have moved on since the plan was made, or it was made blind to cost."""
-        period = 2 * self.policy.stages  # the pipe is the new plan's alone for the second half
+        period = 2 * self.policy.round_trip  # the pipe is the new plan's alone for the second half
         learnt = bool(self.costs.points) and (self.draft_known() or not any(self._plan.widths.values()))
         return step - self._plan.step >= period or (not self._plan.informed and learnt) or self._stalled
 
@@ -318,7 +331,7 @@ class Scheduler:
             top = self.effective_width(policy, decoding)
             alphas = tuple(state.stats.acceptance.alphas(top, prior))
             candidates.append(Candidate(state.request.request_id, top, alphas, policy.refill_levels))
-        return plan(candidates, self.costs, self.policy.stages, step, self.draft_costs, self.refill_costs,
+        return plan(candidates, self.costs, self.policy.round_trip, step, self.draft_costs, self.refill_costs,
                     self.policy.draft_waits, self.draft_known(), self._waited_draft())
 
     def _decoding(self) -> int:
@@ -348,14 +361,16 @@ class Scheduler:
     def schedule(self) -> MicroBatch:
         """One micro-batch: decoding requests first (latency), then prefill chunks, within the budget."""
         self.step += 1
-        self._waited = self.waits_for_draft()  # the drafting before this batch ran under the plan made before it
+        # the drafting before this batch ran under the plan made before it: whether the pipe waited for it
+        batch_record = _Scheduled(self.step, drafted=self._drafting, waited=self.waits_for_draft())
+        self._scheduled.append(batch_record)
         if self._plan is not None and self._plan_due(self.step):
             self._plan = None
         rows: list[Row] = []
         members = set()
         states, decoding = self.active(), self._decoding()
         prefill = 0  # prompt rows in this batch
-        self._refill_sent, self._drafted, self._drafting = 0, self._drafting, 0
+        self._drafting = 0
         prompts = sum(self._prefill_wanted(s) for s in states if s.phase is Phase.PREFILL)  # rows prompts would take
         for state in sorted(states, key=lambda s: s.phase is Phase.PREFILL):
             budget = self.engine.token_budget - len(rows)
@@ -373,7 +388,7 @@ class Scheduler:
         self._batch_members[batch.batch_id] = members
         # the cost key of this batch: the plan's rows per step, or its prompt chunk's rows if larger (a prefill
         # step costs what its rows cost, whatever the plan)
-        self._planned_rows.append(max(self._plan.rows if self._plan is not None and decoding else 0, prefill))
+        batch_record.rows = max(self._plan.rows if self._plan is not None and decoding else 0, prefill)
         self._next_batch += 1
         return batch
 
@@ -434,7 +449,7 @@ class Scheduler:
         rid = state.request.request_id
         rows = [Row(rid, root.node_id, ROOT_PARENT, root.position, root.token, committed=True, needs_target=True)]
         levels, _ = self._drafted_levels(state, [root.node_id], width, budget)
-        self._refill_sent = max(self._refill_sent, len(levels))
+        self._scheduled[-1].refill = max(self._scheduled[-1].refill, len(levels))
         for level in levels:
             rows.extend(self._send(state, level))
         state.needs_refill = False

@@ -10,7 +10,10 @@ One pipeline step per iteration, the beat first and Redis in its shadow:
      requests (consumer group: a request is acknowledged only when it finished or failed), cancellations and
      stage errors; admit those whose KV fits, refuse past the queue limit (scheduler/admission.py); telemetry,
   4. wait for the last stage's VerifyMsg of this step on the control inbox, verify.
-So a beat costs schedule(), one send, the stages' compute and one receive: no Redis round trip. A lost stage
+So a beat costs schedule(), one send, the stages' compute and one receive: no Redis round trip. Under async
+scheduling (--async-scheduling, PolicyConfig.async_scheduling) step 4 waits for the verification of the step
+before, not of the step just sent: the stages find step t + 1 in their inboxes as they finish step t, and the
+scheduler's whole loop runs in the shadow of their compute. A lost stage
 fails the in-flight requests and begins a new pipeline run (scheduler/pipeline.py); steps go out only while
 every stage is in the run.
 """
@@ -107,6 +110,8 @@ class SchedulerService:
         self.errors_last = self.cancel_last = "$"
         self.link_lost = False  # a stage reported a lost peer in this run
         self.stage_failures: list[StageErrorMsg] = []  # request-level failures read, not yet applied
+        self.sent: _Sent | None = None  # the last StepMsg sent by step(), for the width plan's step times
+        self.verified_at: float | None = None  # when the last verification arrived (None: none since idle)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -133,6 +138,7 @@ class SchedulerService:
                     idle_since = time.monotonic()
                     self.step()
                     continue
+                self.sent = self.verified_at = None  # idle: the next step's time starts afresh
                 self._flush_tokens()
                 self._serve_queue(block_ms=200)
                 if not self.scheduler.active():
@@ -161,17 +167,34 @@ class SchedulerService:
         published = time.monotonic()
         self._shadow(epoch, msg)
         self.scheduler.plan_ahead()  # the next step's widths, if due, while the stages compute
-        verify = self._await_verify(msg.step)
+        verify_step = msg.step - self.scheduler.policy.lag  # async scheduling: the step before this one
+        sent, self.sent = self.sent, _Sent(msg.step, published, wait_span[1] - wait_span[0])
+        if verify_step <= self.pipeline.run.base_step:  # the run's first step under async scheduling
+            return
+        verify = self._await_verify(verify_step)
         if verify is None:
             return
         verified = time.monotonic()
         result = self.scheduler.update_from_output(verify.target_tokens())
-        self.scheduler.observe_step(verified - start, wait_span[1] - wait_span[0])  # the width plan's costs
+        self._observe(verify_step, start, verified, sent)
         self.events += result.events  # after any cancellation's, read in the shadow
         self._finish_step(result)
         self._stage_errors()  # after the verification's tokens went out: a failed request is not verified again
         stamps = (start, *wait_span, published, verified, time.monotonic())
         self.telemetry.step_timed(msg.step, len(batch.rows), stamps, drained=not self.scheduler.active())
+
+    def _observe(self, step: int, start: float, verified: float, sent: _Sent | None) -> None:
+        """The width plan's costs: how long `step` took, and how long the stages waited for the draft in it.
+        In lockstep a step runs from this loop's start to its verification, its draft wait all stall; under
+        async scheduling from the verification before (or its StepMsg, if later) to its own, and the stages
+        waited only as far as its StepMsg went out after that verification, the draft's share at most."""
+        if not self.scheduler.policy.lag:
+            self.scheduler.observe_step(verified - start, self.sent.wait_s)
+        elif sent is not None and sent.step == step and self.verified_at is not None:
+            began = max(self.verified_at, sent.published)
+            stall = min(sent.wait_s, max(0.0, sent.published - self.verified_at))
+            self.scheduler.observe_step(verified - began + stall, stall, step=step)
+        self.verified_at = verified
 
     def _shadow(self, epoch: int, msg: StepMsg) -> None:
         """Everything Redis, in one round trip, while the stages compute the step just sent: the last step's
@@ -343,12 +366,13 @@ class SchedulerService:
                 log.warning("scheduler: a %s on the control inbox; dropped", type(msg).__name__)
 
     def _verified(self, step: int) -> VerifyMsg | None:
-        """This run's verification of `step`, if it has arrived (anything older is dropped)."""
+        """This run's verification of `step`, if it has arrived (anything older is dropped; a later step's,
+        read meanwhile under async scheduling, is kept for its turn)."""
         epoch, found = self.pipeline.run.epoch, None
         for msg in self.verified:
             if msg.step == step and msg.epoch == epoch:
                 found = msg
-        self.verified = []
+        self.verified = [m for m in self.verified if m.epoch == epoch and m.step > step]
         return found
 
     def _await_verify(self, step: int) -> VerifyMsg | None:
@@ -407,6 +431,7 @@ class SchedulerService:
         self.drafts.begin_run(self.pipeline.run.epoch, self.scheduler.step)
         self.events, self.verified, self.telemetry.sent = [], [], None
         self.link_lost, self.stage_failures = False, []
+        self.sent = self.verified_at = None
 
     def _reform(self, reason: str) -> None:
         """A stage was lost: the requests in the pipe fail with `reason`, and a new run re-forms the pipeline.
@@ -420,6 +445,13 @@ class SchedulerService:
             self._end(rid, "error", f"{reason}; request failed")
         self._begin_run()
         log.info("scheduler: run %d began; waiting for every stage to join it", self.pipeline.run.epoch)
+
+
+@dataclass(frozen=True)
+class _Sent:
+    step: int
+    published: float  # when the StepMsg went out (time.monotonic())
+    wait_s: float  # how long the draft was waited for before it was scheduled
 
 
 def _admitted(a: Admitted) -> AdmittedRequest:

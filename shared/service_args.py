@@ -135,6 +135,10 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help="most prompt rows per prefill micro-batch; a shorter prompt goes in one chunk per stage")
     p.add_argument("--token-budget", type=int, default=256)
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="schedule step t+1 while the stages compute step t, before t's verification is read: "
+                        "no step waits for the scheduler, but prunes and refills come one step late (pays where "
+                        "the control path is a large share of a step: GPU-sized steps)")
 
 
 def redis_config(args: argparse.Namespace) -> RedisConfig:
@@ -144,7 +148,8 @@ def redis_config(args: argparse.Namespace) -> RedisConfig:
 
 def policy_config(args: argparse.Namespace) -> PolicyConfig:
     refill = args.refill_depth if args.refill_depth is not None else max(args.stages - 1, 1)
-    return PolicyConfig(args.policy, args.stages, args.width, args.depth, refill, args.branch, args.width_rule)
+    return PolicyConfig(args.policy, args.stages, args.width, args.depth, refill, args.branch, args.width_rule,
+                        async_scheduling=args.async_scheduling)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

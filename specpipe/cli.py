@@ -37,6 +37,9 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--depth", type=int, default=4, help="tree policy: levels per round")
     p.add_argument("--refill-depth", type=int, default=4, help="specpipe: drafted levels in a refill")
     p.add_argument("--branch", type=int, default=4, help="draft proposals per expanded node")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="each step scheduled before the verification of the one before it is read (as the "
+                        "services' --async-scheduling): prunes and refills one step late")
     p.add_argument("--device", default="cpu",
                    help="where every stage and the draft compute, in this one process: cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default=None,
@@ -105,7 +108,8 @@ def _simulate(args: argparse.Namespace) -> int:
     cfg = SimulationConfig(
         model=args.model,
         draft=args.draft,
-        policy=PolicyConfig(args.policy, args.stages, args.width, args.depth, args.refill_depth, args.branch),
+        policy=PolicyConfig(args.policy, args.stages, args.width, args.depth, args.refill_depth, args.branch,
+                            async_scheduling=args.async_scheduling),
         engine=EngineConfig(prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens, dtype=dtype,
                             draft_dtype=args.draft_dtype or dtype, numerics=args.numerics, device=args.device,
                             layer_split=args.layer_split),

@@ -66,6 +66,7 @@ class ClusterConfig:
     stages: int = 2
     width: int = 4
     width_rule: str = "cost"  # specpipe: how the scheduler sizes each request's width (PolicyConfig.width_rule)
+    async_scheduling: bool = False  # schedule step t+1 while t computes (PolicyConfig.async_scheduling)
     drafts: int = 1
     token_budget: int = 256
     redis_url: str = DEFAULTS["REDIS_URL"]
@@ -124,7 +125,8 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
     procs = {
         "scheduler": [py, "-m", "scheduler", *cfg.common_args(), "--policy", cfg.policy, "--stages", str(cfg.stages),
                       "--width", str(cfg.width), "--width-rule", cfg.width_rule, "--token-budget", str(cfg.token_budget),
-                      *cfg.limits.scheduler_args(), *cfg.extra],
+                      *(["--async-scheduling"] if cfg.async_scheduling else []), *cfg.limits.scheduler_args(),
+                      *cfg.extra],
     }
     for k in range(cfg.stages):
         procs[stage_name(k)] = [py, "-m", "stage_worker", *cfg.common_args(), "--threads", str(cfg.compute_threads()),
@@ -320,11 +322,14 @@ def up_main(argv: list[str]) -> int:
                      help="whether steps wait for the draft's levels (auto: the width plan chooses by cost)")
     sch.add_argument("--draft-wait-ms", type=float, default=1000.0,
                      help="a waiting step waits up to this long for the draft's proposals (0: never wait)")
+    sch.add_argument("--async-scheduling", action="store_true",
+                     help="schedule step t+1 while the stages compute step t (no step waits for the scheduler; "
+                          "prunes and refills one step late): for GPU-sized steps of a few ms")
     a = p.parse_args(argv)
     env_keys = env("SPECPIPE_API_KEYS")
     cfg = ClusterConfig(
         model=a.model, draft=a.draft, policy=a.policy, stages=a.stages, width=a.width,
-        width_rule=a.width_rule, drafts=a.drafts,
+        width_rule=a.width_rule, async_scheduling=a.async_scheduling, drafts=a.drafts,
         token_budget=a.token_budget, redis_url=a.redis_url, prefix=a.prefix, master_port=a.master_port, port=a.port,
         host=a.host, attention=attention_config(a), device=a.device, dtype=a.dtype, draft_dtype=a.draft_dtype,
         numerics=a.numerics, layer_split=a.layer_split,

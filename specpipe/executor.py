@@ -8,7 +8,10 @@ One step = one pipeline beat:
   3. every stage computes the micro-batch it received one step earlier,
   4. what leaves the last stage is verified, and the resulting prune/commit
      events reach every stage, every in-flight micro-batch and the draft
-     before the next step's compute.
+     before the next step's compute. Under async scheduling
+     (PolicyConfig.async_scheduling) what leaves the last stage is verified
+     one step later, after the next step's micro-batch is formed, as the
+     scheduler service does while the stages compute.
 The trace records, per step, which nodes each stage computed.
 
 With a DraftLane (a modeled deployment, PolicyConfig.draft_waits=False) the
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 from scheduler.occupancy import Occupancy
 from scheduler.scheduler import Phase, Request, RequestState, Scheduler, StepResult
 from shared.compute.runner import RequestInfo, StageRunner
-from shared.types.batch import MicroBatch, PipelineEvent
+from shared.types.batch import MicroBatch, PipelineEvent, StageOutput
 from shared.types.errors import SpecPipeError
 from shared.types.speculation import SpeculativeSource, times_a_level
 
@@ -142,6 +145,9 @@ class InProcessPipeline:
         self.scheduler = scheduler
         self.draft = draft
         self.in_flight: list[MicroBatch | None] = [None] * (len(stages) - 1)  # input of stage s + 1
+        # the last stage's outputs not yet verified: under async scheduling a step's verification is read after
+        # the next step is scheduled (PolicyConfig.async_scheduling), as the scheduler service reads it
+        self.unverified: deque[StageOutput | None] = deque()
         self.trace: deque[StepTrace] = deque(maxlen=trace_limit or None)
         self.trace_enabled = trace_limit > 0
         self.occupancy = occupancy  # stage x step fates, as the distributed scheduler publishes them
@@ -170,7 +176,8 @@ class InProcessPipeline:
             self._draft_beside()
         outputs = [stage.forward(batch) if batch is not None else None for stage, batch in zip(self.stages, incoming)]
         self.in_flight = outputs[:-1]
-        last = outputs[-1]
+        self.unverified.append(outputs[-1])
+        last = self.unverified.popleft() if len(self.unverified) > self.scheduler.policy.lag else None
         result = self.scheduler.update_from_output(last.target_tokens()) if last is not None else StepResult()
         self._fail(result)
         self._apply(result.events)

@@ -35,6 +35,7 @@ for its input); the stage then leaves the group (close(broken=True)) and joins t
 from __future__ import annotations
 
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -257,8 +258,11 @@ class ActivationLink:
                               dtype=torch.int64, device=self.device)
         payload = None
         if n:
-            meta = torch.tensor([LinkRow.of(r, slots[r.request_id]) for r in batch.rows], dtype=torch.int64)
-            payload = pack(meta, batch.hidden.to(self.device, self.dtype))
+            meta = array("q")  # flat, then viewed: torch.tensor over a list of row lists costs 3-4x more a step
+            for r in batch.rows:
+                meta.extend(LinkRow.of(r, slots[r.request_id]))
+            states = batch.hidden.to(self.device, self.dtype)
+            payload = pack(torch.frombuffer(meta, dtype=torch.int64).view(n, META), states)
         self.wire.send(header, payload)
 
     def _recv(self, step: int, request_ids: dict[int, str]) -> MicroBatch:

@@ -30,7 +30,7 @@ from shared.transport.membership import (
     publish_rendezvous,
     rendezvous_address,
 )
-from shared.transport.redis_io import RedisConfig, connect, publish, stage_name, start_heartbeat
+from shared.transport.redis_io import OffBeatWriter, RedisConfig, connect, publish, stage_name, start_heartbeat
 from shared.types.batch import MicroBatch
 from shared.types.errors import SpecPipeError
 from shared.wire.messages import AdmittedRequest, StageErrorMsg, StepMsg, VerifyMsg
@@ -77,7 +77,8 @@ class StageService:
         # "step:start:compute_s" (time.monotonic(), one clock for every process on a host), flushed to Redis in
         # batches: benchmarks.wire_overhead's split of a step
         self.timings: list[str] = []
-        self.telemetry = StageTelemetry(self.r, cfg.redis, cfg.rank, cfg.stats_interval_s)
+        self.writer = OffBeatWriter(cfg.redis, self.name)  # timings and stats, between steps
+        self.telemetry = StageTelemetry(self.writer, cfg.redis, cfg.rank, cfg.stats_interval_s)
 
     def run(self, stop_after_idle_s: float | None = None) -> None:
         # before joining: the scheduler reads the stages' inboxes once every stage has joined
@@ -267,8 +268,8 @@ class StageService:
 
     def flush_timings(self) -> None:
         if self.timings:
-            self.r.rpush(self.cfg.redis.key("timings", self.name), *self.timings)
-            self.timings = []
+            key, timings, self.timings = self.cfg.redis.key("timings", self.name), self.timings, []
+            self.writer.submit(lambda r: r.rpush(key, *timings))
 
     def _admit(self, step: int, admitted: list[AdmittedRequest]) -> None:
         """Register the step's new requests. One this stage cannot take (its grammar, its settings) fails alone:

@@ -7,11 +7,13 @@ runner and the draft sources stay transport-free.
 from __future__ import annotations
 
 import logging
+import queue
 import shutil
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -185,6 +187,28 @@ def start_heartbeat(cfg: RedisConfig, component: str) -> threading.Event:
 
     threading.Thread(target=loop, name=f"heartbeat-{component}", daemon=True).start()
     return stop
+
+
+class OffBeatWriter:
+    """Redis writes from a daemon thread (own connection), in the order given: what a stage reports between
+    steps (timings, stats snapshots) never puts a Redis round trip between one step's compute and the next.
+    A failed write is logged and dropped (monitoring only: nothing on the beat depends on it)."""
+
+    def __init__(self, cfg: RedisConfig, component: str):
+        self.r = connect(cfg)
+        self.writes: queue.SimpleQueue[Callable[[redis.Redis], object]] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=f"writer-{component}", daemon=True).start()
+
+    def submit(self, write: Callable[[redis.Redis], object]) -> None:
+        self.writes.put(write)
+
+    def _run(self) -> None:
+        while True:
+            write = self.writes.get()
+            try:
+                write(self.r)
+            except redis.RedisError as exc:
+                log.warning("a write off the beat failed: %s", exc)
 
 
 def alive(r: redis.Redis, cfg: RedisConfig, component: str) -> bool:

@@ -222,6 +222,12 @@ class PolicyConfig:
     # None: the cost rule's width plan chooses between the two at each plan, from the measured costs (beside the
     # pipe until the draft's pace is known; under the budget rule, which makes no plan, it always waits).
     draft_waits: bool | None = True
+    # Step t + 1 is scheduled before step t's verification is read (vLLM's and SGLang's overlap): the scheduler
+    # builds and sends it while the stages compute step t, so no step waits for the scheduler, but its rows and
+    # prunes are one verification late. A row that verification would have pruned is computed by one more stage
+    # (then dropped), and a miss's refill enters one step later. It pays where the per-step control path is a
+    # large share of a step (GPU-sized steps of a few ms), not where a step is tens of ms (a CPU).
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -236,9 +242,19 @@ class PolicyConfig:
             raise ConfigError(f"unknown width rule '{self.width_rule}': choose one of {', '.join(WIDTH_RULES)}")
 
     @property
+    def lag(self) -> int:
+        """Steps scheduled before the verification of the one before them is read (async_scheduling)."""
+        return 1 if self.async_scheduling else 0
+
+    @property
+    def round_trip(self) -> int:
+        """Steps from a row entering stage 0 to the first step scheduled after its verification."""
+        return self.stages + self.lag
+
+    @property
     def max_inflight(self) -> int:
-        """Micro-batches of one request allowed in the pipe at once."""
-        return self.stages if self.name == "specpipe" else 1
+        """Micro-batches of one request allowed in the pipe (sent and not yet verified) at once."""
+        return self.round_trip if self.name == "specpipe" else 1
 
     @property
     def streams_levels(self) -> bool:

@@ -135,10 +135,11 @@ def test_update_re_measures_section_1_and_recomputes_what_depends_on_it(cfg, res
     assert "section 1 re-measured" in markdown(updated)
 
 
-def test_interleaved_turns_serve_both_policies_alike(cfg) -> None:
-    """benchmarks.interleaved: pp and specpipe up side by side, each prompt to one then the other, twice; the same
+@pytest.mark.parametrize("arms", [("pp", "specpipe"), ("specpipe", "specpipe-async")], ids=" vs ".join)
+def test_interleaved_turns_serve_both_arms_alike(cfg, arms) -> None:
+    """benchmarks.interleaved: two clusters up side by side, each prompt to one then the other, twice; the same
     tokens from both, every request timed."""
-    out = interleaved.run(cfg, rounds=2)
+    out = interleaved.run(cfg, rounds=2, arms=arms)
     assert out["error"] is None and out["identical"]
-    assert [len(out["tbt_s"][p]) for p in ("pp", "specpipe")] == [2 * out["prompts"]] * 2
+    assert [len(out["tbt_s"][a]) for a in arms] == [2 * out["prompts"]] * 2
     assert out["decode_rate"] > 0

@@ -2,8 +2,9 @@
 in-process executor (specpipe/executor.py) send the same rows into stage 0 at every step, verify them into the
 same events and emit the same tokens, refills after a miss included (R drafted levels below the bonus token).
 
-A step record of one request, from its first row on: (rows sent into stage 0 [(node, token)], the events of that
-step's verification [(kind, nodes)], the tokens it emitted). The services' records come from what they publish:
+A step record of one request, from its first row on: (rows sent into stage 0 [(node, token)], the events of the
+verification read in that step [(kind, nodes)], the tokens it emitted). Under async scheduling the verification
+read in step t is step t - 1's, in both. The services' records come from what they publish:
 the `steps` stream (stage 0's rows; the events of step t's verification go out with step t + 1) and the request's
 `out` stream (tokens, stamped with their step)."""
 
@@ -33,14 +34,17 @@ LIST_PROMPT = ("Copy this list exactly, one item per line: red apple, green pear
 
 # label: (model, stage processes, refill depth (None: the services' default, stages - 1), draft: "model" is the
 # target itself (greedy: every level accepted; seeded: tiny-random's near-uniform draws miss, so every step after
-# the first refills), or "ngram")
+# the first refills), or "ngram"; async scheduling: each step scheduled before the last verification is read)
 PIPES = {
-    "tiny-random, 2 stages, draft model": ("tiny", 2, None, "model"),
-    "tiny-random, 3 stages, draft model": ("tiny", 3, None, "model"),
-    "tiny-random, 4 stages, draft model": ("tiny", 4, None, "model"),
-    "tiny-random, 4 stages, draft model, refill depth 1": ("tiny", 4, 1, "model"),
-    "tiny-random, 3 stages, draft model, no refill levels": ("tiny", 3, 0, "model"),
-    "smollm2, 2 stages, n-gram": ("smollm2-135m", 2, None, "ngram"),
+    "tiny-random, 2 stages, draft model": ("tiny", 2, None, "model", False),
+    "tiny-random, 3 stages, draft model": ("tiny", 3, None, "model", False),
+    "tiny-random, 4 stages, draft model": ("tiny", 4, None, "model", False),
+    "tiny-random, 4 stages, draft model, refill depth 1": ("tiny", 4, 1, "model", False),
+    "tiny-random, 3 stages, draft model, no refill levels": ("tiny", 3, 0, "model", False),
+    "tiny-random, 2 stages, draft model, async scheduling": ("tiny", 2, None, "model", True),
+    "tiny-random, 4 stages, draft model, async scheduling": ("tiny", 4, None, "model", True),
+    "smollm2, 2 stages, n-gram": ("smollm2-135m", 2, None, "ngram", False),
+    "smollm2, 2 stages, n-gram, async scheduling": ("smollm2-135m", 2, None, "ngram", True),
 }
 
 
@@ -52,12 +56,12 @@ def _records(steps: dict[int, dict], tokens: dict[int, list[int]]) -> list[tuple
 
 
 def executor_records(model_dir, draft: str, stages: int, refill: int, prompt: list[int], n: int,
-                     sampling: SamplingParams) -> tuple[list[tuple], list[int]]:
+                     sampling: SamplingParams, overlap: bool = False) -> tuple[list[tuple], list[int]]:
     """The executor's records, and the rows of each refill it sent (the bonus token and its drafted levels)."""
     arch = ModelArch.from_model_dir(model_dir)
     cfg = SimulationConfig(model=str(model_dir), draft=draft,
                            policy=PolicyConfig("specpipe", stages, WIDTH, refill_depth=refill, branch=BRANCH,
-                                                        width_rule="budget"),
+                                               width_rule="budget", async_scheduling=overlap),
                            engine=EngineConfig(prefill_chunk=CHUNK, token_budget=BUDGET, numerics="exact"))
     pipe = build_pipeline(cfg, trace_limit=1)[0]
     state = pipe.submit(Request("r", tuple(prompt), sampling, n, frozenset(arch.eos_token_ids)))
@@ -107,7 +111,7 @@ def _jobs(model: str, model_dir) -> dict[str, tuple]:
 
 @pytest.mark.parametrize("case", list(PIPES))
 def test_services_and_executor_step_alike(tmp_path, tiny_dir, case, request) -> None:
-    model, stages, refill, draft = PIPES[case]
+    model, stages, refill, draft, overlap = PIPES[case]
     if model != "tiny":
         request.applymarker(pytest.mark.slow)
     model_dir = tiny_dir if model == "tiny" else resolve_model(model)
@@ -117,7 +121,8 @@ def test_services_and_executor_step_alike(tmp_path, tiny_dir, case, request) -> 
     # a generous draft wait: an answer takes milliseconds, and a late one would change the tree
     cluster = Cluster(tmp_path, str(model_dir), stages=stages, draft=draft,
                       extra=("--refill-depth", str(refill), "--draft-mode", "wait", "--draft-wait-ms", "20000",
-                             "--trace-steps", "--width-rule", "budget"))  # the cost rule learns from wall-clock beats
+                             "--trace-steps", "--width-rule", "budget",  # the cost rule learns from wall-clock beats
+                             *(["--async-scheduling"] if overlap else [])))
     try:
         for label, (prompt, n, sampling) in jobs.items():  # one at a time: each request's steps are its own
             s = sampling
@@ -126,7 +131,7 @@ def test_services_and_executor_step_alike(tmp_path, tiny_dir, case, request) -> 
             assert result.finished and result.error is None, (case, label, result)
         refills = []
         for label, (prompt, n, sampling) in jobs.items():
-            expected, refill_rows = executor_records(model_dir, draft, stages, refill, prompt, n, sampling)
+            expected, refill_rows = executor_records(model_dir, draft, stages, refill, prompt, n, sampling, overlap)
             got = service_records(cluster, label)
             assert _last_events_dropped(got) == _last_events_dropped(expected), f"{case}: {label}: steps differ"
             refills += refill_rows

@@ -83,6 +83,24 @@ def test_bf16_draft_stays_lossless_tiny(tiny_dir, policy, stages, sampling) -> N
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("sampling", ["greedy", "hot"])
+@pytest.mark.parametrize("stages", [1, 2, 4], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("policy,draft", [("pp", "ngram"), ("specpipe", "ngram"), ("specpipe", "self")], ids=str)
+def test_async_scheduling_equals_plain_decoding_tiny(tiny_dir, policy, draft, stages, sampling) -> None:
+    """Each step scheduled before the verification of the one before it is read (rows and prunes one
+    verification late): the tokens are plain decoding's, and a root takes one more step per token."""
+    params = SAMPLINGS[sampling]
+    expected = _plain(tiny_dir, TINY_PROMPT, 20, params)
+    pipe = pipeline(tiny_dir, policy, stages, _draft(draft, tiny_dir), refill_depth=2, async_scheduling=True)
+    state = generate(pipe, TINY_PROMPT, 20, params)
+    assert state.output == expected
+    if policy == "pp":
+        assert state.stats.steps == (len(expected) - 1) * (stages + 1)  # one token per N + 1 steps
+    if draft == "self" and params.greedy and stages > 1:
+        assert state.stats.accepted > 0
+
+
+@pytest.mark.unit
 def test_sampling_seed_changes_output(tiny_dir) -> None:
     a = _plain(tiny_dir, TINY_PROMPT, 12, SamplingParams(temperature=1.0, seed=1))
     b = _plain(tiny_dir, TINY_PROMPT, 12, SamplingParams(temperature=1.0, seed=2))

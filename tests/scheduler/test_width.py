@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.scheduler import Phase, Scheduler, StepResult
+from scheduler.scheduler import Phase, Scheduler, StepResult, _Scheduled
 from scheduler.width import MAX_ALPHA, Acceptance, Candidate, StepCosts, plan, tokens_per_step
 from shared.types.config import EngineConfig, PolicyConfig
 from shared.types.errors import ConfigError
@@ -294,8 +294,7 @@ def test_a_waited_step_far_dearer_than_priced_is_planned_again_at_once() -> None
     sched.observe_draft(2, 1.0)  # the draft's forward over 2 nodes: as long as a step
     sched._plan = plan([], sched.costs, 4, step=0)
     assert not sched._plan_due(1)
-    sched._planned_rows.append(2)
-    sched._drafted, sched._waited = 2, True  # a step of a waiting plan, 2 nodes drafted for it
+    sched._scheduled.append(_Scheduled(0, drafted=2, waited=True, rows=2))  # a step of a waiting plan, 2 nodes drafted
     sched.observe_step(5.0, 4.0)
     assert sched._plan_due(1)
     assert sched.wait_costs(2) == pytest.approx(5.0) and sched.draft_costs(2) == pytest.approx(1.0)
