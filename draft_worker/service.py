@@ -20,7 +20,15 @@ from dataclasses import dataclass
 
 from shared.transport.control import Outbox
 from shared.transport.membership import current_run
-from shared.transport.redis_io import RedisConfig, connect, decode_or_log, ensure_group, read, start_heartbeat
+from shared.transport.redis_io import (
+    RedisConfig,
+    connect,
+    decode_or_log,
+    ensure_group,
+    entries_of,
+    read,
+    start_heartbeat,
+)
 from shared.types.batch import PipelineEvent
 from shared.types.errors import SpecPipeError
 from shared.types.speculation import ExpansionJob, SpeculativeSource, times_a_level
@@ -28,6 +36,7 @@ from shared.wire.messages import DraftEventsMsg, ExpansionJobMsg, ProposalsMsg
 
 log = logging.getLogger("draft_worker")
 ENDED_KEPT = 4096  # finished requests remembered (a job after its request's finish is late by a step or two)
+EVENTS_READ = 256  # draft_events entries per read
 
 
 @dataclass(frozen=True)
@@ -73,16 +82,34 @@ class DraftService:
         self.start()
         start_heartbeat(self.cfg.redis, self.name)
         log.info("%s ready: %s", self.name, type(self.source).__name__)
+        done: list[bytes] = []  # the entries of the last read, acknowledged in the next round trip
         while True:
-            self._follow_events(block_ms=None)
-            reply = self.r.xreadgroup(self.cfg.group, self.name, {self.cfg.redis.draft_jobs: ">"}, count=64, block=200)
-            entries = [e for _, batch in reply or [] for e in batch] or self._orphaned()
+            entries = self._read_jobs(done) or self._orphaned()
             if not entries and self.timings:  # idle: off any critical path
                 self.r.rpush(self.cfg.redis.key("timings", self.name), *self.timings)
                 self.timings = []
             if entries:
                 self._handle([fields.get(b"m", b"") for _, fields in entries])
-                self.r.xack(self.cfg.redis.draft_jobs, self.cfg.group, *[entry_id for entry_id, _ in entries])
+            done = [entry_id for entry_id, _ in entries]
+
+    def _read_jobs(self, done: list[bytes]) -> list:
+        """One round trip: the last read's jobs acknowledged, new ones read (waiting up to 200 ms for one), then
+        the events published before them, applied (the scheduler publishes a job's events ahead of it, so a job
+        read here never waits for a second read of its events)."""
+        cfg = self.cfg.redis
+        with self.r.pipeline(transaction=False) as pipe:
+            if done:
+                pipe.xack(cfg.draft_jobs, self.cfg.group, *done)
+            pipe.xreadgroup(self.cfg.group, self.name, {cfg.draft_jobs: ">"}, count=64, block=200)
+            pipe.xread({cfg.draft_events: self.events_last}, count=EVENTS_READ)
+            jobs, events = pipe.execute()[-2:]
+        events = entries_of(events)
+        for entry_id, raw in events:
+            self.events_last = entry_id
+            self._apply_raw(raw)
+        if len(events) == EVENTS_READ:  # more than one read holds
+            self._follow_events(block_ms=None)
+        return [e for _, batch in jobs or [] for e in batch]
 
     def _orphaned(self) -> list:
         """Jobs a dead worker took and never acknowledged: claim them after a heartbeat's lifetime."""
@@ -135,7 +162,9 @@ class DraftService:
         jobs = [job for raw in raws if (job := decode_or_log(raw, ExpansionJobMsg, self.name)) is not None]
         if not jobs:
             return
-        self._follow_events(self.cfg.catch_up_ms, until=max((job.epoch, job.as_of_step) for job in jobs))
+        until = max((job.epoch, job.as_of_step) for job in jobs)
+        if self.at < until:  # read with the jobs, the events they come after are usually in already
+            self._follow_events(self.cfg.catch_up_ms, until)
         proposals, batch, prompts = [], [], []
         for job in jobs:
             if job.epoch < self.at[0]:
@@ -164,16 +193,18 @@ class DraftService:
             self._prefill(job)
 
     def _reply(self, proposals: list, forward: tuple[int, float] = (0, 0.0)) -> None:
-        """Every answer to the scheduler of the run followed (its inbox looked up once per run); the first one
-        carries the forward's (frontier nodes, seconds)."""
+        """Every answer to the scheduler of the run followed (its inbox looked up once per run), in one write;
+        the first one carries the forward's (frontier nodes, seconds)."""
         if self.reply_run != self.at[0]:
             run = current_run(self.r, self.cfg.redis)
             self.scheduler.connect([run.control] if run is not None and run.control else [])
             self.reply_run = self.at[0]
+        messages = []
         for i, (rid, node_id, props) in enumerate(proposals):
             nodes, seconds = forward if i == 0 else (0, 0.0)
-            self.scheduler.send(ProposalsMsg(rid, node_id, [t for t, _ in props], [float(lp) for _, lp in props],
-                                             nodes, seconds))
+            messages.append(ProposalsMsg(rid, node_id, [t for t, _ in props], [float(lp) for _, lp in props],
+                                         nodes, seconds))
+        self.scheduler.send_all(messages)
 
     def _known(self, job: ExpansionJobMsg) -> bool:
         """Register the job's request with the source on its first job; False (and reset) when that fails."""

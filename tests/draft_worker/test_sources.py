@@ -11,6 +11,7 @@ could differ).
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -59,6 +60,40 @@ def test_ngram_follows_the_speculative_path_and_forgets_pruned_nodes() -> None:
     assert 10 not in source.mirrors["r"].nodes
     source.apply([PipelineEvent("r", "finish")])
     assert "r" not in source.mirrors
+
+
+# label: (vocabulary size, accepted text length, speculative path length, window)
+LOOKUPS = {
+    "few tokens, many repeats": (3, 60, 3, 4096),
+    "a wider vocabulary": (12, 200, 4, 4096),
+    "no path (an accepted node)": (4, 80, 0, 4096),
+    "longer than the window (scanned)": (3, 90, 2, 50),
+}
+
+
+@pytest.mark.parametrize("case", list(LOOKUPS))
+def test_ngram_counts_give_what_the_scan_gives(case) -> None:
+    """expand reads each request's follower counts (grown with its text, step after step) and scans only what
+    reaches into the node's path: the proposals are the scan's (propose), order of ties included."""
+    vocab, length, depth, window = LOOKUPS[case]
+    rng = random.Random(case)
+    text = [rng.randrange(vocab) for _ in range(length)]
+    source = NgramSource(window=window)
+    source.add_request("r", text[:8], capacity=1024)
+    for cut in range(8, length + 1, 7):  # the accepted text grows between jobs
+        accepted, parent, refs, path = text[:cut], -1, [], []
+        for d in range(depth):  # a chain of speculative nodes below the text
+            token = rng.randrange(vocab)
+            refs.append(NodeRef(1000 * cut + d, parent, token, cut + d, False))
+            parent, path = 1000 * cut + d, [*path, token]
+        refs = refs or [NodeRef(cut, -1, accepted[-1], cut - 1, True)]
+        got = source.expand([ExpansionJob("r", accepted, refs, top_k=3)])
+        for (_, node, proposals), ref in zip(got, refs):
+            context = accepted + path[: ref.position - cut + 1] if not ref.accepted else accepted
+            assert proposals == source.propose(context, 3), (case, cut, node)
+    text[3] = vocab  # a text that does not extend the one counted is counted afresh
+    job = ExpansionJob("r", text, [NodeRef(1, -1, text[-1], len(text) - 1, True)], top_k=3)
+    assert source.expand([job])[0][2] == source.propose(text, 3)
 
 
 class Recorder:

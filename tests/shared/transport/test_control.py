@@ -39,6 +39,22 @@ def test_every_inbox_gets_every_message_in_order(inboxes) -> None:
         out.close()
 
 
+def test_messages_sent_together_arrive_as_sent_between_single_ones(inboxes) -> None:
+    """send_all: many frames in one write (1500 of them, past sendmsg's 1024 iovecs), in order with the
+    messages sent one at a time around them; none sent at all is no write."""
+    out = Outbox([i.address for i in inboxes])
+    together = [ProposalsMsg("r", n, [n], [-0.5]) for n in range(1500)]
+    try:
+        out.send(StepMsg(step=1, batch_id=1, epoch=3))
+        out.send_all(together)
+        out.send_all([])
+        out.send(StepMsg(step=2, batch_id=2, epoch=3))
+        expected = [StepMsg(step=1, batch_id=1, epoch=3), *together, StepMsg(step=2, batch_id=2, epoch=3)]
+        assert all(_drain(i, len(expected)) == expected for i in inboxes)
+    finally:
+        out.close()
+
+
 # label: frame bytes that are not a message of the wire
 MALFORMED = {"not msgpack": b"\xc1\xc1", "a list": msgpack.packb([1, 2]), "another schema version":
              msgpack.packb({"v": 999, "type": "step"}), "empty": b""}
