@@ -46,7 +46,7 @@ def _stage(rank: int, port: int, runs: list[tuple[str, str, int]], out: str) -> 
             results.append({})
         else:
             got = link.recv(2, {slot: rid for rid, slot in SLOTS.items()})
-            results.append({"batch_id": got.batch_id, "rows": [vars(r) for r in got.rows], "hidden": got.hidden})
+            results.append({"batch_id": got.batch_id, "rows": [r._asdict() for r in got.rows], "hidden": got.hidden})
         link.close()
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
@@ -76,7 +76,7 @@ def test_a_micro_batch_crosses_two_processes_bit_for_bit(case, runs) -> None:
     _, got = runs[case]
     sent = batch_of(rows, getattr(torch, name))
     assert got["batch_id"] == sent.batch_id
-    assert got["rows"] == [vars(r) for r in sent.rows]
+    assert got["rows"] == [r._asdict() for r in sent.rows]
     assert same_bits(got["hidden"], sent.hidden.reshape(rows, HIDDEN))
 
 
