@@ -186,14 +186,13 @@ class SchedulerService:
     def _observe(self, step: int, start: float, verified: float, sent: _Sent | None) -> None:
         """The width plan's costs: how long `step` took, and how long the stages waited for the draft in it.
         In lockstep a step runs from this loop's start to its verification, its draft wait all stall; under
-        async scheduling from the verification before (or its StepMsg, if later) to its own, and the stages
-        waited only as far as its StepMsg went out after that verification, the draft's share at most."""
+        async scheduling from the verification before to its own, and the stages waited only as far as its
+        StepMsg went out after that verification, the draft's share of it at most."""
         if not self.scheduler.policy.lag:
             self.scheduler.observe_step(verified - start, self.sent.wait_s)
         elif sent is not None and sent.step == step and self.verified_at is not None:
-            began = max(self.verified_at, sent.published)
             stall = min(sent.wait_s, max(0.0, sent.published - self.verified_at))
-            self.scheduler.observe_step(verified - began + stall, stall, step=step)
+            self.scheduler.observe_step(verified - self.verified_at, stall, step=step)
         self.verified_at = verified
 
     def _shadow(self, epoch: int, msg: StepMsg) -> None:

@@ -300,3 +300,16 @@ def test_a_waited_step_far_dearer_than_priced_is_planned_again_at_once() -> None
     assert sched.wait_costs(2) == pytest.approx(5.0) and sched.draft_costs(2) == pytest.approx(1.0)
     sched.plan_ahead()
     assert not sched._plan_due(2)
+
+
+def test_a_step_observed_after_the_next_was_scheduled_is_priced_by_its_own_batches() -> None:
+    """Under async scheduling the services observe step t after scheduling t + 1: its seconds go under the rows
+    of the batches in the pipe at step t (the last `stages` up to t), not under t + 1's."""
+    sched = Scheduler(PolicyConfig("specpipe", stages=2, width=2, async_scheduling=True), EngineConfig(), 4096)
+    sched._scheduled.extend([_Scheduled(1, 0, False, rows=4), _Scheduled(2, 0, False, rows=4),
+                             _Scheduled(3, 0, False, rows=16)])
+    sched.step = 3
+    sched.observe_step(0.5, step=2)
+    assert [rows for rows, _ in sched.costs.points.values()] == [4]
+    sched.observe_step(0.9)  # the last scheduled: steps 2 and 3 in the pipe
+    assert sorted(rows for rows, _ in sched.costs.points.values()) == [4, 16]
