@@ -106,15 +106,17 @@ class NgramSource:
         """propose(followers.text + path, k), from the counts: the occurrences whose follower lies in the
         text are counted already; those whose follower lies in the path are scanned."""
         text = followers.text
-        context = text + path
-        if len(context) > self.window:  # the counts do not know the window
-            return self.propose(context, k)
-        for n in range(min(self.max_n, len(context) - 1), self.min_n - 1, -1):
-            suffix = tuple(context[-n:])
+        size = len(text) + len(path)  # of the context, never built: a copy of the text per node is what the
+        if size > self.window:  # counts save (they do not know the window: scan)
+            return self.propose(text + path, k)
+        tail = text[-self.max_n :] + path  # all a lookup reads beyond the counts
+        skip = len(text) - (len(tail) - len(path))  # the context's index of tail[0]
+        for n in range(min(self.max_n, size - 1), self.min_n - 1, -1):
+            suffix = tuple(tail[-n:])
             follow = Counter(followers.counts.get(suffix, ()))  # followers in the text, in first-seen order
-            for j in range(max(len(text), n), len(context)):  # followers in the path
-                if tuple(context[j - n : j]) == suffix:
-                    follow[context[j]] += 1
+            for j in range(max(len(text), n) - skip, size - skip):  # followers in the path (tail's indices)
+                if tuple(tail[j - n : j]) == suffix:
+                    follow[tail[j]] += 1
             if follow:
                 return _scored(follow, k)
         return []

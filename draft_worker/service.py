@@ -104,9 +104,7 @@ class DraftService:
             pipe.xread({cfg.draft_events: self.events_last}, count=EVENTS_READ)
             jobs, events = pipe.execute()[-2:]
         events = entries_of(events)
-        for entry_id, raw in events:
-            self.events_last = entry_id
-            self._apply_raw(raw)
+        self._take_events(events)
         if len(events) == EVENTS_READ:  # more than one read holds
             self._follow_events(block_ms=None)
         return [e for _, batch in jobs or [] for e in batch]
@@ -119,12 +117,17 @@ class DraftService:
 
     def _follow_events(self, block_ms: int | None, until: tuple[int, int] = (0, 0)) -> None:
         while True:
-            entries = read(self.r, self.cfg.redis.draft_events, self.events_last, block_ms if self.at < until else None)
-            for entry_id, raw in entries:
-                self.events_last = entry_id
-                self._apply_raw(raw)
+            entries = read(self.r, self.cfg.redis.draft_events, self.events_last, block_ms if self.at < until else None,
+                           count=EVENTS_READ)
+            self._take_events(entries)
             if not entries or self.at >= until:
                 return
+
+    def _take_events(self, entries: list[tuple[str, bytes]]) -> None:
+        """Apply draft_events entries read after `events_last`, in order, and read on after them."""
+        for entry_id, raw in entries:
+            self.events_last = entry_id
+            self._apply_raw(raw)
 
     def _apply_raw(self, raw: bytes) -> None:
         msg = decode_or_log(raw, DraftEventsMsg, self.name)

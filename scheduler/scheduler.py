@@ -146,7 +146,7 @@ class Scheduler:
         self._stalled = False  # a waited step took far longer than priced (the draft's queue): plan again now
         self.acceptance = Acceptance()  # pooled over every request so far: the prior of each one's estimate
         self._plan: WidthPlan | None = None  # the cost rule's widths, made again every 2 x `stages` steps
-        # what observe_step needs of each batch scheduled and not yet observed: the last `round_trip` of them
+        # what observe_step needs of the last `round_trip` batches scheduled (those a step it observes computed)
         self._scheduled: deque[_Scheduled] = deque(maxlen=max(policy.round_trip, 1))
 
     # ---- requests ----------------------------------------------------------------------------

@@ -67,6 +67,7 @@ LOOKUPS = {
     "few tokens, many repeats": (3, 60, 3, 4096),
     "a wider vocabulary": (12, 200, 4, 4096),
     "no path (an accepted node)": (4, 80, 0, 4096),
+    "a deep path over two tokens (n-grams across the text's end)": (2, 60, 10, 4096),
     "longer than the window (scanned)": (3, 90, 2, 50),
 }
 
