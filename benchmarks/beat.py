@@ -1,14 +1,17 @@
 """The pipeline beat with nothing to compute: the services' control overhead per step.
 
     python -m benchmarks.beat [--stages 2,4,8] [--compute-ms 0] [--requests 1,16] [--policies pp,specpipe]
-        [--schedulers lockstep,async] [--tokens 48] [--out FILE]
+        [--schedulers lockstep,async] [--realtime-priority 0,10] [--tokens 48] [--out FILE]
 
 For every (stage processes, policy, scheduler loop, concurrent requests), a cluster of null stages (stage_worker
 --null-compute-ms S: no model, every forward takes S ms; tiny-random's shapes on the wire), the scheduler and,
 under specpipe, one n-gram draft worker. The null stages answer every row with its own token, so the n-gram
 draft's proposals are always accepted and specpipe keeps the pipe as full as it can. `requests` requests of
 `tokens` new tokens go in at once. The scheduler loop is lockstep (each step scheduled after the last one's
-verification) or async (--async-scheduling: scheduled while the stages compute the one before).
+verification) or async (--async-scheduling: scheduled while the stages compute the one before). With
+--realtime-priority N (N > 0) the scheduler, the stages and the draft worker run under SCHED_FIFO at priority N:
+each takes a core as soon as its input arrives, instead of queueing behind whatever else woke at the step's
+boundary (needs CAP_SYS_NICE; a run where it was refused says so in the processes' logs, not here).
 
 From the stages' timings, a step starts when the last of its stages starts computing it; the beat is the time
 from one step's start to the next's over back-to-back steps, and the overhead is the beat minus the step's
@@ -21,8 +24,8 @@ reports the overhead as sessions before measured it, from the scheduler loop's s
 scheduling the loop's stamps no longer bound a step.
 
 Prints a table (p50 / p99 overhead in ms) and, last, `beat overhead p50 X ms p99 Y ms` for 4 stage processes,
-specpipe, 16 requests (the configuration issue 15's goal names), async scheduling where it was run, on the
-machine named in the header.
+specpipe, 16 requests (the configuration issue 15's goal names), the last such run (async scheduling and the
+last priority asked for, where they were run), on the machine named in the header.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import statistics
 import subprocess
 import time
 import uuid
-from itertools import pairwise
+from itertools import pairwise, product
 
 from benchmarks.provenance import machine
 from benchmarks.wire_overhead import step_rows
@@ -52,11 +55,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure(args: argparse.Namespace, stages: int, policy: str, loop: str, requests: int) -> dict:
+def measure(args: argparse.Namespace, stages: int, policy: str, loop: str, requests: int, priority: int = 0) -> dict:
     prefix = f"beat-{uuid.uuid4().hex[:6]}"
     cfg = ClusterConfig(model=str(resolve_model(args.model)), draft="ngram", policy=policy, stages=stages,
                         redis_url=args.redis_url, prefix=prefix, threads=1, device="cpu",
-                        async_scheduling=loop == "async")
+                        async_scheduling=loop == "async", realtime_priority=priority)
     commands = pipeline_commands(cfg)
     for k in range(stages):
         commands[stage_name(k)] += ["--null-compute-ms", str(args.compute_ms)]
@@ -82,7 +85,8 @@ def measure(args: argparse.Namespace, stages: int, policy: str, loop: str, reque
     # its successor starts at once while that stage still computes); the mean over every step of the run
     full = [(a, b) for a, b in chain if min(end - start for start, end in a.compute) >= args.compute_ms / 2000]
     overhead = [1000 * (began(b) - began(a) - compute(a)) for a, b in full]
-    run = {"stages": stages, "policy": policy, "scheduler": loop, "requests": requests, "steps": len(chain),
+    run = {"stages": stages, "policy": policy, "scheduler": loop, "realtime_priority": priority,
+           "requests": requests, "steps": len(chain),
            "full_steps": len(full), "tokens": requests * args.tokens,
            "p50_ms": percentile(overhead, 0.5) if overhead else None,
            "p99_ms": percentile(overhead, 0.99) if overhead else None,
@@ -140,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default="pp,specpipe")
     p.add_argument("--schedulers", default="lockstep,async",
                    help="scheduler loops: lockstep (each step after the last verification), async (--async-scheduling)")
+    p.add_argument("--realtime-priority", default="0",
+                   help="SCHED_FIFO priorities of the beat's processes, one run each (0: normal scheduling)")
     p.add_argument("--requests", default="1,16", help="concurrent requests per run")
     p.add_argument("--compute-ms", type=float, default=0.0, help="each forward's fixed time (0: none)")
     p.add_argument("--tokens", type=int, default=48, help="new tokens per request")
@@ -150,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     redis_proc = ensure_redis(args.redis_url)
     runs = []
     try:
-        for stages in (int(s) for s in args.stages.split(",")):
+        for stages in _ints(args.stages):
             for policy in args.policies.split(","):
-                for loop in args.schedulers.split(","):
-                    for requests in (int(n) for n in args.requests.split(",")):
-                        runs.append(measure(args, stages, policy, loop, requests))
+                for loop, priority in product(args.schedulers.split(","), _ints(args.realtime_priority)):
+                    for requests in _ints(args.requests):
+                        runs.append(measure(args, stages, policy, loop, requests, priority))
                         print(_line(runs[-1]), flush=True)
     finally:
         if redis_proc is not None:
@@ -166,13 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {result['machine']}; null stages ({args.compute_ms:g} ms compute), control path over TCP")
     goal = [x for x in runs if (x["stages"], x["policy"], x["requests"]) == (4, "specpipe", 16)]
     if goal:
-        best = goal[-1]  # async where it ran (the last loop asked for)
+        best = goal[-1]  # async where it ran (the last loop asked for), at the last priority asked for
+        print(f"# the line below: {best['scheduler']} scheduling, realtime priority {best['realtime_priority']}")
         print(f"beat overhead p50 {best['p50_ms']:.2f} ms p99 {best['p99_ms']:.2f} ms")
     return 0
 
 
+def _ints(csv: str) -> list[int]:
+    return [int(x) for x in csv.split(",")]
+
+
 def _line(run: dict) -> str:
-    line = (f"{run['stages']} stages {run['policy']:8s} {run['scheduler']:8s} {run['requests']:3d} requests: "
+    rt = f" rt {run['realtime_priority']}" if run["realtime_priority"] else ""
+    line = (f"{run['stages']} stages {run['policy']:8s} {run['scheduler']:8s}{rt} {run['requests']:3d} requests: "
             f"{run['steps']} steps ({run['full_steps']} full), overhead p50 {_ms(run['p50_ms'])} "
             f"p99 {_ms(run['p99_ms'])} mean {_ms(run['mean_ms'])}")
     if "parts_p50_ms" in run:

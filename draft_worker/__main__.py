@@ -9,11 +9,13 @@ from draft_worker.service import DraftService, DraftServiceConfig
 from shared.model_store import resolve_model
 from shared.service_args import (
     add_device_args,
+    add_realtime_args,
     add_redis_args,
     compute_device,
     compute_dtype,
     redis_config,
     run_main,
+    set_realtime,
     set_threads,
 )
 from shared.types.config import DEFAULT_NUMERICS, DTYPES, NUMERICS, ModelArch
@@ -22,6 +24,7 @@ from shared.types.config import DEFAULT_NUMERICS, DTYPES, NUMERICS, ModelArch
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m draft_worker")
     add_redis_args(p)
+    add_realtime_args(p)
     p.add_argument("--model", default="smollm2-135m", help="the target (the draft must share its tokenizer)")
     p.add_argument("--draft", default="ngram", help="draft model name/path, or 'ngram'")
     p.add_argument("--name", default="")
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def serve() -> None:
+        set_realtime(args.realtime_priority)  # before any thread starts: threads inherit it
         set_threads(args.threads)
         cfg = DraftServiceConfig(redis_config(args), args.name)
         target = ModelArch.from_model_dir(resolve_model(args.model))

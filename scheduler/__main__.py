@@ -13,12 +13,14 @@ from shared.service_args import (
     add_control_args,
     add_model_args,
     add_policy_args,
+    add_realtime_args,
     add_redis_args,
     control_config,
     engine_config,
     policy_config,
     redis_config,
     run_main,
+    set_realtime,
 )
 from shared.types.config import DRAFT_MODES, ModelArch
 
@@ -27,6 +29,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scheduler")
     add_redis_args(p)
     add_control_args(p)
+    add_realtime_args(p)
     add_model_args(p)
     add_policy_args(p)
     p.add_argument("--max-queue", type=int, default=256)
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def serve() -> None:
+        set_realtime(args.realtime_priority)  # before any thread starts: threads inherit it
         arch = ModelArch.from_model_dir(resolve_model(args.model))
         waits = DRAFT_MODES[args.draft_mode] if args.draft_wait_ms > 0 else False  # a wait of 0: never wait
         policy = replace(policy_config(args), draft_waits=waits)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -120,6 +121,28 @@ def set_threads(threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def add_realtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--realtime-priority", type=int, default=0, choices=range(100), metavar="0-99",
+                   help="run this process under SCHED_FIFO at this priority (0: off, the default): it then takes a "
+                        "core as soon as its input arrives, which holds the beat's p99 where the pipeline's processes "
+                        "share cores. Needs CAP_SYS_NICE (else a warning, and normal priority). For compute on a GPU "
+                        "with a core per process: a FIFO process computing on the CPU keeps others off its core")
+
+
+def set_realtime(priority: int) -> None:
+    """Take SCHED_FIFO at `priority` (0: leave the scheduling as it is). Called before the process starts threads,
+    which inherit it. Where it is not allowed the process says so once and runs at normal priority: the flag buys
+    latency, and refusing to serve over it would cost more."""
+    if priority <= 0:
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except PermissionError:
+        logging.getLogger("specpipe").warning(
+            "--realtime-priority %d: SCHED_FIFO not allowed (needs CAP_SYS_NICE or an rtprio limit); running at "
+            "normal priority", priority)
 
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:

@@ -67,6 +67,7 @@ class ClusterConfig:
     width: int = 4
     width_rule: str = "cost"  # specpipe: how the scheduler sizes each request's width (PolicyConfig.width_rule)
     async_scheduling: bool = False  # schedule step t+1 while t computes (PolicyConfig.async_scheduling)
+    realtime_priority: int = 0  # SCHED_FIFO priority of the scheduler, stages and drafts (0: off; --realtime-priority)
     drafts: int = 1
     token_budget: int = 256
     redis_url: str = DEFAULTS["REDIS_URL"]
@@ -104,6 +105,10 @@ class ClusterConfig:
     def common_args(self) -> list[str]:
         return ["--redis-url", self.redis_url, "--prefix", self.prefix, "--model", self.model]
 
+    def beat_args(self) -> list[str]:
+        """What the processes on the beat (scheduler, stages, drafts) take beyond the common arguments."""
+        return ["--realtime-priority", str(self.realtime_priority)] if self.realtime_priority else []
+
     def device_args(self, dtype: str | None) -> list[str]:
         """A compute process's --device and --dtype, where given (else the process picks by what it sees)."""
         return [*(("--device", self.device) if self.device else ()), *(("--dtype", dtype) if dtype else ())]
@@ -123,14 +128,16 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
     that `specpipe up`, the benchmarks and the tests' clusters start."""
     py = sys.executable
     procs = {
-        "scheduler": [py, "-m", "scheduler", *cfg.common_args(), "--policy", cfg.policy, "--stages", str(cfg.stages),
-                      "--width", str(cfg.width), "--width-rule", cfg.width_rule, "--token-budget", str(cfg.token_budget),
+        "scheduler": [py, "-m", "scheduler", *cfg.common_args(), *cfg.beat_args(), "--policy", cfg.policy,
+                      "--stages", str(cfg.stages), "--width", str(cfg.width), "--width-rule", cfg.width_rule,
+                      "--token-budget", str(cfg.token_budget),
                       *(["--async-scheduling"] if cfg.async_scheduling else []), *cfg.limits.scheduler_args(),
                       *cfg.extra],
     }
     for k in range(cfg.stages):
-        procs[stage_name(k)] = [py, "-m", "stage_worker", *cfg.common_args(), "--threads", str(cfg.compute_threads()),
-                                "--rank", str(k), "--world", str(cfg.stages), "--master-port", str(cfg.master_port),
+        procs[stage_name(k)] = [py, "-m", "stage_worker", *cfg.common_args(), *cfg.beat_args(),
+                                "--threads", str(cfg.compute_threads()), "--rank", str(k), "--world", str(cfg.stages),
+                                "--master-port", str(cfg.master_port),
                                 "--numerics", cfg.numerics, "--layer-split", cfg.layer_split, *cfg.attention_args(),
                                 *cfg.device_args(cfg.dtype)]
     for i in range(cfg.draft_workers):
@@ -148,8 +155,9 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
 
 def draft_command(cfg: ClusterConfig, name: str) -> list[str]:
     """One draft worker's command line (commands() names them draft-0, draft-1, ...)."""
-    return [sys.executable, "-m", "draft_worker", *cfg.common_args(), "--threads", str(cfg.compute_threads()),
-            "--draft", cfg.draft, "--name", name, "--numerics", cfg.numerics, *cfg.device_args(cfg.draft_dtype)]
+    return [sys.executable, "-m", "draft_worker", *cfg.common_args(), *cfg.beat_args(),
+            "--threads", str(cfg.compute_threads()), "--draft", cfg.draft, "--name", name, "--numerics", cfg.numerics,
+            *cfg.device_args(cfg.draft_dtype)]
 
 
 def pipeline_commands(cfg: ClusterConfig) -> dict[str, list[str]]:
@@ -325,11 +333,15 @@ def up_main(argv: list[str]) -> int:
     sch.add_argument("--async-scheduling", action="store_true",
                      help="schedule step t+1 while the stages compute step t (no step waits for the scheduler; "
                           "prunes and refills one step late): for GPU-sized steps of a few ms")
+    sch.add_argument("--realtime-priority", type=int, default=0, choices=range(100), metavar="0-99",
+                     help="scheduler, stages and drafts under SCHED_FIFO at this priority (0: off): a steadier beat "
+                          "where processes share cores; for GPU compute with a core per process (needs CAP_SYS_NICE)")
     a = p.parse_args(argv)
     env_keys = env("SPECPIPE_API_KEYS")
     cfg = ClusterConfig(
         model=a.model, draft=a.draft, policy=a.policy, stages=a.stages, width=a.width,
-        width_rule=a.width_rule, async_scheduling=a.async_scheduling, drafts=a.drafts,
+        width_rule=a.width_rule, async_scheduling=a.async_scheduling, realtime_priority=a.realtime_priority,
+        drafts=a.drafts,
         token_budget=a.token_budget, redis_url=a.redis_url, prefix=a.prefix, master_port=a.master_port, port=a.port,
         host=a.host, attention=attention_config(a), device=a.device, dtype=a.dtype, draft_dtype=a.draft_dtype,
         numerics=a.numerics, layer_split=a.layer_split,

@@ -12,6 +12,7 @@ from shared.service_args import (
     add_control_args,
     add_device_args,
     add_model_args,
+    add_realtime_args,
     add_redis_args,
     attention_config,
     compute_device,
@@ -19,6 +20,7 @@ from shared.service_args import (
     control_config,
     redis_config,
     run_main,
+    set_realtime,
     set_threads,
 )
 from shared.types.config import LAYER_SPLIT_HELP, ModelArch
@@ -31,6 +33,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stage_worker")
     add_redis_args(p)
     add_control_args(p)
+    add_realtime_args(p)
     add_model_args(p)
     add_attention_args(p)
     p.add_argument("--rank", type=int, required=True)
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def serve() -> None:
+        set_realtime(args.realtime_priority)  # before any thread starts: threads inherit it
         attention = attention_config(args)
         set_threads(args.threads)
         redis_cfg = redis_config(args)
