@@ -9,6 +9,11 @@ within 1.0-1.6x of one row there (`python /tmp/gemm4.py`-style scan in
 BENCHMARKS.md). Numerics exact never comes here: its products must keep fixed
 shapes and kernels.
 
+On Intel CPUs MKL's one- and two-row products are the faster ones (they read
+the weights at the memory's pace, with less per-call cost than oneDNN's): they
+go to F.linear there (`mkl_rows`). A row's numbers then depend on the row count
+(1-2 against 3 or more), as fast numerics allows: rounding, not the function.
+
 The packed copies sit beside the weights (twice the GEMM weights' memory, CPU
 and numerics fast only). Where oneDNN is missing or cannot pack the dtype (bf16
 needs AVX512-BF16 or AVX-NE-CONVERT), `onednn_linear` returns None and the
@@ -20,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from shared.compute.weights import StageWeights
 
@@ -27,10 +33,27 @@ from shared.compute.weights import StageWeights
 # 1 row 37-43 ms a token, 4 rows 30-31 ms (2 rows 1.4x 4 rows'); at 2 threads 1 and 4 rows are level. A decode
 # step is one row per request, so single-row products are what one request's latency rides on.
 MIN_ROWS = 4
+# Products of up to this many rows go to F.linear (MKL's sgemm) on an Intel CPU. On an Intel Xeon (AVX-512), one
+# thread, smollm2-135m's stage of 19 layers (269 MB of GEMM weights, read at 12.7 GB/s in 21.5 ms): 1 row MKL 21.0 ms
+# against oneDNN 25.6; 2 rows 22.8 / 24.6; 3 rows 24.8 / 25.0; 4 rows 37.8 / 24.6. On AMD, MKL's small-M kernels
+# are the slow ones (above): none there.
+INTEL_MKL_ROWS = 2
 
 
-def onednn_linear(weights: StageWeights) -> Callable | None:
-    """lin(x, w, b) over this stage's weight matrices through oneDNN packed copies, or None where it can't."""
+def mkl_rows() -> int:
+    """Rows up to which F.linear beats the packed oneDNN product on this host's CPU (0: never). A fixed rule of the
+    CPU's make, not a timing: every process of a host then computes a row the same way."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendor = next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return 0
+    return INTEL_MKL_ROWS if vendor == "GenuineIntel" and torch.backends.mkl.is_available() else 0
+
+
+def onednn_linear(weights: StageWeights, small: int | None = None) -> Callable | None:
+    """lin(x, w, b) over this stage's weight matrices through oneDNN packed copies, or None where it can't.
+    Products of up to `small` rows (default: mkl_rows()) go to F.linear instead."""
     if not torch.backends.mkldnn.is_available():
         return None
     matrices = [m for layer in weights.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
@@ -40,8 +63,12 @@ def onednn_linear(weights: StageWeights) -> Callable | None:
     except RuntimeError:  # this CPU's oneDNN cannot pack the dtype
         return None
 
+    small = mkl_rows() if small is None else small
+
     def lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         n = x.shape[0]
+        if n <= small:
+            return F.linear(x, w, b)  # [n, out]
         if n < MIN_ROWS:  # zero rows up to MIN_ROWS: oneDNN's kernel for 4 rows beats its 1-3-row one
             x = torch.cat([x, x.new_zeros(MIN_ROWS - n, x.shape[1])])
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed[id(w)], b, "none", [], "")[:n]  # [n, out]
