@@ -33,10 +33,12 @@ from shared.compute.weights import StageWeights
 # 1 row 37-43 ms a token, 4 rows 30-31 ms (2 rows 1.4x 4 rows'); at 2 threads 1 and 4 rows are level. A decode
 # step is one row per request, so single-row products are what one request's latency rides on.
 MIN_ROWS = 4
-# Products of up to this many rows go to F.linear (MKL's sgemm) on an Intel CPU. On an Intel Xeon (AVX-512), one
-# thread, smollm2-135m's stage of 19 layers (269 MB of GEMM weights, read at 12.7 GB/s in 21.5 ms): 1 row MKL 21.0 ms
-# against oneDNN 25.6; 2 rows 22.8 / 24.6; 3 rows 24.8 / 25.0; 4 rows 37.8 / 24.6. On AMD, MKL's small-M kernels
-# are the slow ones (above): none there.
+# Products of up to this many rows go to F.linear (MKL's sgemm) on an Intel CPU. On an Intel Xeon (AVX-512), the
+# services (smollm2-135m, 2 stage processes of one thread, 5 MT-Bench prompts one at a time, the two builds
+# alternated twice): TBT pp 71.4 / 71.9 ms with oneDNN for every product, 61.4 / 62.7 with MKL's up to 2 rows;
+# specpipe 67.2 / 69.6 against 59.0 / 56.8. The GEMMs alone, timed in one quiet process, came out level (21-22 ms
+# a 19-layer stage at 1-3 rows) or oneDNN up to 4.6 ms behind, run to run; 4 rows: MKL 38 ms, oneDNN 25. On AMD,
+# MKL's small-M kernels are the slow ones (above): none there.
 INTEL_MKL_ROWS = 2
 
 
