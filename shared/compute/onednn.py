@@ -9,9 +9,8 @@ within 1.0-1.6x of one row there (`python /tmp/gemm4.py`-style scan in
 BENCHMARKS.md). Numerics exact never comes here: its products must keep fixed
 shapes and kernels.
 
-On Intel CPUs MKL's one- and two-row products are the faster ones (they read
-the weights at the memory's pace, with less per-call cost than oneDNN's): they
-go to F.linear there (`mkl_rows`). A row's numbers then depend on the row count
+On Intel CPUs MKL's one- and two-row products are the faster ones, measured
+end to end (the note at INTEL_MKL_ROWS): they go to F.linear there (`mkl_rows`). A row's numbers then depend on the row count
 (1-2 against 3 or more), as fast numerics allows: rounding, not the function.
 
 The packed copies sit beside the weights (twice the GEMM weights' memory, CPU
