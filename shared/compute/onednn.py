@@ -1,4 +1,4 @@
-"""Numerics fast on a CPU: every GEMM through oneDNN, with the weights packed once at load.
+"""Numerics fast on a CPU: GEMMs through oneDNN, with the weights packed once at load (few-row ones on Intel: MKL).
 
 PyTorch's F.linear goes to MKL's sgemm, whose small-M kernels are slow on some
 CPUs: on this AMD EPYC (AVX2) a 4-row product of a Qwen2.5-1.5B MLP weight
@@ -9,9 +9,10 @@ within 1.0-1.6x of one row there (`python /tmp/gemm4.py`-style scan in
 BENCHMARKS.md). Numerics exact never comes here: its products must keep fixed
 shapes and kernels.
 
-On Intel CPUs MKL's one- and two-row products are the faster ones, measured
-end to end (the note at INTEL_MKL_ROWS): they go to F.linear there (`mkl_rows`). A row's numbers then depend on the row count
-(1-2 against 3 or more), as fast numerics allows: rounding, not the function.
+On Intel CPUs MKL's products of up to three rows are the faster ones, measured
+in whole forwards (the note at INTEL_MKL_ROWS): they go to F.linear there
+(`mkl_rows`). A row's numbers then depend on the row count (1-3 against 4 or
+more), as fast numerics allows: rounding, not the function.
 
 The packed copies sit beside the weights (twice the GEMM weights' memory, CPU
 and numerics fast only). Where oneDNN is missing or cannot pack the dtype (bf16
@@ -32,13 +33,15 @@ from shared.compute.weights import StageWeights
 # 1 row 37-43 ms a token, 4 rows 30-31 ms (2 rows 1.4x 4 rows'); at 2 threads 1 and 4 rows are level. A decode
 # step is one row per request, so single-row products are what one request's latency rides on.
 MIN_ROWS = 4
-# Products of up to this many rows go to F.linear (MKL's sgemm) on an Intel CPU. On an Intel Xeon (AVX-512), the
-# services (smollm2-135m, 2 stage processes of one thread, 5 MT-Bench prompts one at a time, the two builds
-# alternated twice): TBT pp 71.4 / 71.9 ms with oneDNN for every product, 61.4 / 62.7 with MKL's up to 2 rows;
-# specpipe 67.2 / 69.6 against 59.0 / 56.8. The GEMMs alone, timed in one quiet process, came out level (21-22 ms
-# a 19-layer stage at 1-3 rows) or oneDNN up to 4.6 ms behind, run to run; 4 rows: MKL 38 ms, oneDNN 25. On AMD,
-# MKL's small-M kernels are the slow ones (above): none there.
-INTEL_MKL_ROWS = 2
+# Products of up to this many rows go to F.linear (MKL's sgemm) on an Intel CPU. On an Intel Xeon (AVX-512), one
+# thread, smollm2-135m's first stage of two (19 layers, a 300-token prompt cached), a whole forward of n rows,
+# oneDNN for every product against MKL up to this many rows: 1 row 40.8 against 30.8 ms, 2 rows 40.9 / 35.7,
+# 3 rows 39.5 / 38.7, 4 rows (MKL) 55.1 against 39-40 (oneDNN). The services, one request at a time (5 MT-Bench
+# prompts, 2 stage processes, the builds alternated twice): TBT pp 71.4 / 71.9 ms with oneDNN for every product,
+# 61.4 / 62.7 with MKL up to 2 rows. The GEMMs alone in a loop do not show it (level at 21-22 ms a stage, run to
+# run): the gap is in the products' context, not their arithmetic. On AMD, MKL's small-M kernels are the slow
+# ones (above): none there.
+INTEL_MKL_ROWS = 3
 
 
 def mkl_rows() -> int:

@@ -8,18 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared.compute.onednn import mkl_rows, onednn_linear
+from shared.compute.onednn import INTEL_MKL_ROWS, mkl_rows, onednn_linear
 from shared.compute.runner import load_stage
 from shared.types.config import ModelArch
 
 pytestmark = pytest.mark.unit
 
 # label: rows up to which F.linear computes (0: oneDNN for every product)
-PATHS = {"oneDNN only": 0, "MKL up to 2 rows": 2}
+PATHS = {"oneDNN only": 0, "MKL up to 3 rows": 3}
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5])
 def test_every_row_count_computes_the_product(tiny_dir, path, rows) -> None:
     weights = load_stage(tiny_dir, ModelArch.from_model_dir(tiny_dir), 0, 1).weights
     lin = onednn_linear(weights, small=PATHS[path])
@@ -35,4 +35,4 @@ def test_every_row_count_computes_the_product(tiny_dir, path, rows) -> None:
 def test_the_rule_is_the_cpus_make() -> None:
     with open("/proc/cpuinfo") as f:
         intel = "GenuineIntel" in f.read()
-    assert mkl_rows() == (2 if intel and torch.backends.mkl.is_available() else 0)
+    assert mkl_rows() == (INTEL_MKL_ROWS if intel and torch.backends.mkl.is_available() else 0)
