@@ -123,9 +123,9 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def add_realtime_args(p: argparse.ArgumentParser) -> None:
+def add_realtime_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, who: str = "this process") -> None:
     p.add_argument("--realtime-priority", type=int, default=0, choices=range(100), metavar="0-99",
-                   help="run this process under SCHED_FIFO at this priority (0: off, the default): it then takes a "
+                   help=f"run {who} under SCHED_FIFO at this priority (0: off, the default): a process then takes a "
                         "core as soon as its input arrives, which holds the beat's p99 where the pipeline's processes "
                         "share cores. Needs CAP_SYS_NICE (else a warning, and normal priority). For compute on a GPU "
                         "with a core per process: a FIFO process computing on the CPU keeps others off its core")

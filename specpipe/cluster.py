@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.environment import DEFAULTS, env
-from shared.service_args import add_attention_args, attention_config
+from shared.service_args import add_attention_args, add_realtime_args, attention_config
 from shared.transport.redis_io import RedisConfig, connect, ensure_redis, not_alive, pipeline_components, stage_name
 from shared.types.config import (
     DEFAULT_NUMERICS,
@@ -333,9 +333,7 @@ def up_main(argv: list[str]) -> int:
     sch.add_argument("--async-scheduling", action="store_true",
                      help="schedule step t+1 while the stages compute step t (no step waits for the scheduler; "
                           "prunes and refills one step late): for GPU-sized steps of a few ms")
-    sch.add_argument("--realtime-priority", type=int, default=0, choices=range(100), metavar="0-99",
-                     help="scheduler, stages and drafts under SCHED_FIFO at this priority (0: off): a steadier beat "
-                          "where processes share cores; for GPU compute with a core per process (needs CAP_SYS_NICE)")
+    add_realtime_args(sch, who="the scheduler, the stages and the draft workers")
     a = p.parse_args(argv)
     env_keys = env("SPECPIPE_API_KEYS")
     cfg = ClusterConfig(
