@@ -29,9 +29,10 @@ import torch.nn.functional as F
 
 from shared.compute.weights import StageWeights
 
-# Products of fewer rows are padded to this many. On this AMD EPYC (AVX2), one thread, smollm2-135m's weights:
-# 1 row 37-43 ms a token, 4 rows 30-31 ms (2 rows 1.4x 4 rows'); at 2 threads 1 and 4 rows are level. A decode
-# step is one row per request, so single-row products are what one request's latency rides on.
+# Products of fewer rows (more than mkl_rows(): on AMD, all) are padded to this many. On this AMD EPYC (AVX2), one
+# thread, smollm2-135m's weights: 1 row 37-43 ms a token, 4 rows 30-31 ms (2 rows 1.4x 4 rows'); at 2 threads 1 and
+# 4 rows are level. A decode step is one row per request, so single-row products are what one request's latency
+# rides on.
 MIN_ROWS = 4
 # Products of up to this many rows go to F.linear (MKL's sgemm) on an Intel CPU. On an Intel Xeon (AVX-512), one
 # thread, smollm2-135m's first stage of two (19 layers, a 300-token prompt cached), a whole forward of n rows,
