@@ -110,6 +110,7 @@ class MeasureConfig:
     dtype: str = "float32"
     draft_dtype: str | None = None  # None: the target's dtype
     numerics: str = "fast"  # the kernels timed (NUMERICS): fast is what the services run by default
+    draft_vocab: int = 0  # > 0: the draft's head timed over this many tokens (EngineConfig.draft_vocab); 0: all
 
     @property
     def draft(self) -> MeasureConfig:
@@ -205,7 +206,7 @@ def provenance(cfg: MeasureConfig, what: str) -> dict:
         "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": measuring_machine(cfg.device),
         "torch": torch.__version__, "device": cfg.device, "dtype": cfg.dtype, "draft_dtype": cfg.draft.dtype,
-        "numerics": cfg.numerics,
+        "numerics": cfg.numerics, "draft_vocab": cfg.draft_vocab,
         "method": (f"random weights of the real shapes; {cfg.layers} layers built and timed, per-layer time = "
                    f"total / {cfg.layers}; median of {cfg.repeats} forwards after a warm-up; "
                    "speculative sibling rows over a committed context filled first; "

@@ -39,6 +39,7 @@ class LoadModelConfig:
     runs_dir: Path
     seed: int = 0
     draft_dtype: str = "float32"
+    draft_vocab: int = 0  # > 0: the draft's LM head scores this many frequent tokens (EngineConfig.draft_vocab)
     width_rule: str = "cost"  # specpipe's (PolicyConfig.width_rule); "budget" is the rule before the cost plan
     draft_waits: bool | None = True  # specpipe's (PolicyConfig.draft_waits); False: beside, None: the plan chooses
 
@@ -73,7 +74,8 @@ def run_point(cfg: LoadModelConfig, cost: CostModel, prompts: list[list[int]], p
     sim = SimulationConfig(cfg.model, cfg.draft,
                            PolicyConfig(policy, cfg.stages, cfg.width, refill_depth=cfg.refill_depth,
                                         width_rule=cfg.width_rule, draft_waits=cfg.draft_waits),
-                           EngineConfig(max_new_tokens=cfg.max_new_tokens, draft_dtype=cfg.draft_dtype))
+                           EngineConfig(max_new_tokens=cfg.max_new_tokens, draft_dtype=cfg.draft_dtype,
+                                        draft_vocab=cfg.draft_vocab))
     if cfg.draft == "ngram":
         cost = replace(cost, draft=None)  # a lookup, not a forward: drafting costs no step time
     pipe, _, arch = build_pipeline(sim, trace_limit=2)
@@ -157,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="qwen2.5-coder-1.5b")
     p.add_argument("--draft", default="qwen2.5-coder-0.5b", help="a draft model, or ngram")
     p.add_argument("--draft-dtype", default="float32")
+    p.add_argument("--draft-vocab", type=int, default=0, help="tokens the draft's LM head scores (0: all); the cost "
+                   "model must have timed that head (specpipe bench costs --draft-vocab)")
     p.add_argument("--stages", type=int, default=8)
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--refill-depth", type=int, default=7)
@@ -178,10 +182,16 @@ def main(argv: list[str] | None = None) -> None:
     cfg = LoadModelConfig(a.model, a.draft, a.stages, a.width, a.refill_depth, a.tokens, a.requests,
                           tuple(int(c) for c in a.concurrency.split(",")),
                           tuple(float(r) for r in a.rates.split(",") if r), a.out / "runs", draft_dtype=a.draft_dtype,
+                          draft_vocab=a.draft_vocab,
                           draft_waits=None if a.draft_auto else not a.draft_beside)
     prompts = [ids for w in workloads_of(a.model, sorted(a.prompts.glob("*.jsonl")), a.prompts_per_file)
                for _, ids in w.prompts]
-    rows = width_rules(cfg, CostModel.load(a.costs), prompts, tuple(a.rules.split(",")))
+    cost = CostModel.load(a.costs)
+    timed = cost.provenance.get("draft_vocab", 0)  # older files: the whole vocabulary
+    if a.draft != "ngram" and timed != a.draft_vocab:
+        raise SystemExit(f"error: {a.costs.name} timed a draft head over {timed or 'every'} token(s), this run "
+                         f"drafts over {a.draft_vocab or 'every'}: measure one with specpipe bench costs --draft-vocab")
+    rows = width_rules(cfg, cost, prompts, tuple(a.rules.split(",")))
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "rows.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(markdown(rows)))

@@ -569,7 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one prompt, 8 tokens (a smoke test)")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, in order, of: {', '.join(PEERS)}")
     p.add_argument("--model", default=PeerConfig.model)
-    p.add_argument("--prompts", type=int, default=None, help="MT-Bench prompts (default 5; --quick 1)")
+    p.add_argument("--prompt-file", default=PeerConfig.prompt_file,
+                   help="the one-at-a-time requests' prompts: a file of ../shared/data/prompts")
+    p.add_argument("--prompts", type=int, default=None, help="prompts of --prompt-file (default 5; --quick 1)")
     p.add_argument("--max-tokens", type=int, default=None, help="default 64; --quick 8")
     p.add_argument("--threads", type=int, default=PeerConfig.threads, help="cores every peer is pinned to")
     p.add_argument("--vllm-venv", default=str(default_vllm_venv()))
@@ -581,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     cfg = (quick_config if a.quick else PeerConfig)(
         model=a.model, peers=tuple(s.strip() for s in a.peers.split(",") if s.strip()), threads=a.threads,
+        prompt_file=a.prompt_file,
         vllm_venv=a.vllm_venv, vllm_preload=not a.no_preload, log_dir=a.log_dir,
         concurrency=tuple(int(c) for c in a.concurrency.split(",") if c.strip()), load_requests=a.load_requests,
         load_tokens=a.load_tokens)

@@ -17,6 +17,7 @@ with --resume).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import shutil
 import time
@@ -26,11 +27,12 @@ from pathlib import Path
 import torch
 
 from benchmarks import attention, plots, serving, tbt
-from benchmarks.costmodel import SHAPES, CostModel, MeasureConfig, measure_model, provenance
+from benchmarks.costmodel import SHAPES, CostModel, MeasureConfig, measure_head, measure_model, provenance, random_stage
 from benchmarks.load_model import LoadModelConfig, compare
 from benchmarks.load_model import run_all as load_all
 from benchmarks.report_md import SECTIONS, render
 from benchmarks.transfer import measure_transfer
+from draft_worker.vocab import head_tokens
 from shared.model_store import resolve_model
 from shared.types.config import DTYPES, NUMERICS, ModelArch, SamplingParams
 from shared.types.errors import ConfigError
@@ -123,16 +125,34 @@ def _arch(name: str) -> ModelArch:
     return SHAPES[name] if name in SHAPES else ModelArch.from_model_dir(resolve_model(name))
 
 
+def _head_of(arch: ModelArch, vocab: int) -> ModelArch:
+    """The draft's shape with a head of the tokens a `vocab` subset scores (draft_model.head_tokens), when set."""
+    return replace(arch, vocab_size=len(head_tokens(arch, vocab))) if 0 < vocab < arch.vocab_size else arch
+
+
 def measure_costs(model: str, draft: str, cfg: MeasureConfig, transfer_device: str | None = None) -> CostModel:
     """Measure target, draft (unless n-gram) and transfer on this machine (the transfer on transfer_device,
     default cfg.device)."""
     arch = _arch(model)
     target = measure_model(model, arch, cfg)
-    drafter = None if draft == "ngram" else measure_model(draft, _arch(draft), cfg.draft)
+    drafter = None if draft == "ngram" else measure_model(draft, _head_of(_arch(draft), cfg.draft_vocab), cfg.draft)
     transfer_device = transfer_device or cfg.device
     transfer = measure_transfer(arch.hidden_size, cfg.rows, device=transfer_device, dtype=cfg.dtype)
     return CostModel(target, drafter, transfer, {**provenance(cfg, f"{model} target, {draft} draft"),
                                                  "transfer_device": transfer_device})
+
+
+def retime_draft_head(cost: CostModel, draft: str, cfg: MeasureConfig) -> CostModel:
+    """`cost` with the draft's head re-timed over the tokens cfg.draft_vocab keeps (all other tables kept): a
+    subset head's effect measured against the same target, draft layers and transfer."""
+    arch = _head_of(_arch(draft), cfg.draft_vocab)
+    runner = random_stage(arch, 1, head=True, device=cfg.device, dtype=getattr(torch, cfg.draft.dtype),
+                          numerics=cfg.numerics)
+    head = measure_head(runner, cfg)
+    note = f"; the draft's head re-timed over {arch.vocab_size} tokens {datetime.date.today()}, the rest as measured"
+    return replace(cost, draft=replace(cost.draft, head=head),
+                   provenance={**cost.provenance, "draft_vocab": cfg.draft_vocab,
+                               "method": cost.provenance["method"] + note})
 
 
 def costs_main(argv: list[str]) -> int:
@@ -154,6 +174,9 @@ def costs_main(argv: list[str]) -> int:
                    help="decoder layers built and timed (per-layer time = total / layers; a stage's share: "
                         "10 for an 80-layer model over 8 stages)")
     p.add_argument("--numerics", choices=NUMERICS, default=MeasureConfig.numerics, help="the kernels timed")
+    p.add_argument("--draft-vocab", type=int, default=0, help="the tokens the draft's head scores (0: all)")
+    p.add_argument("--from", dest="base", type=Path, default=None,
+                   help="with --draft-vocab: keep this cost model's tables and re-time only the draft's head")
     p.add_argument("--out", type=Path, default=COSTS / "cpu-qwen2.5-coder.json")
     a = p.parse_args(argv)
     device = resolve_device(a.device)  # ConfigError when it is not there
@@ -162,8 +185,16 @@ def costs_main(argv: list[str]) -> int:
         raise ConfigError(f"timing the transfer on {transfer_device} needs two GPUs (NCCL), this machine has "
                           f"{torch.cuda.device_count()}: pass --transfer-device cpu")
     cfg = replace(MeasureConfig(), device=str(device), dtype=a.dtype or default_dtype(device),
-                  draft_dtype=a.draft_dtype, layers=a.layers, numerics=a.numerics)
-    cost = measure_costs(a.model, a.draft, cfg, transfer_device)
+                  draft_dtype=a.draft_dtype, layers=a.layers, numerics=a.numerics,
+                  draft_vocab=a.draft_vocab)
+    if a.base is not None:
+        base = CostModel.load(a.base)
+        if base.draft is None or base.provenance.get("device") != cfg.device:
+            raise ConfigError(f"{a.base.name} has no draft model timed on {cfg.device} to re-time")
+        timed = {k: base.provenance[k] for k in ("dtype", "draft_dtype", "numerics") if k in base.provenance}
+        cost = retime_draft_head(base, a.draft, replace(cfg, **timed))
+    else:
+        cost = measure_costs(a.model, a.draft, cfg, transfer_device)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     cost.save(a.out)
     print(f"wrote {a.out}")

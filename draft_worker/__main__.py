@@ -18,7 +18,7 @@ from shared.service_args import (
     set_realtime,
     set_threads,
 )
-from shared.types.config import DEFAULT_NUMERICS, DTYPES, NUMERICS, ModelArch
+from shared.types.config import DEFAULT_NUMERICS, DRAFT_VOCAB_HELP, DTYPES, NUMERICS, ModelArch
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,6 +34,7 @@ def parser() -> argparse.ArgumentParser:
                         "lossless: the target verifies every token)")
     p.add_argument("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS,
                    help="the draft's kernels (fast stays lossless too: the target verifies every token)")
+    p.add_argument("--vocab", type=int, default=0, help=DRAFT_VOCAB_HELP)
     add_device_args(p)  # a bare cuda: LOCAL_RANK's GPU, else GPU 0
     return p
 
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         target = ModelArch.from_model_dir(resolve_model(args.model))
         device = "cpu" if args.draft == "ngram" else compute_device(args)  # n-gram lookup takes no GPU
         dtype = compute_dtype(args.dtype, device)
-        DraftService(cfg, load_draft(args.draft, target, None, dtype, args.numerics, device=device)).run()
+        DraftService(cfg, load_draft(args.draft, target, None, dtype, args.numerics, device=device,
+                                                    vocab=args.vocab)).run()
 
     return run_main(serve)
 

@@ -6,12 +6,14 @@ nodes it expanded stay in flight, commit events re-root it (accepted nodes
 become prefix) and prune events compact it, so no path is recomputed. Tokens
 the draft never computed (a bonus token, an accepted leaf it was never asked
 to expand, the prompt) are fed as committed rows just before they are needed.
+Its LM head may score part of the vocabulary (draft_worker/vocab.py).
 """
 
 from __future__ import annotations
 
 import torch
 
+from draft_worker.vocab import SubsetHead
 from shared.compute.runner import RequestInfo, StageRunner
 from shared.types.batch import MicroBatch, PipelineEvent, Row
 from shared.types.config import SamplingParams
@@ -21,10 +23,11 @@ from shared.types.speculation import ExpansionJob, NodeRef, Proposals
 class DraftModelSource:
     name = "draft-model"
 
-    def __init__(self, runner: StageRunner):
+    def __init__(self, runner: StageRunner, subset: SubsetHead | None = None):
         if not (runner.is_first and runner.is_last):
             raise ValueError("the draft runner must hold the whole draft model")
         self.runner = runner
+        self.subset = subset  # the runner's LM head scores part of the vocabulary: what its columns mean
         self.computed_rows = 0  # of the last expand: the nodes and the committed rows fed before them
 
     def add_request(self, request_id: str, prompt: list[int], capacity: int) -> None:
@@ -51,9 +54,16 @@ class DraftModelSource:
         if not rows:
             return []
         hidden = self.runner.hidden(MicroBatch(-1, rows))  # [n, H]
-        picked = torch.tensor([i for _, _, i in asked], device=hidden.device)
-        logprobs = torch.log_softmax(self.runner.logits(hidden[picked]).float(), dim=-1)  # [m, V], fp32 scores
+        x = hidden[torch.tensor([i for _, _, i in asked], device=hidden.device)]  # [m, H]
+        logits = self.runner.logits(x)  # [m, V], or [m, N] over a subset
+        if self.subset is not None:
+            for job in jobs:
+                self.subset.read(job.request_id, job.text)
+            logits, ids = self.subset.widen(x, logits, [rid for rid, _, _ in asked])  # [m, N + E] each
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # fp32 scores
         values, tokens = torch.topk(logprobs, max(top_k.values()))  # [m, k] each, best first: one copy to the host
+        if self.subset is not None:
+            tokens = ids.gather(1, tokens)  # columns -> token ids
         values, tokens = values.tolist(), tokens.tolist()
         return [(rid, node_id, list(zip(tokens[j][: top_k[rid]], values[j][: top_k[rid]])))
                 for j, (rid, node_id, _) in enumerate(asked)]
@@ -69,6 +79,10 @@ class DraftModelSource:
 
     def apply(self, events: list[PipelineEvent]) -> None:
         self.runner.apply(events)
+        if self.subset is not None:
+            for event in events:
+                if event.kind == "finish":
+                    self.subset.forget(event.request_id)
 
 
 def _committed(request_id: str, text: list[int], start: int, end: int) -> list[Row]:

@@ -8,7 +8,9 @@ import torch
 
 from draft_worker.draft_model import DraftModelSource
 from draft_worker.ngram import NgramSource
-from shared.compute.runner import load_stage
+from draft_worker.vocab import SubsetHead, head_tokens
+from shared.compute.runner import StageRunner
+from shared.compute.weights import load_stage_weights
 from shared.model_store import resolve_model
 from shared.types.config import ModelArch
 from shared.types.errors import ConfigError
@@ -16,7 +18,9 @@ from shared.types.speculation import SpeculativeSource
 
 
 def load_draft(name: str, target: ModelArch, cache_dir: Path | None, dtype: torch.dtype,
-               numerics: str = "exact", device: torch.device | str = "cpu") -> SpeculativeSource:
+               numerics: str = "exact", device: torch.device | str = "cpu", vocab: int = 0) -> SpeculativeSource:
+    """`vocab` > 0: the draft's LM head scores the `vocab` most frequent tokens and each request's own (vocab.py);
+    0: every token."""
     if name == "ngram":
         return NgramSource()
     draft_dir = resolve_model(name, cache_dir)
@@ -26,4 +30,10 @@ def load_draft(name: str, target: ModelArch, cache_dir: Path | None, dtype: torc
             f"draft '{name}' has a vocabulary of {arch.vocab_size} tokens but the target has "
             f"{target.vocab_size}: the draft must share the target's tokenizer"
         )
-    return DraftModelSource(load_stage(draft_dir, arch, 0, 1, dtype, numerics=numerics, device=device))
+    weights = load_stage_weights(draft_dir, arch, 0, arch.num_layers, dtype, device)
+    subset = None
+    if 0 < vocab < arch.vocab_size:
+        tokens = head_tokens(arch, vocab, weights.lm_head.device)
+        subset = SubsetHead(tokens, weights.lm_head, weights.final_norm, arch.rms_eps)
+        weights.lm_head = weights.lm_head[tokens]  # [N, H], a copy: the runner packs and reads only these rows
+    return DraftModelSource(StageRunner(arch, weights, numerics=numerics), subset)

@@ -15,6 +15,7 @@ from pathlib import Path
 from shared.service_args import add_attention_args, attention_config
 from shared.types.config import (
     DEFAULT_NUMERICS,
+    DRAFT_VOCAB_HELP,
     DTYPES,
     LAYER_SPLIT_HELP,
     NUMERICS,
@@ -47,6 +48,7 @@ def _simulate_parser(sub) -> None:
                         "bit-identical to plain decoding)")
     p.add_argument("--draft-dtype", choices=DTYPES, default=None,
                    help="the draft model's dtype (default: the target's; any stays lossless: the target verifies)")
+    p.add_argument("--draft-vocab", type=int, default=0, help=DRAFT_VOCAB_HELP)
     p.add_argument("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS,
                    help=NUMERICS_HELP)
     p.add_argument("--layer-split", default="balanced", help=LAYER_SPLIT_HELP)
@@ -111,7 +113,7 @@ def _simulate(args: argparse.Namespace) -> int:
         policy=PolicyConfig(args.policy, args.stages, args.width, args.depth, args.refill_depth, args.branch,
                             async_scheduling=args.async_scheduling),
         engine=EngineConfig(prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens, dtype=dtype,
-                            draft_dtype=args.draft_dtype or dtype, numerics=args.numerics, device=args.device,
+                            draft_dtype=args.draft_dtype or dtype, draft_vocab=args.draft_vocab, numerics=args.numerics, device=args.device,
                             layer_split=args.layer_split),
         cache_dir=args.cache_dir,
         attention=attention_config(args),

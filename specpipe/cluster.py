@@ -24,6 +24,7 @@ from shared.transport.redis_io import RedisConfig, connect, ensure_redis, not_al
 from shared.types.config import (
     DEFAULT_NUMERICS,
     DRAFT_MODES,
+    DRAFT_VOCAB_HELP,
     DTYPES,
     LAYER_SPLIT_HELP,
     NUMERICS,
@@ -79,6 +80,7 @@ class ClusterConfig:
     device: str | None = None  # the stages' and drafts' --device (cpu, cuda, cuda:N); None: theirs (cuda if any)
     dtype: str | None = None  # the stages' --dtype; None: the device's (bfloat16 on a GPU, float32 on a CPU)
     draft_dtype: str | None = None  # the draft workers' model dtype (any stays lossless); None: the device's
+    draft_vocab: int = 0  # > 0: the draft model's LM head scores only this many frequent tokens (EngineConfig)
     numerics: str = DEFAULT_NUMERICS  # the stages' and drafts' kernels (shared.types.config.NUMERICS)
     layer_split: str = "balanced"  # which layers each stage holds (shared.types.config.stage_bounds)
     limits: ServiceLimits = ServiceLimits()
@@ -157,7 +159,7 @@ def draft_command(cfg: ClusterConfig, name: str) -> list[str]:
     """One draft worker's command line (commands() names them draft-0, draft-1, ...)."""
     return [sys.executable, "-m", "draft_worker", *cfg.common_args(), *cfg.beat_args(),
             "--threads", str(cfg.compute_threads()), "--draft", cfg.draft, "--name", name, "--numerics", cfg.numerics,
-            *cfg.device_args(cfg.draft_dtype)]
+            "--vocab", str(cfg.draft_vocab), *cfg.device_args(cfg.draft_dtype)]
 
 
 def pipeline_commands(cfg: ClusterConfig) -> dict[str, list[str]]:
@@ -299,6 +301,7 @@ def up_main(argv: list[str]) -> int:
                    help="the stages' dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--draft-dtype", choices=DTYPES, default=None,
                    help="the draft model's dtype (default: bfloat16 on a GPU, float32 on a CPU)")
+    p.add_argument("--draft-vocab", type=int, default=0, help=DRAFT_VOCAB_HELP)
     p.add_argument("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS,
                    help=NUMERICS_HELP)
     p.add_argument("--layer-split", default="balanced", help=LAYER_SPLIT_HELP)
@@ -342,7 +345,7 @@ def up_main(argv: list[str]) -> int:
         drafts=a.drafts,
         token_budget=a.token_budget, redis_url=a.redis_url, prefix=a.prefix, master_port=a.master_port, port=a.port,
         host=a.host, attention=attention_config(a), device=a.device, dtype=a.dtype, draft_dtype=a.draft_dtype,
-        numerics=a.numerics, layer_split=a.layer_split,
+        draft_vocab=a.draft_vocab, numerics=a.numerics, layer_split=a.layer_split,
         limits=ServiceLimits(max_queue=a.max_queue, kv_slots=a.kv_slots, max_inflight=a.max_inflight,
                              max_body_bytes=a.max_body_bytes, max_file_bytes=a.max_file_bytes,
                              request_timeout_s=a.request_timeout, max_model_len=a.max_model_len),

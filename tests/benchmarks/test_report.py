@@ -72,3 +72,17 @@ def test_attention_benchmark_measures_both_kernels() -> None:
     assert {row64["d"], row128["d"]} == {64, 128}
     assert set(row64["ms"]) == {"sdpa", "runner_exact", "distr_g1", "distr_g2", "distr_g4"}
     assert row64["rel_err"]["distr_g1"] < 1e-5 < row64["rel_err"]["distr_g2"]
+
+
+def test_a_subset_head_is_retimed_against_the_same_tables(tiny_dir, tmp_path) -> None:
+    """`specpipe bench costs --draft-vocab N --from FILE` keeps FILE's target, draft layers and transfer and re-times
+    only the draft's head, over the tokens a subset head scores, so that a sweep compares heads and nothing else."""
+    base = tmp_path / "base.json"
+    report.measure_costs(str(tiny_dir), str(tiny_dir), MeasureConfig(rows=(1, 8), context=(16,), repeats=1)).save(base)
+    out = tmp_path / "subset.json"
+    assert report.costs_main(["--model", str(tiny_dir), "--draft", str(tiny_dir), "--draft-vocab", "1000",
+                              "--from", str(base), "--out", str(out)]) == 0
+    before, after = CostModel.load(base), CostModel.load(out)
+    assert (after.target, after.draft.layer, after.transfer) == (before.target, before.draft.layer, before.transfer)
+    assert after.draft.head != before.draft.head and all(t > 0 for t in after.draft.head.seconds)
+    assert after.provenance["draft_vocab"] == 1000 and before.provenance["draft_vocab"] == 0

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
 from draft_worker.draft_model import DraftModelSource
+from draft_worker.load import load_draft
 from draft_worker.ngram import NgramSource
+from draft_worker.vocab import head_tokens
 from scheduler.scheduler import Phase, Request
 from shared.compute.runner import StageRunner
 from shared.compute.weights import load_stage_weights
@@ -154,6 +157,47 @@ def test_draft_cache_gives_the_proposals_of_recomputing_from_scratch(tiny_dir, p
         job = ExpansionJob(rid, path, [NodeRef(0, -1, path[-1], len(path) - 1, True)], top_k=len(proposals))
         assert fresh.expand([job]) == [(rid, 0, proposals)], f"proposal {3 * i} differs from recomputing its path"
         fresh.apply([PipelineEvent(rid, "finish")])
+
+
+# label: (n, end-of-sequence ids, expected tokens) over tiny-random's 49,152
+HEAD_TOKENS = {
+    "the first n, and an end of sequence past them": (100, (2, 40000), [*range(100), 40000]),
+    "an end of sequence among the first n": (100, (2,), list(range(100))),
+    "n past the vocabulary: every token": (60000, (2,), list(range(49152))),
+}
+
+
+@pytest.mark.parametrize("case", list(HEAD_TOKENS))
+def test_head_tokens_are_the_first_ids_and_the_ends_of_sequence(tiny_dir, case) -> None:
+    n, eos, expected = HEAD_TOKENS[case]
+    arch = replace(ModelArch.from_model_dir(tiny_dir), eos_token_ids=eos)
+    assert head_tokens(arch, n).tolist() == expected
+
+
+def test_a_subset_head_proposes_its_best_tokens_under_their_own_ids(tiny_dir) -> None:
+    """Scoring 3,000 frequent tokens and each request's own, the draft proposes what the whole head ranks best
+    among them, under the tokens' ids (not the columns' numbers), with log-probabilities normalised over them.
+    Two requests share the forward: one with rare tokens of its own, one without."""
+    arch = ModelArch.from_model_dir(tiny_dir)
+    full, subset = _fresh_source(tiny_dir), load_draft(str(tiny_dir), arch, None, torch.float32, vocab=3000)
+    frequent = set(head_tokens(arch, 3000).tolist())
+    texts = {"rare": [*TINY_PROMPT, 4000, 9, 3100, 4000], "plain": TINY_PROMPT}  # 4000 twice: one column
+    allowed = {"rare": frequent | {4000, 3100}, "plain": frequent}
+    for source in (full, subset):
+        for rid, text in texts.items():
+            source.add_request(rid, text[:-1], capacity=len(text) + 8)
+    jobs = lambda k: [ExpansionJob(rid, text, [NodeRef(0, -1, text[-1], len(text) - 1, True)], top_k=k(rid))
+                      for rid, text in texts.items()]
+    whole = {rid: proposals for rid, _, proposals in full.expand(jobs(lambda rid: arch.vocab_size))}
+    got = {rid: proposals for rid, _, proposals in subset.expand(jobs(lambda rid: len(allowed[rid])))}
+    for rid in texts:
+        ranked = [(t, lp) for t, lp in whole[rid] if t in allowed[rid]]
+        norm = torch.logsumexp(torch.tensor([lp for _, lp in ranked], dtype=torch.float64), 0).item()
+        assert [t for t, _ in got[rid][:10]] == [t for t, _ in ranked[:10]], rid  # the best, in the same order
+        assert dict(got[rid]) == pytest.approx({t: lp - norm for t, lp in ranked}, abs=1e-4), rid  # every one
+    assert subset.subset.own["rare"][1] == [4000, 3100] and subset.subset.own["plain"][1] == []
+    subset.apply([PipelineEvent("rare", "finish")])
+    assert "rare" not in subset.subset.own
 
 
 def test_the_executor_records_the_rows_the_draft_computed(tiny_dir) -> None:

@@ -83,6 +83,20 @@ def test_bf16_draft_stays_lossless_tiny(tiny_dir, policy, stages, sampling) -> N
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("sampling", ["greedy", "sampled"])
+@pytest.mark.parametrize("policy,stages", [("tree", 2), ("specpipe", 2), ("specpipe", 4)], ids=str)
+def test_a_subset_draft_head_stays_lossless_tiny(tiny_dir, policy, stages, sampling) -> None:
+    """The draft's head scores 1,000 of 49,152 tokens (draft_vocab): it cannot propose the rest, and the target's
+    tokens do not change."""
+    params = SAMPLINGS[sampling]
+    expected = _plain(tiny_dir, TINY_PROMPT, 20, params)
+    pipe = pipeline(tiny_dir, policy, stages, str(tiny_dir), draft_vocab=1000, refill_depth=3)
+    assert pipe.draft.runner.weights.lm_head.shape[0] == 1000
+    state = generate(pipe, TINY_PROMPT, 20, params)
+    assert state.output == expected
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("sampling", ["greedy", "hot"])
 @pytest.mark.parametrize("stages", [1, 2, 4], ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("policy,draft", [("pp", "ngram"), ("specpipe", "ngram"), ("specpipe", "self")], ids=str)

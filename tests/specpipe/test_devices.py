@@ -36,10 +36,11 @@ def test_without_flags_each_process_picks_its_device_and_dtype() -> None:
 
 
 def test_up_passes_device_and_dtypes_through() -> None:
-    cfg = ClusterConfig(stages=3, drafts=2, device="cuda", dtype="float16", draft_dtype="bfloat16")
+    cfg = ClusterConfig(stages=3, drafts=2, device="cuda", dtype="float16", draft_dtype="bfloat16", draft_vocab=32768)
     for name, args in _compute(commands(cfg)):
         assert args.device == "cuda"
         assert args.dtype == ("bfloat16" if name.startswith("draft-") else "float16")
+        assert not name.startswith("draft-") or args.vocab == 32768
 
 
 @pytest.mark.parametrize("attention", [AttentionConfig(), AttentionConfig("distr", group_size=4, block_rows=64,
