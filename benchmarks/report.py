@@ -126,7 +126,7 @@ def _arch(name: str) -> ModelArch:
 
 
 def _head_of(arch: ModelArch, vocab: int) -> ModelArch:
-    """The draft's shape with a head of the tokens a `vocab` subset scores (draft_model.head_tokens), when set."""
+    """The draft's shape with a head of the tokens a `vocab` subset scores (draft_worker.vocab.head_tokens), when set."""
     return replace(arch, vocab_size=len(head_tokens(arch, vocab))) if 0 < vocab < arch.vocab_size else arch
 
 

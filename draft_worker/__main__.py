@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         target = ModelArch.from_model_dir(resolve_model(args.model))
         device = "cpu" if args.draft == "ngram" else compute_device(args)  # n-gram lookup takes no GPU
         dtype = compute_dtype(args.dtype, device)
-        DraftService(cfg, load_draft(args.draft, target, None, dtype, args.numerics, device=device,
-                                                    vocab=args.vocab)).run()
+        draft = load_draft(args.draft, target, None, dtype, args.numerics, device=device, vocab=args.vocab)
+        DraftService(cfg, draft).run()
 
     return run_main(serve)
 

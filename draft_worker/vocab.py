@@ -58,13 +58,13 @@ class SubsetHead:
         """Hidden states x [m, H] and their frequent-token logits [m, N] -> logits [m, N + E] and the token id of
         each column [m, N + E], E the most own tokens of any row's request (fewer: -inf columns)."""
         m, device = x.shape[0], x.device
-        widest = max(len(self.own.get(rid, (0, []))[1]) for rid in requests)
+        widest = max(len(self.own[rid][1]) for rid in requests)  # every request read first
         extra = torch.full((m, widest), float("-inf"), dtype=logits.dtype, device=device)  # [m, E]
         extra_ids = torch.zeros((m, widest), dtype=torch.long, device=device)  # [m, E]
         if widest:
             normed = rms_norm(x, self.final_norm, self.eps)  # [m, H]
-            for rid in set(requests):
-                own = self.own.get(rid, (0, []))[1]
+            for rid in dict.fromkeys(requests):  # each request once, in order
+                own = self.own[rid][1]
                 if not own:
                     continue
                 rows = torch.tensor([j for j, r in enumerate(requests) if r == rid], device=device)
