@@ -39,7 +39,7 @@ class LoadModelConfig:
     runs_dir: Path
     seed: int = 0
     draft_dtype: str = "float32"
-    draft_vocab: int = 0  # > 0: the draft's LM head scores this many frequent tokens (EngineConfig.draft_vocab)
+    draft_vocab: int = 0  # > 0: the draft's head scores this many frequent tokens and each request's own (EngineConfig)
     width_rule: str = "cost"  # specpipe's (PolicyConfig.width_rule); "budget" is the rule before the cost plan
     draft_waits: bool | None = True  # specpipe's (PolicyConfig.draft_waits); False: beside, None: the plan chooses
 

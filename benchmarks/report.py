@@ -126,8 +126,9 @@ def _arch(name: str) -> ModelArch:
 
 
 def _head_of(arch: ModelArch, vocab: int) -> ModelArch:
-    """The draft's shape with a head of the tokens a `vocab` subset scores (draft_worker.vocab.head_tokens), when set."""
-    return replace(arch, vocab_size=len(head_tokens(arch, vocab))) if 0 < vocab < arch.vocab_size else arch
+    """The draft's shape with a head of the frequent tokens a `vocab` subset scores (draft_worker.vocab), when set
+    (a request's own rarer tokens are left out: tens to hundreds of rows against tens of thousands)."""
+    return replace(arch, vocab_size=len(head_tokens(arch, vocab))) if vocab != 0 and vocab < arch.vocab_size else arch
 
 
 def measure_costs(model: str, draft: str, cfg: MeasureConfig, transfer_device: str | None = None) -> CostModel:
@@ -143,12 +144,14 @@ def measure_costs(model: str, draft: str, cfg: MeasureConfig, transfer_device: s
 
 
 def retime_draft_head(cost: CostModel, draft: str, cfg: MeasureConfig) -> CostModel:
-    """`cost` with the draft's head re-timed over the tokens cfg.draft_vocab keeps (all other tables kept): a
-    subset head's effect measured against the same target, draft layers and transfer."""
+    """`cost` with the draft's head re-timed over the tokens cfg.draft_vocab keeps, at the rows it was timed at (all
+    other tables kept): a subset head's effect measured against the same target, draft layers and transfer."""
+    if cost.draft is None or Path(cost.draft.name).name != Path(draft).name:
+        raise ConfigError(f"the cost model timed the draft {cost.draft.name if cost.draft else 'ngram'}, not {draft}")
     arch = _head_of(_arch(draft), cfg.draft_vocab)
     runner = random_stage(arch, 1, head=True, device=cfg.device, dtype=getattr(torch, cfg.draft.dtype),
                           numerics=cfg.numerics)
-    head = measure_head(runner, cfg)
+    head = measure_head(runner, replace(cfg, rows=tuple(cost.draft.head.rows)))
     note = f"; the draft's head re-timed over {arch.vocab_size} tokens {datetime.date.today()}, the rest as measured"
     return replace(cost, draft=replace(cost.draft, head=head),
                    provenance={**cost.provenance, "draft_vocab": cfg.draft_vocab,
@@ -176,7 +179,8 @@ def costs_main(argv: list[str]) -> int:
     p.add_argument("--numerics", choices=NUMERICS, default=MeasureConfig.numerics, help="the kernels timed")
     p.add_argument("--draft-vocab", type=int, default=0, help="the tokens the draft's head scores (0: all)")
     p.add_argument("--from", dest="base", type=Path, default=None,
-                   help="with --draft-vocab: keep this cost model's tables and re-time only the draft's head")
+                   help="with --draft-vocab: keep this cost model's tables and re-time only the draft's head (--draft "
+                        "must name its draft; --model, --layers and --transfer-device are not used)")
     p.add_argument("--out", type=Path, default=COSTS / "cpu-qwen2.5-coder.json")
     a = p.parse_args(argv)
     device = resolve_device(a.device)  # ConfigError when it is not there
@@ -189,8 +193,8 @@ def costs_main(argv: list[str]) -> int:
                   draft_vocab=a.draft_vocab)
     if a.base is not None:
         base = CostModel.load(a.base)
-        if base.draft is None or base.provenance.get("device") != cfg.device:
-            raise ConfigError(f"{a.base.name} has no draft model timed on {cfg.device} to re-time")
+        if base.provenance.get("device") != cfg.device:
+            raise ConfigError(f"{a.base.name} was timed on {base.provenance.get('device')}, not {cfg.device}")
         timed = {k: base.provenance[k] for k in ("dtype", "draft_dtype", "numerics") if k in base.provenance}
         cost = retime_draft_head(base, a.draft, replace(cfg, **timed))
     else:

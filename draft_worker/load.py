@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from draft_worker.draft_model import DraftModelSource
 from draft_worker.ngram import NgramSource
 from draft_worker.vocab import SubsetHead, head_tokens
+from shared.compute.model import rowwise_linear
 from shared.compute.runner import StageRunner
 from shared.compute.weights import load_stage_weights
 from shared.model_store import resolve_model
@@ -32,8 +34,10 @@ def load_draft(name: str, target: ModelArch, cache_dir: Path | None, dtype: torc
         )
     weights = load_stage_weights(draft_dir, arch, 0, arch.num_layers, dtype, device)
     subset = None
-    if 0 < vocab < arch.vocab_size:
+    if vocab != 0 and vocab < arch.vocab_size:  # head_tokens refuses too few (or negative)
         tokens = head_tokens(arch, vocab, weights.lm_head.device)
-        subset = SubsetHead(tokens, weights.lm_head, weights.final_norm, arch.rms_eps)
+        full = weights.embed if arch.tie_embeddings else weights.lm_head  # tied: the head was a copy, now freed
+        lin = F.linear if numerics == "fast" else rowwise_linear  # not the runner's: it knows packed weights only
+        subset = SubsetHead(tokens, full, weights.final_norm, arch.rms_eps, lin)
         weights.lm_head = weights.lm_head[tokens]  # [N, H], a copy: the runner packs and reads only these rows
     return DraftModelSource(StageRunner(arch, weights, numerics=numerics), subset)

@@ -12,21 +12,26 @@ ranks by its pair's count in the tokenizer's corpus, so the first ids are the
 frequent ones, a ranking that needs no corpus of ours. Rare tokens a text
 repeats (a name in code, a term in a document to summarise) come from the
 request's own text: its tokens past the frequent ones are scored too, from
-rows of the whole head gathered per step (a few hundred at most, against tens
-of thousands).
+rows of the whole head gathered per step (one per distinct rare token of the
+request: tens to hundreds in a prompt, against the tens of thousands of the
+frequent ones). A cost model times the frequent tokens' head only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
 
 from shared.compute.model import rms_norm
-from shared.types.config import ModelArch
+from shared.types.config import MIN_DRAFT_VOCAB, ModelArch
+from shared.types.errors import ConfigError
 
 
 def head_tokens(arch: ModelArch, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The frequent tokens a subset head scores: the first n ids and the end-of-sequence ones, ascending."""
+    if n < MIN_DRAFT_VOCAB:
+        raise ConfigError(f"a draft vocabulary of {n} tokens: give 0 (every token) or at least {MIN_DRAFT_VOCAB}")
     ids = sorted(set(range(min(n, arch.vocab_size))) | {e for e in arch.eos_token_ids if e < arch.vocab_size})
     return torch.tensor(ids, dtype=torch.long, device=device)
 
@@ -34,22 +39,23 @@ def head_tokens(arch: ModelArch, n: int, device: torch.device | str = "cpu") -> 
 class SubsetHead:
     """Widens the frequent tokens' logits with each request's own rarer tokens, and maps columns to token ids."""
 
-    def __init__(self, tokens: torch.Tensor, full_head: torch.Tensor, final_norm: torch.Tensor, eps: float):
+    def __init__(self, tokens: torch.Tensor, full_head: torch.Tensor, final_norm: torch.Tensor, eps: float,
+                 lin: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
         self.tokens = tokens  # [N] the token of each row of the draft's (subset) LM head
         self.full_head = full_head  # [V, H] every token's row (the embedding, when tied): read only for own tokens
         self.final_norm, self.eps = final_norm, eps
+        self.lin = lin  # the runner's kind of product (row-invariant under exact numerics), over unpacked rows
         self.frequent = frozenset(tokens.tolist())
-        self.own: dict[str, tuple[int, list[int]]] = {}  # request -> (text read so far, its tokens not frequent)
+        self.own: dict[str, tuple[int, list[int], set[int]]] = {}  # request -> (text read, its rare tokens, as set)
 
     def read(self, request_id: str, text: list[int]) -> None:
         """Note the rare tokens of a request's accepted text (read incrementally: the text only grows)."""
-        seen, own = self.own.get(request_id, (0, []))
-        known = set(own)
+        seen, own, known = self.own.get(request_id, (0, [], set()))
         for token in text[seen:]:
             if token not in self.frequent and token not in known:
                 known.add(token)
                 own.append(token)
-        self.own[request_id] = (len(text), own)
+        self.own[request_id] = (len(text), own, known)
 
     def forget(self, request_id: str) -> None:
         self.own.pop(request_id, None)
@@ -69,7 +75,7 @@ class SubsetHead:
                     continue
                 rows = torch.tensor([j for j, r in enumerate(requests) if r == rid], device=device)
                 ids = torch.tensor(own, dtype=torch.long, device=device)  # [e]
-                extra[rows, : len(own)] = F.linear(normed[rows], self.full_head[ids]).to(logits.dtype)  # [r, e]
+                extra[rows, : len(own)] = self.lin(normed[rows], self.full_head[ids]).to(logits.dtype)  # [r, e]
                 extra_ids[rows, : len(own)] = ids
         ids = torch.cat([self.tokens.expand(m, -1), extra_ids], dim=1)  # [m, N + E]
         return torch.cat([logits, extra], dim=1), ids

@@ -80,7 +80,7 @@ class ClusterConfig:
     device: str | None = None  # the stages' and drafts' --device (cpu, cuda, cuda:N); None: theirs (cuda if any)
     dtype: str | None = None  # the stages' --dtype; None: the device's (bfloat16 on a GPU, float32 on a CPU)
     draft_dtype: str | None = None  # the draft workers' model dtype (any stays lossless); None: the device's
-    draft_vocab: int = 0  # > 0: the draft model's LM head scores only this many frequent tokens (EngineConfig)
+    draft_vocab: int = 0  # > 0: the draft's LM head scores this many frequent tokens and each request's own
     numerics: str = DEFAULT_NUMERICS  # the stages' and drafts' kernels (shared.types.config.NUMERICS)
     layer_split: str = "balanced"  # which layers each stage holds (shared.types.config.stage_bounds)
     limits: ServiceLimits = ServiceLimits()

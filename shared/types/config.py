@@ -23,8 +23,10 @@ DEFAULT_NUMERICS = "fast"  # what serving wants; exact is the opt-in bit-identic
 NUMERICS_HELP = ("fast (default): one GEMM per micro-batch and batched attention, every token the target's own "
                  "choice, differing from plain decoding only at rounding near-ties; exact: bit-identical to plain "
                  "decoding whatever the batch")
-DRAFT_VOCAB_HELP = ("the draft model's LM head scores only the first N token ids (a BPE vocabulary's frequent ones) and "
-                    "end-of-sequence: a smaller head, still lossless (the target verifies); 0 (default): every token")
+MIN_DRAFT_VOCAB = 256  # a subset head's fewest frequent tokens: more than any draft's proposals per node
+DRAFT_VOCAB_HELP = ("the draft model's LM head scores only the first N token ids (a BPE vocabulary's frequent ones), "
+                    "end-of-sequence and each request's own tokens: a smaller head, still lossless (the target "
+                    f"verifies); 0 (default): every token, else at least {MIN_DRAFT_VOCAB}")
 Policy = Literal["pp", "tree", "specpipe"]
 POLICIES: tuple[str, ...] = typing.get_args(Policy)
 WIDTH_RULES = ("cost", "budget")
@@ -282,8 +284,8 @@ class EngineConfig:
     # The draft only proposes, the target verifies: a bf16 draft stays lossless and halves the draft's memory
     # traffic (a memory-bound draft is what paces SpecPipe when its forward is slower than a pipeline step).
     draft_dtype: str = "float32"
-    # > 0: the draft's LM head scores only this many of the most frequent tokens (draft_worker.draft_model.
-    # head_tokens), a fraction of its head's memory traffic; lossless too. 0: the whole vocabulary.
+    # > 0: the draft's LM head scores this many of the most frequent tokens and each request's own
+    # (draft_worker/vocab.py), a fraction of its head's memory traffic; lossless too. 0: the whole vocabulary.
     draft_vocab: int = 0
     numerics: str = DEFAULT_NUMERICS  # NUMERICS: the target's and the draft's kernels
     device: str = "cpu"  # in-process executor: every stage and the draft on this one device (cpu, cuda, cuda:N)
@@ -301,8 +303,8 @@ class EngineConfig:
             raise ConfigError("token_budget must be >= 1")
         if self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be >= 1")
-        if self.draft_vocab < 0:
-            raise ConfigError("draft_vocab must be >= 0 (0: the whole vocabulary)")
+        if self.draft_vocab < 0 or 0 < self.draft_vocab < MIN_DRAFT_VOCAB:
+            raise ConfigError(f"draft_vocab must be 0 (the whole vocabulary) or at least {MIN_DRAFT_VOCAB}")
         if self.layer_split not in LAYER_SPLITS:
             layer_counts(self.layer_split)  # ConfigError unless counts such as 19,11
 

@@ -26,6 +26,7 @@ from shared.compute.runner import StageRunner
 from shared.compute.weights import load_stage_weights
 from shared.types.batch import PipelineEvent
 from shared.types.config import ModelArch, SamplingParams
+from shared.types.errors import ConfigError
 from shared.types.speculation import ExpansionJob, NodeRef
 from specpipe.executor import DraftLane
 from tests.helpers import generate, pipeline
@@ -161,9 +162,11 @@ def test_draft_cache_gives_the_proposals_of_recomputing_from_scratch(tiny_dir, p
 
 # label: (n, end-of-sequence ids, expected tokens) over tiny-random's 49,152
 HEAD_TOKENS = {
-    "the first n, and an end of sequence past them": (100, (2, 40000), [*range(100), 40000]),
-    "an end of sequence among the first n": (100, (2,), list(range(100))),
+    "the first n, and an end of sequence past them": (300, (2, 40000), [*range(300), 40000]),
+    "an end of sequence among the first n": (300, (2,), list(range(300))),
     "n past the vocabulary: every token": (60000, (2,), list(range(49152))),
+    "fewer than the least refused": (100, (2,), ConfigError),
+    "a negative count refused": (-1, (2,), ConfigError),
 }
 
 
@@ -171,7 +174,11 @@ HEAD_TOKENS = {
 def test_head_tokens_are_the_first_ids_and_the_ends_of_sequence(tiny_dir, case) -> None:
     n, eos, expected = HEAD_TOKENS[case]
     arch = replace(ModelArch.from_model_dir(tiny_dir), eos_token_ids=eos)
-    assert head_tokens(arch, n).tolist() == expected
+    if expected is ConfigError:
+        with pytest.raises(ConfigError, match="at least 256"):
+            head_tokens(arch, n)
+    else:
+        assert head_tokens(arch, n).tolist() == expected
 
 
 def test_a_subset_head_proposes_its_best_tokens_under_their_own_ids(tiny_dir) -> None:
@@ -186,15 +193,18 @@ def test_a_subset_head_proposes_its_best_tokens_under_their_own_ids(tiny_dir) ->
     for source in (full, subset):
         for rid, text in texts.items():
             source.add_request(rid, text[:-1], capacity=len(text) + 8)
-    jobs = lambda k: [ExpansionJob(rid, text, [NodeRef(0, -1, text[-1], len(text) - 1, True)], top_k=k(rid))
-                      for rid, text in texts.items()]
-    whole = {rid: proposals for rid, _, proposals in full.expand(jobs(lambda rid: arch.vocab_size))}
-    got = {rid: proposals for rid, _, proposals in subset.expand(jobs(lambda rid: len(allowed[rid])))}
-    for rid in texts:
-        ranked = [(t, lp) for t, lp in whole[rid] if t in allowed[rid]]
+    # per request: its last accepted token and two speculative children of it, rows of one forward
+    nodes = lambda text: [NodeRef(0, -1, text[-1], len(text) - 1, True), NodeRef(1, 0, 9, len(text), False),
+                          NodeRef(2, 0, 4000, len(text), False)]
+    jobs = lambda k: [ExpansionJob(rid, text, nodes(text), top_k=k(rid)) for rid, text in texts.items()]
+    whole = {(rid, node): props for rid, node, props in full.expand(jobs(lambda rid: arch.vocab_size))}
+    got = {(rid, node): props for rid, node, props in subset.expand(jobs(lambda rid: len(allowed[rid])))}
+    assert len(got) == 6
+    for (rid, node), proposals in got.items():
+        ranked = [(t, lp) for t, lp in whole[rid, node] if t in allowed[rid]]
         norm = torch.logsumexp(torch.tensor([lp for _, lp in ranked], dtype=torch.float64), 0).item()
-        assert [t for t, _ in got[rid][:10]] == [t for t, _ in ranked[:10]], rid  # the best, in the same order
-        assert dict(got[rid]) == pytest.approx({t: lp - norm for t, lp in ranked}, abs=1e-4), rid  # every one
+        assert [t for t, _ in proposals[:10]] == [t for t, _ in ranked[:10]], (rid, node)  # the best, in order
+        assert dict(proposals) == pytest.approx({t: lp - norm for t, lp in ranked}, abs=1e-4), (rid, node)
     assert subset.subset.own["rare"][1] == [4000, 3100] and subset.subset.own["plain"][1] == []
     subset.apply([PipelineEvent("rare", "finish")])
     assert "rare" not in subset.subset.own
