@@ -157,15 +157,15 @@ def tree_attention(
 
 def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      mask: torch.Tensor | None) -> torch.Tensor:
-    """One request's rows in one SDPA call. q: [m, h, d]; keys/values: [g, L, d] (the cache's first L slots);
+    """One request's rows in one SDPA call. q: [m, h, d]; keys/values: [L, g, d] (the cache's first L slots);
     mask: [m, L], True where the row attends, or None: every row attends to all L. Returns [m, h, d]. Grouped-query attention without copying K/V
     (SDPA's enable_gqa expands them on the CPU): the r query heads of a kv head become r * m query rows of it."""
     m, h, d = q.shape
-    g = keys.shape[0]
+    g = keys.shape[1]
     r = h // g
     grouped = q.view(m, g, r, d).permute(1, 2, 0, 3).reshape(g, r * m, d)  # [g, r*m, d]: rows (head in group, row)
     out = F.scaled_dot_product_attention(
-        grouped[None], keys[None], values[None],  # [1, g, r*m | L, d]
+        grouped[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],  # [1, g, r*m | L, d]
         attn_mask=None if mask is None else mask.repeat(r, 1)[None, None],  # [1, 1, r*m, L]
     )  # [1, g, r*m, d]
     return out[0].view(g, r, m, d).permute(2, 0, 1, 3).reshape(m, h, d)
@@ -191,7 +191,7 @@ def prompt_tile_attention(q: torch.Tensor, positions: list[int], keys: torch.Ten
         if k.shape[0] < end:  # the cache ends inside the tile: pad to the tile's shape (masked anyway)
             k, v = F.pad(k, (0, 0, 0, 0, 0, end - k.shape[0])), F.pad(v, (0, 0, 0, 0, 0, end - v.shape[0]))
         mask = torch.ones(tile, end, dtype=torch.bool, device=q.device).tril(offset)  # [tile, end]: key <= query
-        out[sel] = masked_attention(tile_q, k.transpose(0, 1), v.transpose(0, 1), mask)[at]
+        out[sel] = masked_attention(tile_q, k, v, mask)[at]
     return out
 
 

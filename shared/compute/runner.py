@@ -251,8 +251,8 @@ class StageRunner:
         def write_kv(k: torch.Tensor, v: torch.Tensor) -> None:  # [n, g, d] each
             for request_id, plan in plans.items():
                 cache = self.kv[request_id]
-                cache.k[layer][:, plan.slots] = k[plan.rows].transpose(0, 1)  # [g, m, d] into [g, C, d]
-                cache.v[layer][:, plan.slots] = v[plan.rows].transpose(0, 1)
+                cache.k[layer, plan.slots] = k[plan.rows]
+                cache.v[layer, plan.slots] = v[plan.rows]
 
         return write_kv
 
@@ -265,13 +265,12 @@ class StageRunner:
                 cache = self.kv[request_id]
                 if self._distr(plan, layer):
                     end = plan.prefill_start + len(plan.rows)  # keys [0, end): the prefix and the chunk itself
-                    keys, values = cache.k[layer, :, :end].transpose(0, 1), cache.v[layer, :, :end].transpose(0, 1)
-                    chunk = distr_attention(q[plan.rows], keys, values, self.attention,  # keys: [L, g, d] views
+                    chunk = distr_attention(q[plan.rows], cache.k[layer, :end], cache.v[layer, :end], self.attention,
                                             causal=True, q_offset=plan.prefill_start)  # [m, h, d]
                     out[plan.rows] = chunk.view(-1, a.num_kv_heads, a.rep, a.head_dim)
                 elif self.fast:
                     end = plan.keys
-                    chunk = masked_attention(q[plan.rows], cache.k[layer, :, :end], cache.v[layer, :, :end], plan.mask)
+                    chunk = masked_attention(q[plan.rows], cache.k[layer, :end], cache.v[layer, :end], plan.mask)
                     out[plan.rows] = chunk.reshape(-1, a.num_kv_heads, a.rep, a.head_dim)
                 else:
                     self._exact_attention(q, cache, layer, plan, out)
@@ -283,11 +282,10 @@ class StageRunner:
                          out: torch.Tensor) -> None:
         """Prompt rows in position tiles, generated rows one by one (numerics exact). out: [n, g, r, d]."""
         a = self.arch
-        keys, values = cache.k[layer].transpose(0, 1), cache.v[layer].transpose(0, 1)  # [C, g, d] views
         if plan.prompt_rows is not None:
-            tiled = prompt_tile_attention(q[plan.prompt_rows], plan.prompt_positions, keys, values)
+            tiled = prompt_tile_attention(q[plan.prompt_rows], plan.prompt_positions, cache.k[layer], cache.v[layer])
             out[plan.prompt_rows] = tiled.view(-1, a.num_kv_heads, a.rep, a.head_dim)
-        tree_attention(q, keys, values, plan.attention, a, out)
+        tree_attention(q, cache.k[layer], cache.v[layer], plan.attention, a, out)
 
     def _distr(self, plan: _RequestPlan, layer: int) -> bool:
         """DistrAttention only in the config's layers, for prefill chunks of at least one query block; all else

@@ -99,19 +99,3 @@ def test_a_runner_reports_the_kv_its_requests_hold(tiny_dir) -> None:
     assert runner.kv_use(1000) == KVUse(2, 96, 6, 1000)
     runner.apply([PipelineEvent("r", "finish", ())])
     assert runner.kv_use(1000) == KVUse(1, 32, 0, 1000)
-
-
-def test_prune_moves_every_heads_kept_keys_and_values_down() -> None:
-    """Head-major cache [layers, kv_heads, capacity, head_dim]: pruning an in-flight node moves the slots after it
-    down by one in every layer and head, keys and values alike."""
-    cache = allocate(2, 8, 3, 4, torch.float32)
-    cache.place(Row("r", -2, -1, 0, 0, True, False))  # prefix slot 0
-    for node in (10, 11, 12):  # in-flight siblings at slots 1, 2, 3
-        cache.place(Row("r", node, -1, 1, 0, False, True))
-    slot_value = torch.arange(8, dtype=torch.float32)[None, None, :, None]  # each slot holds its own number
-    cache.k[:] = slot_value
-    cache.v[:] = -slot_value
-    cache.prune({11})
-    assert cache.inflight == [10, 12] and cache.slot_of(12) == 2
-    assert torch.equal(cache.k[:, :, :3], slot_value[:, :, [0, 1, 3]].expand(2, 3, 3, 4))
-    assert torch.equal(cache.v[:, :, :3], -slot_value[:, :, [0, 1, 3]].expand(2, 3, 3, 4))
