@@ -15,7 +15,7 @@ import stage_worker.__main__ as stage_main
 from shared.service_args import attention_config, compute_device, compute_dtype
 from shared.types.config import AttentionConfig
 from shared.types.errors import ConfigError
-from specpipe.cluster import ClusterConfig, children, commands
+from specpipe.cluster import ClusterConfig, children, commands, up_main
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,6 +41,13 @@ def test_up_passes_device_and_dtypes_through() -> None:
         assert args.device == "cuda"
         assert args.dtype == ("bfloat16" if name.startswith("draft-") else "float16")
         assert not name.startswith("draft-") or args.vocab == 32768
+
+
+@pytest.mark.parametrize("vocab", ["8", "-1"])
+def test_up_refuses_a_draft_vocabulary_too_small_before_starting_anything(vocab, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        up_main(["--draft-vocab", vocab])
+    assert exc.value.code == 2 and "at least 256" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("attention", [AttentionConfig(), AttentionConfig("distr", group_size=4, block_rows=64,
