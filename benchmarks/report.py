@@ -32,7 +32,7 @@ from benchmarks.load_model import LoadModelConfig, compare
 from benchmarks.load_model import run_all as load_all
 from benchmarks.report_md import SECTIONS, render
 from benchmarks.transfer import measure_transfer
-from draft_worker.vocab import head_tokens
+from draft_worker.vocab import subset_tokens
 from shared.model_store import resolve_model
 from shared.types.config import DTYPES, NUMERICS, ModelArch, SamplingParams
 from shared.types.errors import ConfigError
@@ -128,7 +128,8 @@ def _arch(name: str) -> ModelArch:
 def _head_of(arch: ModelArch, vocab: int) -> ModelArch:
     """The draft's shape with a head of the frequent tokens a `vocab` subset scores (draft_worker.vocab), when set
     (a request's own rarer tokens are left out: tens to hundreds of rows against tens of thousands)."""
-    return replace(arch, vocab_size=len(head_tokens(arch, vocab))) if vocab != 0 and vocab < arch.vocab_size else arch
+    tokens = subset_tokens(arch, vocab)
+    return arch if tokens is None else replace(arch, vocab_size=len(tokens))
 
 
 def measure_costs(model: str, draft: str, cfg: MeasureConfig, transfer_device: str | None = None) -> CostModel:

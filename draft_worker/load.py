@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from draft_worker.draft_model import DraftModelSource
 from draft_worker.ngram import NgramSource
-from draft_worker.vocab import SubsetHead, head_tokens
+from draft_worker.vocab import SubsetHead, subset_tokens
 from shared.compute.model import rowwise_linear
 from shared.compute.runner import StageRunner
 from shared.compute.weights import load_stage_weights
@@ -34,8 +34,8 @@ def load_draft(name: str, target: ModelArch, cache_dir: Path | None, dtype: torc
         )
     weights = load_stage_weights(draft_dir, arch, 0, arch.num_layers, dtype, device)
     subset = None
-    if vocab != 0 and vocab < arch.vocab_size:  # head_tokens refuses too few (or negative)
-        tokens = head_tokens(arch, vocab, weights.lm_head.device)
+    tokens = subset_tokens(arch, vocab, weights.lm_head.device)  # ConfigError for too few (or negative)
+    if tokens is not None:
         full = weights.embed if arch.tie_embeddings else weights.lm_head  # tied: the head was a copy, now freed
         lin = F.linear if numerics == "fast" else rowwise_linear  # not the runner's: it knows packed weights only
         subset = SubsetHead(tokens, full, weights.final_norm, arch.rms_eps, lin)

@@ -24,16 +24,22 @@ from collections.abc import Callable
 import torch
 
 from shared.compute.model import rms_norm
-from shared.types.config import MIN_DRAFT_VOCAB, ModelArch
-from shared.types.errors import ConfigError
+from shared.types.config import ModelArch, check_draft_vocab
 
 
 def head_tokens(arch: ModelArch, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The frequent tokens a subset head scores: the first n ids and the end-of-sequence ones, ascending."""
-    if n < MIN_DRAFT_VOCAB:
-        raise ConfigError(f"a draft vocabulary of {n} tokens: give 0 (every token) or at least {MIN_DRAFT_VOCAB}")
+    if n == 0:
+        raise ValueError("head_tokens needs n > 0: a draft vocabulary of 0 is every token (subset_tokens)")
+    check_draft_vocab(n)  # ConfigError for too few, or negative
     ids = sorted(set(range(min(n, arch.vocab_size))) | {e for e in arch.eos_token_ids if e < arch.vocab_size})
     return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def subset_tokens(arch: ModelArch, vocab: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """head_tokens for a draft vocabulary setting, or None where the head keeps every token (0, or as many as the
+    model has)."""
+    return head_tokens(arch, vocab, device) if vocab != 0 and vocab < arch.vocab_size else None
 
 
 class SubsetHead:

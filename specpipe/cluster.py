@@ -27,12 +27,13 @@ from shared.types.config import (
     DRAFT_VOCAB_HELP,
     DTYPES,
     LAYER_SPLIT_HELP,
-    MIN_DRAFT_VOCAB,
     NUMERICS,
     NUMERICS_HELP,
     WIDTH_RULES,
     AttentionConfig,
+    check_draft_vocab,
 )
+from shared.types.errors import ConfigError
 from specpipe.supervisor import RESTART_POLICIES, Child, RestartPolicy, Supervisor
 
 
@@ -339,8 +340,10 @@ def up_main(argv: list[str]) -> int:
                           "prunes and refills one step late): for GPU-sized steps of a few ms")
     add_realtime_args(sch, who="the scheduler, the stages and the draft workers")
     a = p.parse_args(argv)
-    if a.draft_vocab < 0 or 0 < a.draft_vocab < MIN_DRAFT_VOCAB:  # before any process starts, not in a draft worker
-        p.error(f"--draft-vocab {a.draft_vocab}: give 0 (every token) or at least {MIN_DRAFT_VOCAB}")
+    try:  # before any process starts, not in a draft worker's restart loop
+        check_draft_vocab(a.draft_vocab)
+    except ConfigError as exc:
+        p.error(f"--draft-vocab: {exc}")
     env_keys = env("SPECPIPE_API_KEYS")
     cfg = ClusterConfig(
         model=a.model, draft=a.draft, policy=a.policy, stages=a.stages, width=a.width,

@@ -27,6 +27,14 @@ MIN_DRAFT_VOCAB = 256  # a subset head's fewest frequent tokens: more than any d
 DRAFT_VOCAB_HELP = ("the draft model's LM head scores only the first N token ids (a BPE vocabulary's frequent ones), "
                     "end-of-sequence and each request's own tokens: a smaller head, still lossless (the target "
                     f"verifies); 0 (default): every token, else at least {MIN_DRAFT_VOCAB}")
+
+
+def check_draft_vocab(n: int) -> None:
+    """ConfigError unless a draft vocabulary of n tokens is 0 (every token) or at least MIN_DRAFT_VOCAB."""
+    if n < 0 or 0 < n < MIN_DRAFT_VOCAB:
+        raise ConfigError(f"draft_vocab must be 0 (the whole vocabulary) or at least {MIN_DRAFT_VOCAB}, not {n}")
+
+
 Policy = Literal["pp", "tree", "specpipe"]
 POLICIES: tuple[str, ...] = typing.get_args(Policy)
 WIDTH_RULES = ("cost", "budget")
@@ -303,8 +311,7 @@ class EngineConfig:
             raise ConfigError("token_budget must be >= 1")
         if self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be >= 1")
-        if self.draft_vocab < 0 or 0 < self.draft_vocab < MIN_DRAFT_VOCAB:
-            raise ConfigError(f"draft_vocab must be 0 (the whole vocabulary) or at least {MIN_DRAFT_VOCAB}")
+        check_draft_vocab(self.draft_vocab)
         if self.layer_split not in LAYER_SPLITS:
             layer_counts(self.layer_split)  # ConfigError unless counts such as 19,11
 
