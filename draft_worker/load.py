@@ -37,7 +37,7 @@ def load_draft(name: str, target: ModelArch, cache_dir: Path | None, dtype: torc
     tokens = subset_tokens(arch, vocab, weights.lm_head.device)  # ConfigError for too few (or negative)
     if tokens is not None:
         full = weights.embed if arch.tie_embeddings else weights.lm_head  # tied: the head was a copy, now freed
-        lin = F.linear if numerics == "fast" else rowwise_linear  # not the runner's: it knows packed weights only
+        lin = F.linear if numerics != "exact" else rowwise_linear  # not the runner's: it knows packed weights only
         subset = SubsetHead(tokens, full, weights.final_norm, arch.rms_eps, lin)
         weights.lm_head = weights.lm_head[tokens]  # [N, H], a copy: the runner packs and reads only these rows
     return DraftModelSource(StageRunner(arch, weights, numerics=numerics), subset)

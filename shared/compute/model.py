@@ -195,6 +195,32 @@ def prompt_tile_attention(q: torch.Tensor, positions: list[int], keys: torch.Ten
     return out
 
 
+def attention_inputs(x: torch.Tensor, w: LayerWeights, arch: ModelArch, cos: torch.Tensor, sin: torch.Tensor,
+                     lin=rowwise_linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer up to its attention: norm, the fused q/k/v product, RoPE. x: [n, H]; cos/sin: [n, d]
+    -> q: [n, h, d], k and v: [n, g, d]."""
+    n, h, g, d = x.shape[0], arch.num_heads, arch.num_kv_heads, arch.head_dim
+    qkv = lin(rms_norm(x, w.attn_norm, arch.rms_eps), w.qkv, w.qkv_bias)  # [n, (h + 2g) * d]
+    qk = apply_rope(qkv[:, : (h + g) * d].reshape(n, h + g, d), cos, sin)  # [n, h + g, d]: one rotation for both
+    q, k = qk.split([h, g], dim=1)
+    return q, k, qkv[:, (h + g) * d :].reshape(n, g, d)
+
+
+def attention_output_and_mlp(x: torch.Tensor, attended: torch.Tensor, w: LayerWeights, arch: ModelArch,
+                             lin=rowwise_linear) -> torch.Tensor:
+    """The rest of a layer: the output product and residual, then the MLP and its residual. x: [n, H] the layer's
+    input; attended: [n, h * d] -> [n, H]."""
+    x = x + lin(attended, w.o)
+    gate, up = lin(rms_norm(x, w.mlp_norm, arch.rms_eps), w.gate_up).chunk(2, dim=-1)  # [n, I] each
+    return x + lin(F.silu(gate) * up, w.down)
+
+
+def lm_logits(x: torch.Tensor, final_norm: torch.Tensor, lm_head: torch.Tensor, arch: ModelArch,
+              lin=rowwise_linear) -> torch.Tensor:
+    """Final norm and LM head: hidden states [n, H] -> logits [n, V]."""
+    return lin(rms_norm(x, final_norm, arch.rms_eps), lm_head)
+
+
 def decoder_layer(
     x: torch.Tensor,
     w: LayerWeights,
@@ -211,11 +237,6 @@ def decoder_layer(
     attend(q) runs tree attention for q: [n, h, d] and returns [n, h * d];
     lin is the GEMM (row invariant for numerics exact, F.linear for fast).
     """
-    n, h, g, d = x.shape[0], arch.num_heads, arch.num_kv_heads, arch.head_dim
-    qkv = lin(rms_norm(x, w.attn_norm, arch.rms_eps), w.qkv, w.qkv_bias)  # [n, (h + 2g) * d]
-    qk = apply_rope(qkv[:, : (h + g) * d].reshape(n, h + g, d), cos, sin)  # [n, h + g, d]: one rotation for both
-    q, k = qk.split([h, g], dim=1)
-    write_kv(k, qkv[:, (h + g) * d :].reshape(n, g, d))
-    x = x + lin(attend(q), w.o)
-    gate, up = lin(rms_norm(x, w.mlp_norm, arch.rms_eps), w.gate_up).chunk(2, dim=-1)  # [n, I] each
-    return x + lin(F.silu(gate) * up, w.down)
+    q, k, v = attention_inputs(x, w, arch, cos, sin, lin)
+    write_kv(k, v)
+    return attention_output_and_mlp(x, attend(q), w, arch, lin)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from shared.compute.compiled import OneRowKernels
 from shared.compute.distr_attention import distr_attention
 from shared.compute.grammar import Grammars, NodeGrammar
 from shared.compute.history import NodePaths
@@ -22,9 +23,9 @@ from shared.compute.model import (
     RowAttention,
     decoder_layer,
     linear,
+    lm_logits,
     masked_attention,
     prompt_tile_attention,
-    rms_norm,
     rope_table,
     rowwise_linear,
     tiled_linear,
@@ -67,7 +68,7 @@ class StageRunner:
         attention.check_head_dim(arch.head_dim)
         if numerics not in NUMERICS:
             raise ConfigError(f"unknown numerics '{numerics}': choose one of {', '.join(NUMERICS)}")
-        self.fast = numerics == "fast"
+        self.fast = numerics != "exact"
         self.arch = arch
         self.weights = weights
         self.attention = attention
@@ -77,6 +78,9 @@ class StageRunner:
         self.lin = rowwise_linear  # numerics exact: one product per generated row (prompt rows: _exact_gemm)
         if self.fast:  # one GEMM per micro-batch; on a CPU through oneDNN's packed weights where it can
             self.lin = (onednn_linear(weights) if self.device.type == "cpu" else None) or F.linear
+        # numerics compiled: one-row micro-batches through Inductor's kernels (shared/compute/compiled.py)
+        self.one_row = (OneRowKernels(arch, weights) if numerics == "compiled" and self.device.type == "cpu"
+                        else None)
         self.is_first = weights.embed is not None
         self.is_last = weights.lm_head is not None
         # computed in fp32 and cast to the weights' dtype, as transformers does (a no-op in fp32)
@@ -192,8 +196,13 @@ class StageRunner:
         positions = self._index([r.position for r in rows])
         cos, sin = self.cos[positions], self.sin[positions]  # [n, d]
         lin = self.lin if self.fast else self._exact_gemm(rows)
+        one_row = self.one_row if len(rows) == 1 else None
         for li, layer in enumerate(self.weights.layers):
-            x = decoder_layer(x, layer, self.arch, cos, sin, self._writer(plans, li), self._attender(plans, li), lin)
+            write_kv, attend = self._writer(plans, li), self._attender(plans, li)
+            if one_row is not None:
+                x = one_row.layer(x, layer, cos, sin, write_kv, attend)
+            else:
+                x = decoder_layer(x, layer, self.arch, cos, sin, write_kv, attend, lin)
         return x
 
     def _index(self, values: list[int]) -> torch.Tensor:
@@ -355,7 +364,9 @@ class StageRunner:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head for hidden states [n, H] -> [n, V] (last stage only)."""
-        return self.lin(rms_norm(x, self.weights.final_norm, self.arch.rms_eps), self.weights.lm_head)
+        if self.one_row is not None and x.shape[0] == 1:
+            return self.one_row.logits(x, self.weights.final_norm, self.weights.lm_head)
+        return lm_logits(x, self.weights.final_norm, self.weights.lm_head, self.arch, self.lin)
 
 
 def _by_request(rows: list[Row]) -> dict[str, list[int]]:

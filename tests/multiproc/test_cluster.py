@@ -54,13 +54,14 @@ def test_services_speculate_with_a_draft_model(cluster_factory, tiny_dir, case) 
         assert stats["steps"] < (n - 1) * 2, stats
 
 
-# label: (policy, draft, numerics); fast numerics (the services' default) may differ from plain decoding only at
-# rounding near-ties, which tiny-random's logits are far from, so its outputs must match here too
+# label: (policy, draft, numerics); fast numerics (the services' default) and compiled may differ from plain
+# decoding only at rounding near-ties, which tiny-random's logits are far from, so its outputs must match here too
 CONCURRENT = {
     "specpipe-draft-model": ("specpipe", "model", "exact"),
     "specpipe-ngram": ("specpipe", "ngram", "exact"),
     "pp": ("pp", "ngram", "exact"),
     "specpipe-draft-model, fast numerics": ("specpipe", "model", "fast"),
+    "specpipe-ngram, compiled numerics": ("specpipe", "ngram", "compiled"),
 }
 
 
