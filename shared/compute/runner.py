@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from shared.compute.compiled import OneRowKernels
+from shared.compute.compiled import MAX_ROWS, FewRowKernels
 from shared.compute.distr_attention import distr_attention
 from shared.compute.grammar import Grammars, NodeGrammar
 from shared.compute.history import NodePaths
@@ -78,8 +78,8 @@ class StageRunner:
         self.lin = rowwise_linear  # numerics exact: one product per generated row (prompt rows: _exact_gemm)
         if self.fast:  # one GEMM per micro-batch; on a CPU through oneDNN's packed weights where it can
             self.lin = (onednn_linear(weights) if self.device.type == "cpu" else None) or F.linear
-        # numerics compiled: one-row micro-batches through Inductor's kernels (shared/compute/compiled.py)
-        self.one_row = (OneRowKernels(arch, weights) if numerics == "compiled" and self.device.type == "cpu"
+        # numerics compiled: micro-batches of up to MAX_ROWS rows through Inductor's kernels (compiled.py)
+        self.few_rows = (FewRowKernels(arch, weights) if numerics == "compiled" and self.device.type == "cpu"
                         else None)
         self.is_first = weights.embed is not None
         self.is_last = weights.lm_head is not None
@@ -196,11 +196,11 @@ class StageRunner:
         positions = self._index([r.position for r in rows])
         cos, sin = self.cos[positions], self.sin[positions]  # [n, d]
         lin = self.lin if self.fast else self._exact_gemm(rows)
-        one_row = self.one_row if len(rows) == 1 else None
+        few_rows = self.few_rows if len(rows) <= MAX_ROWS else None
         for li, layer in enumerate(self.weights.layers):
             write_kv, attend = self._writer(plans, li), self._attender(plans, li)
-            if one_row is not None:
-                x = one_row.layer(x, layer, cos, sin, write_kv, attend)
+            if few_rows is not None:
+                x = few_rows.layer(x, layer, cos, sin, write_kv, attend)
             else:
                 x = decoder_layer(x, layer, self.arch, cos, sin, write_kv, attend, lin)
         return x
@@ -364,8 +364,8 @@ class StageRunner:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head for hidden states [n, H] -> [n, V] (last stage only)."""
-        if self.one_row is not None and x.shape[0] == 1:
-            return self.one_row.logits(x, self.weights.final_norm, self.weights.lm_head)
+        if self.few_rows is not None and x.shape[0] <= MAX_ROWS:
+            return self.few_rows.logits(x, self.weights.final_norm, self.weights.lm_head)
         return lm_logits(x, self.weights.final_norm, self.weights.lm_head, self.arch, self.lin)
 
 

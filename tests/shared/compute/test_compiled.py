@@ -1,5 +1,5 @@
-"""Numerics `compiled` (shared/compute/compiled.py): one-row micro-batches through Inductor's kernels compute the
-same function as fast numerics up to fp32 rounding; rows of more than one keep the fast path; pipelines decode
+"""Numerics `compiled` (shared/compute/compiled.py): micro-batches of up to MAX_ROWS rows through Inductor's kernels
+compute the same function as fast numerics up to fp32 rounding; larger ones keep the fast path; pipelines decode
 as plain decoding does; a stage that cannot compile says so when built."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import torch
 
 from scheduler.scheduler import Request
 from shared.compute import compiled
+from shared.compute.compiled import MAX_ROWS
 from shared.compute.runner import StageRunner, load_stage
 from shared.types.batch import MicroBatch, Row
 from shared.types.config import ModelArch, SamplingParams
@@ -35,9 +36,11 @@ def _decode_states(runner: StageRunner, prompt: list[int], tokens: list[int], ro
     return states
 
 
-# label: (model fixture, tokens per step); one row goes through the compiled kernels, two keep fast numerics'
+# label: (model fixture, tokens per step); up to MAX_ROWS rows go through the compiled kernels, more keep fast
+# numerics' products
 STEPS = {"tiny-random, one row": ("tiny_dir", 1), "tiny-random, two rows": ("tiny_dir", 2),
-         "smollm2-135m, one row": ("smollm2_dir", 1)}
+         "tiny-random, three rows": ("tiny_dir", 3), "smollm2-135m, one row": ("smollm2_dir", 1),
+         "smollm2-135m, two rows": ("smollm2_dir", 2)}
 
 
 @pytest.mark.parametrize("case", list(STEPS))
@@ -46,20 +49,22 @@ def test_decode_steps_match_fast_numerics_within_rounding(request, case) -> None
     model_dir = request.getfixturevalue(model)
     prompt, tokens = list(range(30, 70)), [5, 17, 99, 3, 250, 8]
     fast, compiled_ = _stage(model_dir, "fast"), _stage(model_dir, "compiled")
-    assert compiled_.one_row is not None
+    assert compiled_.few_rows is not None
     for a, b in zip(_decode_states(fast, prompt, tokens, rows), _decode_states(compiled_, prompt, tokens, rows)):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(compiled_.logits(b[-1:]), fast.logits(a[-1:]), rtol=1e-4, atol=1e-4)
 
 
-def test_only_one_row_micro_batches_take_the_compiled_kernels(tiny_dir, monkeypatch) -> None:
+def test_only_micro_batches_of_up_to_max_rows_take_the_compiled_kernels(tiny_dir, monkeypatch) -> None:
+    assert MAX_ROWS == 2
     runner = _stage(tiny_dir, "compiled")
     calls: list[int] = []
-    layer = runner.one_row.layer
-    monkeypatch.setattr(runner.one_row, "layer", lambda x, *a: calls.append(x.shape[0]) or layer(x, *a))
+    layer = runner.few_rows.layer
+    monkeypatch.setattr(runner.few_rows, "layer", lambda x, *a: calls.append(x.shape[0]) or layer(x, *a))
     _decode_states(runner, list(range(30, 40)), [5, 17, 99], 1)
     _decode_states(_reuse(runner), list(range(30, 40)), [5, 17, 99, 3], 2)
-    assert calls == [1] * 3 * runner.num_layers
+    _decode_states(_reuse(runner), list(range(30, 40)), [5, 17, 99], 3)
+    assert calls == [1] * 3 * runner.num_layers + [2] * 2 * runner.num_layers
 
 
 def _reuse(runner: StageRunner) -> StageRunner:
