@@ -1,12 +1,12 @@
-"""Fast numerics' divergence from plain decoding, per prompt set, greedy and seeded.
+"""Fast (or compiled) numerics' divergence from plain decoding, per prompt set, greedy and seeded.
 
 Plain decoding is numerics exact, pp on one stage, same model, device and dtype (bit-identical to every exact
-policy). Each candidate (numerics fast, a policy and a stage count) decodes the same prompts; a prompt diverges
-when its tokens differ anywhere. Fast mode can diverge only where rounding flips a near-tie, so the rate is
-measured here, never asserted.
+policy). Each candidate (numerics fast or compiled, a policy and a stage count) decodes the same prompts; a prompt
+diverges when its tokens differ anywhere. Those modes can diverge only where rounding flips a near-tie, so the
+rate is measured here, never asserted.
 
     python -m benchmarks.divergence [--model smollm2-135m] [--limit 20] [--max-new-tokens 32]
-        [--device cpu] [--dtype float32] [--out DIR]
+        [--device cpu] [--dtype float32] [--numerics fast|compiled] [--out DIR]
 
 Prints one row per (prompt set, sampling, candidate) and writes divergence.json under --out.
 """
@@ -41,6 +41,7 @@ class DivergenceConfig:
     device: str = "cpu"
     dtype: str = "float32"
     prompt_dir: Path = PROMPT_DIR
+    numerics: str = "fast"  # the candidates' (fast or compiled); plain decoding is exact
 
 
 def _sampling(kind: str, index: int) -> SamplingParams:
@@ -83,9 +84,9 @@ def run(cfg: DivergenceConfig) -> dict:
         for kind in SAMPLINGS:
             reference = _decode(cfg, "exact", "pp", 1, prompts, kind)
             for policy, stages in CANDIDATES:
-                result = compare(reference, _decode(cfg, "fast", policy, stages, prompts, kind))
+                result = compare(reference, _decode(cfg, cfg.numerics, policy, stages, prompts, kind))
                 rows.append({"set": name, "sampling": kind, "policy": policy, "stages": stages, **result})
-                print(f"{name:<9} {kind:<7} fast {policy:<8} N={stages}  diverged {result['diverged']:>3} of "
+                print(f"{name:<9} {kind:<7} {cfg.numerics} {policy:<8} N={stages}  diverged {result['diverged']:>3} of "
                       f"{result['prompts']:<3} ({result['per_1k_tokens']:.2f} per 1k tokens)", flush=True)
     return {"machine": machine(), "torch": torch_version(), "config": {**cfg.__dict__, "prompt_dir": None},
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=d.device)
     p.add_argument("--dtype", default=d.dtype)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--numerics", choices=("fast", "compiled"), default=d.numerics)
     p.add_argument("--prompt-dir", type=Path, default=PROMPT_DIR, help="where mt_bench/alpaca/sum.jsonl are")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
@@ -108,12 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    report = run(DivergenceConfig(a.model, a.draft, a.limit, a.max_new_tokens, a.device, a.dtype, a.prompt_dir))
+    report = run(DivergenceConfig(a.model, a.draft, a.limit, a.max_new_tokens, a.device, a.dtype, a.prompt_dir,
+                                  a.numerics))
     total = sum(r["diverged"] for r in report["rows"])
     print(f"divergence: {total} of {sum(r['prompts'] for r in report['rows'])} prompt runs ({report['machine']})")
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / f"divergence-{a.device.replace(':', '')}-{a.dtype}.json").write_text(json.dumps(report, indent=1))
+        suffix = "" if a.numerics == "fast" else f"-{a.numerics}"
+        (a.out / f"divergence-{a.device.replace(':', '')}-{a.dtype}{suffix}.json").write_text(json.dumps(report, indent=1))
     return 0
 
 

@@ -24,7 +24,7 @@ DEFAULT_NUMERICS = "fast"  # what serving wants; exact is the opt-in bit-identic
 NUMERICS_HELP = ("fast (default): one GEMM per micro-batch and batched attention, every token the target's own "
                  "choice, differing from plain decoding only at rounding near-ties; exact: bit-identical to plain "
                  "decoding whatever the batch; compiled: fast, with one-row steps in kernels TorchInductor "
-                 "compiles at start (CPU only: 3-20 s more to start, 20-25%% faster one-row forwards)")
+                 "compiles at start (CPU only: 3-20 s more to start, one-row forwards about 30%% faster)")
 MIN_DRAFT_VOCAB = 256  # a subset head's fewest frequent tokens: more than any draft's proposals per node
 DRAFT_VOCAB_HELP = ("the draft model's LM head scores only the first N token ids (a BPE vocabulary's frequent ones), "
                     "end-of-sequence and each request's own tokens: a smaller head, still lossless (the target "
