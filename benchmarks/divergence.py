@@ -86,8 +86,8 @@ def run(cfg: DivergenceConfig) -> dict:
             for policy, stages in CANDIDATES:
                 result = compare(reference, _decode(cfg, cfg.numerics, policy, stages, prompts, kind))
                 rows.append({"set": name, "sampling": kind, "policy": policy, "stages": stages, **result})
-                print(f"{name:<9} {kind:<7} {cfg.numerics} {policy:<8} N={stages}  diverged {result['diverged']:>3} of "
-                      f"{result['prompts']:<3} ({result['per_1k_tokens']:.2f} per 1k tokens)", flush=True)
+                print(f"{name:<9} {kind:<7} {cfg.numerics} {policy:<8} N={stages}  diverged {result['diverged']:>3} "
+                      f"of {result['prompts']:<3} ({result['per_1k_tokens']:.2f} per 1k tokens)", flush=True)
     return {"machine": machine(), "torch": torch_version(), "config": {**cfg.__dict__, "prompt_dir": None},
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
 
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
         suffix = "" if a.numerics == "fast" else f"-{a.numerics}"
-        (a.out / f"divergence-{a.device.replace(':', '')}-{a.dtype}{suffix}.json").write_text(json.dumps(report, indent=1))
+        path = a.out / f"divergence-{a.device.replace(':', '')}-{a.dtype}{suffix}.json"
+        path.write_text(json.dumps(report, indent=1))
     return 0
 
 

@@ -12,7 +12,7 @@ them and fuses a micro-batch's rows into one pass over the weight. A layer becom
 and after attention, with the norms, RoPE and the MLP's gate fused in. Attention and the KV writes stay eager
 (they index per-request caches).
 - Measured (BENCHMARKS.md, session 19): smollm2-135m's first stage of two (19 layers, a 300-token context),
-  one thread: one row 27-33 ms a forward in fast numerics, 19.5-20 compiled; two rows 31 against 26-28.
+  one thread: one row 25-34 ms a forward in fast numerics, 18-20 compiled; two rows 29-31 against 25-28.
 - Micro-batches of more than MAX_ROWS rows keep fast numerics' products (oneDNN): from three rows on, Inductor's
   kernel is no faster than oneDNN's packed one, and each row count is one more graph to compile.
 

@@ -196,7 +196,7 @@ class StageRunner:
         positions = self._index([r.position for r in rows])
         cos, sin = self.cos[positions], self.sin[positions]  # [n, d]
         lin = self.lin if self.fast else self._exact_gemm(rows)
-        few_rows = self.few_rows if len(rows) <= MAX_ROWS else None
+        few_rows = self._few_rows(len(rows))
         for li, layer in enumerate(self.weights.layers):
             write_kv, attend = self._writer(plans, li), self._attender(plans, li)
             if few_rows is not None:
@@ -204,6 +204,10 @@ class StageRunner:
             else:
                 x = decoder_layer(x, layer, self.arch, cos, sin, write_kv, attend, lin)
         return x
+
+    def _few_rows(self, n: int) -> FewRowKernels | None:
+        """The compiled kernels where a micro-batch of n rows takes them (numerics compiled, 1..MAX_ROWS rows)."""
+        return self.few_rows if 0 < n <= MAX_ROWS else None
 
     def _index(self, values: list[int]) -> torch.Tensor:
         """A per-step index tensor on this stage's device."""
@@ -364,8 +368,8 @@ class StageRunner:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head for hidden states [n, H] -> [n, V] (last stage only)."""
-        if self.few_rows is not None and x.shape[0] <= MAX_ROWS:
-            return self.few_rows.logits(x, self.weights.final_norm, self.weights.lm_head)
+        if (few_rows := self._few_rows(x.shape[0])) is not None:
+            return few_rows.logits(x, self.weights.final_norm, self.weights.lm_head)
         return lm_logits(x, self.weights.final_norm, self.weights.lm_head, self.arch, self.lin)
 
 

@@ -18,12 +18,12 @@ from shared.types.layer_spec import parse_layers, resolve_layers
 
 # exact: bit-identical to plain decoding whatever the batch (one product per generated row, prompt rows in
 # position tiles); fast: one GEMM per micro-batch and one masked SDPA call per request (near-ties may differ);
-# compiled: fast, with one-row micro-batches in kernels TorchInductor compiles at start (CPU; elsewhere as fast)
+# compiled: fast, with micro-batches of 1-2 rows in kernels TorchInductor compiles at start (CPU; else as fast)
 NUMERICS = ("exact", "fast", "compiled")
 DEFAULT_NUMERICS = "fast"  # what serving wants; exact is the opt-in bit-identical mode
 NUMERICS_HELP = ("fast (default): one GEMM per micro-batch and batched attention, every token the target's own "
                  "choice, differing from plain decoding only at rounding near-ties; exact: bit-identical to plain "
-                 "decoding whatever the batch; compiled: fast, with one-row steps in kernels TorchInductor "
+                 "decoding whatever the batch; compiled: fast, with steps of one or two rows in kernels TorchInductor "
                  "compiles at start (CPU only: 3-20 s more to start, one-row forwards about 30%% faster)")
 MIN_DRAFT_VOCAB = 256  # a subset head's fewest frequent tokens: more than any draft's proposals per node
 DRAFT_VOCAB_HELP = ("the draft model's LM head scores only the first N token ids (a BPE vocabulary's frequent ones), "
