@@ -36,6 +36,7 @@ from shared.types.config import ModelArch
 from shared.types.errors import ConfigError
 
 MAX_ROWS = 2  # micro-batches of up to this many rows take the compiled kernels
+RECOMPILE_LIMIT = 64  # graphs Dynamo keeps per compiled function (FewRowKernels)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,6 +64,10 @@ class FewRowKernels:
 
     def __init__(self, arch: ModelArch, weights: StageWeights):
         self.arch = arch
+        # Every runner compiles these same functions, and Dynamo keeps their graphs per function: MAX_ROWS graphs
+        # per model, arch or dtype loaded in this process (a target and a draft, tests' several models), against
+        # a default limit of 8 past which a fullgraph call raises. vLLM raises the limit likewise.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         compile_ = {"dynamic": False, "fullgraph": True}  # static shapes: one graph per row count
         self._inputs = torch.compile(_attention_inputs, **compile_)
         self._rest = torch.compile(_attention_output_and_mlp, **compile_)
@@ -75,20 +80,27 @@ class FewRowKernels:
 
     def layer(self, x: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, write_kv, attend
               ) -> torch.Tensor:
-        """model.decoder_layer for up to MAX_ROWS rows. x: [n, H]; cos/sin: [n, d]."""
-        q, k, v = self._inputs(x, w, self.arch, cos, sin)  # [n, h, d], [n, g, d], [n, g, d]
+        """model.decoder_layer for up to MAX_ROWS rows. x: [n, H]; cos/sin: [n, d]. Without autograd whatever
+        the caller's grad mode: the graphs are guarded on it, and one mode keeps them to those the warm-up made."""
+        with torch.no_grad():
+            q, k, v = self._inputs(x, w, self.arch, cos, sin)  # [n, h, d], [n, g, d], [n, g, d]
         write_kv(k, v)
-        return self._rest(x, attend(q), w, self.arch)
+        attended = attend(q)  # [n, h * d]
+        with torch.no_grad():
+            return self._rest(x, attended, w, self.arch)
 
     def logits(self, x: torch.Tensor, final_norm: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
         """model.lm_logits for up to MAX_ROWS rows: [n, H] -> [n, V]."""
-        return self._logits(x, final_norm, lm_head, self.arch)
+        with torch.no_grad():
+            return self._logits(x, final_norm, lm_head, self.arch)
 
     def _warm_up(self, weights: StageWeights) -> None:
+        """Each graph built once, on inputs shaped, strided and aliased as a forward's are (Dynamo guards on all
+        three: cos and sin one tensor, say, would be a graph of its own)."""
         a, w = self.arch, weights.layers[0]
         for n in range(1, MAX_ROWS + 1):  # one graph per row count
             x = w.qkv.new_zeros(n, a.hidden_size)  # [n, H]
-            rope = w.qkv.new_zeros(n, a.head_dim)  # [n, d]
-            self.layer(x, w, rope, rope, lambda k, v: None, lambda q: q.reshape(n, -1))
+            cos, sin = w.qkv.new_zeros(n, a.head_dim), w.qkv.new_zeros(n, a.head_dim)  # [n, d] each
+            self.layer(x, w, cos, sin, lambda k, v: None, lambda q: q.new_zeros(n, a.num_heads * a.head_dim))
             if weights.lm_head is not None:
                 self.logits(x, weights.final_norm, weights.lm_head)

@@ -1,6 +1,6 @@
 """A compact Llama-family decoder (Llama, Qwen2, SmolLM2), written for trees.
 
-In the spirit of gpt-fast's model.py, with two numerics modes on one code path.
+In the spirit of gpt-fast's model.py, with its numerics modes on one code path.
 
 Numerics `exact` keeps every operation *row invariant*: a node's hidden state
 does not depend on which other nodes share its micro-batch. That is what lets
@@ -24,6 +24,11 @@ Numerics `fast` gives up row invariance for speed: one GEMM per micro-batch and
 one masked SDPA call per request and layer (`masked_attention`). Every token is
 still the target's own choice from logits computed for exactly its context;
 tokens can differ from plain decoding only where rounding flips a near-tie.
+
+Numerics `compiled` is fast numerics with micro-batches of one or two rows run
+by TorchInductor: the same functions (`attention_inputs`,
+`attention_output_and_mlp`, `lm_logits`) traced with a one-pass product
+(shared/compute/compiled.py).
 
 Notation: n = rows in the micro-batch, H = hidden size, h = query heads,
 g = kv heads, r = h // g, d = head dim, L = context length.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from scheduler.scheduler import Request
 from shared.compute import compiled
@@ -66,6 +67,18 @@ def test_only_micro_batches_of_up_to_max_rows_take_the_compiled_kernels(tiny_dir
     _decode_states(_reuse(runner), list(range(30, 40)), [5, 17, 99, 3], 2)
     _decode_states(_reuse(runner), list(range(30, 40)), [5, 17, 99], 3)
     assert calls == [1] * 3 * runner.num_layers + [2] * 2 * runner.num_layers
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad enabled", "under no_grad"])
+def test_the_first_requests_compile_nothing_the_warm_up_did_not(tiny_dir, grad) -> None:
+    """Compiling happens when the stage is built: real steps (1 and 2 rows, their logits) find their graphs, in
+    either grad mode."""
+    runner = _stage(tiny_dir, "compiled")
+    built = dict(counters["stats"])
+    with torch.set_grad_enabled(grad):
+        for rows in (1, 2):
+            runner.logits(_decode_states(_reuse(runner), list(range(30, 40)), [5, 17, 99, 3], rows)[-1])
+    assert dict(counters["stats"]) == built
 
 
 def _reuse(runner: StageRunner) -> StageRunner:
