@@ -66,7 +66,7 @@ class FewRowKernels:
         self.arch = arch
         # Every runner compiles these same functions, and Dynamo keeps their graphs per function: MAX_ROWS graphs
         # per model, arch or dtype loaded in this process (a target and a draft, tests' several models), against
-        # a default limit of 8 past which a fullgraph call raises. vLLM raises the limit likewise.
+        # a default limit of 8 past which a fullgraph call raises. The limit is process-wide: raised, never lowered.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         compile_ = {"dynamic": False, "fullgraph": True}  # static shapes: one graph per row count
         self._inputs = torch.compile(_attention_inputs, **compile_)
