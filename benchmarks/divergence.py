@@ -22,7 +22,7 @@ from pathlib import Path
 from benchmarks.provenance import machine, torch_version
 from scheduler.scheduler import Request
 from shared.model_store import load_tokenizer, resolve_model
-from shared.types.config import EngineConfig, PolicyConfig, SamplingParams
+from shared.types.config import NUMERICS, EngineConfig, PolicyConfig, SamplingParams
 from specpipe.engine import SimulationConfig, build_pipeline
 from specpipe.prompts import encode_chat, read_prompts
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=d.device)
     p.add_argument("--dtype", default=d.dtype)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--numerics", choices=("fast", "compiled"), default=d.numerics)
+    p.add_argument("--numerics", choices=[n for n in NUMERICS if n != "exact"], default=d.numerics)
     p.add_argument("--prompt-dir", type=Path, default=PROMPT_DIR, help="where mt_bench/alpaca/sum.jsonl are")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)

@@ -84,10 +84,8 @@ class FewRowKernels:
         the caller's grad mode: the graphs are guarded on it, and one mode keeps them to those the warm-up made."""
         with torch.no_grad():
             q, k, v = self._inputs(x, w, self.arch, cos, sin)  # [n, h, d], [n, g, d], [n, g, d]
-        write_kv(k, v)
-        attended = attend(q)  # [n, h * d]
-        with torch.no_grad():
-            return self._rest(x, attended, w, self.arch)
+            write_kv(k, v)
+            return self._rest(x, attend(q), w, self.arch)
 
     def logits(self, x: torch.Tensor, final_norm: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
         """model.lm_logits for up to MAX_ROWS rows: [n, H] -> [n, V]."""
