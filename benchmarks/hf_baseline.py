@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import torch
 
 from shared.model_store import resolve_model
-from shared.types.config import EngineConfig, ModelArch, PolicyConfig, SamplingParams
+from shared.types.config import EngineConfig, ModelArch, PolicyConfig, SamplingParams, default_refill_depth
 
 
 @contextmanager
@@ -102,7 +102,7 @@ def inprocess(model: str, draft: str, policy: str, stages: int, width: int, refi
     from scheduler.scheduler import Request
     from specpipe.engine import SimulationConfig, build_pipeline
 
-    refill = refill_depth if refill_depth is not None else max(stages - 1, 1)
+    refill = refill_depth if refill_depth is not None else default_refill_depth(stages)
     cfg = SimulationConfig(model, draft, PolicyConfig(policy, stages, width, refill_depth=refill),
                            EngineConfig(max_new_tokens=max_new_tokens, numerics=numerics))
     with torch_threads(threads) as n_threads:

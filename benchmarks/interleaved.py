@@ -1,7 +1,7 @@
 """One request at a time on the real services, pp and specpipe taking turns: a ratio that a noisy host moves less.
 
     python -m benchmarks.interleaved [--prompt-file sum.jsonl] [--prompts 5] [--tokens 64] [--rounds 2]
-        [--arms pp,specpipe] [--out results.json]
+        [--arms pp,specpipe] [--numerics fast] [--out results.json]
 
 benchmarks.serving's section 1 serves every prompt on a pp cluster, then every prompt on a specpipe cluster: on
 a shared 2-core host whose speed drifts by 10-20% within minutes, the two halves can run at different speeds.
@@ -10,13 +10,14 @@ side, and each prompt goes to one, then the other, for `rounds` rounds: both see
 host's time. Per request, TBT = (last token's arrival - first's) / (tokens - 1), as section 1. Prints each
 arm's mean TBT over the requests and the decode rate (the first arm's mean TBT over the second's), and checks
 that both gave the same tokens for every request. An arm is a policy, or `specpipe-async`: specpipe under
-the scheduler's --async-scheduling.
+the scheduler's --async-scheduling; `specpipe-r2`, specpipe with --refill-depth 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from dataclasses import replace
@@ -24,12 +25,17 @@ from dataclasses import replace
 from benchmarks.provenance import machine
 from benchmarks.serving import FAILURES, ServingConfig, bench_prompts, sequential
 from benchmarks.serving_cluster import ClusterPool, ClusterSpec
+from shared.types.config import DEFAULT_NUMERICS, NUMERICS
 
 ARMS = ("pp", "specpipe", "specpipe-async")
+ARM = re.compile(r"pp|specpipe(-async)?(?:-r(\d+))?")  # an arm; a specpipe one may name its refill depth
 
 
 def arm_spec(cfg: ServingConfig, arm: str) -> ClusterSpec:
-    return replace(cfg.spec(arm.removesuffix("-async")), async_scheduling=arm.endswith("-async"))
+    """The cluster of an arm: a policy, `-async` for --async-scheduling, `-rN` for --refill-depth N."""
+    asynchronous, refill = ARM.fullmatch(arm).groups()
+    spec = replace(cfg.spec(arm.split("-")[0]), async_scheduling=bool(asynchronous))
+    return spec if refill is None else replace(spec, refill_depth=int(refill))
 
 
 def run(cfg: ServingConfig, rounds: int, arms: tuple[str, str] = ("pp", "specpipe")) -> dict:
@@ -38,7 +44,7 @@ def run(cfg: ServingConfig, rounds: int, arms: tuple[str, str] = ("pp", "specpip
     outputs: dict[str, list[list[int]]] = {a: [] for a in arms}
     out = {"machine": machine(), "model": cfg.model, "draft": cfg.draft, "stages": cfg.stages,
            "prompt_files": list(cfg.prompt_files), "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
-           "rounds": rounds, "arms": list(arms), "error": None}
+           "numerics": cfg.numerics, "rounds": rounds, "arms": list(arms), "error": None}
     pool = ClusterPool(cfg.request_timeout_s)
     try:
         clusters = {a: pool.get(arm_spec(cfg, a), prompts[0]["ids"]) for a in arms}
@@ -66,14 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--arms", default="pp,specpipe",
-                   help=f"the two clusters, each one of {', '.join(ARMS)}; the decode rate is the first's TBT over "
-                        "the second's")
+                   help=f"the two clusters, each one of {', '.join(ARMS)}, a specpipe one with -rN for a refill depth "
+                        "of N (specpipe-r2); the decode rate is the first's TBT over the second's")
+    p.add_argument("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS, help="both clusters' kernels")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     arms = tuple(a.arms.split(","))
-    if len(arms) != 2 or not set(arms) <= set(ARMS):
-        p.error(f"--arms takes two of {', '.join(ARMS)}")
-    cfg = ServingConfig(prompt_files=(a.prompt_file,), prompts_per_file=a.prompts, max_new_tokens=a.tokens)
+    if len(arms) != 2 or len(set(arms)) != 2 or not all(ARM.fullmatch(arm) for arm in arms):
+        p.error(f"--arms takes two different arms, of {', '.join(ARMS)} (a specpipe one with -rN)")
+    cfg = ServingConfig(prompt_files=(a.prompt_file,), prompts_per_file=a.prompts, max_new_tokens=a.tokens,
+                        numerics=a.numerics)
     out = run(cfg, a.rounds, arms)
     if a.out:
         with open(a.out, "w") as f:

@@ -79,7 +79,7 @@ class ServingConfig:
     max_new_tokens: int = 32
     stages: int = 2
     width: int = 4
-    refill_depth: int | None = None  # None: the scheduler's default (stages - 1)
+    refill_depth: int | None = None  # None: the scheduler's default (shared.types.config.default_refill_depth)
     inprocess_stages: tuple[int, ...] = (2,)  # section 2: the in-process executor's stage counts
     load_model: str | None = None  # section 3's target; None: `model`
     load_draft: str | None = None  # None: `draft`

@@ -29,6 +29,7 @@ from shared.types.config import (
     AttentionConfig,
     EngineConfig,
     PolicyConfig,
+    default_refill_depth,
 )
 from shared.types.errors import ConfigError, SpecPipeError
 from shared.types.layer_spec import LAYERS_HELP
@@ -150,7 +151,7 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--width", type=int, default=4)
     p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--refill-depth", type=int, default=None, help="default: stages - 1")
+    p.add_argument("--refill-depth", type=int, default=None, help="default: stages - 1, and 2 at least")
     p.add_argument("--branch", type=int, default=4)
     p.add_argument("--width-rule", choices=WIDTH_RULES, default="cost", help="specpipe: cost (default) sizes each request's tree width per step from its measured acceptance and "
                         "the measured step cost, down to 0 (as pp) under saturation; budget keeps --width while the "
@@ -170,7 +171,7 @@ def redis_config(args: argparse.Namespace) -> RedisConfig:
 
 
 def policy_config(args: argparse.Namespace) -> PolicyConfig:
-    refill = args.refill_depth if args.refill_depth is not None else max(args.stages - 1, 1)
+    refill = args.refill_depth if args.refill_depth is not None else default_refill_depth(args.stages)
     return PolicyConfig(args.policy, args.stages, args.width, args.depth, refill, args.branch, args.width_rule,
                         async_scheduling=args.async_scheduling)
 

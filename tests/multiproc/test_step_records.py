@@ -15,7 +15,7 @@ import pytest
 from scheduler.scheduler import Phase, Request
 from shared.model_store import resolve_model
 from shared.transport.queue_client import collect
-from shared.types.config import EngineConfig, ModelArch, PolicyConfig, SamplingParams
+from shared.types.config import EngineConfig, ModelArch, PolicyConfig, SamplingParams, default_refill_depth
 from shared.wire.messages import StepMsg, TokensMsg, decode
 from specpipe.engine import SimulationConfig, build_pipeline
 from tests.cluster import Cluster
@@ -32,7 +32,7 @@ WIDTH, BRANCH, CHUNK, BUDGET = 4, 4, 64, 256  # the scheduler service's defaults
 LIST_PROMPT = ("Copy this list exactly, one item per line: red apple, green pear, blue plum, red apple, green pear, "
                "blue plum, yellow lemon, red apple, green pear.")
 
-# label: (model, stage processes, refill depth (None: the services' default, stages - 1), draft: "model" is the
+# label: (model, stage processes, refill depth (None: the services' default_refill_depth), draft: "model" is the
 # target itself (greedy: every level accepted; seeded: tiny-random's near-uniform draws miss, so every step after
 # the first refills), or "ngram"; async scheduling: each step scheduled before the last verification is read)
 PIPES = {
@@ -116,7 +116,7 @@ def test_services_and_executor_step_alike(tmp_path, tiny_dir, case, request) -> 
         request.applymarker(pytest.mark.slow)
     model_dir = tiny_dir if model == "tiny" else resolve_model(model)
     draft = str(model_dir) if draft == "model" else draft
-    refill = stages - 1 if refill is None else refill
+    refill = default_refill_depth(stages) if refill is None else refill
     jobs = _jobs(model, model_dir)
     # a generous draft wait: an answer takes milliseconds, and a late one would change the tree
     cluster = Cluster(tmp_path, str(model_dir), stages=stages, draft=draft,

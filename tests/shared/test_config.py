@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from scheduler.service import SchedulerServiceConfig
+from shared.service_args import add_policy_args, policy_config
 from shared.transport.redis_io import RedisConfig
-from shared.types.config import EngineConfig, ModelArch, PolicyConfig, split_layers, stage_bounds
+from shared.types.config import EngineConfig, ModelArch, PolicyConfig, default_refill_depth, split_layers, stage_bounds
 from shared.types.errors import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -86,3 +89,17 @@ def test_stage_bounds_by_rule_or_counts(case) -> None:
             stage_bounds(arch, 2, split)
     else:
         assert stage_bounds(arch, 2, split) == expected
+
+
+# label: (stage processes, the services' refill depth when none is given)
+REFILLS = {"one stage": (1, 2), "2 stages": (2, 2), "3 stages": (3, 2), "4 stages": (4, 3), "8 stages": (8, 7)}
+
+
+@pytest.mark.parametrize("case", list(REFILLS))
+def test_the_services_refill_depth_defaults_to_stages_less_one_and_two_at_least(case) -> None:
+    stages, depth = REFILLS[case]
+    assert default_refill_depth(stages) == depth
+    p = argparse.ArgumentParser()
+    add_policy_args(p)
+    assert policy_config(p.parse_args(["--stages", str(stages)])).refill_depth == depth
+    assert policy_config(p.parse_args(["--stages", str(stages), "--refill-depth", "5"])).refill_depth == 5

@@ -1,0 +1,39 @@
+"""benchmarks.bandwidth: the host probe and the stages' decode steps alone and beside each other, on tiny-random."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import bandwidth
+
+pytestmark = pytest.mark.multiproc
+
+
+def test_probe_rates_each_kind_alone_and_on_both_cores() -> None:
+    out = bandwidth.probe(repeats=1, seconds=0.2)
+    assert set(out) == {"stream", "matmul"}
+    for rates in out.values():
+        assert rates["alone"] > 0 and len(rates["beside"]) == 2 and all(r > 0 for r in rates["beside"])
+        assert rates["beside"][0] <= rates["beside"][1]  # the slower core first
+        assert rates["slowdown"] == pytest.approx(rates["alone"] / (sum(rates["beside"]) / 2))
+
+
+# label: (numerics, rows per decode step)
+CASES = {"fast, one row": ("fast", 1), "fast, two rows": ("fast", 2), "exact, one row": ("exact", 1)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_stages_time_each_stage_alone_and_beside(tiny_dir, case) -> None:
+    numerics, rows = CASES[case]
+    s = bandwidth.stages("tiny-random", numerics, rows, steps=3, context=8)
+    assert (s["numerics"], s["rows"]) == (numerics, rows)
+    assert len(s["alone_s"]) == len(s["beside_s"]) == bandwidth.STAGES
+    assert all(t > 0 for t in s["alone_s"] + s["beside_s"])
+    assert s["pp_token_s"] == pytest.approx(sum(s["alone_s"]))
+    assert s["tokens_per_step_for_1x"] == pytest.approx(max(s["beside_s"]) / s["pp_token_s"])
+    assert s["tokens_per_step_for_1x_device_per_stage"] == pytest.approx(max(s["alone_s"]) / s["pp_token_s"])
+
+
+def test_an_unknown_numerics_mode_is_refused() -> None:
+    with pytest.raises(SystemExit):
+        bandwidth.main(["--numerics", "fast,turbo"])
