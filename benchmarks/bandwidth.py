@@ -26,6 +26,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import sys
 import time
@@ -99,15 +100,26 @@ def _stage(model: str, numerics: str, rank: int, rows: int, steps: int, context:
 
 
 def _run(target, jobs: list[tuple]) -> list:
-    """Start one process per job (its args), let them all begin together, return what each put."""
+    """Start one process per job (its args), let them all begin together, return what each put; a process that
+    dies first is a RuntimeError, not a wait."""
     ctx = mp.get_context("spawn")
     start, out = ctx.Barrier(len(jobs)), ctx.Queue()
     procs = [ctx.Process(target=target, args=(*args, start, out)) for args in jobs]
     for p in procs:
         p.start()
-    results = [out.get(timeout=600) for _ in procs]
-    for p in procs:
-        p.join()
+    results = []
+    try:
+        while len(results) < len(procs):
+            try:
+                results.append(out.get(timeout=1.0))
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    raise RuntimeError(f"a {target.__name__} process died: exit codes {[p.exitcode for p in procs]}")
+    finally:
+        for p in procs:
+            if len(results) < len(procs):
+                p.kill()
+            p.join()
     return results
 
 

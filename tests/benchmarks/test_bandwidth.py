@@ -37,3 +37,8 @@ def test_stages_time_each_stage_alone_and_beside(tiny_dir, case) -> None:
 def test_an_unknown_numerics_mode_is_refused() -> None:
     with pytest.raises(SystemExit):
         bandwidth.main(["--numerics", "fast,turbo"])
+
+
+def test_a_stage_that_dies_is_an_error_not_a_wait() -> None:
+    with pytest.raises(RuntimeError, match="died"):
+        bandwidth.stages("no-such-model", "fast", 1, steps=3, context=8)
