@@ -11,8 +11,9 @@ measured, and stopped (its whole process group) before the next one starts:
 - `vllm-pp1`: `vllm serve FOLDER --dtype float32`, one worker, its OpenMP threads bound to the cores.
 - `vllm-pp2`: the same with `--pipeline-parallel-size 2 --distributed-executor-backend mp`, the cores split
   between the two ranks (VLLM_CPU_OMP_THREADS_BIND='0|1' on 2 cores).
-- `specpipe-pp` and `specpipe-specpipe`: `specpipe up --numerics N --stages 2 --policy pp|specpipe`, N from
-  `--numerics` (default compiled: vLLM compiles its model too)
+- `specpipe-pp` and `specpipe-specpipe`: `specpipe up --numerics N --layer-split S --stages 2 --policy pp|specpipe`,
+  N from `--numerics` (default compiled: vLLM compiles its model too), S from `--layer-split` (default balanced;
+  vLLM cuts even slices)
   (n-gram draft worker under specpipe), whose stage and draft processes share the cores
   (specpipe.cluster.ClusterConfig.compute_threads: cores // (stages + draft workers) torch threads each).
 
@@ -61,7 +62,7 @@ from benchmarks.provenance import cpu_model, load_average, machine
 from benchmarks.serving import PROMPTS_DIR, ServingConfig, bench_prompts
 from benchmarks.stats import dist
 from shared.environment import DEFAULTS
-from shared.types.config import NUMERICS, NUMERICS_HELP
+from shared.types.config import LAYER_SPLIT_HELP, NUMERICS, NUMERICS_HELP
 from specpipe.cluster import ClusterConfig, delete_keys, free_port, wait_until_answering
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +87,7 @@ class PeerConfig:
     threads: int = os.cpu_count() or 1  # cores every peer is pinned to (the first `threads` of the host)
     stages: int = 2  # vllm-pp2's ranks and SpecPipe's stages
     numerics: str = "compiled"  # SpecPipe's kernels (shared.types.config.NUMERICS); vLLM compiles its own too
+    layer_split: str = "balanced"  # SpecPipe's stages' layers (shared.types.config.stage_bounds); vLLM's are even
     vllm_venv: str = str(default_vllm_venv())
     vllm_kv_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE
     vllm_preload: bool = True  # LD_PRELOAD tcmalloc and the venv's libiomp5.so when found (vLLM's CPU guide)
@@ -286,13 +288,14 @@ def specpipe_launch(cfg: PeerConfig, name: str, port: int) -> Launch:
     ccfg = ClusterConfig(model=cfg.model, policy=policy, stages=cfg.stages, drafts=1, prefix=prefix)
     threads = str(ccfg.compute_threads())
     argv = [sys.executable, "-m", "specpipe", "up", "--model", cfg.model, "--policy", policy, "--stages",
-            str(cfg.stages), "--numerics", cfg.numerics, "--draft", "ngram", "--host", "127.0.0.1",
+            str(cfg.stages), "--numerics", cfg.numerics, "--layer-split", cfg.layer_split, "--draft", "ngram",
+            "--host", "127.0.0.1",
             "--port", str(port), "--prefix", prefix, "--redis-url", cfg.redis_url, "--restart", "no"]
     procs = cfg.stages + ccfg.draft_workers
     return Launch(name, argv, {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}, f"http://127.0.0.1:{port}",
                   "/ready", f"{procs} compute processes ({cfg.stages} stages"
                   f"{', 1 n-gram draft worker' if ccfg.draft_workers else ''}), {threads} torch thread(s) each, "
-                  f"numerics {cfg.numerics}", prefix)
+                  f"numerics {cfg.numerics}, layer split {cfg.layer_split}", prefix)
 
 
 class PeerServer:
@@ -578,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=None, help="default 64; --quick 8")
     p.add_argument("--threads", type=int, default=PeerConfig.threads, help="cores every peer is pinned to")
     p.add_argument("--numerics", choices=NUMERICS, default=PeerConfig.numerics, help="SpecPipe's: " + NUMERICS_HELP)
+    p.add_argument("--layer-split", default=PeerConfig.layer_split, help="SpecPipe's: " + LAYER_SPLIT_HELP)
     p.add_argument("--vllm-venv", default=str(default_vllm_venv()))
     p.add_argument("--no-preload", action="store_true", help="run vLLM without LD_PRELOAD of tcmalloc / libiomp5")
     p.add_argument("--log-dir", default=None, help="the peers' logs (default: a fresh temp folder)")
@@ -587,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     cfg = (quick_config if a.quick else PeerConfig)(
         model=a.model, peers=tuple(s.strip() for s in a.peers.split(",") if s.strip()), threads=a.threads,
-        prompt_file=a.prompt_file, numerics=a.numerics,
+        prompt_file=a.prompt_file, numerics=a.numerics, layer_split=a.layer_split,
         vllm_venv=a.vllm_venv, vllm_preload=not a.no_preload, log_dir=a.log_dir,
         concurrency=tuple(int(c) for c in a.concurrency.split(",") if c.strip()), load_requests=a.load_requests,
         load_tokens=a.load_tokens)
