@@ -77,10 +77,12 @@ def _stage(model: str, numerics: str, rank: int, rows: int, steps: int, context:
     first, last = rank == 0, rank == STAGES - 1
     runner.add_request("r", RequestInfo(context, SamplingParams()), context + rows * (steps + 4))
 
+    # a later stage's input activations, made once (not inside the timed steps): the prompt's and a step's
+    inputs = {n: None if first else torch.randn(n, arch.hidden_size) for n in (context, rows)}
+
     def step(position: int, n: int, batch_id: int) -> None:
         batch = [Row("r", -(p + 2), -(p + 1), p, 7 + p % 500, True, False) for p in range(position, position + n)]
-        hidden = None if first else torch.randn(n, arch.hidden_size)
-        x = runner.hidden(MicroBatch(batch_id, batch, hidden))
+        x = runner.hidden(MicroBatch(batch_id, batch, inputs[n]))
         if last:
             runner.logits(x)
 
