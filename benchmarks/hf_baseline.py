@@ -47,7 +47,7 @@ def _timed(label: str, outputs: list[list[int]], walls: list[float], **extra) ->
             "tokens_per_s": tokens / total if total else None, **extra}
 
 
-def _load_hf(name: str):
+def load_hf(name: str):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -72,8 +72,8 @@ def hf_generate(model: str, assistant: str | None, prompts: Sequence[Sequence[in
     eos = list(ModelArch.from_model_dir(resolve_model(model)).eos_token_ids)
     runs = []
     with torch_threads(threads) as n_threads:
-        target, load_s = _load_hf(model)
-        helper, helper_load_s = _load_hf(assistant) if assistant else (None, 0.0)
+        target, load_s = load_hf(model)
+        helper, helper_load_s = load_hf(assistant) if assistant else (None, 0.0)
         settings = [("hf_generate", None, load_s)]
         settings += [("hf_assisted", helper, load_s + helper_load_s)] if helper is not None else []
         for label, extra, loading in settings:
