@@ -1,7 +1,7 @@
 """Two stage processes on one host share its memory bandwidth: how much slower each runs beside the other.
 
     python -m benchmarks.bandwidth [--model smollm2-135m] [--numerics fast,compiled] [--rows 1,2] [--steps 40]
-        [--context 600] [--out results.json]
+        [--context 600] [--repeats 3] [--out results.json]
 
 SpecPipe keeps every stage busy at once; plain PP runs one stage at a time. Where the stages are processes of one
 host (this benchmark's cores, not the one-device-per-stage deployment), a step of SpecPipe is the slowest stage's
@@ -137,9 +137,17 @@ def probe(repeats: int = 3, seconds: float = 2.0) -> dict:
     return out
 
 
-def stages(model: str, numerics: str, rows: int, steps: int, context: int) -> dict:
-    alone = dict(r for rank in range(STAGES) for r in _run(_stage, [(model, numerics, rank, rows, steps, context, 0)]))
-    beside = dict(_run(_stage, [(model, numerics, rank, rows, steps, context, rank) for rank in range(STAGES)]))
+def stages(model: str, numerics: str, rows: int, steps: int, context: int, repeats: int = 1) -> dict:
+    """Each stage alone, then all beside each other, taken in turn `repeats` times; each stage's time is the median
+    of its tries (a shared host's speed drifts within minutes: tries in turn see the same drift)."""
+    tries: dict[str, list[dict[int, float]]] = {"alone": [], "beside": []}
+    for _ in range(repeats):
+        tries["alone"].append(dict(r for rank in range(STAGES)
+                                   for r in _run(_stage, [(model, numerics, rank, rows, steps, context, 0)])))
+        tries["beside"].append(dict(_run(_stage, [(model, numerics, rank, rows, steps, context, rank)
+                                                  for rank in range(STAGES)])))
+    alone, beside = ({k: statistics.median(t[k] for t in tries[kind]) for k in range(STAGES)}
+                     for kind in ("alone", "beside"))
     pp_token, specpipe_step = sum(alone.values()), max(beside.values())
     return {"numerics": numerics, "rows": rows, "alone_s": [alone[k] for k in range(STAGES)],
             "beside_s": [beside[k] for k in range(STAGES)], "pp_token_s": pp_token, "specpipe_step_s": specpipe_step,
@@ -154,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="1,2", help="rows per decode step, comma-separated")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--context", type=int, default=600)
+    p.add_argument("--repeats", type=int, default=3, help="alone and beside taken in turn this many times")
     p.add_argument("--target", type=float, default=1.25, help="SpecPipe's decode rate over PP's to reach")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -162,14 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--numerics takes {', '.join(NUMERICS)}")
     if (os.cpu_count() or 1) < STAGES:
         p.error(f"needs {STAGES} cores")
-    result = {"machine": machine(), "model": a.model, "context": a.context, "steps": a.steps, "target": a.target,
+    result = {"machine": machine(), "model": a.model, "context": a.context, "steps": a.steps, "repeats": a.repeats,
+              "target": a.target,
               "probe": probe(), "stages": []}
     for k, v in result["probe"].items():
         print(f"{k}: alone {v['alone']:.1f}, beside {' / '.join(f'{x:.1f}' for x in v['beside'])}, "
               f"each {v['slowdown']:.2f}x slower beside", flush=True)
     for numerics in modes:
         for rows in (int(r) for r in a.rows.split(",")):
-            s = stages(a.model, numerics, rows, a.steps, a.context)
+            s = stages(a.model, numerics, rows, a.steps, a.context, a.repeats)
             result["stages"].append(s)
             ms = lambda xs: " + ".join(f"{1e3 * x:.1f}" for x in xs)
             print(f"{numerics}, {rows} row(s): stages alone {ms(s['alone_s'])} ms, beside {ms(s['beside_s'])} ms; "

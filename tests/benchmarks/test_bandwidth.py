@@ -18,14 +18,15 @@ def test_probe_rates_each_kind_alone_and_on_both_cores() -> None:
         assert rates["slowdown"] == pytest.approx(rates["alone"] / (sum(rates["beside"]) / 2))
 
 
-# label: (numerics, rows per decode step)
-CASES = {"fast, one row": ("fast", 1), "fast, two rows": ("fast", 2), "exact, one row": ("exact", 1)}
+# label: (numerics, rows per decode step, tries of alone and beside in turn)
+CASES = {"fast, one row": ("fast", 1, 1), "fast, two rows": ("fast", 2, 1), "exact, one row": ("exact", 1, 1),
+         "fast, one row, two tries": ("fast", 1, 2)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_stages_time_each_stage_alone_and_beside(tiny_dir, case) -> None:
-    numerics, rows = CASES[case]
-    s = bandwidth.stages("tiny-random", numerics, rows, steps=3, context=8)
+    numerics, rows, repeats = CASES[case]
+    s = bandwidth.stages("tiny-random", numerics, rows, steps=3, context=8, repeats=repeats)
     assert (s["numerics"], s["rows"]) == (numerics, rows)
     assert len(s["alone_s"]) == len(s["beside_s"]) == bandwidth.STAGES
     assert all(t > 0 for t in s["alone_s"] + s["beside_s"])
