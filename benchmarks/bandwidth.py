@@ -14,10 +14,10 @@ forward *beside the others*, and a token of PP is the sum of the stages' forward
   rows after a `context`-token prompt (the last stage's LM head included), p50 over `steps`, each stage alone
   and both at once, for each numerics mode.
 
-From these, what SpecPipe must accept per step to decode `target`x PP's tokens per second with one request:
-tokens/step >= target * (slowest stage beside the other) / (sum of the stages alone), and, where each stage has a
-device of its own (nothing shared: beside = alone), target * (slowest stage alone) / (sum of the stages alone).
-PP yields 1 / stages tokens per step; SpecPipe at most 1.
+From these, what SpecPipe must accept per step, with steps of `rows` rows, to decode `target`x PP's tokens per
+second with one request: tokens/step >= target * (slowest stage beside the other) / (sum of the stages alone at one
+row: PP sends one), and, where each stage has a device of its own (nothing shared: beside = alone), target *
+(slowest stage alone) / (sum of the one-row stages alone). PP yields 1 / stages tokens per step; SpecPipe at most 1.
 """
 
 from __future__ import annotations
@@ -148,11 +148,20 @@ def stages(model: str, numerics: str, rows: int, steps: int, context: int, repea
                                                   for rank in range(STAGES)])))
     alone, beside = ({k: statistics.median(t[k] for t in tries[kind]) for k in range(STAGES)}
                      for kind in ("alone", "beside"))
-    pp_token, specpipe_step = sum(alone.values()), max(beside.values())
     return {"numerics": numerics, "rows": rows, "alone_s": [alone[k] for k in range(STAGES)],
-            "beside_s": [beside[k] for k in range(STAGES)], "pp_token_s": pp_token, "specpipe_step_s": specpipe_step,
-            "tokens_per_step_for_1x": specpipe_step / pp_token,
-            "tokens_per_step_for_1x_device_per_stage": max(alone.values()) / pp_token}
+            "beside_s": [beside[k] for k in range(STAGES)], "pp_token_s": sum(alone.values()),
+            "specpipe_step_s": max(beside.values())}
+
+
+def needs(timings: list[dict]) -> None:
+    """Set on each of one numerics mode's stage timings (`stages`) the tokens per step SpecPipe needs, with steps of
+    its rows, to decode at PP's rate: on this host (its step: the slowest stage beside the other) and with a device
+    per stage (alone). PP sends one row: its token is the fewest-rows timing's stages alone, one after another."""
+    pp_token = min(timings, key=lambda s: s["rows"])["pp_token_s"]
+    for s in timings:
+        s["pp_one_row_token_s"] = pp_token
+        s["tokens_per_step_for_1x"] = s["specpipe_step_s"] / pp_token
+        s["tokens_per_step_for_1x_device_per_stage"] = max(s["alone_s"]) / pp_token
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,13 +187,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k}: alone {v['alone']:.1f}, beside {' / '.join(f'{x:.1f}' for x in v['beside'])}, "
               f"each {v['slowdown']:.2f}x slower beside", flush=True)
     for numerics in modes:
-        for rows in (int(r) for r in a.rows.split(",")):
-            s = stages(a.model, numerics, rows, a.steps, a.context, a.repeats)
-            result["stages"].append(s)
+        timings = [stages(a.model, numerics, rows, a.steps, a.context, a.repeats) for rows in
+                   sorted(int(r) for r in a.rows.split(","))]
+        needs(timings)
+        result["stages"] += timings
+        for s in timings:
             ms = lambda xs: " + ".join(f"{1e3 * x:.1f}" for x in xs)
-            print(f"{numerics}, {rows} row(s): stages alone {ms(s['alone_s'])} ms, beside {ms(s['beside_s'])} ms; "
-                  f"SpecPipe needs {a.target * s['tokens_per_step_for_1x']:.2f} tokens/step for {a.target}x PP here, "
-                  f"{a.target * s['tokens_per_step_for_1x_device_per_stage']:.2f} with a device per stage", flush=True)
+            print(f"{numerics}, {s['rows']} row(s): stages alone {ms(s['alone_s'])} ms, beside {ms(s['beside_s'])} "
+                  f"ms; SpecPipe needs {a.target * s['tokens_per_step_for_1x']:.2f} tokens/step for {a.target}x PP "
+                  f"here, {a.target * s['tokens_per_step_for_1x_device_per_stage']:.2f} with a device per stage",
+                  flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)

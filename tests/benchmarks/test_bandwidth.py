@@ -31,8 +31,16 @@ def test_stages_time_each_stage_alone_and_beside(tiny_dir, case) -> None:
     assert len(s["alone_s"]) == len(s["beside_s"]) == bandwidth.STAGES
     assert all(t > 0 for t in s["alone_s"] + s["beside_s"])
     assert s["pp_token_s"] == pytest.approx(sum(s["alone_s"]))
-    assert s["tokens_per_step_for_1x"] == pytest.approx(max(s["beside_s"]) / s["pp_token_s"])
-    assert s["tokens_per_step_for_1x_device_per_stage"] == pytest.approx(max(s["alone_s"]) / s["pp_token_s"])
+    assert s["specpipe_step_s"] == max(s["beside_s"])
+
+
+def test_needs_sets_specpipe_s_steps_against_pp_s_one_row_token() -> None:
+    timings = [{"rows": 2, "alone_s": [0.03, 0.02], "specpipe_step_s": 0.04, "pp_token_s": 0.05},
+               {"rows": 1, "alone_s": [0.02, 0.01], "specpipe_step_s": 0.03, "pp_token_s": 0.03}]
+    bandwidth.needs(timings)
+    assert [s["pp_one_row_token_s"] for s in timings] == [0.03, 0.03]  # PP sends one row, whatever SpecPipe sends
+    assert [s["tokens_per_step_for_1x"] for s in timings] == pytest.approx([4 / 3, 1.0])
+    assert [s["tokens_per_step_for_1x_device_per_stage"] for s in timings] == pytest.approx([1.0, 2 / 3])
 
 
 def test_an_unknown_numerics_mode_is_refused() -> None:
