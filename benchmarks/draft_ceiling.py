@@ -9,12 +9,13 @@ replayed on them, with no forward.
 2. **Hit rates** of the prompt-lookup draft (draft_worker/ngram.py) at every output position, given the true text
    before it: how often it proposes nothing, and how often its first (first two) proposals hold the target's token.
    Beside it, two fallbacks a lookup that proposes nothing could take:
-   - `shared`: the followers of the longest n-gram (4 tokens down to 1) in the prompts and outputs of the requests
-     served before (one table across requests);
+   - `shared`: NgramSource's table across requests (`shared_tokens`), unbounded here: the followers of the longest
+     n-gram (4 tokens down to 1) in the prompts and outputs of the requests served before;
    - `recycled`: the target's top-2 after the same last token, the last time the target was seen there (across
      requests too: Token Recycling, Luo et al. 2024).
 3. **Replay.** The real `Scheduler` (specpipe policy, budget width rule at a fixed width) and the real n-gram source
-   serve each prompt as `specpipe.executor` drives them: drafting answered before each `schedule()`, the pipe a
+   (with a shared table of SHARED tokens in the `shared` setting, filled by the prompts served before it) serve each
+   prompt as `specpipe.executor` drives them: drafting answered before each `schedule()`, the pipe a
    queue of `stages` micro-batches (one more step before verification is read under async scheduling), prunes
    applied to the batches in flight. The target token after each row is read from the decoded output (a
    verified frontier is always on it). The replayed output must equal the decoded one. Tokens per step count each
@@ -34,6 +35,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,11 +49,20 @@ from shared.types.batch import MicroBatch, TargetTokens
 from shared.types.config import EngineConfig, PolicyConfig
 
 TOP = 4  # target tokens kept per position (the recycled fallback reads 2)
-MAX_N = 4  # the shared fallback's longest n-gram, as NgramSource's
-# label: (refill depth, width, async scheduling); the services' defaults at 2 stages: refill 2, synchronous
-SETTINGS = {"refill 1, width 1": (1, 1, False), "refill 2, width 1": (2, 1, False),
-            "refill 2, width 2": (2, 2, False), "refill 3, width 2": (3, 2, False),
-            "refill 2, width 2, async": (2, 2, True)}
+SHARED = 1 << 16  # tokens of finished requests' text the shared settings' n-gram table keeps
+
+
+class Setting(NamedTuple):
+    refill: int
+    width: int
+    async_scheduling: bool = False
+    shared_tokens: int = 0  # NgramSource's table across requests (0: none)
+
+
+# the services' defaults at 2 stages: refill 2, synchronous, no shared table (the cost rule chooses the width)
+SETTINGS = {"refill 1, width 1": Setting(1, 1), "refill 2, width 1": Setting(2, 1), "refill 2, width 2": Setting(2, 2),
+            "refill 3, width 2": Setting(3, 2), "refill 2, width 2, async": Setting(2, 2, True),
+            "refill 2, width 2, shared": Setting(2, 2, shared_tokens=SHARED)}
 
 
 @dataclass(frozen=True)
@@ -83,14 +94,14 @@ def hit_rates(runs: list[Run]) -> dict[str, dict]:
     """Per prompt file, per draft (lookup, lookup>shared, lookup>recycled): the share of positions where it
     proposed nothing, and where its top-1 / top-2 held the target's token. Runs are taken in order: the shared and
     recycled tables hold what came before."""
-    lookup, shared, recycled = NgramSource(), _SharedTable(), {}
+    lookup, shared, recycled = NgramSource(), NgramSource(shared_tokens=1 << 30).shared, {}
     counts: dict[str, dict[str, Counter]] = {}
     for run in runs:
         by_draft = counts.setdefault(run.file, {d: Counter() for d in ("lookup", "lookup>shared", "lookup>recycled")})
         for i, token in enumerate(run.output):
             context = run.prompt + run.output[:i]
             first = [t for t, _ in lookup.propose(context, 2)]
-            drafts = {"lookup": first, "lookup>shared": first or shared.propose(context, 2),
+            drafts = {"lookup": first, "lookup>shared": first or [t for t, _ in shared.lookup(context, 2)],
                       "lookup>recycled": first or recycled.get(context[-1], [])[:2]}
             for name, proposed in drafts.items():
                 c = by_draft[name]
@@ -104,32 +115,16 @@ def hit_rates(runs: list[Run]) -> dict[str, dict]:
                    for name, c in by_draft.items()} for file, by_draft in counts.items()}
 
 
-class _SharedTable:
-    """Followers of every n-gram (1..MAX_N tokens) of the texts added, across requests."""
-
-    def __init__(self) -> None:
-        self.followers: dict[tuple[int, ...], Counter[int]] = {}
-
-    def add(self, text: list[int]) -> None:
-        for j in range(1, len(text)):
-            for n in range(1, min(MAX_N, j) + 1):
-                self.followers.setdefault(tuple(text[j - n:j]), Counter())[text[j]] += 1
-
-    def propose(self, context: list[int], k: int) -> list[int]:
-        for n in range(min(MAX_N, len(context)), 0, -1):
-            if follow := self.followers.get(tuple(context[-n:])):
-                return [t for t, _ in follow.most_common(k)]
-        return []
-
-
 # ---- replay --------------------------------------------------------------------------------------------------
-def replay(run: Run, stages: int, refill: int, width: int, async_scheduling: bool) -> dict:
-    """One request served by the real scheduler and n-gram source on a pipe of `stages` steps, the target's tokens
-    read from `run`: {"tokens", "steps", "rows"} from its first token's refill to its last token."""
+def replay(run: Run, stages: int, setting: Setting, draft: NgramSource | None = None) -> dict:
+    """One request served by the real scheduler and an n-gram source (`draft`, which may hold earlier requests'
+    text; a new one if None) on a pipe of `stages` steps, the target's tokens read from `run`: {"tokens", "steps",
+    "rows"} from its first token's refill to its last token."""
     text = run.prompt + run.output
-    policy = PolicyConfig("specpipe", stages, width, refill_depth=refill, width_rule="budget",
-                          async_scheduling=async_scheduling)
-    scheduler, draft = Scheduler(policy, EngineConfig(), len(text) + 1), NgramSource()
+    policy = PolicyConfig("specpipe", stages, setting.width, refill_depth=setting.refill, width_rule="budget",
+                          async_scheduling=setting.async_scheduling)
+    scheduler = Scheduler(policy, EngineConfig(), len(text) + 1)
+    draft = draft if draft is not None else NgramSource(shared_tokens=setting.shared_tokens)
     scheduler.add_request(Request("r", tuple(run.prompt), max_new_tokens=len(run.output)))
     draft.add_request("r", run.prompt, 0)
     pipe: deque[MicroBatch] = deque()  # batches sent, not yet verified, oldest first
@@ -158,17 +153,18 @@ def _first_diff(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def replays(runs: list[Run], stages: int, settings: dict[str, tuple[int, int, bool]]) -> dict[str, dict]:
-    """Per prompt file, per setting: tokens per step and rows per step, summed over its runs."""
-    out: dict[str, dict] = {}
-    for file in dict.fromkeys(r.file for r in runs):
-        out[file] = {}
-        for label, (refill, width, async_scheduling) in settings.items():
-            done = [replay(r, stages, refill, width, async_scheduling) for r in runs if r.file == file]
-            steps = max(sum(d["steps"] for d in done), 1)
-            out[file][label] = {"tokens_per_step": sum(d["tokens"] for d in done) / steps,
-                                "rows_per_step": sum(d["rows"] for d in done) / steps,
-                                "pp_tokens_per_step": 1 / (stages + int(async_scheduling))}
+def replays(runs: list[Run], stages: int, settings: dict[str, Setting]) -> dict[str, dict]:
+    """Per prompt file, per setting: tokens per step and rows per step, summed over its runs. Each setting serves
+    every run in order with one n-gram source (its shared table, if any, holds the runs served before)."""
+    out: dict[str, dict] = {file: {} for file in dict.fromkeys(r.file for r in runs)}
+    for label, setting in settings.items():
+        draft = NgramSource(shared_tokens=setting.shared_tokens)
+        done = [(r.file, replay(r, stages, setting, draft)) for r in runs]
+        for file, by_setting in out.items():
+            steps = max(sum(d["steps"] for f, d in done if f == file), 1)
+            by_setting[label] = {"tokens_per_step": sum(d["tokens"] for f, d in done if f == file) / steps,
+                                 "rows_per_step": sum(d["rows"] for f, d in done if f == file) / steps,
+                                 "pp_tokens_per_step": 1 / (stages + int(setting.async_scheduling))}
     return out
 
 

@@ -10,7 +10,9 @@ side, and each prompt goes to one, then the other, for `rounds` rounds: both see
 host's time. Per request, TBT = (last token's arrival - first's) / (tokens - 1), as section 1. Prints each
 arm's mean TBT over the requests and the decode rate (the first arm's mean TBT over the second's), and checks
 that both gave the same tokens for every request. An arm is a policy, or `specpipe-async`: specpipe under
-the scheduler's --async-scheduling; `specpipe-r2`, specpipe with --refill-depth 2.
+the scheduler's --async-scheduling; `specpipe-r2`, specpipe with --refill-depth 2; `specpipe-shared`, specpipe
+whose n-gram draft keeps a table across requests (--ngram-shared). A shared table holds the requests served before:
+compare it over one round of distinct prompts (`--rounds 1`), or a prompt's second round drafts from its first.
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ from benchmarks.serving_cluster import ClusterPool, ClusterSpec
 from shared.types.config import DEFAULT_NUMERICS, NUMERICS
 
 ARMS = ("pp", "specpipe", "specpipe-async")
-ARM = re.compile(r"pp|specpipe(-async)?(?:-r(\d+))?")  # an arm; a specpipe one may name its refill depth
+# an arm; a specpipe one may name its refill depth, and `-shared` for the n-gram draft's table across requests
+ARM = re.compile(r"pp|specpipe(-async)?(?:-r(\d+))?(-shared)?")
+SHARED_TOKENS = 1 << 16  # a `-shared` arm's table
 
 
 def arm_spec(cfg: ServingConfig, arm: str) -> ClusterSpec:
-    """The cluster of an arm: a policy, `-async` for --async-scheduling, `-rN` for --refill-depth N."""
-    asynchronous, refill = ARM.fullmatch(arm).groups()
-    spec = replace(cfg.spec(arm.split("-")[0]), async_scheduling=bool(asynchronous))
+    """The cluster of an arm: a policy, `-async` for --async-scheduling, `-rN` for --refill-depth N, `-shared` for
+    --ngram-shared SHARED_TOKENS."""
+    asynchronous, refill, shared = ARM.fullmatch(arm).groups()
+    spec = replace(cfg.spec(arm.split("-")[0]), async_scheduling=bool(asynchronous),
+                   ngram_shared=SHARED_TOKENS if shared else 0)
     return spec if refill is None else replace(spec, refill_depth=int(refill))
 
 
@@ -73,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--arms", default="pp,specpipe",
                    help=f"the two clusters, each one of {', '.join(ARMS)}, a specpipe one with -rN for a refill depth "
-                        "of N (specpipe-r2); the decode rate is the first's TBT over the second's")
+                        "of N (specpipe-r2) and -shared for the n-gram table across requests (specpipe-r2-shared); "
+                        "the decode rate is the first's TBT over the second's")
     p.add_argument("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS, help="both clusters' kernels")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     arms = tuple(a.arms.split(","))
     if len(arms) != 2 or len(set(arms)) != 2 or not all(ARM.fullmatch(arm) for arm in arms):
-        p.error(f"--arms takes two different arms, of {', '.join(ARMS)} (a specpipe one with -rN)")
+        p.error(f"--arms takes two different arms, of {', '.join(ARMS)} (a specpipe one with -rN, -shared)")
     cfg = ServingConfig(prompt_files=(a.prompt_file,), prompts_per_file=a.prompts, max_new_tokens=a.tokens,
                         numerics=a.numerics)
     out = run(cfg, a.rounds, arms)

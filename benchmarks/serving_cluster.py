@@ -100,6 +100,7 @@ class ClusterSpec:
     draft_dtype: str = "float32"
     numerics: str = DEFAULT_NUMERICS
     async_scheduling: bool = False  # the scheduler's --async-scheduling
+    ngram_shared: int = 0  # the n-gram draft's table across requests, in tokens (0: none)
 
     def config(self, prefix: str) -> ClusterConfig:
         """The cluster's ClusterConfig under `prefix` (one draft worker, a fresh rendezvous port)."""
@@ -108,7 +109,7 @@ class ClusterSpec:
                              width=self.width, drafts=1, redis_url=self.redis_url, prefix=prefix,
                              master_port=free_port(), extra=extra, draft_dtype=self.draft_dtype,
                              threads=self.threads or 0, numerics=self.numerics, device="cpu",
-                             async_scheduling=self.async_scheduling)
+                             async_scheduling=self.async_scheduling, ngram_shared=self.ngram_shared)
 
 
 class ServiceCluster:

@@ -18,7 +18,7 @@ from shared.service_args import (
     set_realtime,
     set_threads,
 )
-from shared.types.config import DEFAULT_NUMERICS, DRAFT_VOCAB_HELP, DTYPES, NUMERICS, ModelArch
+from shared.types.config import DEFAULT_NUMERICS, DRAFT_VOCAB_HELP, DTYPES, NGRAM_SHARED_HELP, NUMERICS, ModelArch
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS,
                    help="the draft's kernels (fast stays lossless too: the target verifies every token)")
     p.add_argument("--vocab", type=int, default=0, help=DRAFT_VOCAB_HELP)
+    p.add_argument("--ngram-shared", type=int, default=0, help=NGRAM_SHARED_HELP)
     add_device_args(p)  # a bare cuda: LOCAL_RANK's GPU, else GPU 0
     return p
 
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         target = ModelArch.from_model_dir(resolve_model(args.model))
         device = "cpu" if args.draft == "ngram" else compute_device(args)  # n-gram lookup takes no GPU
         dtype = compute_dtype(args.dtype, device)
-        draft = load_draft(args.draft, target, None, dtype, args.numerics, device=device, vocab=args.vocab)
+        draft = load_draft(args.draft, target, None, dtype, args.numerics, device=device, vocab=args.vocab,
+                           ngram_shared=args.ngram_shared)
         DraftService(cfg, draft).run()
 
     return run_main(serve)

@@ -20,11 +20,12 @@ from shared.types.speculation import SpeculativeSource
 
 
 def load_draft(name: str, target: ModelArch, cache_dir: Path | None, dtype: torch.dtype,
-               numerics: str = "exact", device: torch.device | str = "cpu", vocab: int = 0) -> SpeculativeSource:
+               numerics: str = "exact", device: torch.device | str = "cpu", vocab: int = 0,
+               ngram_shared: int = 0) -> SpeculativeSource:
     """`vocab` > 0: the draft's LM head scores the `vocab` most frequent tokens and each request's own (vocab.py);
-    0: every token."""
+    0: every token. `ngram_shared` > 0: the n-gram draft's table across requests, in tokens (ngram.py)."""
     if name == "ngram":
-        return NgramSource()
+        return NgramSource(shared_tokens=ngram_shared)
     draft_dir = resolve_model(name, cache_dir)
     arch = ModelArch.from_model_dir(draft_dir)
     if arch.vocab_size < target.vocab_size - 1024 or arch.vocab_size > target.vocab_size + 1024:

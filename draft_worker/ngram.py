@@ -10,12 +10,18 @@ long prompt cost milliseconds a step. `expand` gives the same proposals from
 each request's follower counts (every n-gram of its accepted text, counted
 once as the text grows), and scans only the few occurrences that reach into
 the node's speculative path.
+
+Where a request's own text holds no suffix of the context, the lookup falls back on a table shared across
+requests (`shared_tokens` > 0): the followers of every n-gram in the accepted text of the requests that finished
+last, up to `shared_tokens` tokens of them (SuffixDecoding's global tree, Oliaro et al. 2024, as counts). Chat
+templates and the model's own turns of phrase recur across requests. Lossless like any draft (the target
+verifies); what one request's text proposes to another shows only in its timing, as a shared prefix cache's does.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from shared.types.batch import PipelineEvent
@@ -58,14 +64,57 @@ class _Followers:
         self.text = list(text)
 
 
+@dataclass
+class _Shared:
+    """The followers of every n-gram (min_n..max_n tokens) of the texts added, until they hold more than
+    `capacity` tokens: then the oldest texts' counts are taken out again."""
+
+    min_n: int
+    max_n: int
+    capacity: int
+    texts: deque[list[int]] = field(default_factory=deque)
+    tokens: int = 0
+    counts: dict[tuple[int, ...], Counter[int]] = field(default_factory=dict)
+
+    def add(self, text: list[int]) -> None:
+        if not 1 < len(text) <= self.capacity:
+            return
+        self._count(text, 1)
+        self.texts.append(text)
+        self.tokens += len(text)
+        while self.tokens > self.capacity:
+            old = self.texts.popleft()
+            self.tokens -= len(old)
+            self._count(old, -1)
+
+    def _count(self, text: list[int], sign: int) -> None:
+        for j in range(1, len(text)):  # the follower at j, of the n tokens before it
+            for n in range(self.min_n, min(self.max_n, j) + 1):
+                key = tuple(text[j - n : j])
+                follow = self.counts.setdefault(key, Counter())
+                follow[text[j]] += sign
+                if follow[text[j]] <= 0:
+                    del follow[text[j]]
+                    if not follow:
+                        del self.counts[key]
+
+    def lookup(self, tail: list[int], k: int) -> Proposals:
+        """The followers of the longest suffix of `tail` (its last max_n tokens) the table holds."""
+        for n in range(min(self.max_n, len(tail)), self.min_n - 1, -1):
+            if follow := self.counts.get(tuple(tail[-n:])):
+                return _scored(follow, k)
+        return []
+
+
 class NgramSource:
     name = "ngram"
     computed_rows = 0  # a lookup: no forward
 
-    def __init__(self, max_n: int = 4, min_n: int = 1, window: int = 4096):
+    def __init__(self, max_n: int = 4, min_n: int = 1, window: int = 4096, shared_tokens: int = 0):
         self.max_n, self.min_n, self.window = max_n, min_n, window
         self.mirrors: dict[str, _Mirror] = {}
         self.followers: dict[str, _Followers] = {}
+        self.shared = _Shared(min_n, max_n, shared_tokens)  # finished requests' text: the lookup's fallback
 
     def add_request(self, request_id: str, prompt: list[int], capacity: int) -> None:
         self.mirrors[request_id] = _Mirror()
@@ -83,11 +132,13 @@ class NgramSource:
                 if not ref.accepted:
                     mirror.nodes[ref.node_id] = (ref.parent_id, ref.token, ref.position)
                 if ref.accepted and ref.position + 1 < len(job.text):  # a node behind the text's end: scan
+                    tail = job.text[max(ref.position + 1 - self.max_n, 0) : ref.position + 1]
                     proposals = self.propose(job.text[: ref.position + 1], job.top_k)
                 else:
                     path = [] if ref.accepted else mirror.path(ref.node_id, len(job.text))
+                    tail = (followers.text[-self.max_n :] + path)[-self.max_n :]
                     proposals = self._lookup(followers, path, job.top_k)
-                out.append((job.request_id, ref.node_id, proposals))
+                out.append((job.request_id, ref.node_id, proposals or self.shared.lookup(tail, job.top_k)))
         return out
 
     def propose(self, context: list[int], k: int) -> Proposals:
@@ -128,7 +179,8 @@ class NgramSource:
                 continue
             if event.kind == "finish":
                 del self.mirrors[event.request_id]
-                self.followers.pop(event.request_id, None)
+                if (followers := self.followers.pop(event.request_id, None)) is not None:
+                    self.shared.add(followers.text)  # its text as its last job saw it
             elif event.kind == "prune":
                 for n in event.node_ids:
                     mirror.nodes.pop(n, None)

@@ -16,6 +16,7 @@ from shared.service_args import add_attention_args, attention_config
 from shared.types.config import (
     DEFAULT_NUMERICS,
     DRAFT_VOCAB_HELP,
+    NGRAM_SHARED_HELP,
     DTYPES,
     LAYER_SPLIT_HELP,
     NUMERICS,
@@ -49,6 +50,7 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--draft-dtype", choices=DTYPES, default=None,
                    help="the draft model's dtype (default: the target's; any stays lossless: the target verifies)")
     p.add_argument("--draft-vocab", type=int, default=0, help=DRAFT_VOCAB_HELP)
+    p.add_argument("--ngram-shared", type=int, default=0, help=NGRAM_SHARED_HELP)
     p.add_argument("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS,
                    help=NUMERICS_HELP)
     p.add_argument("--layer-split", default="balanced", help=LAYER_SPLIT_HELP)
@@ -114,7 +116,7 @@ def _simulate(args: argparse.Namespace) -> int:
                             async_scheduling=args.async_scheduling),
         engine=EngineConfig(prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens, dtype=dtype,
                             draft_dtype=args.draft_dtype or dtype, draft_vocab=args.draft_vocab,
-                            numerics=args.numerics, device=args.device,
+                            ngram_shared=args.ngram_shared, numerics=args.numerics, device=args.device,
                             layer_split=args.layer_split),
         cache_dir=args.cache_dir,
         attention=attention_config(args),

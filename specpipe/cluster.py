@@ -25,6 +25,7 @@ from shared.types.config import (
     DEFAULT_NUMERICS,
     DRAFT_MODES,
     DRAFT_VOCAB_HELP,
+    NGRAM_SHARED_HELP,
     DTYPES,
     LAYER_SPLIT_HELP,
     NUMERICS,
@@ -83,6 +84,7 @@ class ClusterConfig:
     dtype: str | None = None  # the stages' --dtype; None: the device's (bfloat16 on a GPU, float32 on a CPU)
     draft_dtype: str | None = None  # the draft workers' model dtype (any stays lossless); None: the device's
     draft_vocab: int = 0  # > 0: the draft's LM head scores this many frequent tokens and each request's own
+    ngram_shared: int = 0  # > 0: the n-gram draft's table across requests, in tokens (EngineConfig.ngram_shared)
     numerics: str = DEFAULT_NUMERICS  # the stages' and drafts' kernels (shared.types.config.NUMERICS)
     layer_split: str = "balanced"  # which layers each stage holds (shared.types.config.stage_bounds)
     limits: ServiceLimits = ServiceLimits()
@@ -161,7 +163,7 @@ def draft_command(cfg: ClusterConfig, name: str) -> list[str]:
     """One draft worker's command line (commands() names them draft-0, draft-1, ...)."""
     return [sys.executable, "-m", "draft_worker", *cfg.common_args(), *cfg.beat_args(),
             "--threads", str(cfg.compute_threads()), "--draft", cfg.draft, "--name", name, "--numerics", cfg.numerics,
-            "--vocab", str(cfg.draft_vocab), *cfg.device_args(cfg.draft_dtype)]
+            "--vocab", str(cfg.draft_vocab), "--ngram-shared", str(cfg.ngram_shared), *cfg.device_args(cfg.draft_dtype)]
 
 
 def pipeline_commands(cfg: ClusterConfig) -> dict[str, list[str]]:
@@ -304,6 +306,7 @@ def up_main(argv: list[str]) -> int:
     p.add_argument("--draft-dtype", choices=DTYPES, default=None,
                    help="the draft model's dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--draft-vocab", type=int, default=0, help=DRAFT_VOCAB_HELP)
+    p.add_argument("--ngram-shared", type=int, default=0, help=NGRAM_SHARED_HELP)
     p.add_argument("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS,
                    help=NUMERICS_HELP)
     p.add_argument("--layer-split", default="balanced", help=LAYER_SPLIT_HELP)
@@ -344,6 +347,8 @@ def up_main(argv: list[str]) -> int:
         check_draft_vocab(a.draft_vocab)
     except ConfigError as exc:
         p.error(f"--draft-vocab: {exc}")
+    if a.ngram_shared < 0:
+        p.error("--ngram-shared: must be >= 0 (0: no table across requests)")
     env_keys = env("SPECPIPE_API_KEYS")
     cfg = ClusterConfig(
         model=a.model, draft=a.draft, policy=a.policy, stages=a.stages, width=a.width,
@@ -351,7 +356,7 @@ def up_main(argv: list[str]) -> int:
         drafts=a.drafts,
         token_budget=a.token_budget, redis_url=a.redis_url, prefix=a.prefix, master_port=a.master_port, port=a.port,
         host=a.host, attention=attention_config(a), device=a.device, dtype=a.dtype, draft_dtype=a.draft_dtype,
-        draft_vocab=a.draft_vocab, numerics=a.numerics, layer_split=a.layer_split,
+        draft_vocab=a.draft_vocab, ngram_shared=a.ngram_shared, numerics=a.numerics, layer_split=a.layer_split,
         limits=ServiceLimits(max_queue=a.max_queue, kv_slots=a.kv_slots, max_inflight=a.max_inflight,
                              max_body_bytes=a.max_body_bytes, max_file_bytes=a.max_file_bytes,
                              request_timeout_s=a.request_timeout, max_model_len=a.max_model_len),

@@ -39,6 +39,7 @@ def build_pipeline(cfg: SimulationConfig, trace_limit: int = 0) -> tuple[InProce
     draft = None
     if cfg.policy.name != "pp":
         draft_dtype = getattr(torch, cfg.engine.draft_dtype)
-        draft = load_draft(cfg.draft, arch, cfg.cache_dir, draft_dtype, numerics, device, cfg.engine.draft_vocab)
+        draft = load_draft(cfg.draft, arch, cfg.cache_dir, draft_dtype, numerics, device, cfg.engine.draft_vocab,
+                           cfg.engine.ngram_shared)
     scheduler = Scheduler(cfg.policy, cfg.engine, context_limit=arch.max_positions)
     return InProcessPipeline(stages, scheduler, draft, trace_limit), model_dir, arch

@@ -13,14 +13,15 @@ from specpipe.executor import InProcessPipeline
 def pipeline(
     model: Path, policy: str, stages: int, draft: str = "ngram", width: int = 3, chunk: int = 16, budget: int = 256,
     draft_dtype: str = "float32", numerics: str = "exact", device: str = "cpu", dtype: str = "float32",
-    draft_vocab: int = 0, **kw
+    draft_vocab: int = 0, ngram_shared: int = 0, **kw
 ) -> InProcessPipeline:
     cfg = SimulationConfig(
         model=str(model),
         draft=draft,
         policy=PolicyConfig(policy, stages, width, **kw),
         engine=EngineConfig(prefill_chunk=chunk, token_budget=budget, draft_dtype=draft_dtype,
-                            draft_vocab=draft_vocab, numerics=numerics, device=device, dtype=dtype),
+                            draft_vocab=draft_vocab, ngram_shared=ngram_shared, numerics=numerics, device=device,
+                            dtype=dtype),
     )
     return build_pipeline(cfg)[0]
 

@@ -31,6 +31,12 @@ DRAFT_VOCAB_HELP = ("the draft model's LM head scores only the first N token ids
                     f"verifies); 0 (default): every token, else at least {MIN_DRAFT_VOCAB}")
 
 
+NGRAM_SHARED_HELP = ("the n-gram draft's table across requests: where a request's own text proposes nothing, the "
+                     "followers of its last tokens in the text of the requests that finished last, up to N tokens of "
+                     "them (SuffixDecoding's global table); lossless, but a request's timing then depends on what "
+                     "others wrote, as with a shared prefix cache. 0 (default): each request drafts from its own text")
+
+
 def check_draft_vocab(n: int) -> None:
     """ConfigError unless a draft vocabulary of n tokens is 0 (every token) or at least MIN_DRAFT_VOCAB."""
     if n < 0 or 0 < n < MIN_DRAFT_VOCAB:
@@ -308,6 +314,7 @@ class EngineConfig:
     # > 0: the draft's LM head scores this many of the most frequent tokens and each request's own
     # (draft_worker/vocab.py), a fraction of its head's memory traffic; lossless too. 0: the whole vocabulary.
     draft_vocab: int = 0
+    ngram_shared: int = 0  # > 0: the n-gram draft's table across requests, in tokens (NGRAM_SHARED_HELP); 0: none
     numerics: str = DEFAULT_NUMERICS  # NUMERICS: the target's and the draft's kernels
     device: str = "cpu"  # in-process executor: every stage and the draft on this one device (cpu, cuda, cuda:N)
     layer_split: str = "balanced"  # LAYER_SPLITS or counts "19,11": which layers each stage holds (stage_bounds)
@@ -325,6 +332,8 @@ class EngineConfig:
         if self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be >= 1")
         check_draft_vocab(self.draft_vocab)
+        if self.ngram_shared < 0:
+            raise ConfigError("ngram_shared must be >= 0 (0: no table across requests)")
         if self.layer_split not in LAYER_SPLITS:
             layer_counts(self.layer_split)  # ConfigError unless counts such as 19,11
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from benchmarks import draft_ceiling
-from benchmarks.draft_ceiling import Run
+from benchmarks.draft_ceiling import Run, Setting
 
 PERIOD = [11, 12, 13, 14, 15, 16, 17]
 # the output repeats the prompt's period: the lookup proposes the target's token from the first output on
@@ -26,7 +26,7 @@ PIPES = {"2 stages": (2, False), "3 stages": (3, False), "4 stages": (4, False),
 @pytest.mark.parametrize("case", list(PIPES))
 def test_a_draft_that_never_proposes_decodes_as_pp(case) -> None:
     stages, async_scheduling = PIPES[case]
-    r = draft_ceiling.replay(FRESH, stages, refill=2, width=2, async_scheduling=async_scheduling)
+    r = draft_ceiling.replay(FRESH, stages, Setting(2, 2, async_scheduling))
     assert r["tokens"] == len(FRESH_OUTPUT) - 1
     assert r["tokens"] / r["steps"] == pytest.approx(1 / (stages + async_scheduling))
     assert r["rows"] == r["tokens"]  # a root for each token after the first, nothing drafted
@@ -36,7 +36,7 @@ def test_a_draft_that_never_proposes_decodes_as_pp(case) -> None:
 @pytest.mark.parametrize("case", list(PIPES))
 def test_a_draft_that_always_holds_accepts_about_a_token_a_step(case) -> None:
     stages, async_scheduling = PIPES[case]
-    r = draft_ceiling.replay(REPEATING, stages, refill=stages - 1, width=1, async_scheduling=async_scheduling)
+    r = draft_ceiling.replay(REPEATING, stages, Setting(stages - 1, 1, async_scheduling))
     assert r["tokens"] == len(REPEATING.output) - 1
     # one level a step once the pipe is full: only the first refill's round trip is lost
     assert r["steps"] <= r["tokens"] + stages + async_scheduling
@@ -44,11 +44,14 @@ def test_a_draft_that_always_holds_accepts_about_a_token_a_step(case) -> None:
 
 @pytest.mark.unit
 def test_replays_sums_each_file_and_names_pp_s_rate() -> None:
-    out = draft_ceiling.replays([REPEATING, FRESH, FRESH], 2, {"r1": (1, 1, False), "async": (1, 1, True)})
+    settings = {"r1": Setting(1, 1), "async": Setting(1, 1, True), "shared": Setting(1, 1, shared_tokens=1000)}
+    out = draft_ceiling.replays([REPEATING, FRESH, FRESH], 2, settings)
     assert set(out) == {"rep", "fresh"}
     assert out["fresh"]["r1"]["tokens_per_step"] == pytest.approx(1 / 2)
     assert out["fresh"]["async"]["pp_tokens_per_step"] == pytest.approx(1 / 3)
     assert out["rep"]["r1"]["tokens_per_step"] > 0.8
+    # the second FRESH is drafted from the first's text: it decodes faster than alone
+    assert out["fresh"]["shared"]["tokens_per_step"] > 0.6
 
 
 @pytest.mark.unit

@@ -66,6 +66,51 @@ def test_ngram_follows_the_speculative_path_and_forgets_pruned_nodes() -> None:
     assert "r" not in source.mirrors
 
 
+def _served(source: NgramSource, request_id: str, text: list[int], node: int) -> list[tuple[int, float]]:
+    """The proposals for the last accepted token of `text`, as a request's job gets them; then it finishes."""
+    source.add_request(request_id, text, capacity=64)
+    ((_, _, proposals),) = source.expand([ExpansionJob(request_id, text, [NodeRef(node, -1, text[-1],
+                                                                                   len(text) - 1, True)], 2)])
+    source.apply([PipelineEvent(request_id, "finish")])
+    return proposals
+
+
+# label: (shared_tokens, earlier requests' texts, a later request's text, its proposals as (token, probability))
+SHARED = {
+    "off: nothing shared": (0, [[1, 2, 3, 4]], [9, 2, 3], []),
+    "an earlier request's followers, longest suffix first": (64, [[1, 2, 3, 4], [5, 3, 6]], [9, 2, 3], [(4, 1.0)]),
+    "counted over the requests": (64, [[5, 3, 6], [7, 3, 8], [3, 6]], [9, 9, 3], [(6, 2 / 3), (8, 1 / 3)]),
+    "the request's own text first": (64, [[1, 2, 3, 4]], [2, 3, 7, 9, 2, 3], [(7, 1.0)]),
+    "the oldest text leaves the table": (6, [[1, 2, 3, 4], [5, 6, 7, 8]], [9, 2, 3], []),
+    "a text longer than the table is not kept": (3, [[1, 2, 3, 4]], [9, 2, 3], []),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARED))
+def test_ngram_falls_back_on_the_text_of_requests_that_finished(case) -> None:
+    capacity, earlier, text, expected = SHARED[case]
+    source = NgramSource(shared_tokens=capacity)
+    for i, old in enumerate(earlier):
+        _served(source, f"old-{i}", old, 100 + i)
+    got = _served(source, "new", text, 1)
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    assert [lp for _, lp in got] == pytest.approx([math.log(p) for _, p in expected])
+
+
+def test_ngram_shared_counts_are_those_of_the_texts_it_keeps() -> None:
+    """Texts that leave the table take their counts with them: what remains is a table of the texts kept."""
+    rng = random.Random(7)
+    texts = [[rng.randrange(5) for _ in range(rng.randrange(2, 30))] for _ in range(40)]
+    source = NgramSource(shared_tokens=100)
+    for text in texts:
+        source.shared.add(text)
+    kept = NgramSource(shared_tokens=1 << 20)
+    for text in source.shared.texts:
+        kept.shared.add(text)
+    assert source.shared.counts == kept.shared.counts and source.shared.tokens <= 100
+    assert source.shared.tokens == sum(len(t) for t in source.shared.texts)
+
+
 # label: (vocabulary size, accepted text length, speculative path length, window)
 LOOKUPS = {
     "few tokens, many repeats": (3, 60, 3, 4096),

@@ -54,21 +54,25 @@ def test_services_speculate_with_a_draft_model(cluster_factory, tiny_dir, case) 
         assert stats["steps"] < (n - 1) * 2, stats
 
 
-# label: (policy, draft, numerics); fast numerics (the services' default) and compiled may differ from plain
-# decoding only at rounding near-ties, which tiny-random's logits are far from, so its outputs must match here too
+# label: (policy, draft, numerics, n-gram table across requests in tokens); fast numerics (the services' default)
+# and compiled may differ from plain decoding only at rounding near-ties, which tiny-random's logits are far from,
+# so its outputs must match here too. With a table across requests, the requests sent after the first finished
+# draft from its text too.
 CONCURRENT = {
-    "specpipe-draft-model": ("specpipe", "model", "exact"),
-    "specpipe-ngram": ("specpipe", "ngram", "exact"),
-    "pp": ("pp", "ngram", "exact"),
-    "specpipe-draft-model, fast numerics": ("specpipe", "model", "fast"),
-    "specpipe-ngram, compiled numerics": ("specpipe", "ngram", "compiled"),
+    "specpipe-draft-model": ("specpipe", "model", "exact", 0),
+    "specpipe-ngram": ("specpipe", "ngram", "exact", 0),
+    "pp": ("pp", "ngram", "exact", 0),
+    "specpipe-draft-model, fast numerics": ("specpipe", "model", "fast", 0),
+    "specpipe-ngram, compiled numerics": ("specpipe", "ngram", "compiled", 0),
+    "specpipe-ngram, a table across requests": ("specpipe", "ngram", "exact", 4096),
 }
 
 
 @pytest.mark.parametrize("case", list(CONCURRENT))
 def test_concurrent_requests_match_in_processreference(cluster_factory, tiny_dir, case) -> None:
-    policy, draft, numerics = CONCURRENT[case]
-    cluster = cluster_factory(policy=policy, draft=str(tiny_dir) if draft == "model" else "ngram", numerics=numerics)
+    policy, draft, numerics, shared = CONCURRENT[case]
+    cluster = cluster_factory(policy=policy, draft=str(tiny_dir) if draft == "model" else "ngram", numerics=numerics,
+                              ngram_shared=shared)
     for i, job in enumerate(JOBS[:3]):
         _submit(cluster, i, job)
     first = collect(cluster.r, cluster.cfg, "job0", timeout_s=120)  # later requests arrive while others decode

@@ -97,6 +97,22 @@ def test_a_subset_draft_head_stays_lossless_tiny(tiny_dir, policy, stages, sampl
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("sampling", ["greedy", "sampled"])
+@pytest.mark.parametrize("stages", [2, 4], ids=lambda n: f"N{n}")
+def test_an_ngram_table_across_requests_stays_lossless_tiny(tiny_dir, stages, sampling) -> None:
+    """The n-gram draft falls back on the text of requests that finished (ngram_shared): the same prompt served
+    again drafts from the first one's output, and the tokens are plain decoding's both times."""
+    params = SAMPLINGS[sampling]
+    expected = _plain(tiny_dir, TINY_PROMPT, 24, params)
+    pipe = pipeline(tiny_dir, "specpipe", stages, "ngram", refill_depth=2, ngram_shared=1024)
+    first = generate(pipe, TINY_PROMPT, 24, params, rid="first")
+    assert len(pipe.draft.shared.texts) == 1
+    second = generate(pipe, TINY_PROMPT, 24, params, rid="second")
+    assert first.output == second.output == expected
+    assert second.stats.accepted > first.stats.accepted
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("sampling", ["greedy", "hot"])
 @pytest.mark.parametrize("stages", [1, 2, 4], ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("policy,draft", [("pp", "ngram"), ("specpipe", "ngram"), ("specpipe", "self")], ids=str)

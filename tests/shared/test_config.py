@@ -20,6 +20,7 @@ BAD = {
     "draft dtype": (lambda: EngineConfig(draft_dtype="int8"), "draft_dtype 'int8'"),
     "negative draft vocabulary": (lambda: EngineConfig(draft_vocab=-1), "draft_vocab must be 0"),
     "too small a draft vocabulary": (lambda: EngineConfig(draft_vocab=8), "or at least 256"),
+    "a negative n-gram table across requests": (lambda: EngineConfig(ngram_shared=-1), "ngram_shared must be >= 0"),
     "prefill chunk 0": (lambda: EngineConfig(prefill_chunk=0), "prefill_chunk must be >= 1"),
     "token budget 0": (lambda: EngineConfig(token_budget=0), "token_budget must be >= 1"),
     "width 0": (lambda: PolicyConfig("specpipe", 2, 0), "width must be >= 1"),

@@ -36,18 +36,26 @@ def test_without_flags_each_process_picks_its_device_and_dtype() -> None:
 
 
 def test_up_passes_device_and_dtypes_through() -> None:
-    cfg = ClusterConfig(stages=3, drafts=2, device="cuda", dtype="float16", draft_dtype="bfloat16", draft_vocab=32768)
+    cfg = ClusterConfig(stages=3, drafts=2, device="cuda", dtype="float16", draft_dtype="bfloat16", draft_vocab=32768,
+                        ngram_shared=4096)
     for name, args in _compute(commands(cfg)):
         assert args.device == "cuda"
         assert args.dtype == ("bfloat16" if name.startswith("draft-") else "float16")
-        assert not name.startswith("draft-") or args.vocab == 32768
+        assert not name.startswith("draft-") or (args.vocab, args.ngram_shared) == (32768, 4096)
 
 
-@pytest.mark.parametrize("vocab", ["8", "-1"])
-def test_up_refuses_a_draft_vocabulary_too_small_before_starting_anything(vocab, capsys) -> None:
+# label: (flags, what the error says)
+REFUSED = {"draft vocabulary 8": (["--draft-vocab", "8"], "at least 256"),
+           "draft vocabulary -1": (["--draft-vocab", "-1"], "at least 256"),
+           "n-gram table -1": (["--ngram-shared", "-1"], "--ngram-shared: must be >= 0")}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_up_refuses_a_bad_draft_setting_before_starting_anything(case, capsys) -> None:
+    flags, message = REFUSED[case]
     with pytest.raises(SystemExit) as exc:
-        up_main(["--draft-vocab", vocab])
-    assert exc.value.code == 2 and "at least 256" in capsys.readouterr().err
+        up_main(flags)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("attention", [AttentionConfig(), AttentionConfig("distr", group_size=4, block_rows=64,
