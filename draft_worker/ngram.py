@@ -60,8 +60,16 @@ class _Followers:
             self.text, self.counts = [], {}
         for j in range(len(self.text), len(text)):  # the follower at j, of the n tokens before it
             for n in range(self.min_n, min(self.max_n, j) + 1):
-                self.counts.setdefault(tuple(text[j - n : j]), Counter())[text[j]] += 1
+                _followers_of(self.counts, tuple(text[j - n : j]))[text[j]] += 1
         self.text = list(text)
+
+
+def _followers_of(counts: dict[tuple[int, ...], Counter[int]], key: tuple[int, ...]) -> Counter[int]:
+    """counts[key], made empty where missing (not setdefault's: that builds a Counter for every n-gram counted)."""
+    follow = counts.get(key)
+    if follow is None:
+        follow = counts[key] = Counter()
+    return follow
 
 
 @dataclass
@@ -91,7 +99,7 @@ class _Shared:
         for j in range(1, len(text)):  # the follower at j, of the n tokens before it
             for n in range(self.min_n, min(self.max_n, j) + 1):
                 key = tuple(text[j - n : j])
-                follow = self.counts.setdefault(key, Counter())
+                follow = _followers_of(self.counts, key)
                 follow[text[j]] += sign
                 if follow[text[j]] <= 0:
                     del follow[text[j]]
