@@ -9,9 +9,13 @@ Here both clusters (smollm2-135m, 2 stage processes, the n-gram draft; section 1
 side, and each prompt goes to one, then the other, for `rounds` rounds: both see the same stretch of the
 host's time. Per request, TBT = (last token's arrival - first's) / (tokens - 1), as section 1. Prints each
 arm's mean TBT over the requests and the decode rate (the first arm's mean TBT over the second's), and checks
-that both gave the same tokens for every request. An arm is a policy, or `specpipe-async`: specpipe under
-the scheduler's --async-scheduling; `specpipe-r2`, specpipe with --refill-depth 2; `specpipe-shared`, specpipe
-whose n-gram draft keeps a table across requests (--ngram-shared). A shared table holds the requests served before:
+that both gave the same tokens for every request. It also reads every process's CPU seconds (/proc) around each
+request: CPU ms per pipeline step by process. Where the stages fill every core (SpecPipe on a 2-core host), the
+scheduler's and the draft worker's share is taken from a stage; PP leaves a core idle for them.
+
+An arm is a policy, or `specpipe-async`: specpipe under the scheduler's --async-scheduling; `specpipe-r2`,
+specpipe with --refill-depth 2; `specpipe-shared`, specpipe whose n-gram draft keeps a table across requests
+(--ngram-shared). A shared table holds the requests served before:
 compare it over one round of distinct prompts (`--rounds 1`), or a prompt's second round drafts from its first.
 """
 
@@ -48,6 +52,7 @@ def run(cfg: ServingConfig, rounds: int, arms: tuple[str, str] = ("pp", "specpip
     prompts = bench_prompts(cfg, cfg.model, cfg.prompts_per_file)
     tbt: dict[str, list[float]] = {a: [] for a in arms}
     outputs: dict[str, list[list[int]]] = {a: [] for a in arms}
+    steps, cpu = dict.fromkeys(arms, 0), {a: {} for a in arms}  # pipeline steps; CPU seconds by process
     out = {"machine": machine(), "model": cfg.model, "draft": cfg.draft, "stages": cfg.stages,
            "prompt_files": list(cfg.prompt_files), "prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
            "numerics": cfg.numerics, "rounds": rounds, "arms": list(arms), "error": None}
@@ -57,7 +62,10 @@ def run(cfg: ServingConfig, rounds: int, arms: tuple[str, str] = ("pp", "specpip
         for r in range(rounds):
             for i, prompt in enumerate(prompts):
                 for policy, cluster in clusters.items():
+                    before = cluster.cpu_seconds()
                     served = sequential(cfg, cluster, [prompt], tag=f"turn-{r}-{i}")
+                    _add_cpu(cpu[policy], before, cluster.cpu_seconds())
+                    steps[policy] += served["steps"]
                     tbt[policy].append(served["tbt_s"]["mean"])
                     outputs[policy] += [d["output_ids"] for d in served["requests_detail"]]
     except FAILURES as exc:
@@ -67,8 +75,17 @@ def run(cfg: ServingConfig, rounds: int, arms: tuple[str, str] = ("pp", "specpip
     means = {a: statistics.mean(v) if v else None for a, v in tbt.items()}
     first, second = arms
     out.update(tbt_s=tbt, mean_tbt_s=means, identical=outputs[first] == outputs[second],
-               decode_rate=means[first] / means[second] if all(means.values()) else None)
+               decode_rate=means[first] / means[second] if all(means.values()) else None, steps=steps,
+               cpu_ms_per_step={a: {name: 1000 * s / steps[a] for name, s in cpu[a].items()} if steps[a] else {}
+                                for a in arms})
     return out
+
+
+def _add_cpu(total: dict[str, float], before: dict[str, float | None], after: dict[str, float | None]) -> None:
+    """Each process's CPU seconds between the two readings, added up (a process gone by then is left out)."""
+    for name, seconds in after.items():
+        if seconds is not None and before.get(name) is not None:
+            total[name] = total.get(name, 0.0) + seconds - before[name]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     tbts = ", ".join(f"{arm} {ms[arm]} ms" for arm in arms)
     print(f"{out['machine']}: mean TBT {tbts} over {len(out['tbt_s'][arms[0]])} requests each; decode rate "
           f"{out['decode_rate']:.3f}x; identical {out['identical']}")
+    for arm, by_process in out["cpu_ms_per_step"].items():
+        print(f"  {arm}: CPU ms per step ({out['steps'][arm]} steps): "
+              + ", ".join(f"{name} {ms:.2f}" for name, ms in by_process.items()))
     return 0 if out["identical"] else 1
 
 

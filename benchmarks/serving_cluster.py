@@ -14,6 +14,7 @@ the same time).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -218,6 +219,22 @@ class ServiceCluster:
     def peak_memory(self) -> dict[str, int | None]:
         """VmHWM (peak resident set) of every process in bytes, from /proc/<pid>/status."""
         return {name: vm_hwm(p.pid) for name, p in self.procs.items()}
+
+    def cpu_seconds(self) -> dict[str, float | None]:
+        """CPU seconds (user + system) every process has used so far, and the Redis server's where this cluster
+        started it (one it found running serves other clients too)."""
+        pids = {name: p.pid for name, p in self.procs.items()}
+        pids.update({"redis": self.redis_proc.pid} if self.redis_proc is not None else {})
+        return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process, from /proc/<pid>/stat (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def vm_hwm(pid: int) -> int | None:

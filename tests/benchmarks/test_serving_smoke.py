@@ -143,3 +143,7 @@ def test_interleaved_turns_serve_both_arms_alike(cfg, arms) -> None:
     assert out["error"] is None and out["identical"]
     assert [len(out["tbt_s"][a]) for a in arms] == [2 * out["prompts"]] * 2
     assert out["decode_rate"] > 0
+    for arm in arms:  # every process's CPU per step, each one's own
+        cpu = out["cpu_ms_per_step"][arm]
+        assert out["steps"][arm] > 0 and {"scheduler", "stage-0", "stage-1"} <= set(cpu)
+        assert all(ms >= 0 for ms in cpu.values()) and cpu["stage-0"] > 0
