@@ -181,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if (os.cpu_count() or 1) < STAGES:
         p.error(f"needs {STAGES} cores")
     result = {"machine": machine(), "model": a.model, "context": a.context, "steps": a.steps, "repeats": a.repeats,
-              "target": a.target,
-              "probe": probe(), "stages": []}
+              "target": a.target, "probe": probe(), "stages": []}
     for k, v in result["probe"].items():
         print(f"{k}: alone {v['alone']:.1f}, beside {' / '.join(f'{x:.1f}' for x in v['beside'])}, "
               f"each {v['slowdown']:.2f}x slower beside", flush=True)

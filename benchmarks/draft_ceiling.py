@@ -145,7 +145,7 @@ def replay(run: Run, stages: int, setting: Setting, draft: NgramSource | None = 
         pruned = {e.request_id: set(e.node_ids) for e in result.events if e.kind == "prune"}
         pipe = deque(b.without(pruned) for b in pipe)
     if state.output != run.output:
-        raise AssertionError(f"replay diverged from the decoded output at {_first_diff(state.output, run.output)}")
+        raise RuntimeError(f"replay diverged from the decoded output at {_first_diff(state.output, run.output)}")
     return {"tokens": len(run.output) - 1, "steps": state.stats.steps, "rows": rows}
 
 

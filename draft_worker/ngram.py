@@ -58,10 +58,16 @@ class _Followers:
         """Count what `text` adds to the text counted (one that does not extend it is counted afresh)."""
         if len(text) < len(self.text) or text[: len(self.text)] != self.text:
             self.text, self.counts = [], {}
-        for j in range(len(self.text), len(text)):  # the follower at j, of the n tokens before it
-            for n in range(self.min_n, min(self.max_n, j) + 1):
-                _followers_of(self.counts, tuple(text[j - n : j]))[text[j]] += 1
+        for key, follower in _ngrams(text, len(self.text), self.min_n, self.max_n):
+            _followers_of(self.counts, key)[follower] += 1
         self.text = list(text)
+
+
+def _ngrams(text: list[int], start: int, min_n: int, max_n: int):
+    """(n-gram, the token after it): every n-gram of min_n..max_n tokens followed by a token at index >= start."""
+    for j in range(start, len(text)):  # the follower at j, of the n tokens before it
+        for n in range(min_n, min(max_n, j) + 1):
+            yield tuple(text[j - n : j]), text[j]
 
 
 def _followers_of(counts: dict[tuple[int, ...], Counter[int]], key: tuple[int, ...]) -> Counter[int]:
@@ -75,7 +81,8 @@ def _followers_of(counts: dict[tuple[int, ...], Counter[int]], key: tuple[int, .
 @dataclass
 class _Shared:
     """The followers of every n-gram (min_n..max_n tokens) of the texts added, until they hold more than
-    `capacity` tokens: then the oldest texts' counts are taken out again."""
+    `capacity` tokens: then the oldest texts' counts are taken out again. A text longer than the table is not
+    kept (capacity 0: the table stays empty)."""
 
     min_n: int
     max_n: int
@@ -96,15 +103,13 @@ class _Shared:
             self._count(old, -1)
 
     def _count(self, text: list[int], sign: int) -> None:
-        for j in range(1, len(text)):  # the follower at j, of the n tokens before it
-            for n in range(self.min_n, min(self.max_n, j) + 1):
-                key = tuple(text[j - n : j])
-                follow = _followers_of(self.counts, key)
-                follow[text[j]] += sign
-                if follow[text[j]] <= 0:
-                    del follow[text[j]]
-                    if not follow:
-                        del self.counts[key]
+        for key, follower in _ngrams(text, 0, self.min_n, self.max_n):
+            follow = _followers_of(self.counts, key)
+            follow[follower] += sign
+            if follow[follower] <= 0:
+                del follow[follower]
+                if not follow:
+                    del self.counts[key]
 
     def lookup(self, tail: list[int], k: int) -> Proposals:
         """The followers of the longest suffix of `tail` (its last max_n tokens) the table holds."""
@@ -140,8 +145,9 @@ class NgramSource:
                 if not ref.accepted:
                     mirror.nodes[ref.node_id] = (ref.parent_id, ref.token, ref.position)
                 if ref.accepted and ref.position + 1 < len(job.text):  # a node behind the text's end: scan
-                    tail = job.text[max(ref.position + 1 - self.max_n, 0) : ref.position + 1]
-                    proposals = self.propose(job.text[: ref.position + 1], job.top_k)
+                    context = job.text[: ref.position + 1]
+                    tail = context[-self.max_n :]
+                    proposals = self.propose(context, job.top_k)
                 else:
                     path = [] if ref.accepted else mirror.path(ref.node_id, len(job.text))
                     tail = (followers.text[-self.max_n :] + path)[-self.max_n :]

@@ -16,9 +16,9 @@ from shared.service_args import add_attention_args, attention_config
 from shared.types.config import (
     DEFAULT_NUMERICS,
     DRAFT_VOCAB_HELP,
-    NGRAM_SHARED_HELP,
     DTYPES,
     LAYER_SPLIT_HELP,
+    NGRAM_SHARED_HELP,
     NUMERICS,
     NUMERICS_HELP,
     POLICIES,

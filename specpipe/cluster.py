@@ -25,14 +25,15 @@ from shared.types.config import (
     DEFAULT_NUMERICS,
     DRAFT_MODES,
     DRAFT_VOCAB_HELP,
-    NGRAM_SHARED_HELP,
     DTYPES,
     LAYER_SPLIT_HELP,
+    NGRAM_SHARED_HELP,
     NUMERICS,
     NUMERICS_HELP,
     WIDTH_RULES,
     AttentionConfig,
     check_draft_vocab,
+    check_ngram_shared,
 )
 from shared.types.errors import ConfigError
 from specpipe.supervisor import RESTART_POLICIES, Child, RestartPolicy, Supervisor
@@ -347,8 +348,10 @@ def up_main(argv: list[str]) -> int:
         check_draft_vocab(a.draft_vocab)
     except ConfigError as exc:
         p.error(f"--draft-vocab: {exc}")
-    if a.ngram_shared < 0:
-        p.error("--ngram-shared: must be >= 0 (0: no table across requests)")
+    try:
+        check_ngram_shared(a.ngram_shared)
+    except ConfigError as exc:
+        p.error(f"--ngram-shared: {exc}")
     env_keys = env("SPECPIPE_API_KEYS")
     cfg = ClusterConfig(
         model=a.model, draft=a.draft, policy=a.policy, stages=a.stages, width=a.width,

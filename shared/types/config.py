@@ -37,6 +37,12 @@ NGRAM_SHARED_HELP = ("the n-gram draft's table across requests: where a request'
                      "others wrote, as with a shared prefix cache. 0 (default): each request drafts from its own text")
 
 
+def check_ngram_shared(n: int) -> None:
+    """ConfigError unless the n-gram table across requests holds 0 (none) or more tokens."""
+    if n < 0:
+        raise ConfigError(f"ngram_shared must be >= 0 (0: no table across requests), not {n}")
+
+
 def check_draft_vocab(n: int) -> None:
     """ConfigError unless a draft vocabulary of n tokens is 0 (every token) or at least MIN_DRAFT_VOCAB."""
     if n < 0 or 0 < n < MIN_DRAFT_VOCAB:
@@ -332,8 +338,7 @@ class EngineConfig:
         if self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be >= 1")
         check_draft_vocab(self.draft_vocab)
-        if self.ngram_shared < 0:
-            raise ConfigError("ngram_shared must be >= 0 (0: no table across requests)")
+        check_ngram_shared(self.ngram_shared)
         if self.layer_split not in LAYER_SPLITS:
             layer_counts(self.layer_split)  # ConfigError unless counts such as 19,11
 

@@ -47,7 +47,7 @@ def test_up_passes_device_and_dtypes_through() -> None:
 # label: (flags, what the error says)
 REFUSED = {"draft vocabulary 8": (["--draft-vocab", "8"], "at least 256"),
            "draft vocabulary -1": (["--draft-vocab", "-1"], "at least 256"),
-           "n-gram table -1": (["--ngram-shared", "-1"], "--ngram-shared: must be >= 0")}
+           "n-gram table -1": (["--ngram-shared", "-1"], "--ngram-shared: ngram_shared must be >= 0")}
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
