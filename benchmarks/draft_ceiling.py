@@ -13,12 +13,11 @@ replayed on them, with no forward.
      n-gram (4 tokens down to 1) in the prompts and outputs of the requests served before;
    - `recycled`: the target's top-2 after the same last token, the last time the target was seen there (across
      requests too: Token Recycling, Luo et al. 2024).
-3. **Replay.** The real `Scheduler` (specpipe policy, budget width rule at a fixed width) and the real n-gram source
-   (with a shared table of SHARED tokens in the `shared` setting, filled by the prompts served before it) serve each
-   prompt as `specpipe.executor` drives them: drafting answered before each `schedule()`, the pipe a
-   queue of `stages` micro-batches (one more step before verification is read under async scheduling), prunes
-   applied to the batches in flight. The target token after each row is read from the decoded output (a
-   verified frontier is always on it). The replayed output must equal the decoded one. Tokens per step count each
+3. **Replay.** The executor's own loop (`specpipe.executor.InProcessPipeline`) serves each prompt with the real
+   `Scheduler` (specpipe policy, budget width rule at a fixed width) and the real n-gram source (with a shared table
+   of SHARED tokens in the `shared` setting, filled by the prompts served before it); its stages compute nothing and
+   the last one reads the target token after each row from the decoded output (a verified frontier is always on
+   it). The replayed output must equal the decoded one. Tokens per step count each
    request's steps from its first token's refill to its last token (`RequestStats.steps`), as the services do;
    plain PP gives 1 / (stages + lag).
 4. With `--bandwidth` (a benchmarks.bandwidth result of the same model), SpecPipe's one-request decode rate over
@@ -32,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -45,8 +44,9 @@ from benchmarks.provenance import machine
 from benchmarks.serving import ServingConfig, bench_prompts
 from draft_worker.ngram import NgramSource
 from scheduler.scheduler import Phase, Request, Scheduler
-from shared.types.batch import MicroBatch, TargetTokens
+from shared.types.batch import MicroBatch, StageOutput
 from shared.types.config import EngineConfig, PolicyConfig
+from specpipe.executor import InProcessPipeline
 
 TOP = 4  # target tokens kept per position (the recycled fallback reads 2)
 SHARED = 1 << 16  # tokens of finished requests' text the shared settings' n-gram table keeps
@@ -116,34 +116,45 @@ def hit_rates(runs: list[Run]) -> dict[str, dict]:
 
 
 # ---- replay --------------------------------------------------------------------------------------------------
+class _ReplayedStage:
+    """A stage that computes nothing: it passes a micro-batch on, and the last stage returns the target's token after
+    each row, read from the decoded text (a verified frontier is always on it)."""
+
+    def __init__(self, text: list[int] | None):
+        self.text = text  # None: not the last stage
+
+    def add_request(self, request_id: str, info: object, capacity: int) -> None:
+        pass
+
+    def apply(self, events: list) -> None:
+        pass
+
+    def take_failures(self) -> dict[str, str]:
+        return {}
+
+    def forward(self, batch: MicroBatch) -> MicroBatch | StageOutput:
+        if self.text is None:
+            return batch
+        after = lambda r: self.text[r.position + 1] if r.needs_target and r.position + 1 < len(self.text) else -1
+        return StageOutput(batch.batch_id, batch.rows, [after(r) for r in batch.rows])
+
+
 def replay(run: Run, stages: int, setting: Setting, draft: NgramSource | None = None) -> dict:
-    """One request served by the real scheduler and an n-gram source (`draft`, which may hold earlier requests'
-    text; a new one if None) on a pipe of `stages` steps, the target's tokens read from `run`: {"tokens", "steps",
-    "rows"} from its first token's refill to its last token."""
+    """One request served by the executor's loop (specpipe/executor.py) with the real scheduler and an n-gram source
+    (`draft`, which may hold earlier requests' text; a new one if None), its stages replayed from `run`: {"tokens",
+    "steps", "rows"} from its first token's refill to its last token."""
     text = run.prompt + run.output
     policy = PolicyConfig("specpipe", stages, setting.width, refill_depth=setting.refill, width_rule="budget",
                           async_scheduling=setting.async_scheduling)
     scheduler = Scheduler(policy, EngineConfig(), len(text) + 1)
     draft = draft if draft is not None else NgramSource(shared_tokens=setting.shared_tokens)
-    scheduler.add_request(Request("r", tuple(run.prompt), max_new_tokens=len(run.output)))
-    draft.add_request("r", run.prompt, 0)
-    pipe: deque[MicroBatch] = deque()  # batches sent, not yet verified, oldest first
-    rows, state = 0, scheduler.requests["r"]
+    replayed = [_ReplayedStage(text if k == stages - 1 else None) for k in range(stages)]
+    pipe = InProcessPipeline(replayed, scheduler, draft, trace_limit=1)
+    state = pipe.submit(Request("r", tuple(run.prompt), max_new_tokens=len(run.output)))
+    rows = 0
     while state.phase is not Phase.DONE:
-        while jobs := scheduler.expansion_jobs():
-            for request_id, node_id, proposals in draft.expand(jobs):
-                scheduler.add_proposals(request_id, node_id, proposals)
-        pipe.append(scheduler.schedule())
-        rows += len(pipe[-1]) if state.stats.first_decode_step is not None else 0
-        if len(pipe) < stages + policy.lag:
-            continue
-        out = pipe.popleft()
-        targets = [text[r.position + 1] if r.needs_target and r.position + 1 < len(text) else -1 for r in out.rows]
-        result = scheduler.update_from_output(
-            TargetTokens(out.batch_id, [r.request_id for r in out.rows], [r.node_id for r in out.rows], targets))
-        draft.apply(result.events)
-        pruned = {e.request_id: set(e.node_ids) for e in result.events if e.kind == "prune"}
-        pipe = deque(b.without(pruned) for b in pipe)
+        pipe.step()
+        rows += len(pipe.trace[-1].stages[0]) if state.stats.first_decode_step is not None else 0
     if state.output != run.output:
         raise RuntimeError(f"replay diverged from the decoded output at {_first_diff(state.output, run.output)}")
     return {"tokens": len(run.output) - 1, "steps": state.stats.steps, "rows": rows}
