@@ -34,17 +34,19 @@ from benchmarks.serving_cluster import ClusterPool, ClusterSpec
 from shared.types.config import DEFAULT_NUMERICS, NUMERICS
 
 ARMS = ("pp", "specpipe", "specpipe-async")
-# an arm; a specpipe one may name its refill depth, and `-shared` for the n-gram draft's table across requests
-ARM = re.compile(r"pp|specpipe(-async)?(?:-r(\d+))?(-shared)?")
+# an arm; a specpipe one may name its refill depth, and `-shared` for the n-gram draft's table across requests; any
+# may end in `@A+B`, its stages' layer counts (--layer-split A,B)
+ARM = re.compile(r"(?:pp|specpipe(-async)?(?:-r(\d+))?(-shared)?)(?:@(\d+(?:\+\d+)+))?")
 SHARED_TOKENS = 1 << 16  # a `-shared` arm's table
 
 
 def arm_spec(cfg: ServingConfig, arm: str) -> ClusterSpec:
     """The cluster of an arm: a policy, `-async` for --async-scheduling, `-rN` for --refill-depth N, `-shared` for
-    --ngram-shared SHARED_TOKENS."""
-    asynchronous, refill, shared = ARM.fullmatch(arm).groups()
-    spec = replace(cfg.spec(arm.split("-")[0]), async_scheduling=bool(asynchronous),
-                   ngram_shared=SHARED_TOKENS if shared else 0)
+    --ngram-shared SHARED_TOKENS, `@A+B` for --layer-split A,B."""
+    asynchronous, refill, shared, split = ARM.fullmatch(arm).groups()
+    spec = replace(cfg.spec(re.split("[-@]", arm)[0]), async_scheduling=bool(asynchronous),
+                   ngram_shared=SHARED_TOKENS if shared else 0,
+                   layer_split=split.replace("+", ",") if split else "balanced")
     return spec if refill is None else replace(spec, refill_depth=int(refill))
 
 
@@ -96,14 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--arms", default="pp,specpipe",
                    help=f"the two clusters, each one of {', '.join(ARMS)}, a specpipe one with -rN for a refill depth "
-                        "of N (specpipe-r2) and -shared for the n-gram table across requests (specpipe-r2-shared); "
+                        "of N (specpipe-r2) and -shared for the n-gram table across requests (specpipe-r2-shared), "
+                        "any with @A+B for its stages' layer counts (specpipe@18+12); "
                         "the decode rate is the first's TBT over the second's")
     p.add_argument("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS, help="both clusters' kernels")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     arms = tuple(a.arms.split(","))
     if len(arms) != 2 or len(set(arms)) != 2 or not all(ARM.fullmatch(arm) for arm in arms):
-        p.error(f"--arms takes two different arms, of {', '.join(ARMS)} (a specpipe one with -rN, -shared)")
+        p.error(f"--arms takes two different arms, of {', '.join(ARMS)} (a specpipe one with -rN, -shared; @A+B)")
     cfg = ServingConfig(prompt_files=(a.prompt_file,), prompts_per_file=a.prompts, max_new_tokens=a.tokens,
                         numerics=a.numerics)
     out = run(cfg, a.rounds, arms)

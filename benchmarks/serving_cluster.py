@@ -102,6 +102,7 @@ class ClusterSpec:
     numerics: str = DEFAULT_NUMERICS
     async_scheduling: bool = False  # the scheduler's --async-scheduling
     ngram_shared: int = 0  # the n-gram draft's table across requests, in tokens (0: none)
+    layer_split: str = "balanced"  # which layers each stage holds (shared.types.config.stage_bounds)
 
     def config(self, prefix: str) -> ClusterConfig:
         """The cluster's ClusterConfig under `prefix` (one draft worker, a fresh rendezvous port)."""
@@ -110,7 +111,8 @@ class ClusterSpec:
                              width=self.width, drafts=1, redis_url=self.redis_url, prefix=prefix,
                              master_port=free_port(), extra=extra, draft_dtype=self.draft_dtype,
                              threads=self.threads or 0, numerics=self.numerics, device="cpu",
-                             async_scheduling=self.async_scheduling, ngram_shared=self.ngram_shared)
+                             async_scheduling=self.async_scheduling, ngram_shared=self.ngram_shared,
+                             layer_split=self.layer_split)
 
 
 class ServiceCluster:

@@ -27,6 +27,7 @@ from shared.environment import env
 from shared.model_store import load_tokenizer, resolve_model
 from shared.transport.queue_client import collect, submit
 from shared.transport.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
+from shared.types.config import DEFAULT_NUMERICS, NUMERICS
 from shared.wire.messages import RequestMsg
 from specpipe.cluster import ClusterConfig, delete_keys, pipeline_commands, stop_processes
 from specpipe.prompts import encode_chat, read_prompts
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> dict:
     prefix = f"bench-{uuid.uuid4().hex[:6]}"
     cfg = ClusterConfig(model=args.model, draft="ngram", policy=args.policy, stages=args.stages, width=args.width,
                         redis_url=args.redis_url, prefix=prefix, master_port=args.master_port,
-                        layer_split=args.layer_split, threads=args.threads)
+                        layer_split=args.layer_split, threads=args.threads, numerics=args.numerics)
     rcfg = RedisConfig(args.redis_url, prefix)
     r = connect(rcfg)
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -154,12 +155,13 @@ def overhead(rows: list[StepTimes]) -> dict:
     }
 
 
-def stage_compute(rows: list[StepTimes], stages: int) -> list[float | None]:
-    """Each stage's mean forward time (ms) over the steps where it computed rows (an empty forward is ~0)."""
+def stage_compute(rows: list[StepTimes], stages: int, average=statistics.fmean) -> list[float | None]:
+    """Each stage's mean (or other `average`) forward time (ms) over the steps where it computed rows (an empty
+    forward is ~0)."""
     out = []
     for k in range(stages):
         spans = [b - a for st in rows for a, b in st.compute[k : k + 1] if b - a > 1e-3]
-        out.append(1000 * statistics.fmean(spans) if spans else None)
+        out.append(1000 * average(spans) if spans else None)
     return out
 
 
@@ -179,6 +181,9 @@ def summarize(r, rcfg: RedisConfig, args: argparse.Namespace) -> dict:
         "machine": machine(),
         "model": args.model, "stages": args.stages, "policy": args.policy, "layer_split": args.layer_split,
         **overhead(rows), "stage_compute_ms": stage_compute(rows, args.stages), **draft_forwards(r, rcfg),
+        # medians: a decode step's, which a few long prompt steps do not move
+        "p50_step_ms": 1000 * statistics.median(st.end - st.start for st in rows) if rows else None,
+        "stage_compute_p50_ms": stage_compute(rows, args.stages, statistics.median),
     }
 
 
@@ -190,6 +195,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=4)
     p.add_argument("--layer-split", default="balanced", help="the stages' layer split (stage_worker --layer-split)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per stage and draft (0: cores shared)")
+    p.add_argument("--numerics", default=DEFAULT_NUMERICS, choices=NUMERICS, help="the stages' kernels")
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32)

@@ -9,24 +9,30 @@ from benchmarks.serving import ServingConfig
 
 pytestmark = pytest.mark.unit
 
-# label: (arm, (policy, async scheduling, refill depth: None is the services' default, n-gram table across requests))
-ARMS = {"plain pp": ("pp", ("pp", False, None, 0)), "specpipe": ("specpipe", ("specpipe", False, None, 0)),
-        "specpipe, async": ("specpipe-async", ("specpipe", True, None, 0)),
-        "specpipe, refill 2": ("specpipe-r2", ("specpipe", False, 2, 0)),
-        "specpipe, async, refill 3": ("specpipe-async-r3", ("specpipe", True, 3, 0)),
-        "specpipe, shared table": ("specpipe-shared", ("specpipe", False, None, interleaved.SHARED_TOKENS)),
-        "specpipe, refill 2, shared table": ("specpipe-r2-shared", ("specpipe", False, 2, interleaved.SHARED_TOKENS))}
+SHARED = interleaved.SHARED_TOKENS
+# label: (arm, (policy, async scheduling, refill depth: None is the services' default, n-gram table across requests,
+# layer split))
+ARMS = {"plain pp": ("pp", ("pp", False, None, 0, "balanced")),
+        "specpipe": ("specpipe", ("specpipe", False, None, 0, "balanced")),
+        "specpipe, async": ("specpipe-async", ("specpipe", True, None, 0, "balanced")),
+        "specpipe, refill 2": ("specpipe-r2", ("specpipe", False, 2, 0, "balanced")),
+        "specpipe, async, refill 3": ("specpipe-async-r3", ("specpipe", True, 3, 0, "balanced")),
+        "specpipe, shared table": ("specpipe-shared", ("specpipe", False, None, SHARED, "balanced")),
+        "specpipe, refill 2, shared table": ("specpipe-r2-shared", ("specpipe", False, 2, SHARED, "balanced")),
+        "pp, layers 18 and 12": ("pp@18+12", ("pp", False, None, 0, "18,12")),
+        "specpipe, refill 2, layers 10, 10, 10": ("specpipe-r2@10+10+10", ("specpipe", False, 2, 0, "10,10,10"))}
 
 
 @pytest.mark.parametrize("case", list(ARMS))
 def test_an_arm_names_its_cluster(case) -> None:
     arm, expected = ARMS[case]
     spec = interleaved.arm_spec(ServingConfig(), arm)
-    assert (spec.policy, spec.async_scheduling, spec.refill_depth, spec.ngram_shared) == expected
+    assert (spec.policy, spec.async_scheduling, spec.refill_depth, spec.ngram_shared, spec.layer_split) == expected
 
 
 @pytest.mark.parametrize("arms", ["pp", "pp,pp", "pp,tree", "pp-r2,specpipe", "pp,specpipe-r", "pp,specpipe,specpipe-r2",
-                                  "pp-shared,specpipe", "specpipe,specpipe-shared-r2"])
+                                  "pp-shared,specpipe", "specpipe,specpipe-shared-r2", "pp,specpipe@18",
+                                  "pp,specpipe@18+", "pp@18+12-r2,specpipe"])
 def test_main_refuses_arms_it_cannot_compare(arms) -> None:
     with pytest.raises(SystemExit):
         interleaved.main(["--arms", arms])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
-from benchmarks.wire_overhead import StepTimes, overhead
+from benchmarks.wire_overhead import StepTimes, overhead, stage_compute
 
 pytestmark = pytest.mark.unit
 
@@ -52,3 +54,12 @@ def test_the_parts_add_up_and_match_by_hand(steps, expected):
 
 def test_no_steps():
     assert overhead([]) == {"steps": 0}
+
+
+def test_a_stage_s_median_forward_is_not_moved_by_a_long_prompt_step():
+    """stage_compute: the mean counts a prompt's long forward, the median (a decode step's) does not; an empty
+    forward (under 1 ms) is no forward."""
+    forwards = [0.9, 0.01, 0.012, 0.011]  # seconds: a prompt, then three decode steps
+    steps = [step(i, 0.0, (0.0, 0.0), 0.0, 1.0, 1.0, [(0.0, t), (0.0, 0.0005)]) for i, t in enumerate(forwards)]
+    assert stage_compute(steps, 2) == pytest.approx([1000 * (0.9 + 0.01 + 0.012 + 0.011) / 4, None])
+    assert stage_compute(steps, 2, statistics.median) == pytest.approx([11.5, None])

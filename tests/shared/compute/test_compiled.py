@@ -108,3 +108,21 @@ def test_a_stage_that_cannot_compile_is_a_clear_error_when_built(tiny_dir, monke
     monkeypatch.setattr(compiled.torch, "compile", no_compiler)
     with pytest.raises(ConfigError, match="numerics compiled: TorchInductor could not compile .*no C\\+\\+ compiler"):
         _stage(tiny_dir, "compiled")
+
+
+def test_each_row_count_runs_kernels_built_with_its_options(tiny_dir, monkeypatch) -> None:
+    """Every compiled function contracts multiply-adds (FMA: a second row nearly free), and a micro-batch of n rows
+    runs the functions built with ROW_FLAGS[n] (one row realizes element-wise results first, two do not)."""
+    calls: list[tuple[int, dict]] = []
+
+    def compile_(fn, **kw):
+        assert kw["dynamic"] is False and kw["fullgraph"] is True
+        return lambda x, *a: calls.append((x.shape[0], kw["options"])) or fn(x, *a)
+
+    monkeypatch.setattr(compiled.torch, "compile", compile_)
+    runner = _stage(tiny_dir, "compiled")
+    for rows in (1, 2):
+        runner.logits(_decode_states(_reuse(runner), list(range(30, 40)), [5, 17, 99, 3], rows)[-1])
+    assert {n for n, _ in calls} == {1, 2} == set(compiled.ROW_FLAGS)
+    assert all(options == compiled.ROW_FLAGS[n] and options.items() >= compiled.FMA.items() for n, options in calls)
+    assert compiled.ROW_FLAGS[1] != compiled.ROW_FLAGS[2]
