@@ -43,8 +43,8 @@ from shared.types.config import ModelArch
 from shared.types.errors import ConfigError
 
 # The C++ compiler may fuse a multiply and the add after it into one FMA (one rounding, not two). Without it each
-# row's reduction is a chain of dependent adds: on the AMD EPYC (Zen 4) measured, a second row made a stage's
-# forward 17% dearer without it, 11% with it (BENCHMARKS.md, issue 15 session 22).
+# row's reduction is a chain of dependent adds: on the AMD EPYC (Zen 4) measured, the first stage's two-row forward
+# cost 17% more than its one-row forward without it, 11% with it (BENCHMARKS.md, issue 15 session 22).
 FMA = {"cpp.enable_floating_point_contract_flag": "fast"}
 # Inductor's options per row count; micro-batches of up to MAX_ROWS rows take the compiled kernels. One row also
 # computes every element-wise result before the product that reads it (realize_opcount_threshold 0): Inductor
