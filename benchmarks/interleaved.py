@@ -45,8 +45,9 @@ def arm_spec(cfg: ServingConfig, arm: str) -> ClusterSpec:
     --ngram-shared SHARED_TOKENS, `@A+B` for --layer-split A,B."""
     asynchronous, refill, shared, split = ARM.fullmatch(arm).groups()
     spec = replace(cfg.spec(re.split("[-@]", arm)[0]), async_scheduling=bool(asynchronous),
-                   ngram_shared=SHARED_TOKENS if shared else 0,
-                   layer_split=split.replace("+", ",") if split else "balanced")
+                   ngram_shared=SHARED_TOKENS if shared else 0)
+    if split:
+        spec = replace(spec, layer_split=split.replace("+", ","))
     return spec if refill is None else replace(spec, refill_depth=int(refill))
 
 
