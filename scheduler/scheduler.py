@@ -26,6 +26,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
+from scheduler.mode_check import Mode, ModeCheck
 from scheduler.tree import Status, TokenTree
 from scheduler.width import Acceptance, Candidate, StepCosts, WidthPlan, plan
 from shared.types.batch import ROOT_PARENT, MicroBatch, PipelineEvent, Row, TargetTokens, TokenLogprob
@@ -115,6 +116,7 @@ class _Scheduled:
     waited: bool  # whether the pipe waited for that drafting
     rows: int = 0  # its cost key: the plan's rows per step, or its prompt chunk's rows if larger
     refill: int = 0  # drafted levels of the deepest refill it carried
+    prefill: bool = False  # it carried prompt rows: a step it is in measures neither mode
 
 
 @dataclass
@@ -145,6 +147,9 @@ class Scheduler:
         self._draft_kept_up = False  # a waited step's drafting did not pace it: the draft keeps up (a lookup)
         self._stalled = False  # a waited step took far longer than priced (the draft's queue): plan again now
         self.acceptance = Acceptance()  # pooled over every request so far: the prior of each one's estimate
+        self.mode_check = ModeCheck()  # measured tokens per second with and without speculation (mode_check.py)
+        self._verified_tokens = 0  # tokens the verifications since the last observed step emitted
+        self._mode_since = (Mode.PLAIN, 0)  # the mode of the batches scheduled, and the step it began at
         self._plan: WidthPlan | None = None  # the cost rule's widths, made again every 2 x `stages` steps
         # what observe_step needs of the last `round_trip` batches scheduled (those a step it observes computed)
         self._scheduled: deque[_Scheduled] = deque(maxlen=max(policy.round_trip, 1))
@@ -197,13 +202,19 @@ class Scheduler:
           - where the draft paced the step (it waited), the waited drafting of the plan's drafted nodes, as long
             as the whole step; where it kept up and is believed dearer, the step as a bound;
           - where the batch carried a refill of r drafted levels, what the step took beyond the two as the cost
-            of a refill of r levels."""
+            of a refill of r levels;
+          - for the mode check (mode_check.py), the step's seconds and the tokens its verification emitted, under
+            the mode in force (speculating or not) from 2 x stages steps after a switch, no prompt rows in the pipe."""
         step = self.step if step is None else step
         batch = next((b for b in self._scheduled if b.step == step), None)
-        in_pipe = [b.rows for b in self._scheduled if step - self.policy.stages < b.step <= step]
-        if batch is None or not any(in_pipe):
+        in_pipe = [b for b in self._scheduled if step - self.policy.stages < b.step <= step]
+        tokens, self._verified_tokens = self._verified_tokens, 0
+        if batch is None or not any(b.rows for b in in_pipe):
             return
-        key, drafted, refill_sent = max(in_pipe), batch.drafted, batch.refill
+        mode, since = self._mode_since
+        if step - since >= 2 * self.policy.stages and not any(b.prefill for b in in_pipe):  # past the transition
+            self.mode_check.observe(mode, self._decoding(), step, tokens, seconds)
+        key, drafted, refill_sent = max(b.rows for b in in_pipe), batch.drafted, batch.refill
         self.costs.observe(key, seconds - draft_wait)
         if not drafted or not batch.waited:  # unwaited, the draft reports its forwards (observe_draft)
             return
@@ -331,8 +342,12 @@ class Scheduler:
             top = self.effective_width(policy, decoding)
             alphas = tuple(state.stats.acceptance.alphas(top, prior))
             candidates.append(Candidate(state.request.request_id, top, alphas, policy.refill_levels))
-        return plan(candidates, self.costs, self.policy.round_trip, step, self.draft_costs, self.refill_costs,
+        made = plan(candidates, self.costs, self.policy.round_trip, step, self.draft_costs, self.refill_costs,
                     self.policy.draft_waits, self.draft_known(), self._waited_draft())
+        if (made.informed and any(made.widths.values())
+                and self.mode_check.choose(decoding, step, self._mode_since[0]) is Mode.PLAIN):
+            return made.plain(self.policy.round_trip)  # measured: speculation does not pay here, or a probe
+        return made
 
     def _decoding(self) -> int:
         return sum(1 for s in self.requests.values() if s.phase is Phase.DECODE)
@@ -389,6 +404,10 @@ class Scheduler:
         # the cost key of this batch: the plan's rows per step, or its prompt chunk's rows if larger (a prefill
         # step costs what its rows cost, whatever the plan)
         batch_record.rows = max(self._plan.rows if self._plan is not None and decoding else 0, prefill)
+        batch_record.prefill = prefill > 0
+        mode = Mode.SPEC if self._plan is not None and any(self._plan.widths.values()) else Mode.PLAIN
+        if mode is not self._mode_since[0]:
+            self._mode_since = (mode, self.step)
         self._next_batch += 1
         return batch
 
@@ -490,6 +509,7 @@ class Scheduler:
             state = self.requests.get(request_id)
             if state is not None and state.phase is not Phase.DONE:
                 self._verify(state, by_node, result, logprobs.get(request_id, {}))
+        self._verified_tokens += sum(len(tokens) for tokens in result.new_tokens.values())
         return result
 
     def _verify(self, state: RequestState, targets: dict[int, int], result: StepResult,

@@ -47,7 +47,7 @@ sent is guessed optimistically, so that a plan tries it once and learns.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -214,6 +214,11 @@ class WidthPlan:
 
     def width_of(self, request_id: str) -> int:
         return self.widths.get(request_id, self.default)
+
+    def plain(self, stages: int) -> WidthPlan:
+        """This plan with nobody speculating: every request's root, once per `stages` steps (PP's rows)."""
+        return replace(self, widths=dict.fromkeys(self.widths, 0), default=0, refill=0,
+                       rows=math.ceil(len(self.widths) / max(stages, 1)))
 
 
 def plan(candidates: list[Candidate], costs: StepCosts, stages: int, step: int = 0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from scheduler.mode_check import Mode, ModeCheck
 from scheduler.scheduler import Phase, Scheduler, StepResult, _Scheduled
 from scheduler.width import MAX_ALPHA, Acceptance, Candidate, StepCosts, plan, tokens_per_step
 from shared.types.config import EngineConfig, PolicyConfig
@@ -260,12 +261,36 @@ def test_cost_rule_never_falls_below_pp_under_saturation() -> None:
     assert seconds["specpipe, cost rule"] < 1.1 * seconds["pp"], seconds
 
 
-def test_cost_rule_keeps_speculating_when_rows_are_free() -> None:
-    """One request, rows free (a GPU's step): the plan stays at full width, as the budget rule, and beats PP."""
+def test_cost_rule_keeps_speculating_when_rows_are_free(monkeypatch) -> None:
+    """One request, rows free (a GPU's step): the plan stays at full width, as the budget rule, and beats PP (the
+    mode check's probe of plain decoding aside: test_the_mode_check_costs_little_where_speculation_pays)."""
+    monkeypatch.setattr(ModeCheck, "choose", lambda self, decoding, step, current: Mode.SPEC)
     runs = {label: _run(*RUNS[label], 1, 0.0) for label in RUNS}
     sent = {label: pipe.sched.requests["b0"].stats.sent_speculative for label, (pipe, _) in runs.items()}
     assert sent["specpipe, cost rule"] == sent["specpipe, budget rule"] > 0
     assert runs["specpipe, cost rule"][1] < runs["pp"][1]
+
+
+def test_the_mode_check_keeps_one_request_near_pp_where_the_plan_cannot_price_its_refills(monkeypatch) -> None:
+    """One request, rows dear (a CPU's few-row steps), a draft mostly wrong: each miss's refill carries 3 rows that
+    the plan's rows leave out, so the plan speculates and the run takes over 1.3x PP's time. The mode check
+    measures plain decoding faster and keeps the run within 1.1x of PP's, losslessly (_run checks the tokens)."""
+    args = {"n": 200, "accuracy": 0.1}
+    pp = _run(*RUNS["pp"], 1, 2.0, **args)[1]
+    checked = _run(*RUNS["specpipe, cost rule"], 1, 2.0, **args)[1]
+    monkeypatch.setattr(ModeCheck, "choose", lambda self, decoding, step, current: Mode.SPEC)
+    unchecked = _run(*RUNS["specpipe, cost rule"], 1, 2.0, **args)[1]
+    assert unchecked > 1.3 * pp and checked < 1.1 * pp, (pp, checked, unchecked)
+
+
+def test_the_mode_check_costs_little_where_speculation_pays(monkeypatch) -> None:
+    """One request, rows free, a draft mostly right: plain decoding, probed once, is far slower, so it is not
+    probed again within the run, which takes no longer than unchecked."""
+    pipe, checked = _run(*RUNS["specpipe, cost rule"], 1, 0.0, n=200, accuracy=0.9)
+    rates = pipe.sched.mode_check.snapshot()
+    assert rates["plain@1"] * 2 < rates["spec@1"], rates
+    monkeypatch.setattr(ModeCheck, "choose", lambda self, decoding, step, current: Mode.SPEC)
+    assert checked <= _run(*RUNS["specpipe, cost rule"], 1, 0.0, n=200, accuracy=0.9)[1]
 
 
 def test_cost_rule_shortens_refills_when_the_draft_paces_the_pipe() -> None:
