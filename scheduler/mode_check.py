@@ -110,7 +110,7 @@ class ModeCheck:
         return Mode.PLAIN if step - self.probe_from < PROBE_LIMIT else Mode.SPEC
 
     def snapshot(self) -> dict[str, float]:
-        """Each measured mode's rate by load, for the stats: "spec@1" -> tokens per second."""
+        """Each measured mode's rate by load (tests, diagnostics): "spec@1" -> tokens per second."""
         return {f"{m.value}@{1 << b}": r.rate for (m, b), r in sorted(self.rates.items(), key=lambda kv: kv[0][1])}
 
 
