@@ -32,6 +32,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from scheduler.width import StepCosts
+
 MARGIN = 0.05  # rates this close are a tie (noise): the mode in force stays
 FRESH = 256  # steps after which a mode's rate is stale: measured again
 TAU = 64.0  # steps over which a measurement's weight falls by e
@@ -83,8 +85,8 @@ class ModeCheck:
 
     @staticmethod
     def load(decoding: int) -> int:
-        """The load bucket of `decoding` requests: 1, 2, 3-4, 5-8, ..."""
-        return max(0, math.ceil(math.log2(max(decoding, 1))))
+        """The load bucket of `decoding` requests: 1, 2, 3-4, 5-8, ... (the step costs' power-of-two buckets)."""
+        return StepCosts.bucket(decoding)
 
     def observe(self, mode: Mode, decoding: int, step: int, tokens: int, seconds: float) -> None:
         """One step of `mode` alone in the pipe and in the verifications it awaits (no transition), no prompt
