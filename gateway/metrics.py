@@ -23,6 +23,9 @@ SpecPipe's own (label model_name):
   specpipe:gateway_inflight_requests, specpipe:pipeline_steps_total, specpipe:tokens_per_step,
   specpipe:stage_busy_fraction{stage}, specpipe:pruned_nodes_total, specpipe:computed_rows_total{fate},
   specpipe:scheduler_queue_depth (and specpipe:gateway_added_latency_seconds, gateway/latency.py)
+  specpipe:speculating                         1 while the width plan lets some request speculate, 0 while all
+                                               decode plainly (scheduler/mode_check.py chose, or nobody gains)
+  specpipe:mode_tokens_per_second{mode,load}   the mode check's measured rates behind that choice
   specpipe:stage_kv_cache_usage_perc{stage}    each stage's own KV use (the stage_busy_fraction style: a stage label)
 The speculation and pipeline series come from the scheduler's stats snapshot (SchedulerStatsMsg), the KV series
 from the stages' (StageStatsMsg), given to `exposition` at scrape time; without fresh ones they are left out.
@@ -129,6 +132,15 @@ class SchedulerSeries:
                        "fate", {"useful": st.useful_rows, "wasted": st.wasted_rows}, own)
         yield self._one(GaugeMetricFamily, "specpipe:scheduler_queue_depth", "Requests waiting for KV room.",
                         st.num_waiting, own)
+        yield self._one(GaugeMetricFamily, "specpipe:speculating", "1 while the width plan lets some request "
+                        "speculate, 0 while every request decodes plainly (PP's rows).", int(st.speculating), own)
+        rates = GaugeMetricFamily("specpipe:mode_tokens_per_second", "The mode check's measured decode rate by mode "
+                                  "(spec, plain) and load (decoding requests, power-of-two bucket).",
+                                  labels=[*own, "mode", "load"])
+        for key, rate in st.mode_rates.items():
+            mode, load = key.split("@")
+            rates.add_metric([*own.values(), mode, load], rate)
+        yield rates
 
     def _one(self, kind, name: str, help: str, value: float, labels: dict[str, str] | None = None) -> Metric:
         labels = self.vllm if labels is None else labels

@@ -349,6 +349,11 @@ class Scheduler:
             return made.plain(self.policy.round_trip)  # measured: speculation does not pay here, or a probe
         return made
 
+    @property
+    def mode(self) -> Mode:
+        """Whether the batches scheduled lately let some request speculate (SPEC) or decode plainly (PLAIN)."""
+        return self._mode_since[0]
+
     def _decoding(self) -> int:
         return sum(1 for s in self.requests.values() if s.phase is Phase.DECODE)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from scheduler.mode_check import Mode
 from scheduler.occupancy import Occupancy
 from scheduler.scheduler import Phase, Scheduler
 from shared.wire.messages import SchedulerStatsMsg
@@ -32,4 +33,6 @@ def stats_message(scheduler: Scheduler, waiting_since: dict[str, float], occupan
         stage_busy=[round(f, 4) for f in occupancy.totals.busy_fraction()],
         useful_rows=occupancy.totals.useful,
         wasted_rows=occupancy.totals.wasted,
+        speculating=scheduler.mode is Mode.SPEC,
+        mode_rates={k: round(v, 3) for k, v in scheduler.mode_check.snapshot().items()},
     )

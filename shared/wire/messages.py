@@ -292,6 +292,10 @@ class SchedulerStatsMsg(Message, frozen=True, tag="scheduler_stats"):
     stage_busy: list[float]  # per stage: fraction of steps it had rows to compute
     useful_rows: int  # rows computed (all stages) that were committed or accepted
     wasted_rows: int  # rows computed (all stages) that were later pruned
+    speculating: bool = False  # the width plan in force lets some request speculate; False: plain decoding, PP's
+    # rows (nobody speculates, or the mode check measured plain decoding faster: scheduler/mode_check.py)
+    mode_rates: dict[str, float] = {}  # the mode check's measured tokens/s, "spec@4" / "plain@4" (mode @ load bucket):
+    # why it chose the mode in force
 
 
 class StageStatsMsg(Message, frozen=True, tag="stage_stats"):

@@ -84,7 +84,8 @@ def test_metrics_exposition_parses_with_vllms_names_and_labels() -> None:
 def test_scheduler_series_come_from_the_snapshot_given() -> None:
     stats = SchedulerStatsMsg(time=0.0, stages=2, steps=10, num_waiting=3, waiting=[], num_running=1, running=[],
                               tokens=25, drafts=9, draft_tokens=40, accepted=15, accepted_per_depth=[10, 5],
-                              pruned=7, stage_busy=[1.0, 0.5], useful_rows=30, wasted_rows=12)
+                              pruned=7, stage_busy=[1.0, 0.5], useful_rows=30, wasted_rows=12, speculating=True,
+                              mode_rates={"plain@4": 10.0, "spec@4": 12.5})
     m = Metrics("m", 2048, lambda: 0, lambda: 0)
     got = _samples(m.exposition(stats)[0].decode())
     vllm = {"model_name": "m", "engine": "0"}
@@ -94,6 +95,9 @@ def test_scheduler_series_come_from_the_snapshot_given() -> None:
     assert got[_key("specpipe:stage_busy_fraction", model_name="m", stage="1")] == 0.5
     assert got[_key("specpipe:computed_rows_total", model_name="m", fate="wasted")] == 12
     assert got[_key("specpipe:scheduler_queue_depth", model_name="m")] == 3
+    assert got[_key("specpipe:speculating", model_name="m")] == 1
+    assert got[_key("specpipe:mode_tokens_per_second", model_name="m", mode="spec", load="4")] == 12.5
+    assert got[_key("specpipe:mode_tokens_per_second", model_name="m", mode="plain", load="4")] == 10.0
     assert not any(n.startswith("vllm:spec_decode") for n, _ in _samples(m.exposition()[0].decode()))
 
 
