@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,7 +64,7 @@ from benchmarks.serving import PROMPTS_DIR, ServingConfig, bench_prompts
 from benchmarks.stats import dist
 from shared.environment import DEFAULTS
 from shared.types.config import LAYER_SPLIT_HELP, NUMERICS, NUMERICS_HELP
-from specpipe.cluster import ClusterConfig, delete_keys, free_port, wait_until_answering
+from specpipe.cluster import MEASURED, ClusterConfig, delete_keys, free_port, wait_until_answering
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ("vllm-pp1", "vllm-pp2", "specpipe-pp", "specpipe-specpipe")
@@ -87,7 +88,7 @@ class PeerConfig:
     threads: int = os.cpu_count() or 1  # cores every peer is pinned to (the first `threads` of the host)
     stages: int = 2  # vllm-pp2's ranks and SpecPipe's stages
     numerics: str = "compiled"  # SpecPipe's kernels (shared.types.config.NUMERICS); vLLM compiles its own too
-    layer_split: str = "balanced"  # SpecPipe's stages' layers (shared.types.config.stage_bounds); vLLM's are even
+    layer_split: str = MEASURED  # SpecPipe's stages' layers (specpipe up --layer-split); vLLM's are even
     vllm_venv: str = str(default_vllm_venv())
     vllm_kv_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE
     vllm_preload: bool = True  # LD_PRELOAD tcmalloc and the venv's libiomp5.so when found (vLLM's CPU guide)
@@ -351,6 +352,12 @@ class PeerServer:
         return killed
 
 
+def logged_split(log: Path) -> str | None:
+    """The layer counts `specpipe up` logged choosing its split ("18,12"), if it did."""
+    found = re.findall(r"specpipe up: layer split ([0-9,]+):", log.read_text(errors="replace"))
+    return found[-1] if found else None
+
+
 def pinned(argv: list[str], cores: list[int]) -> list[str]:
     """`argv` under `taskset -c CORES` when CORES are fewer than this process may run on (else as is)."""
     return argv if set(cores) >= os.sched_getaffinity(0) else ["taskset", "-c", ",".join(map(str, cores)), *argv]
@@ -414,6 +421,8 @@ def run_peer(cfg: PeerConfig, name: str, prompts: list[dict], warm_up_ids: list[
     results: list[StreamResult] = []
     try:
         out["start_s"] = server.wait_ready(cfg.start_timeout_s)
+        if (split := logged_split(Path(out["log"]))) is not None:  # what `--layer-split measured` chose
+            out["threads"] += f" ({split})"
         with httpx.Client(base_url=launch.url) as client:
             t = time.perf_counter()
             warm = stream_completion(client, cfg.model, -1, warm_up_ids, WARM_UP_TOKENS, cfg.request_timeout_s)

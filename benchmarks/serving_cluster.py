@@ -37,7 +37,16 @@ from shared.transport.redis_io import (
 )
 from shared.types.config import DEFAULT_NUMERICS, ModelArch, stage_bounds
 from shared.wire.messages import RequestMsg, SchedulerStatsMsg, TokensMsg
-from specpipe.cluster import ClusterConfig, delete_keys, free_port, pipeline_commands, spawn, stop_processes
+from specpipe.cluster import (
+    MEASURED,
+    ClusterConfig,
+    delete_keys,
+    free_port,
+    pipeline_commands,
+    resolve_layer_split,
+    spawn,
+    stop_processes,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +111,7 @@ class ClusterSpec:
     numerics: str = DEFAULT_NUMERICS
     async_scheduling: bool = False  # the scheduler's --async-scheduling
     ngram_shared: int = 0  # the n-gram draft's table across requests, in tokens (0: none)
-    layer_split: str = "balanced"  # which layers each stage holds (shared.types.config.stage_bounds)
+    layer_split: str = MEASURED  # which layers each stage holds (stage_bounds), or measured as `specpipe up` does
 
     def config(self, prefix: str) -> ClusterConfig:
         """The cluster's ClusterConfig under `prefix` (one draft worker, a fresh rendezvous port)."""
@@ -130,7 +139,7 @@ class ServiceCluster:
         self.log_dir = Path(spec.log_dir or Path(tempfile.gettempdir()) / "serving-bench-logs") / self.prefix
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
-        self.config = spec.config(self.prefix)
+        self.config = resolve_layer_split(spec.config(self.prefix))
         self.cmds = pipeline_commands(self.config)
         self.started, self.start_s = time.perf_counter(), None
 

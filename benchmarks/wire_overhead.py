@@ -29,7 +29,14 @@ from shared.transport.queue_client import collect, submit
 from shared.transport.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
 from shared.types.config import DEFAULT_NUMERICS, NUMERICS
 from shared.wire.messages import RequestMsg
-from specpipe.cluster import ClusterConfig, delete_keys, pipeline_commands, stop_processes
+from specpipe.cluster import (
+    MEASURED,
+    ClusterConfig,
+    delete_keys,
+    pipeline_commands,
+    resolve_layer_split,
+    stop_processes,
+)
 from specpipe.prompts import encode_chat, read_prompts
 
 
@@ -39,6 +46,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg = ClusterConfig(model=args.model, draft="ngram", policy=args.policy, stages=args.stages, width=args.width,
                         redis_url=args.redis_url, prefix=prefix, master_port=args.master_port,
                         layer_split=args.layer_split, threads=args.threads, numerics=args.numerics)
+    cfg = resolve_layer_split(cfg)
     rcfg = RedisConfig(args.redis_url, prefix)
     r = connect(rcfg)
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -55,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
             for i in range(start, start + len(batch)):
                 collect(r, rcfg, f"b{i}", timeout_s=600)
         time.sleep(2.5)  # stages flush their timings when idle
-        return summarize(r, rcfg, args)
+        return summarize(r, rcfg, args, cfg.layer_split)
     finally:
         stop_processes(procs)
         delete_keys(r, prefix)
@@ -175,11 +183,11 @@ def draft_forwards(r, rcfg: RedisConfig) -> dict:
             "mean_draft_rows": statistics.fmean(int(s[2]) for s in spans)}
 
 
-def summarize(r, rcfg: RedisConfig, args: argparse.Namespace) -> dict:
+def summarize(r, rcfg: RedisConfig, args: argparse.Namespace, layer_split: str) -> dict:
     rows = step_rows(r, rcfg, args.stages)
     return {
         "machine": machine(),
-        "model": args.model, "stages": args.stages, "policy": args.policy, "layer_split": args.layer_split,
+        "model": args.model, "stages": args.stages, "policy": args.policy, "layer_split": layer_split,
         **overhead(rows), "stage_compute_ms": stage_compute(rows, args.stages), **draft_forwards(r, rcfg),
         # medians: a decode step's, which a few long prompt steps do not move
         "p50_step_ms": 1000 * statistics.median(st.end - st.start for st in rows) if rows else None,
@@ -193,7 +201,7 @@ def main() -> None:
     p.add_argument("--policy", default="specpipe")
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--width", type=int, default=4)
-    p.add_argument("--layer-split", default="balanced", help="the stages' layer split (stage_worker --layer-split)")
+    p.add_argument("--layer-split", default=MEASURED, help="the stages' layer split (specpipe up --layer-split)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per stage and draft (0: cores shared)")
     p.add_argument("--numerics", default=DEFAULT_NUMERICS, choices=NUMERICS, help="the stages' kernels")
     p.add_argument("--requests", type=int, default=8)

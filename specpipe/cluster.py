@@ -8,6 +8,7 @@ every child cleanly. Everything binds to loopback unless told otherwise.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shared.environment import DEFAULTS, env
@@ -37,6 +38,9 @@ from shared.types.config import (
 )
 from shared.types.errors import ConfigError
 from specpipe.supervisor import RESTART_POLICIES, Child, RestartPolicy, Supervisor
+
+MEASURED = "measured"  # --layer-split: counts from timing this host's stages (resolve_layer_split), before any starts
+SPLIT_MEASURE_TIMEOUT_S = 600.0  # loading two stages of a large model on a CPU and timing a few steps
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ class ClusterConfig:
     draft_vocab: int = 0  # > 0: the draft's LM head scores this many frequent tokens and each request's own
     ngram_shared: int = 0  # > 0: the n-gram draft's table across requests, in tokens (EngineConfig.ngram_shared)
     numerics: str = DEFAULT_NUMERICS  # the stages' and drafts' kernels (shared.types.config.NUMERICS)
-    layer_split: str = "balanced"  # which layers each stage holds (shared.types.config.stage_bounds)
+    layer_split: str = "balanced"  # which layers each stage holds (stage_bounds), or MEASURED (resolve_layer_split)
     limits: ServiceLimits = ServiceLimits()
     api_keys: tuple[str, ...] = ()  # handed to the gateway through its environment, never on a command line
     restart: RestartPolicy = field(default_factory=RestartPolicy)
@@ -180,10 +184,35 @@ def spawn(cmd: list[str], log: Path, cwd: Path | None = None, **env: str) -> sub
                                 env=dict(os.environ, PYTHONUNBUFFERED="1", **env))
 
 
+def resolve_layer_split(cfg: ClusterConfig) -> ClusterConfig:
+    """`cfg` with layer_split MEASURED turned into counts: shared.compute.split_measure times the balanced
+    split's first and last stage in a process of its own, once, and every stage gets the same counts. Where it
+    fails, the balanced split (and a warning): a cluster still starts."""
+    if cfg.layer_split != MEASURED:
+        return cfg
+    cmd = [sys.executable, "-m", "shared.compute.split_measure", "--model", cfg.model, "--stages", str(cfg.stages),
+           "--numerics", cfg.numerics, "--dtype", cfg.dtype or "float32", "--threads", str(cfg.compute_threads()),
+           "--device", cfg.device or "auto"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=SPLIT_MEASURE_TIMEOUT_S, check=True)
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        split = ",".join(str(n) for n in measured["counts"])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError, KeyError) as exc:
+        why = (exc.stderr or "").strip().splitlines()[-1:] if isinstance(exc, subprocess.CalledProcessError) else []
+        print(f"specpipe up: measuring the layer split failed ({why[0] if why else exc}); the balanced split "
+              "instead", file=sys.stderr)
+        return replace(cfg, layer_split="balanced")
+    how = measured.get("why") or (f"the LM head takes {measured['head_layers']:.1f} layers' time "
+                                  f"({measured['weights_head_layers']:.1f} layers' weights)")
+    print(f"specpipe up: layer split {split}: {how}", file=sys.stderr)
+    return replace(cfg, layer_split=split)
+
+
 def up(cfg: ClusterConfig) -> int:
     from shared.model_store import resolve_model
 
     resolve_model(cfg.model, progress=True)  # convert once here, not in every child at the same time
+    cfg = resolve_layer_split(cfg)
     if cfg.draft != "ngram" and cfg.policy != "pp":
         resolve_model(cfg.draft, progress=True)
     redis_proc = ensure_redis(cfg.redis_url)
@@ -310,7 +339,8 @@ def up_main(argv: list[str]) -> int:
     p.add_argument("--ngram-shared", type=int, default=0, help=NGRAM_SHARED_HELP)
     p.add_argument("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS,
                    help=NUMERICS_HELP)
-    p.add_argument("--layer-split", default="balanced", help=LAYER_SPLIT_HELP)
+    p.add_argument("--layer-split", default=MEASURED, help=f"{MEASURED} (default) times this host's stages before "
+                   "they start and balances their decode steps (shared/compute/split_measure.py); or " + LAYER_SPLIT_HELP)
     p.add_argument("--token-budget", type=int, default=256, help="rows per pipeline step")
     p.add_argument("--redis-url", default=env("REDIS_URL"))
     p.add_argument("--prefix", default=env("SPECPIPE_PREFIX"),

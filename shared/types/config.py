@@ -56,8 +56,8 @@ WIDTH_RULES = ("cost", "budget")
 DRAFT_MODES: dict[str, bool | None] = {"auto": None, "wait": True, "beside": False}
 
 LAYER_SPLITS = ("balanced", "even")
-LAYER_SPLIT_HELP = ("how layers are cut into stages: balanced (default) weighs the LM head in layers' worth of weights "
-                    "and gives the last stage fewer layers so no stage reads more weights per step than it must; even "
+LAYER_SPLIT_HELP = ("how layers are cut into stages: balanced (a stage's default) weighs the LM head in layers' worth "
+                    "of weights and gives the last stage fewer layers so no stage reads more weights per step than it must; even "
                     "cuts equal slices (vLLM's default); or the counts themselves, e.g. 19,11")
 
 
@@ -438,6 +438,9 @@ def _consecutive(counts: list[int]) -> list[tuple[int, int]]:
 
 def layer_counts(split: str) -> list[int]:
     """Explicit per-stage layer counts "19,11" (digits only); ConfigError for anything else."""
+    if split == "measured":  # specpipe.cluster.MEASURED: a launcher's, never a stage's
+        raise ConfigError("layer split 'measured' is the launcher's (specpipe up): it times the stages once and "
+                          "gives each the counts; a stage takes " + ", ".join(LAYER_SPLITS) + " or counts")
     if not all(c.strip().isdigit() for c in split.split(",")):
         raise ConfigError(f"layer split '{split}': choose {' or '.join(LAYER_SPLITS)}, or counts such as 19,11")
     return [int(c) for c in split.split(",")]

@@ -11,14 +11,14 @@ pytestmark = pytest.mark.unit
 
 SHARED = interleaved.SHARED_TOKENS
 # label: (arm, (policy, async scheduling, refill depth: None is the services' default, n-gram table across requests,
-# layer split))
-ARMS = {"plain pp": ("pp", ("pp", False, None, 0, "balanced")),
-        "specpipe": ("specpipe", ("specpipe", False, None, 0, "balanced")),
-        "specpipe, async": ("specpipe-async", ("specpipe", True, None, 0, "balanced")),
-        "specpipe, refill 2": ("specpipe-r2", ("specpipe", False, 2, 0, "balanced")),
-        "specpipe, async, refill 3": ("specpipe-async-r3", ("specpipe", True, 3, 0, "balanced")),
-        "specpipe, shared table": ("specpipe-shared", ("specpipe", False, None, SHARED, "balanced")),
-        "specpipe, refill 2, shared table": ("specpipe-r2-shared", ("specpipe", False, 2, SHARED, "balanced")),
+# layer split: measured, as `specpipe up` does, unless the arm names counts))
+ARMS = {"plain pp": ("pp", ("pp", False, None, 0, "measured")),
+        "specpipe": ("specpipe", ("specpipe", False, None, 0, "measured")),
+        "specpipe, async": ("specpipe-async", ("specpipe", True, None, 0, "measured")),
+        "specpipe, refill 2": ("specpipe-r2", ("specpipe", False, 2, 0, "measured")),
+        "specpipe, async, refill 3": ("specpipe-async-r3", ("specpipe", True, 3, 0, "measured")),
+        "specpipe, shared table": ("specpipe-shared", ("specpipe", False, None, SHARED, "measured")),
+        "specpipe, refill 2, shared table": ("specpipe-r2-shared", ("specpipe", False, 2, SHARED, "measured")),
         "pp, layers 18 and 12": ("pp@18+12", ("pp", False, None, 0, "18,12")),
         "specpipe, refill 2, layers 10, 10, 10": ("specpipe-r2@10+10+10", ("specpipe", False, 2, 0, "10,10,10"))}
 

@@ -146,11 +146,26 @@ def test_launch_lines(tmp_path: Path, monkeypatch) -> None:
     assert two.env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1" and "LD_PRELOAD" not in two.env
     sp = specpipe_launch(cfg, "specpipe-specpipe", 8003)
     assert sp.argv[1:4] == ["-m", "specpipe", "up"] and sp.ready_path == "/ready" and sp.prefix
-    for flag, value in (("--policy", "specpipe"), ("--numerics", "compiled"), ("--layer-split", "balanced"),
+    for flag, value in (("--policy", "specpipe"), ("--numerics", "compiled"), ("--layer-split", "measured"),
                         ("--stages", "2"), ("--port", "8003"), ("--host", "127.0.0.1"), ("--prefix", sp.prefix)):
         assert sp.argv[sp.argv.index(flag) + 1] == value
     pp = specpipe_launch(replace(cfg, layer_split="even"), "specpipe-pp", 8004).argv
     assert pp[pp.index("--policy") + 1] == "pp" and pp[pp.index("--layer-split") + 1] == "even"
+
+
+# label: (the cluster's log, the counts it chose)
+LOGGED_SPLITS = {
+    "measured": ("specpipe up: layer split 18,12: the LM head takes 5.4 layers' time\nready\n", "18,12"),
+    "measured at 4 stages": ("specpipe up: layer split 9,9,9,3: ...\n", "9,9,9,3"),
+    "a rule given: nothing logged": ("specpipe up: ready (2 stages)\n", None),
+}
+
+
+@pytest.mark.parametrize("case", list(LOGGED_SPLITS))
+def test_the_split_a_cluster_chose_is_read_from_its_log(tmp_path, case) -> None:
+    text, expected = LOGGED_SPLITS[case]
+    (tmp_path / "up.log").write_text(text)
+    assert peer_vllm.logged_split(tmp_path / "up.log") == expected
 
 
 def test_pinned(monkeypatch) -> None:

@@ -77,6 +77,7 @@ STAGE_BOUNDS = {
     "counts that miss layers": ("5,6", "add up to the model's 12 layers"),
     "too few counts": ("12", "2 counts"),
     "not a rule": ("heavy", "choose balanced or even"),
+    "the launcher's rule": ("measured", "the launcher's"),
 }
 
 

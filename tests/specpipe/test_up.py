@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,6 +130,10 @@ def test_killed_draft_worker_is_restarted_and_outputs_stay_identical(up, tiny_di
     assert cluster.pid("draft-0") != old and alive(cluster.r, cluster.cfg, "draft-0"), cluster.log()[-2000:]
     assert "draft-0 exited (killed by SIGKILL); restarting it" in cluster.log()
     assert cluster.proc.poll() is None
+    [split] = re.findall(r"layer split ([0-9,]+): the LM head takes", cluster.log())  # --layer-split measured
+    for stage in ("stage-0", "stage-1"):  # every stage got the same counts
+        args = Path(f"/proc/{cluster.pid(stage)}/cmdline").read_bytes().decode().split("\0")
+        assert args[args.index("--layer-split") + 1] == split
 
 
 def test_killed_stage_fails_in_flight_streams_then_serves_after_its_restart(up, tiny_dir) -> None:
