@@ -339,8 +339,9 @@ def up_main(argv: list[str]) -> int:
     p.add_argument("--ngram-shared", type=int, default=0, help=NGRAM_SHARED_HELP)
     p.add_argument("--numerics", choices=NUMERICS, default=DEFAULT_NUMERICS,
                    help=NUMERICS_HELP)
-    p.add_argument("--layer-split", default=MEASURED, help=f"{MEASURED} (default) times this host's stages before "
-                   "they start and balances their decode steps (shared/compute/split_measure.py); or " + LAYER_SPLIT_HELP)
+    p.add_argument("--layer-split", default=MEASURED,
+                   help=f"{MEASURED} (default) times this host's stages before they start and balances their decode "
+                        "steps (shared/compute/split_measure.py); or " + LAYER_SPLIT_HELP)
     p.add_argument("--token-budget", type=int, default=256, help="rows per pipeline step")
     p.add_argument("--redis-url", default=env("REDIS_URL"))
     p.add_argument("--prefix", default=env("SPECPIPE_PREFIX"),

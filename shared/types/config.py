@@ -57,8 +57,8 @@ DRAFT_MODES: dict[str, bool | None] = {"auto": None, "wait": True, "beside": Fal
 
 LAYER_SPLITS = ("balanced", "even")
 LAYER_SPLIT_HELP = ("how layers are cut into stages: balanced (a stage's default) weighs the LM head in layers' worth "
-                    "of weights and gives the last stage fewer layers so no stage reads more weights per step than it must; even "
-                    "cuts equal slices (vLLM's default); or the counts themselves, e.g. 19,11")
+                    "of weights and gives the last stage fewer layers so no stage reads more weights per step than it "
+                    "must; even cuts equal slices (vLLM's default); or the counts themselves, e.g. 19,11")
 
 
 @dataclass(frozen=True)
