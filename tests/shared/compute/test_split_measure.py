@@ -23,7 +23,8 @@ def test_the_head_is_timed_in_layers_worth(tiny_dir) -> None:
 
 
 def test_main_prints_counts_that_cut_the_whole_model(tiny_dir, capsys) -> None:
-    assert main(["--model", str(tiny_dir), "--stages", "2", "--numerics", "compiled"]) == 0  # timed as fast
+    threads = str(torch.get_num_threads())  # main sets it: this process's stays as it was
+    assert main(["--model", str(tiny_dir), "--stages", "2", "--numerics", "compiled", "--threads", threads]) == 0
     out = json.loads(capsys.readouterr().out)
     arch = ModelArch.from_model_dir(tiny_dir)
     assert out["counts"] == [b - a for a, b in split_layers(arch.num_layers, 2, out["head_layers"])]
