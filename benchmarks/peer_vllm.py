@@ -12,8 +12,8 @@ measured, and stopped (its whole process group) before the next one starts:
 - `vllm-pp2`: the same with `--pipeline-parallel-size 2 --distributed-executor-backend mp`, the cores split
   between the two ranks (VLLM_CPU_OMP_THREADS_BIND='0|1' on 2 cores).
 - `specpipe-pp` and `specpipe-specpipe`: `specpipe up --numerics N --layer-split S --stages 2 --policy pp|specpipe`,
-  N from `--numerics` (default compiled: vLLM compiles its model too), S from `--layer-split` (default balanced;
-  vLLM cuts even slices)
+  N from `--numerics` (default `specpipe up`'s, fast; compiled is Inductor's, as vLLM compiles its model), S from
+  `--layer-split` (default measured, as `specpipe up`; vLLM cuts even slices)
   (n-gram draft worker under specpipe), whose stage and draft processes share the cores
   (specpipe.cluster.ClusterConfig.compute_threads: cores // (stages + draft workers) torch threads each).
 
@@ -63,7 +63,7 @@ from benchmarks.provenance import cpu_model, load_average, machine
 from benchmarks.serving import PROMPTS_DIR, ServingConfig, bench_prompts
 from benchmarks.stats import dist
 from shared.environment import DEFAULTS
-from shared.types.config import LAYER_SPLIT_HELP, NUMERICS, NUMERICS_HELP
+from shared.types.config import DEFAULT_NUMERICS, LAYER_SPLIT_HELP, NUMERICS, NUMERICS_HELP
 from specpipe.cluster import MEASURED, ClusterConfig, delete_keys, free_port, wait_until_answering
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ class PeerConfig:
     peers: tuple[str, ...] = PEERS
     threads: int = os.cpu_count() or 1  # cores every peer is pinned to (the first `threads` of the host)
     stages: int = 2  # vllm-pp2's ranks and SpecPipe's stages
-    numerics: str = "compiled"  # SpecPipe's kernels (shared.types.config.NUMERICS); vLLM compiles its own too
+    numerics: str = DEFAULT_NUMERICS  # SpecPipe's kernels, `specpipe up`'s by default (--numerics compiled: Inductor's)
     layer_split: str = MEASURED  # SpecPipe's stages' layers (specpipe up --layer-split); vLLM's are even
     vllm_venv: str = str(default_vllm_venv())
     vllm_kv_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE

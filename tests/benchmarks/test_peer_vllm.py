@@ -146,7 +146,7 @@ def test_launch_lines(tmp_path: Path, monkeypatch) -> None:
     assert two.env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1" and "LD_PRELOAD" not in two.env
     sp = specpipe_launch(cfg, "specpipe-specpipe", 8003)
     assert sp.argv[1:4] == ["-m", "specpipe", "up"] and sp.ready_path == "/ready" and sp.prefix
-    for flag, value in (("--policy", "specpipe"), ("--numerics", "compiled"), ("--layer-split", "measured"),
+    for flag, value in (("--policy", "specpipe"), ("--numerics", "fast"), ("--layer-split", "measured"),
                         ("--stages", "2"), ("--port", "8003"), ("--host", "127.0.0.1"), ("--prefix", sp.prefix)):
         assert sp.argv[sp.argv.index(flag) + 1] == value
     pp = specpipe_launch(replace(cfg, layer_split="even"), "specpipe-pp", 8004).argv
