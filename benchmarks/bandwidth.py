@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.provenance import machine
 from shared.model_store import resolve_model
-from shared.types.config import NUMERICS, ModelArch, SamplingParams
+from shared.types.config import NUMERICS, ModelArch
 
 STAGES = 2  # one stage per core of a 2-core host
 PROBE_BYTES = 256 << 20
@@ -67,39 +67,18 @@ def _probe(kind: str, core: int, seconds: float, start, out) -> None:
 
 def _stage(model: str, numerics: str, rank: int, rows: int, steps: int, context: int, core: int, start, out) -> None:
     """p50 seconds of this stage's decode step of `rows` rows (its LM head too, on the last stage), after `start`."""
-    from shared.compute.runner import RequestInfo, load_stage
-    from shared.types.batch import MicroBatch, Row
+    from shared.compute.runner import load_stage
+    from shared.compute.split_measure import StageClock
 
     _pin(core)
     model_dir = resolve_model(model)
     arch = ModelArch.from_model_dir(model_dir)
     runner = load_stage(model_dir, arch, rank, STAGES, numerics=numerics)
-    first, last = rank == 0, rank == STAGES - 1
-    runner.add_request("r", RequestInfo(context, SamplingParams()), context + rows * (steps + 4))
-
-    # a later stage's input activations, made once (not inside the timed steps): the prompt's and a step's
-    inputs = {n: None if first else torch.randn(n, arch.hidden_size) for n in (context, rows)}
-
-    def step(position: int, n: int, batch_id: int) -> None:
-        batch = [Row("r", -(p + 2), -(p + 1), p, 7 + p % 500, True, False) for p in range(position, position + n)]
-        x = runner.hidden(MicroBatch(batch_id, batch, inputs[n]))
-        if last:
-            runner.logits(x)
-
     with torch.no_grad():
-        step(0, context, 0)
-        position = context
-        for i in range(3):  # warm: first calls of each shape
-            step(position, rows, 1 + i)
-            position += rows
+        clock = StageClock(runner, arch, rank == 0, rank == STAGES - 1, context, rows, steps)
         start.wait()
-        times = []
-        for i in range(steps):
-            t = time.perf_counter()
-            step(position, rows, 10 + i)
-            times.append(time.perf_counter() - t)
-            position += rows
-    out.put((rank, statistics.median(times)))
+        clock.time_steps(steps)
+    out.put((rank, statistics.median(clock.times)))
 
 
 def _run(target, jobs: list[tuple]) -> list:

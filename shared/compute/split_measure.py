@@ -37,19 +37,21 @@ STEPS = 6  # timed one-row steps per stage and round; the median over all rounds
 WARM_STEPS = 3  # untimed steps first (first calls of each shape)
 
 
-class _StageClock:
-    """One stage of the split, loaded, a CONTEXT-token prompt cached: times its one-row decode steps, from token
-    ids if it is the first stage (else from made-up input states), with the LM head if it is the last."""
+class StageClock:
+    """One stage, loaded, a `context`-token prompt cached: times its decode steps of `rows` rows, from token ids if
+    it is the first stage (else from made-up input states), with the LM head if it is the last. `steps`: how many
+    timed steps it will be asked for (its request's KV room). benchmarks.bandwidth times its stages with it too."""
 
-    def __init__(self, runner, arch: ModelArch, first: bool, last: bool):
-        self.runner, self.last, self.times = runner, last, []
-        self.inputs = {n: None if first else torch.randn(n, arch.hidden_size) for n in (CONTEXT, 1)}
-        runner.add_request("measure", RequestInfo(CONTEXT, SamplingParams()),
-                           CONTEXT + WARM_STEPS + ROUNDS * STEPS + 1)
+    def __init__(self, runner, arch: ModelArch, first: bool, last: bool, context: int = CONTEXT, rows: int = 1,
+                 steps: int = ROUNDS * STEPS):
+        self.runner, self.last, self.rows, self.times = runner, last, rows, []
+        self.inputs = {n: None if first else torch.randn(n, arch.hidden_size) for n in (context, rows)}
+        runner.add_request("measure", RequestInfo(context, SamplingParams()),
+                           context + rows * (WARM_STEPS + steps) + 1)
         self.position = 0
-        self._step(CONTEXT)
+        self._step(context)
         for _ in range(WARM_STEPS):
-            self._step(1)
+            self._step(rows)
 
     def _step(self, n: int) -> None:
         rows = [Row("measure", -(p + 2), -(p + 1), p, 7 + p % 500, True, False)
@@ -62,7 +64,7 @@ class _StageClock:
     def time_steps(self, steps: int) -> None:
         for _ in range(steps):
             start = time.perf_counter()
-            self._step(1)
+            self._step(self.rows)
             self.times.append(time.perf_counter() - start)
 
 
@@ -71,7 +73,7 @@ def head_layers(model_dir, arch: ModelArch, stages: int, numerics: str, dtype: t
     bounds = stage_bounds(arch, stages, "balanced")
     first_layers, last_layers = bounds[0][1] - bounds[0][0], bounds[-1][1] - bounds[-1][0]
     with torch.no_grad():
-        clocks = [_StageClock(load_stage(model_dir, arch, rank, stages, dtype, numerics=numerics), arch,
+        clocks = [StageClock(load_stage(model_dir, arch, rank, stages, dtype, numerics=numerics), arch,
                               rank == 0, rank == stages - 1) for rank in (0, stages - 1)]
         for _ in range(ROUNDS):
             for clock in clocks:
