@@ -345,7 +345,7 @@ class Scheduler:
         made = plan(candidates, self.costs, self.policy.round_trip, step, self.draft_costs, self.refill_costs,
                     self.policy.draft_waits, self.draft_known(), self._waited_draft())
         if (made.informed and any(made.widths.values())
-                and self.mode_check.choose(decoding, step, self._mode_since[0]) is Mode.PLAIN):
+                and self.mode_check.choose(decoding, step, self.mode) is Mode.PLAIN):
             return made.plain(self.policy.round_trip)  # measured: speculation does not pay here, or a probe
         return made
 
@@ -411,7 +411,7 @@ class Scheduler:
         batch_record.rows = max(self._plan.rows if self._plan is not None and decoding else 0, prefill)
         batch_record.prefill = prefill > 0
         mode = Mode.SPEC if self._plan is not None and any(self._plan.widths.values()) else Mode.PLAIN
-        if mode is not self._mode_since[0]:
+        if mode is not self.mode:
             self._mode_since = (mode, self.step)
         self._next_batch += 1
         return batch
