@@ -328,7 +328,7 @@ class Scheduler:
     def _plan_due(self, step: int) -> bool:
         """Acceptance and costs have moved on since the plan was made, or it was made blind to cost."""
         period = 2 * self.policy.round_trip  # the pipe is the new plan's alone for the second half
-        learnt = bool(self.costs.points) and (self.draft_known() or not any(self._plan.widths.values()))
+        learnt = bool(self.costs.points) and (self.draft_known() or not self._plan.speculates)
         return step - self._plan.step >= period or (not self._plan.informed and learnt) or self._stalled
 
     def _make_plan(self, decoding: int, step: int) -> WidthPlan:
@@ -344,8 +344,7 @@ class Scheduler:
             candidates.append(Candidate(state.request.request_id, top, alphas, policy.refill_levels))
         made = plan(candidates, self.costs, self.policy.round_trip, step, self.draft_costs, self.refill_costs,
                     self.policy.draft_waits, self.draft_known(), self._waited_draft())
-        if (made.informed and any(made.widths.values())
-                and self.mode_check.choose(decoding, step, self.mode) is Mode.PLAIN):
+        if made.informed and made.speculates and self.mode_check.choose(decoding, step, self.mode) is Mode.PLAIN:
             return made.plain(self.policy.round_trip)  # measured: speculation does not pay here, or a probe
         return made
 
@@ -410,7 +409,7 @@ class Scheduler:
         # step costs what its rows cost, whatever the plan)
         batch_record.rows = max(self._plan.rows if self._plan is not None and decoding else 0, prefill)
         batch_record.prefill = prefill > 0
-        mode = Mode.SPEC if self._plan is not None and any(self._plan.widths.values()) else Mode.PLAIN
+        mode = Mode.SPEC if self._plan is not None and self._plan.speculates else Mode.PLAIN
         if mode is not self.mode:
             self._mode_since = (mode, self.step)
         self._next_batch += 1

@@ -215,6 +215,11 @@ class WidthPlan:
     def width_of(self, request_id: str) -> int:
         return self.widths.get(request_id, self.default)
 
+    @property
+    def speculates(self) -> bool:
+        """Some request speculates under this plan (the mode check's SPEC); else every one decodes plainly."""
+        return any(self.widths.values())
+
     def plain(self, stages: int) -> WidthPlan:
         """This plan with nobody speculating: every request's root, once per `stages` steps (PP's rows)."""
         return replace(self, widths=dict.fromkeys(self.widths, 0), default=0, refill=0,
