@@ -1,15 +1,17 @@
 """The pipeline beat with nothing to compute: the services' control overhead per step.
 
     python -m benchmarks.beat [--stages 2,4,8] [--compute-ms 0] [--requests 1,16] [--policies pp,specpipe]
-        [--schedulers lockstep,async] [--realtime-priority 0,10] [--tokens 48] [--out FILE]
+        [--schedulers lockstep,async] [--realtime-priority 0,10] [--ngram-in workers] [--tokens 48] [--out FILE]
 
 For every (stage processes, policy, scheduler loop, concurrent requests), a cluster of null stages (stage_worker
 --null-compute-ms S: no model, every forward takes S ms; tiny-random's shapes on the wire), the scheduler and,
-under specpipe, one n-gram draft worker. The null stages answer every row with its own token, so the n-gram
+under specpipe, the n-gram draft where `--ngram-in` puts it: by default one draft worker, where `specpipe up`
+puts it with GPU stages, whose pace the null stages stand for (`scheduler`: looked up in the scheduler's loop, as
+on a CPU host). The null stages answer every row with its own token, so the n-gram
 draft's proposals are always accepted and specpipe keeps the pipe as full as it can. `requests` requests of
 `tokens` new tokens go in at once. The scheduler loop is lockstep (each step scheduled after the last one's
 verification) or async (--async-scheduling: scheduled while the stages compute the one before). With
---realtime-priority N (N > 0) the scheduler, the stages and the draft worker run under SCHED_FIFO at priority N:
+--realtime-priority N (N > 0) the scheduler, the stages and any draft worker run under SCHED_FIFO at priority N:
 each takes a core as soon as its input arrives, instead of queueing behind whatever else woke at the step's
 boundary (needs CAP_SYS_NICE; a run where it was refused says so in the processes' logs, not here).
 
@@ -45,7 +47,7 @@ from shared.model_store import resolve_model
 from shared.transport.queue_client import collect, submit
 from shared.transport.redis_io import RedisConfig, alive, connect, ensure_redis, pipeline_components, stage_name
 from shared.wire.messages import RequestMsg
-from specpipe.cluster import ClusterConfig, delete_keys, pipeline_commands, stop_processes
+from specpipe.cluster import NGRAM_PLACES, ClusterConfig, delete_keys, pipeline_commands, stop_processes
 
 PROMPT = [11, 12, 13, 14, 15, 16, 17, 18]  # any tokens: the null stages' targets repeat the last one
 
@@ -59,7 +61,7 @@ def measure(args: argparse.Namespace, stages: int, policy: str, loop: str, reque
     prefix = f"beat-{uuid.uuid4().hex[:6]}"
     cfg = ClusterConfig(model=str(resolve_model(args.model)), draft="ngram", policy=policy, stages=stages,
                         redis_url=args.redis_url, prefix=prefix, threads=1, device="cpu",
-                        async_scheduling=loop == "async", realtime_priority=priority)
+                        async_scheduling=loop == "async", realtime_priority=priority, ngram_in=args.ngram_in)
     commands = pipeline_commands(cfg)
     for k in range(stages):
         commands[stage_name(k)] += ["--null-compute-ms", str(args.compute_ms)]
@@ -149,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", default="1,16", help="concurrent requests per run")
     p.add_argument("--compute-ms", type=float, default=0.0, help="each forward's fixed time (0: none)")
     p.add_argument("--tokens", type=int, default=48, help="new tokens per request")
+    p.add_argument("--ngram-in", choices=NGRAM_PLACES, default="workers",
+                   help="where specpipe's n-gram draft is looked up (specpipe up --ngram-in): workers, as with GPU "
+                        "stages (the default), or the scheduler, as on a CPU host")
     p.add_argument("--model", default="tiny-random", help="whose shapes cross the wire (no weights are read)")
     p.add_argument("--redis-url", default=env("REDIS_URL"))
     p.add_argument("--out", default=None, help="write the JSON result here")
@@ -165,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if redis_proc is not None:
             redis_proc.terminate()
-    result = {"machine": machine(), "compute_ms": args.compute_ms, "tokens": args.tokens, "runs": runs}
+    result = {"machine": machine(), "compute_ms": args.compute_ms, "tokens": args.tokens, "ngram_in": args.ngram_in,
+              "runs": runs}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
-    print(f"# {result['machine']}; null stages ({args.compute_ms:g} ms compute), control path over TCP")
+    print(f"# {result['machine']}; null stages ({args.compute_ms:g} ms compute), control path over TCP, "
+          f"the n-gram draft in the {args.ngram_in}")
     goal = [x for x in runs if (x["stages"], x["policy"], x["requests"]) == (4, "specpipe", 16)]
     if goal:
         best = goal[-1]  # async where it ran (the last loop asked for), at the last priority asked for

@@ -6,7 +6,7 @@ replayed on them, with no forward.
 
 1. The target greedy-decodes each prompt once (transformers `generate()`, fp32, as benchmarks.hf_baseline), keeping
    its top-4 tokens at every position. `--runs` caches these runs (decoding is most of the time).
-2. **Hit rates** of the prompt-lookup draft (draft_worker/ngram.py) at every output position, given the true text
+2. **Hit rates** of the prompt-lookup draft (shared/drafting/ngram.py) at every output position, given the true text
    before it: how often it proposes nothing, and how often its first (first two) proposals hold the target's token.
    Beside it, two fallbacks a lookup that proposes nothing could take:
    - `shared`: NgramSource's table across requests (`shared_tokens`), unbounded here: the followers of the longest
@@ -42,8 +42,8 @@ import torch
 from benchmarks.hf_baseline import load_hf
 from benchmarks.provenance import machine
 from benchmarks.serving import ServingConfig, bench_prompts
-from draft_worker.ngram import NgramSource
 from scheduler.scheduler import Phase, Request, Scheduler
+from shared.drafting.ngram import NgramSource
 from shared.types.batch import MicroBatch, StageOutput
 from shared.types.config import EngineConfig, PolicyConfig
 from specpipe.executor import InProcessPipeline

@@ -15,7 +15,8 @@ scheduler's and the draft worker's share is taken from a stage; PP leaves a core
 
 An arm is a policy, or `specpipe-async`: specpipe under the scheduler's --async-scheduling; `specpipe-r2`,
 specpipe with --refill-depth 2; `specpipe-shared`, specpipe whose n-gram draft keeps a table across requests
-(--ngram-shared). A shared table holds the requests served before: compare it over one round of distinct prompts
+(--ngram-shared); `-worker`, specpipe whose n-gram draft is looked up in a draft worker process (--ngram-in
+workers), not the scheduler's. A shared table holds the requests served before: compare it over one round of distinct prompts
 (`--rounds 1`), or a prompt's second round drafts from its first.
 """
 
@@ -32,20 +33,22 @@ from benchmarks.provenance import machine
 from benchmarks.serving import FAILURES, ServingConfig, bench_prompts, sequential
 from benchmarks.serving_cluster import ClusterPool, ClusterSpec
 from shared.types.config import DEFAULT_NUMERICS, NUMERICS
+from specpipe.cluster import AUTO
 
 ARMS = ("pp", "specpipe", "specpipe-async")
 # an arm; a specpipe one may name its refill depth, and `-shared` for the n-gram draft's table across requests; any
 # may end in `@A+B`, its stages' layer counts (--layer-split A,B)
-ARM = re.compile(r"(?:pp|specpipe(-async)?(?:-r(\d+))?(-shared)?)(?:@(\d+(?:\+\d+)+))?")
+ARM = re.compile(r"(?:pp|specpipe(-async)?(?:-r(\d+))?(-shared)?(-worker)?)(?:@(\d+(?:\+\d+)+))?")
 SHARED_TOKENS = 1 << 16  # a `-shared` arm's table
 
 
 def arm_spec(cfg: ServingConfig, arm: str) -> ClusterSpec:
     """The cluster of an arm: a policy, `-async` for --async-scheduling, `-rN` for --refill-depth N, `-shared` for
     --ngram-shared SHARED_TOKENS, `@A+B` for --layer-split A,B."""
-    asynchronous, refill, shared, split = ARM.fullmatch(arm).groups()
+    asynchronous, refill, shared, worker, split = ARM.fullmatch(arm).groups()
     spec = replace(cfg.spec(re.split("[-@]", arm)[0]), async_scheduling=bool(asynchronous),
-                   ngram_shared=SHARED_TOKENS if shared else 0)
+                   ngram_shared=SHARED_TOKENS if shared else 0,
+                   ngram_in="workers" if worker else AUTO)
     if split:
         spec = replace(spec, layer_split=split.replace("+", ","))
     return spec if refill is None else replace(spec, refill_depth=int(refill))

@@ -4,8 +4,8 @@
         [--max-queue N] [--kv-slots N] [--max-inflight N] [--duration 300] [--deadline 120] [--out report.md]
         [--url http://127.0.0.1:8000]
 
-Without --url it starts the default local cluster itself (specpipe.cluster.commands: scheduler, 2 stages,
-n-gram draft worker, gateway; its own key prefix and ports), and stops it and deletes its keys at the end;
+Without --url it starts the default local cluster itself (specpipe.cluster.commands: scheduler with the n-gram
+draft, 2 stages, gateway; its own key prefix and ports), and stops it and deletes its keys at the end;
 --max-queue, --kv-slots and --max-inflight are its service limits, LoadConfig.gateway_args more gateway flags.
 `--clients` asyncio clients (httpx, one connection each: `--clients 512` is 512 concurrent streams) each send
 streaming chat completions one after another until `--requests` have been sent in all or `--duration`

@@ -14,7 +14,7 @@ measured, and stopped (its whole process group) before the next one starts:
 - `specpipe-pp` and `specpipe-specpipe`: `specpipe up --numerics N --layer-split S --stages 2 --policy pp|specpipe`,
   N from `--numerics` (default `specpipe up`'s, fast; compiled is Inductor's, as vLLM compiles its model), S from
   `--layer-split` (default measured, as `specpipe up`; vLLM cuts even slices)
-  (n-gram draft worker under specpipe), whose stage and draft processes share the cores
+  (the n-gram draft looked up in the scheduler, as `specpipe up` does), whose stage processes share the cores
   (specpipe.cluster.ClusterConfig.compute_threads: cores // (stages + draft workers) torch threads each).
 
 Every peer is pinned to the same `--threads` cores (all of them by default). FOLDER is the HF folder the project's
@@ -295,7 +295,7 @@ def specpipe_launch(cfg: PeerConfig, name: str, port: int) -> Launch:
     procs = cfg.stages + ccfg.draft_workers
     return Launch(name, argv, {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}, f"http://127.0.0.1:{port}",
                   "/ready", f"{procs} compute processes ({cfg.stages} stages"
-                  f"{', 1 n-gram draft worker' if ccfg.draft_workers else ''}), {threads} torch thread(s) each, "
+                  f"{', the n-gram draft in the scheduler' if policy != 'pp' else ''}), {threads} torch thread(s) each, "
                   f"numerics {cfg.numerics}, layer split {cfg.layer_split}", prefix)
 
 

@@ -1,7 +1,7 @@
 """A local SpecPipe cluster for benchmarks, and a client that timestamps every token at the Redis queue.
 
-`ServiceCluster` starts the processes of `specpipe.cluster.pipeline_commands` (scheduler, N stage workers, the
-draft worker unless the policy is pp; no gateway: requests go straight into the `requests` stream) under a fresh
+`ServiceCluster` starts the processes of `specpipe.cluster.pipeline_commands` (scheduler, N stage workers, a
+draft worker for a draft model unless the policy is pp, the n-gram draft in the scheduler; no gateway: requests go straight into the `requests` stream) under a fresh
 key prefix and rendezvous port, loopback only, and stops them and deletes their keys on `close()`. A dead process
 or a missed deadline raises `ClusterError` with the tail of that process's log, never hangs.
 
@@ -38,6 +38,7 @@ from shared.transport.redis_io import (
 from shared.types.config import DEFAULT_NUMERICS, ModelArch, stage_bounds
 from shared.wire.messages import RequestMsg, SchedulerStatsMsg, TokensMsg
 from specpipe.cluster import (
+    AUTO,
     MEASURED,
     ClusterConfig,
     delete_keys,
@@ -112,20 +113,22 @@ class ClusterSpec:
     async_scheduling: bool = False  # the scheduler's --async-scheduling
     ngram_shared: int = 0  # the n-gram draft's table across requests, in tokens (0: none)
     layer_split: str = MEASURED  # which layers each stage holds (stage_bounds), or measured as `specpipe up` does
+    ngram_in: str = AUTO  # where the n-gram draft is looked up (--ngram-in; on these CPU clusters, the scheduler)
 
     def config(self, prefix: str) -> ClusterConfig:
-        """The cluster's ClusterConfig under `prefix` (one draft worker, a fresh rendezvous port)."""
+        """The cluster's ClusterConfig under `prefix` (one draft worker where one drafts, a fresh rendezvous
+        port)."""
         extra = ("--refill-depth", str(self.refill_depth)) if self.refill_depth is not None else ()
         return ClusterConfig(model=self.model, draft=self.draft, policy=self.policy, stages=self.stages,
                              width=self.width, drafts=1, redis_url=self.redis_url, prefix=prefix,
                              master_port=free_port(), extra=extra, draft_dtype=self.draft_dtype,
                              threads=self.threads or 0, numerics=self.numerics, device="cpu",
                              async_scheduling=self.async_scheduling, ngram_shared=self.ngram_shared,
-                             layer_split=self.layer_split)
+                             layer_split=self.layer_split, ngram_in=self.ngram_in)
 
 
 class ServiceCluster:
-    """Scheduler + stages (+ one draft worker) as real processes; use as a context manager."""
+    """Scheduler + stages (+ one draft worker for a draft model) as real processes; use as a context manager."""
 
     def __init__(self, spec: ClusterSpec):
         self.spec = spec
@@ -143,7 +146,7 @@ class ServiceCluster:
         self.cmds = pipeline_commands(self.config)
         self.started, self.start_s = time.perf_counter(), None
 
-    def __enter__(self) -> "ServiceCluster":
+    def __enter__(self) -> ServiceCluster:
         try:
             self.start()
         except BaseException:
@@ -362,7 +365,7 @@ class ClusterPool:
         self.clusters: dict[ClusterSpec, ServiceCluster] = {}
         self.redis_proc: subprocess.Popen | None = None  # a Redis this pool had to start (none answered)
 
-    def __enter__(self) -> "ClusterPool":
+    def __enter__(self) -> ClusterPool:
         return self
 
     def __exit__(self, *exc: object) -> None:

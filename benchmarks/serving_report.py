@@ -46,9 +46,10 @@ def _mismatches(d: dict, what: str) -> list[str]:
 
 
 def _shared_cores(d: dict, pol: dict, speed: float) -> list[str]:
-    """When the stage processes and the draft share fewer cores than they number, say what that does."""
+    """When the stage processes and the scheduler (its n-gram draft) share fewer cores than they number, say what
+    that does."""
     cores = os.cpu_count() or 1
-    compute = d["stages"] + 1  # the stage processes and one draft worker
+    compute = d["stages"] + 1  # the stage processes and the scheduler, which drafts
     if cores >= compute:
         return []
     steps = {p: pol[p]["cluster"]["wire"]["mean_step_ms"] for p in ("pp", "specpipe")
@@ -57,8 +58,8 @@ def _shared_cores(d: dict, pol: dict, speed: float) -> list[str]:
                 if len(steps) == 2 else "")
     outcome = ("fewer steps still buy wall-clock time here, less than they would with a device per stage"
                if speed > 1 else "here, fewer steps do not buy wall-clock time")
-    return ["", f"This machine has {cores} cores for {d['stages']} stage processes and a draft worker: when "
-            f"specpipe fills the pipeline, its stages and the draft compete for the same cores{per_step}, while pp "
+    return ["", f"This machine has {cores} cores for {d['stages']} stage processes and the scheduler: when "
+            f"specpipe fills the pipeline, its stages and the scheduler's drafting compete for the same cores{per_step}, while pp "
             f"leaves one stage idle each step. So {outcome}; tokens per step is what carries over to a pipeline "
             "with a device per stage, and the modeled section times it that way."]
 

@@ -174,7 +174,8 @@ def stage_compute(rows: list[StepTimes], stages: int, average=statistics.fmean) 
 
 
 def draft_forwards(r, rcfg: RedisConfig) -> dict:
-    """The draft workers' forwards (benchmarks set against the step time: is the pipe draft-bound?)."""
+    """The draft's forwards, the draft workers' or the scheduler's own lookups (`draft-scheduler`): set against
+    the step time, is the pipe draft-bound?"""
     spans = [item.decode().split(":") for key in r.scan_iter(rcfg.key("timings", "draft-*"))
              for item in r.lrange(key, 0, -1)]
     if not spans:

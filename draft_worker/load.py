@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from draft_worker.draft_model import DraftModelSource
-from draft_worker.ngram import NgramSource
 from draft_worker.vocab import SubsetHead, subset_tokens
 from shared.compute.model import rowwise_linear
 from shared.compute.runner import StageRunner
 from shared.compute.weights import load_stage_weights
+from shared.drafting.ngram import NgramSource
 from shared.model_store import resolve_model
 from shared.types.config import ModelArch
 from shared.types.errors import ConfigError

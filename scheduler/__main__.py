@@ -8,6 +8,7 @@ from dataclasses import replace
 from scheduler.admission import AdmissionConfig
 from scheduler.scheduler import Scheduler
 from scheduler.service import SchedulerService, SchedulerServiceConfig
+from shared.drafting.ngram import NgramSource
 from shared.model_store import resolve_model
 from shared.service_args import (
     add_control_args,
@@ -22,7 +23,7 @@ from shared.service_args import (
     run_main,
     set_realtime,
 )
-from shared.types.config import DRAFT_MODES, ModelArch
+from shared.types.config import DRAFT_MODES, NGRAM_SHARED_HELP, ModelArch
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,6 +41,10 @@ def parser() -> argparse.ArgumentParser:
                         "auto: the width plan chooses, plan by plan, from the measured costs (cost rule)")
     p.add_argument("--draft-wait-ms", type=float, default=1000.0,
                    help="a waiting step waits up to this long for the draft's proposals (0: --draft-mode beside)")
+    p.add_argument("--local-draft", choices=("none", "ngram"), default="none",
+                   help="ngram: the prompt-lookup draft answered in this process, with no draft worker (a lookup "
+                        "computes nothing: a worker would add only its round trips); none: the draft workers'")
+    p.add_argument("--ngram-shared", type=int, default=0, help=f"--local-draft ngram: {NGRAM_SHARED_HELP}")
     p.add_argument("--trace-steps", action="store_true",
                    help="also write every StepMsg to the Redis `steps` stream, off the beat (tests, debugging)")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds (tests)")
@@ -59,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                                      draft_wait_s=0.0 if waits is False else args.draft_wait_ms / 1000,
                                      control=control_config(args),
                                      trace_steps=args.trace_steps)
-        SchedulerService(cfg, scheduler, frozenset(arch.eos_token_ids)).run(args.idle_exit)
+        local = NgramSource(shared_tokens=args.ngram_shared) if args.local_draft == "ngram" else None
+        SchedulerService(cfg, scheduler, frozenset(arch.eos_token_ids), local).run(args.idle_exit)
 
     return run_main(serve)
 

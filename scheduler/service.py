@@ -30,6 +30,7 @@ from redis.client import Pipeline
 
 from scheduler.admission import Admission, AdmissionConfig, Admitted
 from scheduler.drafts import DraftChannel
+from scheduler.local_drafts import LocalDrafts
 from scheduler.pipeline import PipelineWatch, not_running
 from scheduler.scheduler import Request, Scheduler, StepResult
 from scheduler.telemetry import Telemetry
@@ -49,6 +50,7 @@ from shared.transport.redis_io import (
 )
 from shared.types.batch import PipelineEvent
 from shared.types.errors import ConfigError, SpecPipeError
+from shared.types.speculation import SpeculativeSource
 from shared.wire.messages import (
     AdmittedRequest,
     CancelMsg,
@@ -93,14 +95,18 @@ class SchedulerServiceConfig:
 
 
 class SchedulerService:
-    def __init__(self, cfg: SchedulerServiceConfig, scheduler: Scheduler, stop_ids: frozenset[int]):
+    def __init__(self, cfg: SchedulerServiceConfig, scheduler: Scheduler, stop_ids: frozenset[int],
+                 local_draft: SpeculativeSource | None = None):
+        """`local_draft`: a lookup draft answered in this process (LocalDrafts); None: the draft workers'."""
         self.cfg, self.scheduler, self.stop_ids = cfg, scheduler, stop_ids
         self.r = connect(cfg.redis)
         self.admission = Admission(cfg.admission)
         self.inbox = Inbox(cfg.control)  # VerifyMsg from the last stage, ProposalsMsg from the drafts
         self.stages = Outbox()  # every stage's inbox, connected once the run has formed
-        self.drafts = DraftChannel(self.r, cfg.redis, scheduler, cfg.draft_wait_s, receive=self._poll_control)
         self.telemetry = Telemetry(self.r, cfg.redis, cfg.stages, cfg.stats_interval_s)
+        self.drafts: DraftChannel | LocalDrafts = (
+            LocalDrafts(scheduler, local_draft, timed=self.telemetry.draft_timed) if local_draft is not None
+            else DraftChannel(self.r, cfg.redis, scheduler, cfg.draft_wait_s, receive=self._poll_control))
         self.pipeline = PipelineWatch(self.r, cfg.redis, cfg.stages, self.inbox.address, cfg.admission.kv_slots)
         self.entry_of: dict[str, str] = {}  # request -> its requests-stream entry, acknowledged when it ends
         self.admitted: list[AdmittedRequest] = []  # admitted since the last StepMsg; stages register them first

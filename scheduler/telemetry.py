@@ -4,6 +4,8 @@
   one clock for every process on a host), pushed in batches; benchmarks.wire_overhead
   splits each step into compute, scheduler work, draft wait and wire from these and
   the stages' compute intervals.
+- draft timings: "start:seconds:nodes" of each lookup the scheduler drafted itself (LocalDrafts), as a draft
+  worker reports its forwards, under the name `draft-scheduler`.
 - occupancy: each step's column of the stage x step grid, final once the events of
   its verification are known (the dashboard reads the `occupancy` stream).
 - stats: the SchedulerStatsMsg snapshot (metrics and dashboard), rewritten every `interval_s`.
@@ -31,6 +33,7 @@ class Telemetry:
         self.r, self.cfg, self.interval_s = r, cfg, interval_s
         self.occupancy = Occupancy(stages)
         self.timings: list[str] = []
+        self.draft_timings: list[str] = []
         self.columns: list[OccupancyMsg] = []  # final columns not yet published
         self.sent: tuple[int, list[Row]] | None = None  # the step whose column awaits its events
         self.drained = False  # the pipe drained since the timings were last pushed: push them all
@@ -53,6 +56,9 @@ class Telemetry:
         self.timings.append(":".join([str(step), str(rows), *(f"{t:.6f}" for t in stamps)]))
         self.drained = self.drained or drained
 
+    def draft_timed(self, start: float, seconds: float, nodes: int) -> None:
+        self.draft_timings.append(f"{start:.6f}:{seconds:.6f}:{nodes}")
+
     def flush(self, r: redis.Redis | Pipeline | None = None) -> None:
         """Off the beat (in a step's shadow, on its pipeline, or idle): the columns made final, and the timings
         in batches."""
@@ -61,7 +67,9 @@ class Telemetry:
         publish_all(r, [(self.cfg.occupancy, c) for c in columns], maxlen=1024)
         if self.timings and (len(self.timings) >= TIMINGS_BATCH or self.drained):
             r.rpush(self.cfg.key("timings", "scheduler"), *self.timings)
-            self.timings, self.drained = [], False
+            if self.draft_timings:
+                r.rpush(self.cfg.key("timings", "draft-scheduler"), *self.draft_timings)
+            self.timings, self.draft_timings, self.drained = [], [], False
 
     def stats(self, scheduler: Scheduler, waiting_since: dict[str, float]) -> None:
         """Rewrite the snapshot when it is due."""

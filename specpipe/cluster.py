@@ -41,6 +41,8 @@ from specpipe.supervisor import RESTART_POLICIES, Child, RestartPolicy, Supervis
 
 MEASURED = "measured"  # --layer-split: counts from timing this host's stages (resolve_layer_split), before any starts
 SPLIT_MEASURE_TIMEOUT_S = 600.0  # loading two stages of a large model on a CPU and timing a few steps
+AUTO = "auto"  # --ngram-in: the scheduler where the stages compute on the CPU, workers where on GPUs
+NGRAM_PLACES = (AUTO, "scheduler", "workers")  # where the n-gram draft is looked up (ClusterConfig.local_ngram)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class ClusterConfig:
     async_scheduling: bool = False  # schedule step t+1 while t computes (PolicyConfig.async_scheduling)
     realtime_priority: int = 0  # SCHED_FIFO priority of the scheduler, stages and drafts (0: off; --realtime-priority)
     drafts: int = 1
+    ngram_in: str = AUTO  # where the n-gram draft is looked up (NGRAM_PLACES; local_ngram)
     token_budget: int = 256
     redis_url: str = DEFAULTS["REDIS_URL"]
     prefix: str = DEFAULTS["SPECPIPE_PREFIX"]
@@ -105,9 +108,32 @@ class ClusterConfig:
                 "--distr-bucket", a.bucket]
 
     @property
+    def local_ngram(self) -> bool:
+        """Whether the scheduler answers the n-gram draft itself (then no draft worker starts); under pp too, for
+        the requests that ask for a speculative policy. `auto`: where the stages compute on the CPU. A lookup
+        computes nothing, and a worker adds its round trips to each level (a refill's levels one after another),
+        on cores the stages fill; with GPU stages, steps of a few ms and cores to spare, a worker keeps the
+        lookups of many requests off the scheduler's loop (BENCHMARKS.md, issue 15, session 25)."""
+        if self.draft != "ngram" or self.drafts < 1:
+            return False
+        return self.ngram_in == "scheduler" or (self.ngram_in == AUTO and not self.stages_on_gpu())
+
+    def stages_on_gpu(self) -> bool:
+        """Whether the stages compute on GPUs: `device`, or where it is left to them, whether this host has one."""
+        if self.device is not None:
+            return self.device.startswith("cuda")
+        import torch  # only here: the launcher needs it for nothing else
+
+        return torch.cuda.is_available()
+
+    @property
     def draft_workers(self) -> int:
-        """Draft worker processes: `drafts`, none under pp."""
-        return self.drafts if self.policy != "pp" else 0
+        """Draft worker processes: `drafts`, none under pp or where the scheduler drafts (local_ngram)."""
+        return 0 if self.policy == "pp" or self.local_ngram else self.drafts
+
+    def scheduler_draft_args(self) -> list[str]:
+        """--local-draft where the scheduler answers the n-gram draft itself."""
+        return ["--local-draft", "ngram", "--ngram-shared", str(self.ngram_shared)] if self.local_ngram else []
 
     def compute_threads(self) -> int:
         """Torch threads of each stage and draft process: `threads`, or the cores shared (not oversubscribed)."""
@@ -142,8 +168,8 @@ def commands(cfg: ClusterConfig) -> dict[str, list[str]]:
         "scheduler": [py, "-m", "scheduler", *cfg.common_args(), *cfg.beat_args(), "--policy", cfg.policy,
                       "--stages", str(cfg.stages), "--width", str(cfg.width), "--width-rule", cfg.width_rule,
                       "--token-budget", str(cfg.token_budget),
-                      *(["--async-scheduling"] if cfg.async_scheduling else []), *cfg.limits.scheduler_args(),
-                      *cfg.extra],
+                      *(["--async-scheduling"] if cfg.async_scheduling else []), *cfg.scheduler_draft_args(),
+                      *cfg.limits.scheduler_args(), *cfg.extra],
     }
     for k in range(cfg.stages):
         procs[stage_name(k)] = [py, "-m", "stage_worker", *cfg.common_args(), *cfg.beat_args(),
@@ -327,7 +353,13 @@ def up_main(argv: list[str]) -> int:
     p.add_argument("--width-rule", choices=WIDTH_RULES, default="cost",
                    help="specpipe: cost sizes each request's width from its acceptance and the measured step cost "
                         "(0 under saturation); budget keeps --width while the token budget allows")
-    p.add_argument("--drafts", type=int, default=1, help="draft worker processes")
+    p.add_argument("--drafts", type=int, default=1,
+                   help="draft worker processes (0: nothing drafted); for the n-gram draft, only where --ngram-in "
+                        "places it in workers")
+    p.add_argument("--ngram-in", choices=NGRAM_PLACES, default=AUTO,
+                   help="where the n-gram draft is looked up: scheduler (its own process: no round trip per level), "
+                        "workers (--drafts draft worker processes, beside the scheduler's loop), auto (the scheduler "
+                        "where the stages compute on the CPU, workers where they compute on GPUs)")
     p.add_argument("--device", default=None,
                    help="the stages' and drafts' device: cpu, cuda (stage k on GPU k, the drafts on the GPUs after "
                         "the stages', modulo the GPUs there) or cuda:N (default: cuda when there is a GPU, else cpu)")
@@ -387,7 +419,7 @@ def up_main(argv: list[str]) -> int:
     cfg = ClusterConfig(
         model=a.model, draft=a.draft, policy=a.policy, stages=a.stages, width=a.width,
         width_rule=a.width_rule, async_scheduling=a.async_scheduling, realtime_priority=a.realtime_priority,
-        drafts=a.drafts,
+        drafts=a.drafts, ngram_in=a.ngram_in,
         token_budget=a.token_budget, redis_url=a.redis_url, prefix=a.prefix, master_port=a.master_port, port=a.port,
         host=a.host, attention=attention_config(a), device=a.device, dtype=a.dtype, draft_dtype=a.draft_dtype,
         draft_vocab=a.draft_vocab, ngram_shared=a.ngram_shared, numerics=a.numerics, layer_split=a.layer_split,

@@ -32,7 +32,7 @@ class Cluster:
 
     def __init__(self, tmp: Path, model: str, stages: int = 2, policy: str = "specpipe", draft: str = "ngram",
                  drafts: int = 1, extra: tuple[str, ...] = (), prefix: str | None = None, numerics: str = "exact",
-                 ngram_shared: int = 0):
+                 ngram_shared: int = 0, ngram_in: str = "auto"):
         self.redis_proc = ensure_redis(REDIS_URL)
         self.cfg = RedisConfig(url=REDIS_URL, prefix=prefix or f"test-{uuid.uuid4().hex[:8]}")
         self.r = connect(self.cfg)
@@ -42,7 +42,8 @@ class Cluster:
         # references they are checked against are
         self.config = ClusterConfig(model=model, draft=draft, policy=policy, stages=stages, drafts=drafts,
                                     redis_url=REDIS_URL, prefix=self.cfg.prefix, extra=tuple(extra), threads=1,
-                                    device="cpu", numerics=numerics, ngram_shared=ngram_shared)
+                                    device="cpu", numerics=numerics, ngram_shared=ngram_shared,
+                                    ngram_in=ngram_in)
         self.procs: dict[str, subprocess.Popen] = {}
         self.commands = pipeline_commands(self.config)
         for name in self.commands:

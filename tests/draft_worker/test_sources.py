@@ -19,11 +19,11 @@ import torch
 
 from draft_worker.draft_model import DraftModelSource
 from draft_worker.load import load_draft
-from draft_worker.ngram import NgramSource
 from draft_worker.vocab import head_tokens
 from scheduler.scheduler import Phase, Request
 from shared.compute.runner import StageRunner
 from shared.compute.weights import load_stage_weights
+from shared.drafting.ngram import NgramSource
 from shared.types.batch import PipelineEvent
 from shared.types.config import ModelArch, SamplingParams
 from shared.types.errors import ConfigError

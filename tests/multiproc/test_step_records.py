@@ -34,7 +34,8 @@ LIST_PROMPT = ("Copy this list exactly, one item per line: red apple, green pear
 
 # label: (model, stage processes, refill depth (None: the services' default_refill_depth), draft: "model" is the
 # target itself (greedy: every level accepted; seeded: tiny-random's near-uniform draws miss, so every step after
-# the first refills), or "ngram"; async scheduling: each step scheduled before the last verification is read)
+# the first refills), "ngram" (looked up in the scheduler, as on a CPU host) or "ngram-worker" (in a draft worker, as
+# with GPU stages); async scheduling: each step scheduled before the last verification is read)
 PIPES = {
     "tiny-random, 2 stages, draft model": ("tiny", 2, None, "model", False),
     "tiny-random, 3 stages, draft model": ("tiny", 3, None, "model", False),
@@ -45,6 +46,7 @@ PIPES = {
     "tiny-random, 4 stages, draft model, async scheduling": ("tiny", 4, None, "model", True),
     "smollm2, 2 stages, n-gram": ("smollm2-135m", 2, None, "ngram", False),
     "smollm2, 2 stages, n-gram, async scheduling": ("smollm2-135m", 2, None, "ngram", True),
+    "smollm2, 2 stages, n-gram in a draft worker": ("smollm2-135m", 2, None, "ngram-worker", False),
 }
 
 
@@ -115,11 +117,12 @@ def test_services_and_executor_step_alike(tmp_path, tiny_dir, case, request) -> 
     if model != "tiny":
         request.applymarker(pytest.mark.slow)
     model_dir = tiny_dir if model == "tiny" else resolve_model(model)
-    draft = str(model_dir) if draft == "model" else draft
+    ngram_in = "workers" if draft == "ngram-worker" else "scheduler"
+    draft = {"model": str(model_dir), "ngram-worker": "ngram"}.get(draft, draft)
     refill = default_refill_depth(stages) if refill is None else refill
     jobs = _jobs(model, model_dir)
     # a generous draft wait: an answer takes milliseconds, and a late one would change the tree
-    cluster = Cluster(tmp_path, str(model_dir), stages=stages, draft=draft,
+    cluster = Cluster(tmp_path, str(model_dir), stages=stages, draft=draft, ngram_in=ngram_in,
                       extra=("--refill-depth", str(refill), "--draft-mode", "wait", "--draft-wait-ms", "20000",
                              "--trace-steps", "--width-rule", "budget",  # the cost rule learns from wall-clock beats
                              *(["--async-scheduling"] if overlap else [])))

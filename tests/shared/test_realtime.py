@@ -62,7 +62,10 @@ def test_a_refused_priority_is_a_warning_not_an_exit(monkeypatch, caplog) -> Non
 # label: (ClusterConfig, processes given --realtime-priority)
 CLUSTERS = {
     "off": (ClusterConfig(stages=2), set()),
-    "specpipe": (ClusterConfig(stages=2, realtime_priority=10), {"scheduler", "stage-0", "stage-1", "draft-0"}),
+    "specpipe, n-gram in the scheduler": (ClusterConfig(stages=2, realtime_priority=10, device="cpu"),
+                                          {"scheduler", "stage-0", "stage-1"}),
+    "specpipe, a draft worker": (ClusterConfig(stages=2, realtime_priority=10, ngram_in="workers"),
+                                 {"scheduler", "stage-0", "stage-1", "draft-0"}),
     "pp, no draft": (ClusterConfig(stages=3, policy="pp", realtime_priority=10),
                      {"scheduler", "stage-0", "stage-1", "stage-2"}),
 }

@@ -28,7 +28,7 @@ def _compute(procs: dict[str, list[str]]):
 
 
 def test_without_flags_each_process_picks_its_device_and_dtype() -> None:
-    parsed = _compute(commands(ClusterConfig(stages=2, drafts=1)))
+    parsed = _compute(commands(ClusterConfig(stages=2, drafts=1, ngram_in="workers")))
     assert [name for name, _ in parsed] == ["stage-0", "stage-1", "draft-0"]
     for _, args in parsed:
         assert args.dtype is None  # the device's: bfloat16 on a GPU, float32 on a CPU
@@ -37,7 +37,7 @@ def test_without_flags_each_process_picks_its_device_and_dtype() -> None:
 
 def test_up_passes_device_and_dtypes_through() -> None:
     cfg = ClusterConfig(stages=3, drafts=2, device="cuda", dtype="float16", draft_dtype="bfloat16", draft_vocab=32768,
-                        ngram_shared=4096)
+                        ngram_shared=4096, ngram_in="workers")
     for name, args in _compute(commands(cfg)):
         assert args.device == "cuda"
         assert args.dtype == ("bfloat16" if name.startswith("draft-") else "float16")
@@ -68,7 +68,7 @@ def test_up_passes_every_attention_setting_to_the_stages(attention) -> None:
 
 
 def test_a_bare_cuda_means_the_stages_gpu_and_the_drafts_after_them() -> None:
-    cfg = ClusterConfig(stages=3, drafts=2, device="cuda", api_keys=("k",))
+    cfg = ClusterConfig(stages=3, drafts=2, device="cuda", api_keys=("k",), draft="qwen2.5-coder-0.5b")
     envs = {child.name: child.env for child in children(cfg)}
     ranks = {name: env["LOCAL_RANK"] for name, env in envs.items() if env and "LOCAL_RANK" in env}
     assert ranks == {"stage-0": "0", "stage-1": "1", "stage-2": "2", "draft-0": "3", "draft-1": "4"}

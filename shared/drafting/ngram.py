@@ -25,6 +25,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from shared.types.batch import PipelineEvent
+from shared.types.config import check_ngram_shared
 from shared.types.speculation import ExpansionJob, Proposals
 
 
@@ -124,6 +125,7 @@ class NgramSource:
     computed_rows = 0  # a lookup: no forward
 
     def __init__(self, max_n: int = 4, min_n: int = 1, window: int = 4096, shared_tokens: int = 0):
+        check_ngram_shared(shared_tokens)
         self.max_n, self.min_n, self.window = max_n, min_n, window
         self.mirrors: dict[str, _Mirror] = {}
         self.followers: dict[str, _Followers] = {}
