@@ -14,8 +14,12 @@ verifications it awaits, hold that mode's batches only) with no prompt rows
 in the pipe, per number of decoding requests (by power of two: a mode is
 compared at the load it was measured at). A plan that speculates is overruled
 by the plain plan where plain decoding measured more than MARGIN faster
-lately; where plain decoding has not been measured lately at this load, it is
-probed for MIN_STEPS measured steps. A mode not measured for FRESH steps is
+lately, and only there: rates within MARGIN of each other are a tie, and a tie
+goes to the plan (a tie kept in plain decoding would turn a probe into a stretch
+of plain decoding until speculation's rate went stale: on one request of mixed
+prompts, most of its steps). Where plain decoding has not been measured lately
+at this load, it is probed for MIN_STEPS measured steps. One request decoding alone is measured as
+itself: a new lone request's speculation is measured afresh (new_lone_request). A mode not measured for FRESH steps is
 measured again: the plan's speculation, when it asks for it, or a probe of
 plain decoding (LATER times less often where it lost by more than MARGIN).
 Measurements age by the step (TAU), so the rates follow a changing mix of
@@ -34,7 +38,7 @@ from dataclasses import dataclass, field
 
 from scheduler.width import StepCosts
 
-MARGIN = 0.05  # rates this close are a tie (noise): the mode in force stays
+MARGIN = 0.05  # rates this close are a tie (noise): the plan's speculation stands
 FRESH = 256  # steps after which a mode's rate is stale: measured again
 TAU = 64.0  # steps over which a measurement's weight falls by e
 PROBE_LIMIT = 64  # steps a probe of plain decoding may last without being measured
@@ -94,15 +98,20 @@ class ModeCheck:
         if decoding and seconds > 0:
             self.rates.setdefault((mode, self.load(decoding)), _Rate(MIN_STEPS[mode])).add(step, tokens, seconds)
 
-    def choose(self, decoding: int, step: int, current: Mode) -> Mode:
-        """The mode for a plan that would speculate, `current` the mode in force: the one measured faster lately
-        at this load (within MARGIN of each other, the current one: each switch costs the pipe a transition);
-        where one is not known, speculation is measured first, then plain decoding probed."""
+    def new_lone_request(self) -> None:
+        """One request decodes alone, not the one measured alone before: speculation's rate at this load was that
+        request's acceptance, which says little about this one's (a summary copies its prompt, a story does
+        not), so it is measured afresh. Plain decoding's rate, which does not depend on what a request writes,
+        is kept. At higher loads a rate pools many requests and carries across them."""
+        self.rates.pop((Mode.SPEC, self.load(1)), None)
+
+    def choose(self, decoding: int, step: int) -> Mode:
+        """The mode for a plan that would speculate: plain decoding where it measured more than MARGIN faster lately
+        at this load, else the plan's speculation; where one is not known, speculation is measured first, then
+        plain decoding probed."""
         spec, plain = (self.rates.get((m, self.load(decoding)), _Rate(MIN_STEPS[m])) for m in Mode)
         if spec.known(step) and plain.known(step):
-            if abs(plain.rate - spec.rate) <= MARGIN * max(plain.rate, spec.rate):
-                return current
-            return Mode.PLAIN if plain.rate > spec.rate else Mode.SPEC
+            return Mode.PLAIN if plain.rate > (1 + MARGIN) * spec.rate else Mode.SPEC
         if not spec.known(step):
             return Mode.PLAIN if _lost(spec, plain, step) else Mode.SPEC
         if _lost(plain, spec, step):

@@ -150,6 +150,7 @@ class Scheduler:
         self.mode_check = ModeCheck()  # measured tokens per second with and without speculation (mode_check.py)
         self._verified_tokens = 0  # tokens the verifications since the last observed step emitted
         self._mode_since = (Mode.PLAIN, 0)  # the mode of the batches scheduled, and the step it began at
+        self._lone: str | None = None  # the last request seen decoding alone (the mode check measures it as itself)
         self._plan: WidthPlan | None = None  # the cost rule's widths, made again every 2 x `stages` steps
         # what observe_step needs of the last `round_trip` batches scheduled (those a step it observes computed)
         self._scheduled: deque[_Scheduled] = deque(maxlen=max(policy.round_trip, 1))
@@ -213,6 +214,7 @@ class Scheduler:
             return
         mode, since = self._mode_since
         if step - since >= 2 * self.policy.stages and not any(b.prefill for b in in_pipe):  # past the transition
+            self._note_lone_request()
             self.mode_check.observe(mode, self._decoding(), step, tokens, seconds)
         key, drafted, refill_sent = max(b.rows for b in in_pipe), batch.drafted, batch.refill
         self.costs.observe(key, seconds - draft_wait)
@@ -344,7 +346,8 @@ class Scheduler:
             candidates.append(Candidate(state.request.request_id, top, alphas, policy.refill_levels))
         made = plan(candidates, self.costs, self.policy.round_trip, step, self.draft_costs, self.refill_costs,
                     self.policy.draft_waits, self.draft_known(), self._waited_draft())
-        if made.informed and made.speculates and self.mode_check.choose(decoding, step, self.mode) is Mode.PLAIN:
+        self._note_lone_request()
+        if made.informed and made.speculates and self.mode_check.choose(decoding, step) is Mode.PLAIN:
             return made.plain(self.policy.round_trip)  # measured: speculation does not pay here, or a probe
         return made
 
@@ -352,6 +355,13 @@ class Scheduler:
     def mode(self) -> Mode:
         """Whether the batches scheduled lately let some request speculate (SPEC) or decode plainly (PLAIN)."""
         return self._mode_since[0]
+
+    def _note_lone_request(self) -> None:
+        """A new request decoding alone: the mode check measures its speculation afresh (ModeCheck.new_lone_request)."""
+        decoding = [s.request.request_id for s in self.requests.values() if s.phase is Phase.DECODE]
+        if len(decoding) == 1 and decoding[0] != self._lone:
+            self._lone = decoding[0]
+            self.mode_check.new_lone_request()
 
     def _decoding(self) -> int:
         return sum(1 for s in self.requests.values() if s.phase is Phase.DECODE)

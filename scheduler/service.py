@@ -164,7 +164,11 @@ class SchedulerService:
         self.drafts.publish_events(epoch, self.scheduler.step + 1, self.events)
         wait_span = self.drafts.draft(epoch)
         self.telemetry.events_known(self.events, drained=False)
+        mode = self.scheduler.mode
         batch = self.scheduler.schedule()
+        if self.scheduler.mode is not mode:
+            log.info("scheduler: %s from step %d (measured tokens/s by mode@load: %s)", self.scheduler.mode.value,
+                     self.scheduler.step, _rates(self.scheduler.mode_check.snapshot()))
         self.telemetry.step_sent(self.scheduler.step, batch.rows)
         msg = StepMsg(step=self.scheduler.step, batch_id=batch.batch_id, events=self.events, admitted=self.admitted,
                       epoch=epoch, **StepMsg.columns(batch.rows))
@@ -462,3 +466,7 @@ class _Sent:
 def _admitted(a: Admitted) -> AdmittedRequest:
     r = a.request
     return AdmittedRequest(r.request_id, a.slot, len(r.prompt), a.capacity, SamplingFields.of(r.sampling))
+
+
+def _rates(snapshot: dict[str, float]) -> str:
+    return ", ".join(f"{key} {rate:.1f}" for key, rate in snapshot.items()) or "none yet"

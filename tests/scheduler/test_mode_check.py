@@ -18,40 +18,42 @@ def _measured(check: ModeCheck, mode: Mode, rate: float, until: int, decoding: i
         check.observe(mode, decoding, step, round(rate * 1000), 1000.0)
 
 
-# label: (measurements (mode, tokens per second, last step measured), step asked, mode in force, expected)
+# label: (measurements (mode, tokens per second, last step measured), step asked, expected)
 CHOICES = {
-    "nothing measured: the plan's speculation first": ([], 100, SPEC, SPEC),
-    "speculation measured, plain decoding not: a probe of it": ([(SPEC, 0.5, 100)], 101, SPEC, PLAIN),
-    "plain decoding measured faster": ([(SPEC, 0.4, 100), (PLAIN, 0.5, 120)], 121, PLAIN, PLAIN),
-    "speculation measured faster": ([(SPEC, 0.7, 100), (PLAIN, 0.5, 120)], 121, PLAIN, SPEC),
-    "within MARGIN, speculating: it stays": ([(SPEC, 0.49, 100), (PLAIN, 0.5, 120)], 121, SPEC, SPEC),
-    "within MARGIN, decoding plainly: it stays": ([(SPEC, 0.51, 100), (PLAIN, 0.5, 120)], 121, PLAIN, PLAIN),
-    "speculation within MARGIN last time, not measured for FRESH steps: measured again": (
-        [(SPEC, 0.48, 100), (PLAIN, 0.5, 120)], 100 + FRESH, PLAIN, SPEC),
+    "nothing measured: the plan's speculation first": ([], 100, SPEC),
+    "speculation measured, plain decoding not: a probe of it": ([(SPEC, 0.5, 100)], 101, PLAIN),
+    "plain decoding measured faster": ([(SPEC, 0.4, 100), (PLAIN, 0.5, 120)], 121, PLAIN),
+    "plain decoding faster by just over MARGIN": ([(SPEC, 0.47, 100), (PLAIN, 0.5, 120)], 121, PLAIN),
+    "speculation measured faster": ([(SPEC, 0.7, 100), (PLAIN, 0.5, 120)], 121, SPEC),
+    "plain decoding faster within MARGIN: the plan's speculation (a probe ends)": (
+        [(SPEC, 0.48, 100), (PLAIN, 0.5, 120)], 121, SPEC),
+    "speculation faster within MARGIN": ([(SPEC, 0.51, 100), (PLAIN, 0.5, 120)], 121, SPEC),
+    "plain decoding faster, speculation not measured for FRESH steps: measured again": (
+        [(SPEC, 0.48, 100), (PLAIN, 0.5, 120)], 100 + FRESH, SPEC),
     "speculation slower last time: measured again LATER times less often": (
-        [(SPEC, 0.3, 100), (PLAIN, 0.5, 120)], 100 + FRESH, PLAIN, PLAIN),
-    "... and then measured again": ([(SPEC, 0.3, 100), (PLAIN, 0.5, 120)], 100 + LATER * FRESH, PLAIN, SPEC),
+        [(SPEC, 0.3, 100), (PLAIN, 0.5, 120)], 100 + FRESH, PLAIN),
+    "... and then measured again": ([(SPEC, 0.3, 100), (PLAIN, 0.5, 120)], 100 + LATER * FRESH, SPEC),
     "plain decoding slower last time: not probed again at FRESH": (
-        [(PLAIN, 0.3, 100), (SPEC, 0.9, 120)], 100 + FRESH, SPEC, SPEC),
+        [(PLAIN, 0.3, 100), (SPEC, 0.9, 120)], 100 + FRESH, SPEC),
 }
 
 
 @pytest.mark.parametrize("case", list(CHOICES))
 def test_the_check_chooses(case) -> None:
-    measured, step, current, expected = CHOICES[case]
+    measured, step, expected = CHOICES[case]
     check = ModeCheck()
     for mode, rate, until in measured:
         _measured(check, mode, rate, until)
-    assert check.choose(1, step, current) is expected
+    assert check.choose(1, step) is expected
 
 
 def test_modes_are_compared_at_the_load_they_were_measured_at() -> None:
     check = ModeCheck()
     _measured(check, SPEC, 0.2, 100, decoding=16)
     _measured(check, PLAIN, 0.9, 110, decoding=16)
-    assert check.choose(16, 111, SPEC) is PLAIN
-    assert check.choose(12, 111, SPEC) is PLAIN  # 9-16 requests: one load
-    assert check.choose(1, 111, PLAIN) is SPEC  # one request: nothing measured yet
+    assert check.choose(16, 111) is PLAIN
+    assert check.choose(12, 111) is PLAIN  # 9-16 requests: one load
+    assert check.choose(1, 111) is SPEC  # one request: nothing measured yet
 
 
 def test_a_probe_that_measures_nothing_gives_way_until_the_next_is_due() -> None:
@@ -59,11 +61,11 @@ def test_a_probe_that_measures_nothing_gives_way_until_the_next_is_due() -> None
     PROBE_LIMIT steps and the plan speculates until FRESH steps after the probe began."""
     check = ModeCheck()
     _measured(check, SPEC, 0.5, 100)
-    assert check.choose(1, 101, SPEC) is PLAIN
-    assert check.choose(1, 101 + PROBE_LIMIT - 1, PLAIN) is PLAIN
-    assert check.choose(1, 101 + PROBE_LIMIT, PLAIN) is SPEC
+    assert check.choose(1, 101) is PLAIN
+    assert check.choose(1, 101 + PROBE_LIMIT - 1) is PLAIN
+    assert check.choose(1, 101 + PROBE_LIMIT) is SPEC
     _measured(check, SPEC, 0.5, 100 + FRESH)  # still measured, so known
-    assert check.choose(1, 101 + FRESH, SPEC) is PLAIN  # the next probe
+    assert check.choose(1, 101 + FRESH) is PLAIN  # the next probe
 
 
 def test_a_stale_rate_starts_again() -> None:
@@ -71,3 +73,19 @@ def test_a_stale_rate_starts_again() -> None:
     _measured(check, PLAIN, 0.1, 100)
     _measured(check, PLAIN, 0.5, 100 + FRESH + MIN_STEPS[PLAIN])
     assert check.snapshot() == {"plain@1": pytest.approx(0.5)}
+
+
+def test_a_new_lone_request_is_measured_afresh() -> None:
+    """At one request, speculation's rate is that request's: the next lone request is not judged by it (plain
+    decoding's rate is kept); at higher loads, where a rate pools many requests, nothing is forgotten."""
+    check = ModeCheck()
+    for decoding in (1, 4):
+        _measured(check, SPEC, 0.4, 100, decoding)
+        _measured(check, PLAIN, 0.5, 120, decoding)
+    assert check.choose(1, 121) is PLAIN and check.choose(4, 121) is PLAIN
+    check.new_lone_request()
+    assert check.choose(1, 121) is SPEC  # this request's speculation is measured first
+    assert check.choose(4, 121) is PLAIN
+    _measured(check, SPEC, 0.6, 200)
+    assert check.choose(1, 201) is SPEC  # ... against plain decoding's rate, kept
+    assert check.snapshot()["plain@1"] == pytest.approx(0.5)

@@ -264,7 +264,7 @@ def test_cost_rule_never_falls_below_pp_under_saturation() -> None:
 def test_cost_rule_keeps_speculating_when_rows_are_free(monkeypatch) -> None:
     """One request, rows free (a GPU's step): the plan stays at full width, as the budget rule, and beats PP (the
     mode check's probe of plain decoding aside: test_the_mode_check_costs_little_where_speculation_pays)."""
-    monkeypatch.setattr(ModeCheck, "choose", lambda self, decoding, step, current: Mode.SPEC)
+    monkeypatch.setattr(ModeCheck, "choose", lambda self, decoding, step: Mode.SPEC)
     runs = {label: _run(*RUNS[label], 1, 0.0) for label in RUNS}
     sent = {label: pipe.sched.requests["b0"].stats.sent_speculative for label, (pipe, _) in runs.items()}
     assert sent["specpipe, cost rule"] == sent["specpipe, budget rule"] > 0
@@ -278,9 +278,22 @@ def test_the_mode_check_keeps_one_request_near_pp_where_the_plan_cannot_price_it
     args = {"n": 200, "accuracy": 0.1}
     pp = _run(*RUNS["pp"], 1, 2.0, **args)[1]
     checked = _run(*RUNS["specpipe, cost rule"], 1, 2.0, **args)[1]
-    monkeypatch.setattr(ModeCheck, "choose", lambda self, decoding, step, current: Mode.SPEC)
+    monkeypatch.setattr(ModeCheck, "choose", lambda self, decoding, step: Mode.SPEC)
     unchecked = _run(*RUNS["specpipe, cost rule"], 1, 2.0, **args)[1]
     assert unchecked > 1.3 * pp and checked < 1.1 * pp, (pp, checked, unchecked)
+
+
+def test_each_request_decoding_alone_is_measured_as_itself(monkeypatch) -> None:
+    """Requests one after another, each alone: the mode check is told of each new lone request, once, so one
+    request's acceptance never decides the next one's mode (ModeCheck.new_lone_request)."""
+    told = []
+    monkeypatch.setattr(ModeCheck, "new_lone_request", lambda self: told.append(pipe.sched.step))
+    pipe = FakePipeline(PolicyConfig("specpipe", stages=4, width=4, width_rule="cost"),
+                        EngineConfig(prefill_chunk=8, max_new_tokens=40), FakeDraft(accuracy=0.5, seed=1),
+                        step_cost=lambda rows: 1.0 + rows)
+    for i in range(3):
+        pipe.run([(pipe.sched.step, Request(f"r{i}", (i + 1, 2, 3), max_new_tokens=40))])
+    assert len(told) == 3 and told == sorted(told)
 
 
 def test_the_mode_check_costs_little_where_speculation_pays(monkeypatch) -> None:
@@ -289,7 +302,7 @@ def test_the_mode_check_costs_little_where_speculation_pays(monkeypatch) -> None
     pipe, checked = _run(*RUNS["specpipe, cost rule"], 1, 0.0, n=200, accuracy=0.9)
     rates = pipe.sched.mode_check.snapshot()
     assert rates["plain@1"] * 2 < rates["spec@1"], rates
-    monkeypatch.setattr(ModeCheck, "choose", lambda self, decoding, step, current: Mode.SPEC)
+    monkeypatch.setattr(ModeCheck, "choose", lambda self, decoding, step: Mode.SPEC)
     assert checked <= _run(*RUNS["specpipe, cost rule"], 1, 0.0, n=200, accuracy=0.9)[1]
 
 
