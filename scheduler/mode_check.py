@@ -18,10 +18,11 @@ lately, and only there: rates within MARGIN of each other are a tie, and a tie
 goes to the plan (a tie kept in plain decoding would turn a probe into a stretch
 of plain decoding until speculation's rate went stale: on one request of mixed
 prompts, most of its steps). Where plain decoding has not been measured lately
-at this load, it is probed for MIN_STEPS measured steps. One request decoding alone is measured as
-itself: a new lone request's speculation is measured afresh (new_lone_request). A mode not measured for FRESH steps is
-measured again: the plan's speculation, when it asks for it, or a probe of
-plain decoding (LATER times less often where it lost by more than MARGIN).
+at this load, it is probed for MIN_STEPS measured steps. One request decoding
+alone is measured as itself: a new lone request's speculation is measured
+afresh (new_lone_request). A mode not measured for FRESH steps is measured
+again: the plan's speculation, when it asks for it, or a probe of plain
+decoding (LATER times less often where it lost by more than MARGIN).
 Measurements age by the step (TAU), so the rates follow a changing mix of
 prompts. A probe that measures nothing within PROBE_LIMIT steps (prompts in
 every step: a busy server) gives way to the plan until the next one is due.

@@ -167,8 +167,8 @@ class SchedulerService:
         mode = self.scheduler.mode
         batch = self.scheduler.schedule()
         if self.scheduler.mode is not mode:
-            log.info("scheduler: %s from step %d (measured tokens/s by mode@load: %s)", self.scheduler.mode.value,
-                     self.scheduler.step, _rates(self.scheduler.mode_check.snapshot()))
+            log.debug("scheduler: %s from step %d (measured tokens/s by mode@load: %s)", self.scheduler.mode.value,
+                      self.scheduler.step, _rates(self.scheduler.mode_check.snapshot()))
         self.telemetry.step_sent(self.scheduler.step, batch.rows)
         msg = StepMsg(step=self.scheduler.step, batch_id=batch.batch_id, events=self.events, admitted=self.admitted,
                       epoch=epoch, **StepMsg.columns(batch.rows))
