@@ -16,8 +16,8 @@ scheduler's and the draft worker's share is taken from a stage; PP leaves a core
 An arm is a policy, or `specpipe-async`: specpipe under the scheduler's --async-scheduling; `specpipe-r2`,
 specpipe with --refill-depth 2; `specpipe-shared`, specpipe whose n-gram draft keeps a table across requests
 (--ngram-shared); `-worker`, specpipe whose n-gram draft is looked up in a draft worker process (--ngram-in
-workers), not the scheduler's. A shared table holds the requests served before: compare it over one round of distinct prompts
-(`--rounds 1`), or a prompt's second round drafts from its first.
+workers), not the scheduler's. A shared table holds the requests served before: compare it over one round of
+distinct prompts (`--rounds 1`), or a prompt's second round drafts from its first.
 """
 
 from __future__ import annotations

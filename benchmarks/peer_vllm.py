@@ -293,10 +293,11 @@ def specpipe_launch(cfg: PeerConfig, name: str, port: int) -> Launch:
             "--host", "127.0.0.1",
             "--port", str(port), "--prefix", prefix, "--redis-url", cfg.redis_url, "--restart", "no"]
     procs = cfg.stages + ccfg.draft_workers
+    draft = (", 1 n-gram draft worker" if ccfg.draft_workers else
+             ", the n-gram draft in the scheduler" if policy != "pp" and ccfg.local_ngram else "")
     return Launch(name, argv, {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}, f"http://127.0.0.1:{port}",
-                  "/ready", f"{procs} compute processes ({cfg.stages} stages"
-                  f"{', the n-gram draft in the scheduler' if policy != 'pp' else ''}), {threads} torch thread(s) each, "
-                  f"numerics {cfg.numerics}, layer split {cfg.layer_split}", prefix)
+                  "/ready", f"{procs} compute processes ({cfg.stages} stages{draft}), {threads} torch thread(s) "
+                  f"each, numerics {cfg.numerics}, layer split {cfg.layer_split}", prefix)
 
 
 class PeerServer:

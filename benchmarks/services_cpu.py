@@ -3,8 +3,8 @@
     python -m benchmarks.services_cpu [--model qwen2.5-coder-1.5b] [--draft qwen2.5-coder-0.5b]
         [--max-new-tokens 64] [--prompts-per-file 1] [--numerics fast] [--out DIR]
 
-The services (`specpipe.cluster`'s processes: scheduler, 2 stage processes, one draft worker for the draft model; requests straight
-into Redis, tokens timed as they leave, benchmarks.serving's section 1) serve pp and specpipe; then
+The services (`specpipe.cluster`'s processes: scheduler, 2 stage processes, one draft worker for the draft model;
+requests straight into Redis, tokens timed as they leave, benchmarks.serving's section 1) serve pp and specpipe; then
 transformers `generate()` decodes the same prompts in this process (2 threads), and times each prompt's
 `generate(max_new_tokens=1)` as its prefill. tok/s counts prefill on both sides (tokens / end-to-end time).
 The last lines read `services: specpipe X.XXx generate() tok/s` and `TTFT (N-token prompt) Y.YYx generate()'s`.

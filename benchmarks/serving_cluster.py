@@ -1,9 +1,10 @@
 """A local SpecPipe cluster for benchmarks, and a client that timestamps every token at the Redis queue.
 
 `ServiceCluster` starts the processes of `specpipe.cluster.pipeline_commands` (scheduler, N stage workers, a
-draft worker for a draft model unless the policy is pp, the n-gram draft in the scheduler; no gateway: requests go straight into the `requests` stream) under a fresh
-key prefix and rendezvous port, loopback only, and stops them and deletes their keys on `close()`. A dead process
-or a missed deadline raises `ClusterError` with the tail of that process's log, never hangs.
+draft worker for a draft model unless the policy is pp, the n-gram draft in the scheduler; no gateway: requests
+go straight into the `requests` stream) under a fresh key prefix and rendezvous port, loopback only, and stops
+them and deletes their keys on `close()`. A dead process or a missed deadline raises `ClusterError` with the tail
+of that process's log, never hangs.
 
 `StreamReader` submits `RequestMsg`s (shared/queue_client.submit) and follows every open `out:{request}`
 stream with one blocking XREAD: each `TokensMsg` is stamped with `time.perf_counter()` when the XREAD that

@@ -59,9 +59,9 @@ def _shared_cores(d: dict, pol: dict, speed: float) -> list[str]:
     outcome = ("fewer steps still buy wall-clock time here, less than they would with a device per stage"
                if speed > 1 else "here, fewer steps do not buy wall-clock time")
     return ["", f"This machine has {cores} cores for {d['stages']} stage processes and the scheduler: when "
-            f"specpipe fills the pipeline, its stages and the scheduler's drafting compete for the same cores{per_step}, while pp "
-            f"leaves one stage idle each step. So {outcome}; tokens per step is what carries over to a pipeline "
-            "with a device per stage, and the modeled section times it that way."]
+            f"specpipe fills the pipeline, its stages and the scheduler's drafting compete for the same "
+            f"cores{per_step}, while pp leaves one stage idle each step. So {outcome}; tokens per step is what "
+            "carries over to a pipeline with a device per stage, and the modeled section times it that way."]
 
 
 def section_1(d: dict) -> str:

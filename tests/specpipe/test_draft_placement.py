@@ -44,7 +44,8 @@ def test_auto_follows_where_the_stages_compute(monkeypatch) -> None:
         assert ClusterConfig(stages=2).local_ngram == (not gpu)
 
 
-@pytest.mark.parametrize("flags, workers", [(["--device", "cpu"], 0), (["--device", "cpu", "--ngram-in", "workers"], 1)],
+@pytest.mark.parametrize("flags, workers", [(["--device", "cpu"], 0),
+                                            (["--device", "cpu", "--ngram-in", "workers"], 1)],
                          ids=["default", "--ngram-in workers"])
 def test_up_takes_the_placement(monkeypatch, flags, workers) -> None:
     started = []
